@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(not(test), no_std)]
+
+#[cfg(all(feature = "std", not(test)))]
+extern crate std;
+
+pub mod batch;
+pub mod control;
+#[cfg(feature = "std")]
+pub mod decode;
+mod error;
+pub mod ids;
+pub mod key;
+pub mod signals;
+pub mod topics;
+pub mod varint;
+
+pub use batch::{BatchHeader, BatchWriter, OpenBatch, open_batch, peek_header};
+pub use control::{AckRange, Command, ControlKind, open_control, seal_ack, seal_command};
+pub use error::WireError;
+pub use ids::{DeviceId, FleetId, GatewayId};
+pub use key::DeviceKey;
+pub use signals::{SCHEMA_V1, SignalKind, SignalSpec};
