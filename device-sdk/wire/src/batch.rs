@@ -56,6 +56,20 @@ pub struct BatchHeader<'a> {
     pub base_time_ms: u64,
 }
 
+impl BatchHeader<'_> {
+    /// Exactly the bytes postcard writes for this header.
+    pub fn encoded_len(&self) -> usize {
+        1 + varint_len(u64::from(self.schema))
+            + varint_len(self.fleet.len() as u64)
+            + self.fleet.len()
+            + varint_len(self.device.len() as u64)
+            + self.device.len()
+            + varint_len(u64::from(self.epoch))
+            + varint_len(u64::from(self.seq))
+            + varint_len(self.base_time_ms)
+    }
+}
+
 /// Delta state of one series; the encoder and the batcher's size bound share it so
 /// the bound can never disagree with what is written.
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,6 +81,17 @@ pub struct SampleCodec {
 }
 
 impl SampleCodec {
+    /// The state after a series' last sample `(t, v)`, whose predecessor (if any) was
+    /// at time `before_t`; lets a batcher price its next sample without re-encoding.
+    pub fn resume(last: (i64, i64), before_t: Option<i64>) -> Self {
+        Self {
+            started: true,
+            prev_t: last.0,
+            prev_dt: before_t.map_or(0, |b| last.0.wrapping_sub(b)),
+            prev_v: last.1,
+        }
+    }
+
     /// The two integers written for a sample at offset `t` with raw value `v`.
     pub fn deltas(&self, wire: WireType, t: i64, v: i64) -> (i64, i64) {
         if !self.started {

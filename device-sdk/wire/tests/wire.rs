@@ -37,6 +37,7 @@ impl BatchSpec {
             base_time_ms: self.base_time_ms,
         };
         let mut buf = vec![0u8; 16 * 1024];
+        assert_eq!(header.encoded_len(), postcard::to_allocvec(&header).unwrap().len());
         let mut w = BatchWriter::new(&mut buf, &header).unwrap();
         for (k, samples) in &self.known {
             w.begin_series(SignalKind(*k)).unwrap();

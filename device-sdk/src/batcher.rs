@@ -1,0 +1,177 @@
+//! The open batch: readings collected since the last seal, with an exact upper bound
+//! on the sealed size so a batch never outgrows its buffer or the packet limit.
+
+use fleetline_wire::batch::{MAX_SEALED_LEN, SERIES_OVERHEAD_BOUND, SampleCodec};
+use fleetline_wire::key::TAG_LEN;
+use fleetline_wire::signals::{SignalKind, WireType};
+use fleetline_wire::varint::varint_len;
+use fleetline_wire::{BatchHeader, BatchWriter, WireError};
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// Milliseconds from the batch's base time.
+    t: i32,
+    raw: i32,
+    kind: u16,
+}
+
+/// What adding a sample would need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fit {
+    /// It fits into the open batch.
+    Fits,
+    /// The open batch must be sealed first.
+    SealFirst,
+}
+
+/// Up to `N` samples of any kinds, in arrival order.
+pub(crate) struct Batcher<const N: usize> {
+    slots: [Slot; N],
+    len: usize,
+    base_time_ms: u64,
+    /// Device clock when the first sample arrived, for flush-on-age.
+    opened_at_ms: u64,
+    /// Upper bound of the sealed size without the header.
+    body_bound: usize,
+}
+
+impl<const N: usize> Batcher<N> {
+    pub(crate) const fn new() -> Self {
+        Self { slots: [Slot { t: 0, raw: 0, kind: 0 }; N], len: 0, base_time_ms: 0, opened_at_ms: 0, body_bound: 0 }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn opened_at_ms(&self) -> u64 {
+        self.opened_at_ms
+    }
+
+    pub(crate) fn base_time_ms(&self) -> u64 {
+        self.base_time_ms
+    }
+
+    /// Bytes a sample costs in the open batch, counting a new series' framing.
+    fn cost(&self, kind: SignalKind, wire: WireType, t: i64, raw: i64) -> usize {
+        let mut last = None;
+        let mut before = None;
+        for s in self.slots[..self.len].iter().rev() {
+            if s.kind == kind.0 {
+                if last.is_none() {
+                    last = Some(*s);
+                } else {
+                    before = Some(s.t as i64);
+                    break;
+                }
+            }
+        }
+        match last {
+            Some(l) => SampleCodec::resume((i64::from(l.t), i64::from(l.raw)), before).cost(wire, t, raw),
+            None => SERIES_OVERHEAD_BOUND + SampleCodec::default().cost(wire, t, raw),
+        }
+    }
+
+    /// Whether a sample fits under `max_samples` and `max_sealed` bytes with `header_len`.
+    pub(crate) fn fit(
+        &self,
+        kind: SignalKind,
+        wire: WireType,
+        time_ms: u64,
+        raw: i32,
+        max_samples: usize,
+        max_sealed: usize,
+        header_len: usize,
+    ) -> Fit {
+        if self.len == 0 {
+            return Fit::Fits;
+        }
+        if self.len >= max_samples.min(N) {
+            return Fit::SealFirst;
+        }
+        let Some(t) = self.offset(time_ms) else {
+            return Fit::SealFirst;
+        };
+        let cost = self.cost(kind, wire, i64::from(t), i64::from(raw));
+        if header_len + self.body_bound + cost + TAG_LEN > max_sealed.min(MAX_SEALED_LEN) {
+            return Fit::SealFirst;
+        }
+        Fit::Fits
+    }
+
+    fn offset(&self, time_ms: u64) -> Option<i32> {
+        let d = i128::from(time_ms) - i128::from(self.base_time_ms);
+        i32::try_from(d).ok()
+    }
+
+    /// Adds a sample; the caller has checked [`Batcher::fit`].
+    pub(crate) fn push(&mut self, now_ms: u64, kind: SignalKind, wire: WireType, time_ms: u64, raw: i32) {
+        if self.len == 0 {
+            self.base_time_ms = time_ms;
+            self.opened_at_ms = now_ms;
+            self.body_bound = 0;
+        }
+        let Some(t) = self.offset(time_ms) else { return };
+        if self.len >= N {
+            return;
+        }
+        self.body_bound += self.cost(kind, wire, i64::from(t), i64::from(raw));
+        self.slots[self.len] = Slot { t, raw, kind: kind.0 };
+        self.len += 1;
+    }
+
+    /// Writes the open batch as series grouped by kind, in order of each kind's first
+    /// sample, and empties it.
+    pub(crate) fn write_into(&mut self, w: &mut BatchWriter<'_>) -> Result<(), WireError> {
+        let samples = &self.slots[..self.len];
+        for (i, first) in samples.iter().enumerate() {
+            if samples[..i].iter().any(|s| s.kind == first.kind) {
+                continue;
+            }
+            w.begin_series(SignalKind(first.kind))?;
+            for s in samples[i..].iter().filter(|s| s.kind == first.kind) {
+                w.push(i64::from(s.t), i64::from(s.raw))?;
+            }
+        }
+        self.len = 0;
+        self.body_bound = 0;
+        Ok(())
+    }
+
+    /// Exact header length for this batch.
+    pub(crate) fn header<'a>(&self, fleet: &'a str, device: &'a str, epoch: u32, seq: u32) -> BatchHeader<'a> {
+        BatchHeader {
+            format: fleetline_wire::batch::BATCH_FORMAT,
+            schema: fleetline_wire::SCHEMA_V1,
+            fleet,
+            device,
+            epoch,
+            seq,
+            base_time_ms: self.base_time_ms,
+        }
+    }
+}
+
+/// Header bytes for any batch of these ids and counters whose base time is `time_ms`.
+pub(crate) fn header_len_for(fleet: &str, device: &str, epoch: u32, seq: u32, time_ms: u64) -> usize {
+    BatchHeader {
+        format: fleetline_wire::batch::BATCH_FORMAT,
+        schema: fleetline_wire::SCHEMA_V1,
+        fleet,
+        device,
+        epoch,
+        seq,
+        base_time_ms: time_ms,
+    }
+    .encoded_len()
+}
+
+/// Worst-case sealed size of a single sample, so a configured byte limit can be
+/// checked to admit at least one.
+pub(crate) const fn min_sealed_capacity() -> usize {
+    fleetline_wire::batch::MAX_HEADER_LEN + SERIES_OVERHEAD_BOUND + 2 * varint_len(u64::MAX) + TAG_LEN
+}
