@@ -452,18 +452,24 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
     /// Call it until it returns `None` whenever connected and something may be due
     /// ([`Device::poll_deadline`]). Each returned batch counts as sent at `now_ms`.
     pub fn poll_transmit(&mut self, now_ms: u64) -> Option<Transmit<'_>> {
-        if !self.batcher.is_empty()
-            && now_ms.saturating_sub(self.batcher.opened_at_ms()) >= u64::from(self.cfg.flush.max_age_ms)
-        {
-            // Under back-pressure the batch stays open and is retried on the next poll.
-            let _ = self.seal(now_ms);
-        }
+        self.poll_seal(now_ms);
         let (slot, seq, resend) = self.outbox.take_due(now_ms, u64::from(self.cfg.resend_after_ms))?;
         self.stats.publishes += 1;
         if resend {
             self.stats.resends += 1;
         }
         Some(Transmit { topic: self.up_topic.as_str(), payload: self.outbox.sealed(slot), seq, resend })
+    }
+
+    /// Seals the open batch if its oldest reading has waited `max_age_ms`. Needed
+    /// while disconnected too, so batches keep their intended size and age.
+    pub fn poll_seal(&mut self, now_ms: u64) {
+        if !self.batcher.is_empty()
+            && now_ms.saturating_sub(self.batcher.opened_at_ms()) >= u64::from(self.cfg.flush.max_age_ms)
+        {
+            // Under back-pressure the batch stays open and is retried on the next poll.
+            let _ = self.seal(now_ms);
+        }
     }
 
     /// When `poll_transmit` next has something to do, on the device clock.

@@ -1,0 +1,227 @@
+//! The std client against a real Mosquitto broker, with `mosquitto_sub` and
+//! `mosquitto_pub` playing the gateway.
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
+use fleetline_device::wire::control::{self, AckRange, Command, random_nonce};
+use fleetline_device::wire::signals::kind;
+use fleetline_device::wire::{DeviceId, DeviceKey, FleetId, open_batch, peek_header};
+use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command as Proc};
+use tokio::sync::mpsc;
+
+const KEY: [u8; 32] = [0x11; 32];
+
+/// A Mosquitto on a free loopback port; killed on drop.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    async fn start() -> Self {
+        Self::start_on(None).await
+    }
+
+    /// Starts on `port`, or on a free one, retrying if another process takes it first.
+    async fn start_on(port: Option<u16>) -> Self {
+        for _ in 0..10 {
+            let port = port.unwrap_or_else(|| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+            let dir = tempfile::tempdir().unwrap();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
+                .unwrap();
+            let mut child = Proc::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("mosquitto is installed by scripts/test.sh");
+            for _ in 0..100 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken: try another
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return Self { child, port, _dir: dir };
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill().await;
+        }
+        panic!("mosquitto did not start");
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+    }
+}
+
+/// `mosquitto_sub` printing `topic hexpayload` per message, read into a channel.
+struct Sub {
+    lines: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    _child: Child,
+}
+
+impl Sub {
+    async fn start(port: u16, topic: &str) -> Self {
+        let mut child = Proc::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-F", "%t %x"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = out.next_line().await {
+                if let Some((t, h)) = line.split_once(' ') {
+                    let _ = tx.send((t.to_string(), hex::decode(h.trim()).unwrap()));
+                }
+            }
+        });
+        // Give the subscription a moment; unacked batches are re-sent anyway.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Self { lines, _child: child }
+    }
+
+    async fn next(&mut self) -> (String, Vec<u8>) {
+        tokio::time::timeout(Duration::from_secs(10), self.lines.recv()).await.expect("a message in time").unwrap()
+    }
+}
+
+async fn publish(port: u16, topic: &str, payload: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payload");
+    std::fs::write(&file, payload).unwrap();
+    let status = Proc::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-f"])
+        .arg(&file)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+fn config(port: u16) -> ClientConfig {
+    let device = Config {
+        fleet: FleetId::new("acme").unwrap(),
+        device: DeviceId::new("van-3").unwrap(),
+        key: DeviceKey::from_bytes(KEY),
+        flush: FlushPolicy { max_samples: 100, max_bytes: 2048, max_age_ms: 200 },
+        resend_after_ms: 500,
+        when_full: OutboxFull::Block,
+    };
+    let mut cfg = ClientConfig::new("127.0.0.1", port, device, BootState { epoch: 9, last_command_counter: 0 });
+    cfg.backoff.initial = Duration::from_millis(50);
+    cfg.backoff.max = Duration::from_millis(400);
+    cfg
+}
+
+fn ack(counter: u64, ranges: &[AckRange], key: [u8; 32]) -> Vec<u8> {
+    let mut buf = vec![0u8; 512];
+    let n = control::seal_ack(&mut buf, &DeviceKey::from_bytes(key), "gw-test", counter, random_nonce().unwrap(), ranges)
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+const T0: u64 = 1_790_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_sealed_batches_that_mosquitto_sub_reads_back_and_honours_acks() {
+    let broker = Mosquitto::start().await;
+    let mut sub = Sub::start(broker.port, "fleetline/v1/+/+/up").await;
+    let client = DeviceClient::spawn(config(broker.port), SystemClock::new()).unwrap();
+    let readings: Vec<Reading> = (0..5)
+        .map(|i| Reading { kind: kind::SPEED, time_ms: T0 + i * 1000, value: 40.0 + i as f64 })
+        .collect();
+    let summary = client.record_all(readings.clone()).await.unwrap();
+    assert_eq!(summary.accepted, 5);
+
+    let (topic, mut payload) = sub.next().await;
+    assert_eq!(topic, "fleetline/v1/acme/van-3/up");
+    let header = peek_header(&payload).unwrap();
+    assert_eq!((header.epoch, header.seq), (9, 0));
+    let batch = open_batch(&mut payload, &DeviceKey::from_bytes(KEY)).unwrap().decode().unwrap();
+    let got: Vec<_> = batch.samples.iter().map(|s| (s.ts_ms as u64, s.value)).collect();
+    let want: Vec<_> = readings.iter().map(|r| (r.time_ms, r.value)).collect();
+    assert_eq!(got, want);
+
+    // Unacked, the batch comes again.
+    let (_, again) = sub.next().await;
+    assert_eq!(peek_header(&again).unwrap().seq, 0);
+
+    // A forged ack changes nothing; the real one releases the batch.
+    publish(broker.port, "fleetline/v1/acme/van-3/ack", &ack(1, &[AckRange { epoch: 9, first: 0, count: 1 }], [0x22; 32]))
+        .await;
+    let real = ack(2, &[AckRange { epoch: 9, first: 0, count: 1 }], KEY);
+    publish(broker.port, "fleetline/v1/acme/van-3/ack", &real).await;
+    let stats = client.wait_for(Duration::from_secs(10), |s| s.core.batches_acked == 1).await;
+    assert_eq!((stats.core.batches_acked, stats.core.samples_acked), (1, 5));
+    assert_eq!(stats.core.acks_invalid, 1);
+    assert!(stats.is_idle());
+
+    // The same ack again is a replay.
+    publish(broker.port, "fleetline/v1/acme/van-3/ack", &real).await;
+    let stats = client.wait_for(Duration::from_secs(10), |s| s.core.acks_replayed == 1).await;
+    assert_eq!(stats.core.acks_replayed, 1);
+
+    // A command under the device key is applied once.
+    let mut buf = vec![0u8; 256];
+    let n = control::seal_command(
+        &mut buf,
+        &DeviceKey::from_bytes(KEY),
+        "cloud",
+        1,
+        random_nonce().unwrap(),
+        &Command::SetResendAfter { ms: 700 },
+    )
+    .unwrap();
+    publish(broker.port, "fleetline/v1/acme/van-3/cmd", &buf[..n]).await;
+    client.wait_for(Duration::from_secs(10), |s| s.commands == 1).await;
+    assert_eq!(client.take_commands(), vec![Command::SetResendAfter { ms: 700 }]);
+
+    let last = client.shutdown(Duration::from_secs(5)).await;
+    assert!(last.is_idle());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_broker_restart_resubscribes_and_resends() {
+    let broker = Mosquitto::start().await;
+    let port = broker.port;
+    let client = DeviceClient::spawn(config(port), SystemClock::new()).unwrap();
+    client.wait_for(Duration::from_secs(10), |s| s.connected).await;
+    broker.stop().await;
+    client.wait_for(Duration::from_secs(10), |s| !s.connected).await;
+
+    // Readings taken while the broker is down are sealed and held.
+    let readings: Vec<Reading> = (0..3)
+        .map(|i| Reading { kind: kind::FUEL_RELATIVE_LEVEL, time_ms: T0 + i * 10_000, value: 50.0 - i as f64 })
+        .collect();
+    client.record_all(readings).await.unwrap();
+    let held = client.wait_for(Duration::from_secs(5), |s| s.outbox_batches == 1).await;
+    assert_eq!(held.outbox_batches, 1);
+
+    let broker = Mosquitto::start_on(Some(port)).await;
+    let mut sub = Sub::start(port, "fleetline/v1/acme/van-3/up").await;
+    let (_, payload) = sub.next().await;
+    let h = peek_header(&payload).unwrap();
+    assert_eq!((h.epoch, h.seq), (9, 0));
+    // The ack reaches the client only if it resubscribed on the new session.
+    publish(port, "fleetline/v1/acme/van-3/ack", &ack(1, &[AckRange { epoch: 9, first: 0, count: 1 }], KEY)).await;
+    let stats = client.wait_for(Duration::from_secs(10), |s| s.core.batches_acked == 1).await;
+    assert_eq!(stats.core.samples_acked, 3);
+    assert!(stats.connects >= 2, "{stats:?}");
+    assert!(stats.connection_errors >= 1);
+    drop(client);
+    broker.stop().await;
+}
