@@ -15,6 +15,22 @@ struct Slot {
     kind: u16,
 }
 
+/// A validated, quantized reading on its way into the batch.
+pub(crate) struct NewSample {
+    pub(crate) kind: SignalKind,
+    pub(crate) wire: WireType,
+    pub(crate) time_ms: u64,
+    pub(crate) raw: i32,
+}
+
+/// The limits a batch is sealed at.
+#[derive(Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_samples: usize,
+    pub(crate) max_sealed: usize,
+    pub(crate) header_len: usize,
+}
+
 /// What adding a sample would need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fit {
@@ -76,28 +92,19 @@ impl<const N: usize> Batcher<N> {
         }
     }
 
-    /// Whether a sample fits under `max_samples` and `max_sealed` bytes with `header_len`.
-    pub(crate) fn fit(
-        &self,
-        kind: SignalKind,
-        wire: WireType,
-        time_ms: u64,
-        raw: i32,
-        max_samples: usize,
-        max_sealed: usize,
-        header_len: usize,
-    ) -> Fit {
+    /// Whether `sample` fits within `limits`.
+    pub(crate) fn fit(&self, sample: &NewSample, limits: Limits) -> Fit {
         if self.len == 0 {
             return Fit::Fits;
         }
-        if self.len >= max_samples.min(N) {
+        if self.len >= limits.max_samples.min(N) {
             return Fit::SealFirst;
         }
-        let Some(t) = self.offset(time_ms) else {
+        let Some(t) = self.offset(sample.time_ms) else {
             return Fit::SealFirst;
         };
-        let cost = self.cost(kind, wire, i64::from(t), i64::from(raw));
-        if header_len + self.body_bound + cost + TAG_LEN > max_sealed.min(MAX_SEALED_LEN) {
+        let cost = self.cost(sample.kind, sample.wire, i64::from(t), i64::from(sample.raw));
+        if limits.header_len + self.body_bound + cost + TAG_LEN > limits.max_sealed.min(MAX_SEALED_LEN) {
             return Fit::SealFirst;
         }
         Fit::Fits
@@ -109,18 +116,18 @@ impl<const N: usize> Batcher<N> {
     }
 
     /// Adds a sample; the caller has checked [`Batcher::fit`].
-    pub(crate) fn push(&mut self, now_ms: u64, kind: SignalKind, wire: WireType, time_ms: u64, raw: i32) {
+    pub(crate) fn push(&mut self, now_ms: u64, sample: &NewSample) {
         if self.len == 0 {
-            self.base_time_ms = time_ms;
+            self.base_time_ms = sample.time_ms;
             self.opened_at_ms = now_ms;
             self.body_bound = 0;
         }
-        let Some(t) = self.offset(time_ms) else { return };
+        let Some(t) = self.offset(sample.time_ms) else { return };
         if self.len >= N {
             return;
         }
-        self.body_bound += self.cost(kind, wire, i64::from(t), i64::from(raw));
-        self.slots[self.len] = Slot { t, raw, kind: kind.0 };
+        self.body_bound += self.cost(sample.kind, sample.wire, i64::from(t), i64::from(sample.raw));
+        self.slots[self.len] = Slot { t, raw: sample.raw, kind: sample.kind.0 };
         self.len += 1;
     }
 

@@ -11,7 +11,7 @@ use fleetline_wire::signals::{self, QuantizeError, SignalKind};
 use fleetline_wire::topics::{self, Channel, TopicBuf};
 use fleetline_wire::{BatchWriter, DeviceId, DeviceKey, FleetId, WireError};
 
-use crate::batcher::{Batcher, Fit, header_len_for, min_sealed_capacity};
+use crate::batcher::{Batcher, Fit, Limits, NewSample, header_len_for, min_sealed_capacity};
 use crate::outbox::{Outbox, Released};
 
 /// When the open batch is sealed.
@@ -365,24 +365,20 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
             self.stats.readings_refused += 1;
             return Err(RecordError::SeqExhausted);
         }
-        let header_len = self.header_len(self.batcher.base_time_ms());
-        let fit = self.batcher.fit(
-            reading.kind,
-            spec.wire,
-            reading.time_ms,
-            raw,
-            usize::from(self.cfg.flush.max_samples),
-            self.max_sealed(),
-            header_len,
-        );
-        if fit == Fit::SealFirst {
-            if let Err(e) = self.seal(now_ms) {
-                self.stats.readings_refused += 1;
-                return Err(e);
-            }
+        let sample = NewSample { kind: reading.kind, wire: spec.wire, time_ms: reading.time_ms, raw };
+        let limits = Limits {
+            max_samples: usize::from(self.cfg.flush.max_samples),
+            max_sealed: self.max_sealed(),
+            header_len: self.header_len(self.batcher.base_time_ms()),
+        };
+        if self.batcher.fit(&sample, limits) == Fit::SealFirst
+            && let Err(e) = self.seal(now_ms)
+        {
+            self.stats.readings_refused += 1;
+            return Err(e);
         }
         // A lone sample in a fresh batch always fits: the config check guarantees it.
-        self.batcher.push(now_ms, reading.kind, spec.wire, reading.time_ms, raw);
+        self.batcher.push(now_ms, &sample);
         self.stats.readings_recorded += 1;
         Ok(())
     }

@@ -59,17 +59,11 @@ impl<const B: usize, const O: usize> Outbox<B, O> {
 
     /// Marks a slot holding a freshly sealed batch, due for sending at `now_ms`.
     pub(crate) fn commit(&mut self, slot: usize, epoch: u32, seq: u32, samples: u16, len: usize, now_ms: u64) {
-        self.entries[slot] =
-            Entry { used: true, epoch, seq, samples, len: len as u16, due_ms: now_ms, sends: 0 };
+        self.entries[slot] = Entry { used: true, epoch, seq, samples, len: len as u16, due_ms: now_ms, sends: 0 };
     }
 
     fn oldest(&self) -> Option<usize> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.used)
-            .min_by_key(|(_, e)| (e.epoch, e.seq))
-            .map(|(i, _)| i)
+        self.entries.iter().enumerate().filter(|(_, e)| e.used).min_by_key(|(_, e)| (e.epoch, e.seq)).map(|(i, _)| i)
     }
 
     /// Evicts the oldest entry.

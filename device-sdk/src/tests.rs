@@ -1,5 +1,7 @@
 //! Unit tests of the sans-IO core: batching, sealing, the outbox and control messages.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use fleetline_wire::control::{self, AckRange, Command, random_nonce};
 use fleetline_wire::signals::{SIGNALS, kind};
 use fleetline_wire::{DeviceId, DeviceKey, FleetId, open_batch};
@@ -167,8 +169,15 @@ fn forged_and_replayed_acks_are_ignored_and_counted() {
 
     // Forged: sealed with another key.
     let mut buf = vec![0u8; 256];
-    let n = control::seal_ack(&mut buf, &DeviceKey::from_bytes([1; 32]), "gw-1", 1, random_nonce().unwrap(), &seqs(4, &[0]))
-        .unwrap();
+    let n = control::seal_ack(
+        &mut buf,
+        &DeviceKey::from_bytes([1; 32]),
+        "gw-1",
+        1,
+        random_nonce().unwrap(),
+        &seqs(4, &[0]),
+    )
+    .unwrap();
     assert!(matches!(dev.handle_ack(&mut buf[..n]), Err(ControlError::Invalid(_))));
     // Garbage.
     assert!(matches!(dev.handle_ack(&mut [1, 2, 3]), Err(ControlError::Invalid(_))));
@@ -249,8 +258,9 @@ fn commands_apply_once_and_replays_or_forgeries_are_ignored() {
     let mut dev = device(OutboxFull::Block);
     let cmd = |counter, c: &Command| {
         let mut buf = vec![0u8; 256];
-        let n = control::seal_command(&mut buf, &DeviceKey::from_bytes(KEY), "cloud", counter, random_nonce().unwrap(), c)
-            .unwrap();
+        let n =
+            control::seal_command(&mut buf, &DeviceKey::from_bytes(KEY), "cloud", counter, random_nonce().unwrap(), c)
+                .unwrap();
         buf.truncate(n);
         buf
     };
@@ -269,9 +279,11 @@ fn commands_apply_once_and_replays_or_forgeries_are_ignored() {
     dev.handle_command(0, &mut cmd(5, &Command::FlushNow)).unwrap();
     assert_eq!(dev.outbox_len(), 1);
     // The counter survives a reboot through BootState.
-    let mut rebooted: Small =
-        Device::new(config(OutboxFull::Block), BootState { epoch: 5, last_command_counter: dev.last_command_counter() })
-            .unwrap();
+    let mut rebooted: Small = Device::new(
+        config(OutboxFull::Block),
+        BootState { epoch: 5, last_command_counter: dev.last_command_counter() },
+    )
+    .unwrap();
     assert_eq!(rebooted.handle_command(0, &mut cmd(5, &Command::FlushNow)), Err(ControlError::Replayed));
 }
 

@@ -1,6 +1,8 @@
 //! The std client against a real Mosquitto broker, with `mosquitto_sub` and
 //! `mosquitto_pub` playing the gateway.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::Duration;
@@ -127,8 +129,9 @@ fn config(port: u16) -> ClientConfig {
 
 fn ack(counter: u64, ranges: &[AckRange], key: [u8; 32]) -> Vec<u8> {
     let mut buf = vec![0u8; 512];
-    let n = control::seal_ack(&mut buf, &DeviceKey::from_bytes(key), "gw-test", counter, random_nonce().unwrap(), ranges)
-        .unwrap();
+    let n =
+        control::seal_ack(&mut buf, &DeviceKey::from_bytes(key), "gw-test", counter, random_nonce().unwrap(), ranges)
+            .unwrap();
     buf.truncate(n);
     buf
 }
@@ -140,9 +143,8 @@ async fn publishes_sealed_batches_that_mosquitto_sub_reads_back_and_honours_acks
     let broker = Mosquitto::start().await;
     let mut sub = Sub::start(broker.port, "fleetline/v1/+/+/up").await;
     let client = DeviceClient::spawn(config(broker.port), SystemClock::new()).unwrap();
-    let readings: Vec<Reading> = (0..5)
-        .map(|i| Reading { kind: kind::SPEED, time_ms: T0 + i * 1000, value: 40.0 + i as f64 })
-        .collect();
+    let readings: Vec<Reading> =
+        (0..5).map(|i| Reading { kind: kind::SPEED, time_ms: T0 + i * 1000, value: 40.0 + i as f64 }).collect();
     let summary = client.record_all(readings.clone()).await.unwrap();
     assert_eq!(summary.accepted, 5);
 
@@ -160,8 +162,12 @@ async fn publishes_sealed_batches_that_mosquitto_sub_reads_back_and_honours_acks
     assert_eq!(peek_header(&again).unwrap().seq, 0);
 
     // A forged ack changes nothing; the real one releases the batch.
-    publish(broker.port, "fleetline/v1/acme/van-3/ack", &ack(1, &[AckRange { epoch: 9, first: 0, count: 1 }], [0x22; 32]))
-        .await;
+    publish(
+        broker.port,
+        "fleetline/v1/acme/van-3/ack",
+        &ack(1, &[AckRange { epoch: 9, first: 0, count: 1 }], [0x22; 32]),
+    )
+    .await;
     let real = ack(2, &[AckRange { epoch: 9, first: 0, count: 1 }], KEY);
     publish(broker.port, "fleetline/v1/acme/van-3/ack", &real).await;
     let stats = client.wait_for(Duration::from_secs(10), |s| s.core.batches_acked == 1).await;

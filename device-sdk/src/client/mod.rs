@@ -226,9 +226,8 @@ fn tls_config(tls: &TlsOptions) -> Result<TlsConfiguration, ClientError> {
     let config = match &tls.client_auth {
         None => builder.with_no_client_auth(),
         Some((chain, key)) => {
-            let chain = rustls_pemfile::certs(&mut chain.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| err(&e))?;
+            let chain =
+                rustls_pemfile::certs(&mut chain.as_slice()).collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))?;
             let key = rustls_pemfile::private_key(&mut key.as_slice())
                 .map_err(|e| err(&e))?
                 .ok_or_else(|| ClientError::Tls("no private key in client key PEM".into()))?;

@@ -17,10 +17,10 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Nonce, Tag};
 use serde::{Deserialize, Serialize};
 
+use crate::WireError;
 use crate::key::{DeviceKey, TAG_LEN, batch_nonce};
 use crate::signals::{self, SignalKind, WireType};
 use crate::varint::{Reader, Writer, varint_len, zigzag};
-use crate::WireError;
 
 /// Version of the batch layout described in this module.
 pub const BATCH_FORMAT: u8 = 1;
@@ -84,12 +84,7 @@ impl SampleCodec {
     /// The state after a series' last sample `(t, v)`, whose predecessor (if any) was
     /// at time `before_t`; lets a batcher price its next sample without re-encoding.
     pub fn resume(last: (i64, i64), before_t: Option<i64>) -> Self {
-        Self {
-            started: true,
-            prev_t: last.0,
-            prev_dt: before_t.map_or(0, |b| last.0.wrapping_sub(b)),
-            prev_v: last.1,
-        }
+        Self { started: true, prev_t: last.0, prev_dt: before_t.map_or(0, |b| last.0.wrapping_sub(b)), prev_v: last.1 }
     }
 
     /// The two integers written for a sample at offset `t` with raw value `v`.
@@ -135,9 +130,7 @@ impl SampleCodec {
         let t = self.prev_t.checked_add(dt).ok_or_else(overflow)?;
         let v = match wire {
             WireType::Delta => self.prev_v.checked_add(b).ok_or_else(overflow)?,
-            WireType::Cyclic { modulus } => {
-                self.prev_v.checked_add(b).ok_or_else(overflow)?.rem_euclid(modulus)
-            }
+            WireType::Cyclic { modulus } => self.prev_v.checked_add(b).ok_or_else(overflow)?.rem_euclid(modulus),
         };
         self.advance(t, v);
         Ok((t, v))
@@ -168,16 +161,8 @@ impl<'a> BatchWriter<'a> {
     /// Starts a batch with `header` at the front of `buf`.
     pub fn new(buf: &'a mut [u8], header: &BatchHeader<'_>) -> Result<Self, WireError> {
         let needed = MAX_HEADER_LEN.min(buf.len());
-        let header_len = postcard::to_slice(header, buf)
-            .map_err(|_| WireError::BufferTooSmall { needed })?
-            .len();
-        Ok(Self {
-            out: Writer::new(buf, header_len),
-            header_len,
-            epoch: header.epoch,
-            seq: header.seq,
-            series: None,
-        })
+        let header_len = postcard::to_slice(header, buf).map_err(|_| WireError::BufferTooSmall { needed })?.len();
+        Ok(Self { out: Writer::new(buf, header_len), header_len, epoch: header.epoch, seq: header.seq, series: None })
     }
 
     /// Bytes written so far.
@@ -321,12 +306,7 @@ pub fn open_batch<'a>(sealed: &'a mut [u8], key: &DeviceKey) -> Result<OpenBatch
     let (head, rest) = sealed.split_at_mut(header_len);
     let (body, tag) = rest.split_at_mut(body_end - header_len);
     key.cipher()
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&batch_nonce(epoch, seq)),
-            head,
-            body,
-            Tag::from_slice(tag),
-        )
+        .decrypt_in_place_detached(Nonce::from_slice(&batch_nonce(epoch, seq)), head, body, Tag::from_slice(tag))
         .map_err(|_| WireError::AuthenticationFailed)?;
     let head: &'a [u8] = head;
     let body: &'a [u8] = body;
@@ -371,8 +351,8 @@ impl<'a> Iterator for SeriesIter<'a> {
             return None;
         }
         let item = (|| {
-            let kind = u16::try_from(self.reader.varint()?)
-                .map_err(|_| WireError::Malformed("kind exceeds 16 bits"))?;
+            let kind =
+                u16::try_from(self.reader.varint()?).map_err(|_| WireError::Malformed("kind exceeds 16 bits"))?;
             let len = usize::try_from(self.reader.varint()?).map_err(|_| WireError::Truncated)?;
             let raw = self.reader.take(len)?;
             if raw.is_empty() {

@@ -20,9 +20,9 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Nonce, Tag};
 use serde::{Deserialize, Serialize};
 
+use crate::WireError;
 use crate::key::{DOMAIN_CONTROL, DeviceKey, NONCE_LEN, TAG_LEN};
 use crate::varint::{Reader, Writer};
-use crate::WireError;
 
 /// Version of the control layout described in this module.
 pub const CONTROL_FORMAT: u8 = 1;

@@ -3,9 +3,9 @@
 use std::string::String;
 use std::vec::Vec;
 
+use crate::WireError;
 use crate::batch::OpenBatch;
 use crate::signals::{self, SignalKind};
-use crate::WireError;
 
 /// One sample of a known kind.
 #[derive(Clone, Copy, Debug, PartialEq)]

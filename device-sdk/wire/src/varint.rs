@@ -56,10 +56,7 @@ impl<'a> Writer<'a> {
 
     pub(crate) fn put(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         let end = self.pos + bytes.len();
-        let dst = self
-            .buf
-            .get_mut(self.pos..end)
-            .ok_or(WireError::BufferTooSmall { needed: end })?;
+        let dst = self.buf.get_mut(self.pos..end).ok_or(WireError::BufferTooSmall { needed: end })?;
         dst.copy_from_slice(bytes);
         self.pos = end;
         Ok(())

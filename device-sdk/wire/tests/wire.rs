@@ -1,9 +1,13 @@
 //! Integration tests of the wire formats: golden vectors, round trips, tampering.
 
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
 use fleetline_wire::batch::BATCH_FORMAT;
 use fleetline_wire::control::{self, AckRange, Command, ControlKind};
 use fleetline_wire::signals::{self, SIGNALS, SignalKind, kind};
-use fleetline_wire::{BatchHeader, BatchWriter, DeviceKey, SCHEMA_V1, WireError, open_batch, open_control, peek_header};
+use fleetline_wire::{
+    BatchHeader, BatchWriter, DeviceKey, SCHEMA_V1, WireError, open_batch, open_control, peek_header,
+};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -109,8 +113,14 @@ fn drive_spec() -> BatchSpec {
         seq: 1234,
         base_time_ms: 1_790_000_000_000,
         known: vec![
-            (kind::LATITUDE.0, secs(5).zip([525_200_084, 525_200_321, 525_200_560, 525_200_801, 525_201_040]).collect()),
-            (kind::LONGITUDE.0, secs(5).zip([134_049_540, 134_049_702, 134_049_861, 134_050_020, 134_050_185]).collect()),
+            (
+                kind::LATITUDE.0,
+                secs(5).zip([525_200_084, 525_200_321, 525_200_560, 525_200_801, 525_201_040]).collect(),
+            ),
+            (
+                kind::LONGITUDE.0,
+                secs(5).zip([134_049_540, 134_049_702, 134_049_861, 134_050_020, 134_050_185]).collect(),
+            ),
             (kind::SPEED.0, secs(5).zip([523, 531, 540, 544, 538]).collect()),
             // Crosses north: 359.5° → 0.2° → 1.0°, and a 250 ms late sample.
             (kind::HEADING.0, vec![(0, 3595), (1000, 3598), (2000, 2), (3250, 10)]),
@@ -183,10 +193,8 @@ fn golden_controls() -> Vec<(&'static str, Value, Vec<u8>)> {
 #[test]
 fn golden_vectors() {
     let bless = std::env::var_os("FLEETLINE_BLESS_VECTORS").is_some();
-    let mut all: Vec<(String, Value)> = golden_batches()
-        .into_iter()
-        .map(|(name, desc, spec)| (name.to_string(), spec.to_json(desc)))
-        .collect();
+    let mut all: Vec<(String, Value)> =
+        golden_batches().into_iter().map(|(name, desc, spec)| (name.to_string(), spec.to_json(desc))).collect();
     all.extend(golden_controls().into_iter().map(|(n, v, _)| (n.to_string(), v)));
     for (name, value) in &all {
         let path = vectors_dir().join(format!("{name}.json"));

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Full-size runs of the heavy tests, and the figures quoted in release notes.
+# Not part of CI: it takes much longer than scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FLEETLINE_SIZE=full
+# Property tests: many more cases than the CI default of 256.
+export PROPTEST_CASES="${PROPTEST_CASES:-5000}"
+scripts/test.sh
+echo "==> wire size and encode cost"
+cargo run --locked --release -p fleetline-device --example wire_size
