@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::Duration;
 
-use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
+use fleetline_device::client::{ClientConfig, ClientError, DeviceClient, SystemClock, TlsOptions};
 use fleetline_device::wire::control::{self, AckRange, Command, random_nonce};
 use fleetline_device::wire::signals::kind;
 use fleetline_device::wire::{DeviceId, DeviceKey, FleetId, open_batch, peek_header};
@@ -30,14 +30,26 @@ impl Mosquitto {
         Self::start_on(None).await
     }
 
-    /// Starts on `port`, or on a free one, retrying if another process takes it first.
     async fn start_on(port: Option<u16>) -> Self {
+        Self::start_with(port, |_| String::new()).await
+    }
+
+    /// Starts on `port`, or on a free one, retrying if another process takes it
+    /// first; `extra` adds listener settings given the config directory.
+    async fn start_with(port: Option<u16>, extra: impl Fn(&std::path::Path) -> String) -> Self {
         for _ in 0..10 {
             let port = port.unwrap_or_else(|| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
             let dir = tempfile::tempdir().unwrap();
             let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
-                .unwrap();
+            // `user root` keeps Mosquitto from dropping to an account that cannot read the temp dir.
+            std::fs::write(
+                &conf,
+                format!(
+                    "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{}",
+                    extra(dir.path())
+                ),
+            )
+            .unwrap();
             let mut child = Proc::new("mosquitto")
                 .arg("-c")
                 .arg(&conf)
@@ -74,8 +86,13 @@ struct Sub {
 
 impl Sub {
     async fn start(port: u16, topic: &str) -> Self {
+        Self::start_with(port, topic, &[]).await
+    }
+
+    async fn start_with(port: u16, topic: &str, extra: &[&str]) -> Self {
         let mut child = Proc::new("mosquitto_sub")
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-F", "%t %x"])
+            .args(extra)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -229,5 +246,83 @@ async fn survives_a_broker_restart_resubscribes_and_resends() {
     assert!(stats.connects >= 2, "{stats:?}");
     assert!(stats.connection_errors >= 1);
     drop(client);
+    broker.stop().await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM.
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "fleetline test ca");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca.pem(),
+        server: leaf(vec!["127.0.0.1".into(), "localhost".into()], "broker"),
+        client: leaf(vec!["acme-van-3".into()], "acme/van-3"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_over_mutual_tls_and_is_refused_without_a_client_certificate() {
+    let pki = pki();
+    let broker = Mosquitto::start_with(None, |dir| {
+        std::fs::write(dir.join("ca.pem"), &pki.ca).unwrap();
+        std::fs::write(dir.join("server.pem"), &pki.server.0).unwrap();
+        std::fs::write(dir.join("server.key"), &pki.server.1).unwrap();
+        format!(
+            "cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true\n",
+            dir.display()
+        )
+    })
+    .await;
+
+    let mut cfg = config(broker.port);
+    cfg.tls = Some(TlsOptions {
+        ca_pem: pki.ca.clone().into_bytes(),
+        client_auth: Some((pki.client.0.clone().into_bytes(), pki.client.1.clone().into_bytes())),
+    });
+    let tls_dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: &str| {
+        let p = tls_dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let (ca, cert, key) = (file("ca.pem", &pki.ca), file("c.pem", &pki.client.0), file("c.key", &pki.client.1));
+    let mut sub =
+        Sub::start_with(broker.port, "fleetline/v1/+/+/up", &["--cafile", &ca, "--cert", &cert, "--key", &key]).await;
+    let client = DeviceClient::spawn(cfg.clone(), SystemClock::new()).unwrap();
+    let stats = client.wait_for(Duration::from_secs(10), |s| s.connected).await;
+    assert!(stats.connected, "{stats:?}");
+    client.record(Reading { kind: kind::SPEED, time_ms: T0, value: 12.5 }).await.unwrap();
+    let (_, mut payload) = sub.next().await;
+    let batch = open_batch(&mut payload, &DeviceKey::from_bytes(KEY)).unwrap().decode().unwrap();
+    assert_eq!(batch.samples[0].value, 12.5);
+    drop(client);
+
+    // Without a client certificate the broker refuses the handshake.
+    cfg.tls = Some(TlsOptions { ca_pem: pki.ca.clone().into_bytes(), client_auth: None });
+    let anonymous = DeviceClient::spawn(cfg.clone(), SystemClock::new()).unwrap();
+    let stats = anonymous.wait_for(Duration::from_secs(3), |s| s.connection_errors >= 2).await;
+    assert!(!stats.connected && stats.connection_errors >= 2, "{stats:?}");
+    drop(anonymous);
+
+    // A CA bundle without certificates is a configuration error, not a hang.
+    cfg.tls = Some(TlsOptions { ca_pem: b"not a pem".to_vec(), client_auth: None });
+    assert!(matches!(DeviceClient::spawn(cfg, SystemClock::new()), Err(ClientError::Tls(_))));
     broker.stop().await;
 }
