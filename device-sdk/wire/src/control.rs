@@ -45,6 +45,8 @@ pub enum ControlKind {
     Ack = 1,
     /// A command (`…/cmd`).
     Command = 2,
+    /// Cloud → gateway acknowledgement of bundles (`fleetline/v1/gw/{gateway}/ack`).
+    BundleAck = 3,
 }
 
 /// The cleartext, authenticated header of a control message.
@@ -168,6 +170,26 @@ pub fn seal_command(
     })
 }
 
+/// Seals a bundle ack naming `ids` into `out` (see `bundle::seal_bundle_ack`).
+#[cfg(feature = "std")]
+pub fn seal_bundle_ack_into(
+    out: &mut [u8],
+    key: &DeviceKey,
+    sender: &str,
+    counter: u64,
+    nonce: [u8; NONCE_LEN],
+    ids: &[crate::bundle::BundleId],
+) -> Result<usize, WireError> {
+    let header = ControlHeader { format: CONTROL_FORMAT, kind: ControlKind::BundleAck as u8, sender, counter, nonce };
+    seal_with(out, key, &header, |w| {
+        w.varint(ids.len() as u64)?;
+        for id in ids {
+            w.varint(id.0)?;
+        }
+        Ok(())
+    })
+}
+
 /// An opened control message.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenControl<'a> {
@@ -230,6 +252,24 @@ impl<'a> OpenControl<'a> {
             return Err(WireError::Malformed("trailing bytes after ack ranges"));
         }
         Ok(AckRanges { reader: start, left: n as usize })
+    }
+
+    /// The bundle ids of a bundle ack.
+    #[cfg(feature = "std")]
+    pub fn bundle_ids(&self) -> Result<std::vec::Vec<crate::bundle::BundleId>, WireError> {
+        let mut r = Reader::new(self.body);
+        let n = r.varint()?;
+        if n > 100_000 {
+            return Err(WireError::TooLarge { len: n as usize, max: 100_000 });
+        }
+        let mut ids = std::vec::Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            ids.push(crate::bundle::BundleId(r.varint()?));
+        }
+        if !r.is_empty() {
+            return Err(WireError::Malformed("trailing bytes after bundle ids"));
+        }
+        Ok(ids)
     }
 
     /// The command in a command message.

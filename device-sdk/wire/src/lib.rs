@@ -5,12 +5,17 @@
 extern crate std;
 
 pub mod batch;
+#[cfg(feature = "std")]
+pub mod bundle;
 pub mod control;
 #[cfg(feature = "std")]
 pub mod decode;
 mod error;
 pub mod ids;
 pub mod key;
+#[cfg(feature = "std")]
+pub mod provisioning;
+pub mod shard;
 pub mod signals;
 pub mod topics;
 pub mod varint;
