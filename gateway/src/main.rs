@@ -1,1 +1,2 @@
+//! The `fleetline-gateway` binary.
 fn main() {}
