@@ -147,9 +147,14 @@ pub struct QueueHandle {
 
 /// Opens the queue, calling `on_unacked` for every unacknowledged record found, and
 /// starts its thread.
+///
+/// Every record that becomes durable is also offered to `feed` (if given), in id
+/// order, without waiting: a full feed skips records, which the reader then finds
+/// on disk.
 pub fn open(
     cfg: QueueConfig,
     on_unacked: impl FnMut(RecordId, RecordMeta, &[u8]),
+    feed: Option<mpsc::Sender<StoredRecord>>,
 ) -> Result<(QueueHandle, RecoveryReport, std::thread::JoinHandle<()>), QueueError> {
     let interval = cfg.commit_interval;
     let (queue, report) = DiskQueue::open(cfg, on_unacked)?;
@@ -158,7 +163,7 @@ pub fn open(
     let thread_stats = stats.clone();
     let thread = std::thread::Builder::new()
         .name("fleetline-queue".into())
-        .spawn(move || run(queue, rx, interval, thread_stats))
+        .spawn(move || run(queue, rx, interval, thread_stats, feed))
         .map_err(|e| QueueError::Io { path: PathBuf::new(), error: e.to_string() })?;
     let handle = QueueHandle { tx, stats };
     if let Ok(mut s) = handle.stats.lock() {
@@ -215,9 +220,15 @@ impl QueueHandle {
     }
 }
 
-type Waiter = (oneshot::Sender<Result<Appended, QueueError>>, Appended);
+type Waiter = (oneshot::Sender<Result<Appended, QueueError>>, Appended, RecordMeta, Vec<u8>);
 
-fn run(mut q: DiskQueue, mut rx: mpsc::Receiver<Cmd>, interval: Duration, stats: Arc<Mutex<QueueStats>>) {
+fn run(
+    mut q: DiskQueue,
+    mut rx: mpsc::Receiver<Cmd>,
+    interval: Duration,
+    stats: Arc<Mutex<QueueStats>>,
+    feed: Option<mpsc::Sender<StoredRecord>>,
+) {
     let mut waiting: Vec<Waiter> = Vec::new();
     let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
     let mut local = QueueStats::default();
@@ -249,7 +260,7 @@ fn run(mut q: DiskQueue, mut rx: mpsc::Receiver<Cmd>, interval: Duration, stats:
                     local.appended += 1;
                     local.dropped_records += dropped.len() as u64;
                     local.dropped_samples += dropped.iter().map(|d| u64::from(d.meta.samples)).sum::<u64>();
-                    waiting.push((reply, Appended { id, dropped }));
+                    waiting.push((reply, Appended { id, dropped }, meta, batch));
                 }
                 Err(e) => {
                     if e == QueueError::Full {
@@ -269,14 +280,18 @@ fn run(mut q: DiskQueue, mut rx: mpsc::Receiver<Cmd>, interval: Duration, stats:
                 match q.commit() {
                     Ok(_) => {
                         local.commits += 1;
-                        for (reply, appended) in waiting.drain(..) {
+                        for (reply, appended, meta, batch) in waiting.drain(..) {
+                            let id = appended.id;
                             let _ = reply.send(Ok(appended));
+                            if let Some(feed) = &feed {
+                                let _ = feed.try_send(StoredRecord { id, meta, batch });
+                            }
                         }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "disk queue commit failed; appends in this group are refused");
                         local.io_errors += waiting.len() as u64;
-                        for (reply, _) in waiting.drain(..) {
+                        for (reply, ..) in waiting.drain(..) {
                             let _ = reply.send(Err(e.clone()));
                         }
                     }

@@ -224,7 +224,7 @@ async fn the_actor_group_commits_and_reads_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cfg(dir.path(), 1 << 30, 4096, FullPolicy::Backpressure);
     c.commit_interval = Duration::from_millis(5);
-    let (q, _, thread) = open(c.clone(), |_, _, _| {}).unwrap();
+    let (q, _, thread) = open(c.clone(), |_, _, _| {}, None).unwrap();
     let mut pending = vec![];
     for i in 0..200 {
         pending.push(q.append_start(meta(i), batch(i)).await.unwrap());

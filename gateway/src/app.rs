@@ -1,0 +1,200 @@
+//! Wires the gateway together: queue recovery, the device broker (and TLS in front
+//! of it), ingest and acks, the uplink, provisioning reloads and the HTTP endpoint;
+//! then runs until told to stop, and stops without losing anything.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleetline_wire::GatewayId;
+use fleetline_wire::topics::device_username;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::GatewayConfig;
+use crate::devices::broker::{self, AuthFn};
+use crate::devices::ingest::{Durables, Ingest, run_acker};
+use crate::devices::registry::{Registry, parse_username};
+use crate::devices::tls;
+use crate::http::{self, RenderMetrics};
+use crate::queue::{self, QueueConfig, RecordId};
+use crate::stats::GatewayStats;
+use crate::uplink::Uplink;
+
+/// Addresses the gateway listens on, printed at start-up as one JSON line.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listening {
+    /// Always `"listening"`.
+    pub event: &'static str,
+    /// Plain MQTT for devices.
+    pub devices: String,
+    /// TLS MQTT for devices.
+    pub devices_tls: Option<String>,
+    /// HTTP operations endpoint.
+    pub http: String,
+}
+
+/// Runs the gateway until `stop` turns true. `on_listening` is called once every
+/// listener is up.
+pub async fn run(
+    cfg: GatewayConfig,
+    metrics: Option<RenderMetrics>,
+    mut stop: watch::Receiver<bool>,
+    on_listening: impl FnOnce(&Listening),
+) -> anyhow::Result<()> {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    let stats = Arc::new(GatewayStats::default());
+    let registry = Arc::new(Registry::load(&cfg.provisioning).context("loading the provisioning file")?);
+    let gateway_id = GatewayId::new(&cfg.id).map_err(|_| anyhow::anyhow!("invalid gateway id"))?;
+    let gateway_key = registry
+        .snapshot()
+        .gateway(&gateway_id)
+        .map(|g| g.key.clone())
+        .with_context(|| format!("gateway {} is not in the provisioning file", cfg.id))?;
+
+    // Queue recovery rebuilds what devices have durable here.
+    let durables = Arc::new(Durables::default());
+    let (feed_tx, feed_rx) = mpsc::channel(16_384);
+    let qcfg = QueueConfig {
+        dir: cfg.data_dir.join("queue"),
+        budget_bytes: cfg.queue.budget.0,
+        segment_bytes: cfg.queue.segment.0,
+        commit_interval: cfg.queue.commit_interval,
+        policy: cfg.queue.when_full,
+    };
+    let mut first_unacked: Option<RecordId> = None;
+    let recovering = durables.clone();
+    let (queue, report, queue_thread) = queue::open(
+        qcfg,
+        |id, _meta, batch| {
+            first_unacked.get_or_insert(id);
+            if let Ok(h) = fleetline_wire::peek_header(batch)
+                && let (Ok(f), Ok(d)) = (h.fleet.parse(), h.device.parse())
+            {
+                recovering.insert(f, d, h.epoch, h.seq);
+            }
+        },
+        Some(feed_tx),
+    )
+    .context("opening the disk queue")?;
+    tracing::info!(?report, "disk queue recovered");
+
+    // Device broker, with logins checked against the registry.
+    let auth_registry = registry.clone();
+    let auth_stats = stats.clone();
+    let auth: AuthFn = Arc::new(move |client_id: &str, user: &str, pass: &str| {
+        match auth_registry.check_login(client_id, user, pass) {
+            Ok(()) => true,
+            Err(why) => {
+                auth_stats.reject_login(why);
+                tracing::info!(client_id, reason = why, "device login refused");
+                false
+            }
+        }
+    });
+    let plain_listen = match &cfg.devices.tls {
+        // With TLS the broker itself only listens on loopback unless asked otherwise.
+        Some(_) if !cfg.devices.listen.ip().is_loopback() => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        _ => cfg.devices.listen,
+    };
+    let (device_broker, link_tx, link_rx) = broker::start(&cfg.devices, plain_listen, auth).await?;
+    let tls_addr = match &cfg.devices.tls {
+        Some(t) => {
+            let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
+            let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
+            let server = tls::server_config(&cert, &key)?;
+            let (addr, accept) =
+                tls::bind(t.listen, server, device_broker.addr, t.handshake_timeout, stats.clone()).await?;
+            tokio::spawn(accept);
+            Some(addr)
+        }
+        None => None,
+    };
+
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped_rx) = mpsc::unbounded_channel();
+    let ingest = Arc::new(Ingest {
+        registry: registry.clone(),
+        queue: queue.clone(),
+        stats: stats.clone(),
+        durables,
+        shard_count: cfg.shard_count,
+        acks: acks_tx,
+        dropped: dropped_tx,
+    });
+    let ingest_task = tokio::spawn(ingest.clone().run(link_rx));
+    let acker_task = tokio::spawn(run_acker(link_tx, acks_rx, cfg.id.clone(), stats.clone()));
+
+    let (uplink_stop_tx, uplink_stop) = watch::channel(false);
+    let uplink = Uplink {
+        cfg: cfg.uplink.clone(),
+        gateway: cfg.id.clone(),
+        key: gateway_key,
+        queue: queue.clone(),
+        stats: stats.clone(),
+        first_unacked: first_unacked.unwrap_or(RecordId(0)),
+    };
+    let uplink_task = tokio::spawn(uplink.run(feed_rx, dropped_rx, uplink_stop));
+
+    // Provisioning reloads: revoked devices are disconnected.
+    let reload_registry = registry.clone();
+    let kick = device_broker.kick.clone();
+    let reload_stats = stats.clone();
+    let period = cfg.provisioning_reload;
+    let reload_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            match reload_registry.reload_if_changed() {
+                Ok(Some(diff)) => {
+                    tracing::info!(revoked = diff.revoked.len(), "provisioning reloaded");
+                    for (fleet, device) in diff.revoked {
+                        GatewayStats::add(&reload_stats.revocations, 1);
+                        kick(device_username(&fleet, &device).as_str().to_string());
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "provisioning file rejected; keeping the loaded one"),
+            }
+        }
+    });
+
+    let (http_addr, http_server) = http::bind(
+        cfg.http.listen,
+        cfg.id.clone(),
+        stats.clone(),
+        queue.clone(),
+        metrics,
+        device_broker.addr,
+        tls_addr,
+    )
+    .await?;
+    let http_task = tokio::spawn(http_server);
+    stats.ready.store(true, Ordering::Relaxed);
+    on_listening(&Listening {
+        event: "listening",
+        devices: device_broker.addr.to_string(),
+        devices_tls: tls_addr.map(|a| a.to_string()),
+        http: http_addr.to_string(),
+    });
+
+    let _ = stop.wait_for(|s| *s).await;
+
+    // Stop taking data, let what was taken become durable and acked, then stop.
+    tracing::info!("shutting down");
+    stats.ready.store(false, Ordering::Relaxed);
+    device_broker.server.abort();
+    ingest_task.abort();
+    let _ = queue.sync().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    acker_task.abort();
+    reload_task.abort();
+    let _ = uplink_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), uplink_task).await;
+    http_task.abort();
+    drop(queue);
+    drop(ingest);
+    let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
+    let _ = parse_username;
+    Ok(())
+}

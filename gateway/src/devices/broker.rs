@@ -1,0 +1,136 @@
+//! The embedded rumqttd broker devices connect to.
+//!
+//! rumqttd's router runs on its own thread; its MQTT listener runs as a task on the
+//! gateway's runtime. The gateway's own ingest link subscribes to every device's
+//! `up` topic before the listener accepts anyone. rumqttd cannot report the port it
+//! bound, so for port 0 a free port is picked and the start retried on a collision.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use tokio::task::JoinHandle;
+
+use crate::config::DevicesConfig;
+
+/// Checks a CONNECT: (client id, username, password) → accepted.
+pub type AuthFn = Arc<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
+
+/// Disconnects a client id, in the background.
+pub type KickFn = Arc<dyn Fn(String) + Send + Sync>;
+
+/// The running broker.
+pub struct DeviceBroker {
+    /// The plain MQTT listener's address.
+    pub addr: SocketAddr,
+    /// Disconnects a device by client id (revocation).
+    pub kick: KickFn,
+    /// The listener task.
+    pub server: JoinHandle<()>,
+}
+
+/// Filter the ingest link subscribes to.
+pub const UP_FILTER: &str = "fleetline/v1/+/+/up";
+
+/// Client id of the gateway's own link; devices' ids contain `/`, so it cannot clash.
+const INGEST_LINK: &str = "fleetline-gateway-ingest";
+
+/// Starts the router, the ingest link and the listener.
+pub async fn start(cfg: &DevicesConfig, listen: SocketAddr, auth: AuthFn) -> anyhow::Result<(DeviceBroker, LinkTx, LinkRx)> {
+    let segment = (cfg.broker_log.0 as usize / 8).max(1 << 20);
+    let router = Router::new(
+        0,
+        RouterConfig {
+            max_connections: cfg.max_connections + 16,
+            max_outgoing_packet_count: 200,
+            max_segment_size: segment,
+            max_segment_count: 8,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+    );
+    let router_tx = router.spawn();
+    let (mut link_tx, link_rx, _ack) =
+        LinkBuilder::new(INGEST_LINK, router_tx.clone()).dynamic_filters(true).build().context("ingest link")?;
+    link_tx.subscribe(UP_FILTER).context("subscribing the ingest link")?;
+
+    let mut last_err = None;
+    for _ in 0..20 {
+        let addr = if listen.port() == 0 { free_port(listen)? } else { listen };
+        let mut connections = ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: cfg.max_packet.0 as usize,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let auth = auth.clone();
+        connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let ok = auth(&client_id, &user, &pass);
+            async move { ok }
+        });
+        let settings = ServerSettings {
+            name: "devices".into(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        };
+        let mut server = Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.start(LinkType::Remote).await {
+                tracing::error!(error = %e, %addr, "device listener stopped");
+            }
+        });
+        // Listening, or failed to bind (then pick another port if we may).
+        for _ in 0..200 {
+            if task.is_finished() {
+                break;
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !task.is_finished() {
+            let kick_tx = router_tx.clone();
+            let kick: KickFn = Arc::new(move |client_id: String| {
+                let router_tx = kick_tx.clone();
+                // Building a link waits for the router, so it runs off the async workers.
+                tokio::task::spawn_blocking(move || {
+                    // Taking over the client id makes the router drop the device's
+                    // connection; then the placeholder link disconnects itself.
+                    let built = LinkBuilder::new(&client_id, router_tx).clean_session(true).build();
+                    let result = built.map_err(|e| e.to_string()).and_then(|(mut tx, _rx, _)| {
+                        let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+                        tokio::runtime::Handle::current()
+                            .block_on(tx.send(Packet::Disconnect(bye, None)))
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    });
+                    if let Err(e) = result {
+                        tracing::warn!(client_id, error = %e, "could not disconnect device");
+                    }
+                });
+            });
+            return Ok((DeviceBroker { addr, kick, server: task }, link_tx, link_rx));
+        }
+        last_err = Some(format!("could not listen on {addr}"));
+        if listen.port() != 0 {
+            break;
+        }
+    }
+    bail!(last_err.unwrap_or_else(|| "device listener did not start".into()))
+}
+
+/// A port that was free a moment ago on `listen`'s address.
+pub fn free_port(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind(SocketAddr::new(listen.ip(), 0)).context("finding a free port")?;
+    Ok(l.local_addr()?)
+}

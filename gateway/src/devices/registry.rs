@@ -1,0 +1,109 @@
+//! Who may connect and whose batches open: the provisioning file, reloaded while
+//! running. A file that fails to parse never replaces the loaded one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use fleetline_wire::provisioning::{DeviceEntry, Provisioning, ProvisioningError};
+use fleetline_wire::{DeviceId, FleetId};
+
+use crate::stats::reason;
+
+/// The loaded provisioning file.
+pub struct Registry {
+    path: PathBuf,
+    current: RwLock<Arc<Provisioning>>,
+    modified: Mutex<Option<SystemTime>>,
+}
+
+/// What a reload changed that needs action.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadDiff {
+    /// Devices revoked or removed since the last load: to be disconnected.
+    pub revoked: Vec<(FleetId, DeviceId)>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Constant-time equality, so password checks leak no prefix length.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Registry {
+    /// Loads the file.
+    pub fn load(path: &Path) -> Result<Self, ProvisioningError> {
+        let p = Provisioning::load(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            current: RwLock::new(Arc::new(p)),
+            modified: Mutex::new(modified(path)),
+        })
+    }
+
+    /// The provisioning in force.
+    pub fn snapshot(&self) -> Arc<Provisioning> {
+        self.current.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Reloads if the file changed; returns what needs action.
+    pub fn reload_if_changed(&self) -> Result<Option<ReloadDiff>, ProvisioningError> {
+        let now = modified(&self.path);
+        {
+            let Ok(last) = self.modified.lock() else { return Ok(None) };
+            if *last == now {
+                return Ok(None);
+            }
+        }
+        let new = Provisioning::load(&self.path)?;
+        let old = self.snapshot();
+        let revoked = old
+            .devices()
+            .filter(|d| !d.revoked)
+            .filter(|d| new.device(&d.fleet, &d.device).is_none_or(|n| n.revoked))
+            .map(|d| (d.fleet, d.device))
+            .collect();
+        if let Ok(mut c) = self.current.write() {
+            *c = Arc::new(new);
+        }
+        if let Ok(mut m) = self.modified.lock() {
+            *m = now;
+        }
+        Ok(Some(ReloadDiff { revoked }))
+    }
+
+    /// Checks a device's MQTT CONNECT: client id and username must both be
+    /// `{fleet}/{device}`, the device provisioned and not revoked, and the password
+    /// derived from one of its valid keys.
+    pub fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
+        if client_id != username {
+            return Err(reason::BAD_USERNAME);
+        }
+        let (fleet, device) = parse_username(username).ok_or(reason::BAD_USERNAME)?;
+        let p = self.snapshot();
+        let entry = p.device(&fleet, &device).ok_or(reason::UNKNOWN_DEVICE)?;
+        if entry.revoked {
+            return Err(reason::REVOKED);
+        }
+        let now = SystemTime::now();
+        if entry.keys_at(now).any(|k| same(&k.mqtt_password(username), password.as_bytes())) {
+            Ok(())
+        } else {
+            Err(reason::BAD_PASSWORD)
+        }
+    }
+
+    /// A device entry, if provisioned.
+    pub fn device(&self, fleet: &FleetId, device: &DeviceId) -> Option<DeviceEntry> {
+        self.snapshot().device(fleet, device).cloned()
+    }
+}
+
+/// Splits `{fleet}/{device}`.
+pub fn parse_username(username: &str) -> Option<(FleetId, DeviceId)> {
+    let (f, d) = username.split_once('/')?;
+    Some((FleetId::new(f).ok()?, DeviceId::new(d).ok()?))
+}

@@ -1,0 +1,118 @@
+//! The operations endpoint: liveness, readiness, Prometheus metrics, status JSON.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+
+use crate::queue::QueueHandle;
+use crate::stats::{GatewayStats, unix_ms};
+
+/// Renders the Prometheus exposition text (installed by the binary).
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct Ops {
+    id: String,
+    stats: Arc<GatewayStats>,
+    queue: QueueHandle,
+    metrics: Option<RenderMetrics>,
+    devices_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+}
+
+/// Binds the endpoint; returns its address and the server future.
+pub async fn bind(
+    listen: SocketAddr,
+    id: String,
+    stats: Arc<GatewayStats>,
+    queue: QueueHandle,
+    metrics: Option<RenderMetrics>,
+    devices_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let ops = Ops { id, stats, queue, metrics, devices_addr, tls_addr };
+    let app = Router::new()
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .route("/status", get(status))
+        .with_state(ops);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((addr, async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    }))
+}
+
+async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
+    if ops.stats.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
+    let q = ops.queue.stats();
+    metrics::gauge!("fleetline_gateway_queue_records").set(q.records as f64);
+    metrics::gauge!("fleetline_gateway_queue_bytes").set(q.bytes as f64);
+    let age = q.oldest_received_at_ms.map_or(0.0, |t| unix_ms().saturating_sub(t) as f64 / 1000.0);
+    metrics::gauge!("fleetline_gateway_queue_oldest_age_seconds").set(age);
+    match &ops.metrics {
+        Some(render) => (StatusCode::OK, render()),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed".to_string()),
+    }
+}
+
+async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
+    let s = &ops.stats;
+    let q = ops.queue.stats();
+    let uplink = s.uplink.lock().map(|u| u.clone()).unwrap_or_default();
+    let now = unix_ms();
+    Json(json!({
+        "id": ops.id,
+        "listeners": {"devices": ops.devices_addr.to_string(), "devices_tls": ops.tls_addr.map(|a| a.to_string())},
+        "queue": {
+            "records": q.records,
+            "bytes": q.bytes,
+            "segments": q.segments,
+            "oldest_age_ms": q.oldest_received_at_ms.map(|t| now.saturating_sub(t)),
+            "appended": q.appended,
+            "commits": q.commits,
+            "acked": q.acked,
+            "refused_full": q.refused_full,
+            "io_errors": q.io_errors,
+        },
+        "upstream": uplink,
+        "accepted": {
+            "batches": GatewayStats::get(&s.batches_accepted),
+            "samples": GatewayStats::get(&s.samples_accepted),
+            "duplicates": GatewayStats::get(&s.duplicates),
+            "unknown_kind_series": GatewayStats::get(&s.unknown_kinds),
+            "device_acks_sent": GatewayStats::get(&s.device_acks_sent),
+        },
+        "rejected": s.rejected(),
+        "logins_rejected": s.logins_rejected(),
+        "dropped": {
+            "batches": GatewayStats::get(&s.dropped_batches),
+            "samples": GatewayStats::get(&s.dropped_samples),
+            "then_delivered": GatewayStats::get(&s.dropped_then_delivered),
+        },
+        "tls": {
+            "sessions": GatewayStats::get(&s.tls_sessions),
+            "handshake_failed": GatewayStats::get(&s.tls_handshake_failed),
+            "handshake_timeout": GatewayStats::get(&s.tls_handshake_timeout),
+        },
+        "revocations": GatewayStats::get(&s.revocations),
+        "devices": s.devices(),
+    }))
+}
