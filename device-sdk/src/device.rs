@@ -337,7 +337,7 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
         topics::device_topic(&self.cfg.fleet, &self.cfg.device, Channel::Cmd)
     }
 
-    /// MQTT username and client id: `{fleet}/{device}`.
+    /// MQTT username and client id: `{fleet}.{device}` (brokers refuse `/` in client ids).
     pub fn mqtt_username(&self) -> TopicBuf {
         topics::device_username(&self.cfg.fleet, &self.cfg.device)
     }
@@ -486,6 +486,15 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
 
     /// Handles a message from the ack topic. `sealed` is decrypted in place.
     pub fn handle_ack(&mut self, sealed: &mut [u8]) -> Result<AckOutcome, ControlError> {
+        self.handle_ack_with(sealed, |_| {})
+    }
+
+    /// Like [`Device::handle_ack`], calling `released` for every batch the ack releases.
+    pub fn handle_ack_with(
+        &mut self,
+        sealed: &mut [u8],
+        mut released: impl FnMut(Released),
+    ) -> Result<AckOutcome, ControlError> {
         let opened = match control::open_control(sealed, &self.cfg.key, ControlKind::Ack) {
             Ok(o) => o,
             Err(e) => {
@@ -511,6 +520,7 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
         let stats = &mut self.stats;
         let named = |epoch: u32, seq: u32| ranges.clone().any(|r: AckRange| r.contains(epoch, seq));
         self.outbox.ack_where(named, |r: Released| {
+            released(r);
             outcome.batches += 1;
             outcome.samples += u32::from(r.samples);
             stats.batches_acked += 1;

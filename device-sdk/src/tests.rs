@@ -306,8 +306,8 @@ fn config_is_checked_against_capacities() {
 fn mqtt_password_is_derived_not_the_key() {
     let dev = device(OutboxFull::Block);
     let pw = dev.mqtt_password();
-    assert_eq!(dev.mqtt_username().as_str(), "acme/truck-7");
-    assert_eq!(&pw, &DeviceKey::from_bytes(KEY).mqtt_password("acme/truck-7"));
+    assert_eq!(dev.mqtt_username().as_str(), "acme.truck-7");
+    assert_eq!(&pw, &DeviceKey::from_bytes(KEY).mqtt_password("acme.truck-7"));
     assert!(!pw.windows(2).all(|w| w == b"5a"));
 }
 

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use std::net::TcpListener;
-use std::process::Stdio;
 use std::time::Duration;
 
 use fleetline_device::client::{ClientConfig, ClientError, DeviceClient, SystemClock, TlsOptions};
@@ -12,122 +10,14 @@ use fleetline_device::wire::control::{self, AckRange, Command, random_nonce};
 use fleetline_device::wire::signals::kind;
 use fleetline_device::wire::{DeviceId, DeviceKey, FleetId, open_batch, peek_header};
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command as Proc};
-use tokio::sync::mpsc;
+use fleetline_testkit::{Mosquitto, Pki, Sub};
+
+/// Publishes with `mosquitto_pub`, as a gateway would.
+async fn publish(port: u16, topic: &str, payload: &[u8]) {
+    assert!(fleetline_testkit::publish(port, topic, payload, &[]).await, "mosquitto_pub failed");
+}
 
 const KEY: [u8; 32] = [0x11; 32];
-
-/// A Mosquitto on a free loopback port; killed on drop.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    async fn start() -> Self {
-        Self::start_on(None).await
-    }
-
-    async fn start_on(port: Option<u16>) -> Self {
-        Self::start_with(port, |_| String::new()).await
-    }
-
-    /// Starts on `port`, or on a free one, retrying if another process takes it
-    /// first; `extra` adds listener settings given the config directory.
-    async fn start_with(port: Option<u16>, extra: impl Fn(&std::path::Path) -> String) -> Self {
-        for _ in 0..10 {
-            let port = port.unwrap_or_else(|| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-            let dir = tempfile::tempdir().unwrap();
-            let conf = dir.path().join("mosquitto.conf");
-            // `user root` keeps Mosquitto from dropping to an account that cannot read the temp dir.
-            std::fs::write(
-                &conf,
-                format!(
-                    "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{}",
-                    extra(dir.path())
-                ),
-            )
-            .unwrap();
-            let mut child = Proc::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("mosquitto is installed by scripts/test.sh");
-            for _ in 0..100 {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken: try another
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                    return Self { child, port, _dir: dir };
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let _ = child.kill().await;
-        }
-        panic!("mosquitto did not start");
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-        let _ = self.child.wait().await;
-    }
-}
-
-/// `mosquitto_sub` printing `topic hexpayload` per message, read into a channel.
-struct Sub {
-    lines: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    _child: Child,
-}
-
-impl Sub {
-    async fn start(port: u16, topic: &str) -> Self {
-        Self::start_with(port, topic, &[]).await
-    }
-
-    async fn start_with(port: u16, topic: &str, extra: &[&str]) -> Self {
-        let mut child = Proc::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-F", "%t %x"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = out.next_line().await {
-                if let Some((t, h)) = line.split_once(' ') {
-                    let _ = tx.send((t.to_string(), hex::decode(h.trim()).unwrap()));
-                }
-            }
-        });
-        // Give the subscription a moment; unacked batches are re-sent anyway.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        Self { lines, _child: child }
-    }
-
-    async fn next(&mut self) -> (String, Vec<u8>) {
-        tokio::time::timeout(Duration::from_secs(10), self.lines.recv()).await.expect("a message in time").unwrap()
-    }
-}
-
-async fn publish(port: u16, topic: &str, payload: &[u8]) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("payload");
-    std::fs::write(&file, payload).unwrap();
-    let status = Proc::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-f"])
-        .arg(&file)
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-}
 
 fn config(port: u16) -> ClientConfig {
     let device = Config {
@@ -234,7 +124,7 @@ async fn survives_a_broker_restart_resubscribes_and_resends() {
     let held = client.wait_for(Duration::from_secs(5), |s| s.outbox_batches == 1).await;
     assert_eq!(held.outbox_batches, 1);
 
-    let broker = Mosquitto::start_on(Some(port)).await;
+    let broker = Mosquitto::start_on(port).await;
     let mut sub = Sub::start(port, "fleetline/v1/acme/van-3/up").await;
     let (_, payload) = sub.next().await;
     let h = peek_header(&payload).unwrap();
@@ -249,37 +139,9 @@ async fn survives_a_broker_restart_resubscribes_and_resends() {
     broker.stop().await;
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM.
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "fleetline test ca");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf = |names: Vec<String>, cn: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    Pki {
-        ca: ca.pem(),
-        server: leaf(vec!["127.0.0.1".into(), "localhost".into()], "broker"),
-        client: leaf(vec!["acme-van-3".into()], "acme/van-3"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_over_mutual_tls_and_is_refused_without_a_client_certificate() {
-    let pki = pki();
+    let pki = Pki::generate();
     let broker = Mosquitto::start_with(None, |dir| {
         std::fs::write(dir.join("ca.pem"), &pki.ca).unwrap();
         std::fs::write(dir.join("server.pem"), &pki.server.0).unwrap();

@@ -12,10 +12,10 @@ use fleetline_wire::topics::device_username;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::GatewayConfig;
-use crate::devices::broker::{self, AuthFn};
+use crate::devices::broker;
+use crate::devices::front::{self, Front};
 use crate::devices::ingest::{Durables, Ingest, run_acker};
-use crate::devices::registry::{Registry, parse_username};
-use crate::devices::tls;
+use crate::devices::registry::Registry;
 use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
@@ -79,33 +79,30 @@ pub async fn run(
     .context("opening the disk queue")?;
     tracing::info!(?report, "disk queue recovered");
 
-    // Device broker, with logins checked against the registry.
-    let auth_registry = registry.clone();
-    let auth_stats = stats.clone();
-    let auth: AuthFn = Arc::new(move |client_id: &str, user: &str, pass: &str| {
-        match auth_registry.check_login(client_id, user, pass) {
-            Ok(()) => true,
-            Err(why) => {
-                auth_stats.reject_login(why);
-                tracing::info!(client_id, reason = why, "device login refused");
-                false
-            }
-        }
-    });
-    let plain_listen = match &cfg.devices.tls {
-        // With TLS the broker itself only listens on loopback unless asked otherwise.
-        Some(_) if !cfg.devices.listen.ip().is_loopback() => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        _ => cfg.devices.listen,
+    // The broker on loopback, and the front listeners that check logins.
+    let secret: Arc<str> = {
+        let mut raw = [0u8; 24];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+        raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()
     };
-    let (device_broker, link_tx, link_rx) = broker::start(&cfg.devices, plain_listen, auth).await?;
+    let (device_broker, link_tx, link_rx) = broker::start(&cfg.devices, secret.clone()).await?;
+    let front = Front {
+        registry: registry.clone(),
+        stats: stats.clone(),
+        broker: device_broker.addr,
+        secret,
+        active: Default::default(),
+        max_sessions: cfg.devices.max_connections,
+    };
+    let (devices_addr, plain) = front.clone().bind(cfg.devices.listen, None).await?;
+    let mut front_tasks = vec![tokio::spawn(plain)];
     let tls_addr = match &cfg.devices.tls {
         Some(t) => {
             let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
             let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
-            let server = tls::server_config(&cert, &key)?;
-            let (addr, accept) =
-                tls::bind(t.listen, server, device_broker.addr, t.handshake_timeout, stats.clone()).await?;
-            tokio::spawn(accept);
+            let server = front::tls_config(&cert, &key)?;
+            let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
+            front_tasks.push(tokio::spawn(accept));
             Some(addr)
         }
         None => None,
@@ -159,21 +156,14 @@ pub async fn run(
         }
     });
 
-    let (http_addr, http_server) = http::bind(
-        cfg.http.listen,
-        cfg.id.clone(),
-        stats.clone(),
-        queue.clone(),
-        metrics,
-        device_broker.addr,
-        tls_addr,
-    )
-    .await?;
+    let (http_addr, http_server) =
+        http::bind(cfg.http.listen, cfg.id.clone(), stats.clone(), queue.clone(), metrics, devices_addr, tls_addr)
+            .await?;
     let http_task = tokio::spawn(http_server);
     stats.ready.store(true, Ordering::Relaxed);
     on_listening(&Listening {
         event: "listening",
-        devices: device_broker.addr.to_string(),
+        devices: devices_addr.to_string(),
         devices_tls: tls_addr.map(|a| a.to_string()),
         http: http_addr.to_string(),
     });
@@ -183,6 +173,9 @@ pub async fn run(
     // Stop taking data, let what was taken become durable and acked, then stop.
     tracing::info!("shutting down");
     stats.ready.store(false, Ordering::Relaxed);
+    for t in &front_tasks {
+        t.abort();
+    }
     device_broker.server.abort();
     ingest_task.abort();
     let _ = queue.sync().await;
@@ -195,6 +188,5 @@ pub async fn run(
     drop(queue);
     drop(ingest);
     let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
-    let _ = parse_username;
     Ok(())
 }

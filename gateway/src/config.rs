@@ -259,7 +259,8 @@ impl GatewayConfig {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), String> {
-        fleetline_wire::GatewayId::new(&self.id).map_err(|_| format!("id {:?} must match [a-z0-9-]{{1,32}}", self.id))?;
+        fleetline_wire::GatewayId::new(&self.id)
+            .map_err(|_| format!("id {:?} must match [a-z0-9-]{{1,32}}", self.id))?;
         if self.shard_count == 0 {
             return Err("shard_count must be at least 1".into());
         }
@@ -298,7 +299,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_unknown_fields_rejected() {
         GatewayConfig::default().validate().unwrap();
-        let cfg = GatewayConfig::from_toml("id = \"gw-2\"\n[queue]\nbudget = \"2 GiB\"\nwhen_full = \"drop-oldest\"\n").unwrap();
+        let cfg = GatewayConfig::from_toml("id = \"gw-2\"\n[queue]\nbudget = \"2 GiB\"\nwhen_full = \"drop-oldest\"\n")
+            .unwrap();
         assert_eq!(cfg.queue.budget.0, 2 << 30);
         assert_eq!(cfg.queue.when_full, FullPolicy::DropOldest);
         assert!(GatewayConfig::from_toml("idd = \"x\"").unwrap_err().contains("unknown field"));

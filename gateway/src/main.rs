@@ -1,4 +1,5 @@
 //! `fleetline-gateway`: the edge gateway binary.
+#![allow(clippy::print_stdout)] // A command-line program: stdout carries its start-up line and --check-config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -30,10 +30,16 @@ pub mod reason {
     pub const QUEUE_FULL: &str = "queue_full";
     /// The disk queue could not write (the device keeps the batch).
     pub const QUEUE_ERROR: &str = "queue_error";
-    /// Login: username is not `{fleet}/{device}` or differs from the client id.
+    /// Login: username is not `{fleet}.{device}` or differs from the client id.
     pub const BAD_USERNAME: &str = "bad_username";
     /// Login: wrong password.
     pub const BAD_PASSWORD: &str = "bad_password";
+    /// Connection: not MQTT 3.1.1, or the first packet was not a CONNECT.
+    pub const PROTOCOL: &str = "protocol";
+    /// Connection: the gateway is at its session limit.
+    pub const SERVER_BUSY: &str = "server_busy";
+    /// Connection: no CONNECT within the timeout.
+    pub const CONNECT_TIMEOUT: &str = "connect_timeout";
 }
 
 /// Last time a device was heard from.

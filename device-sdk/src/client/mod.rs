@@ -98,6 +98,7 @@ pub struct DeviceClient {
     requests: mpsc::Sender<Request>,
     stats: watch::Receiver<ClientStats>,
     commands: Arc<Mutex<Vec<Command>>>,
+    acked: Arc<Mutex<Vec<crate::Released>>>,
     core_task: JoinHandle<()>,
     net_task: JoinHandle<()>,
     mqtt: AsyncClient,
@@ -138,7 +139,9 @@ impl DeviceClient {
         let (req_tx, req_rx) = mpsc::channel(64);
         let (stats_tx, stats_rx) = watch::channel(ClientStats::default());
         let commands = Arc::new(Mutex::new(Vec::new()));
+        let acked = Arc::new(Mutex::new(Vec::new()));
         let core = Core {
+            acked: acked.clone(),
             device,
             mqtt: mqtt.clone(),
             clock,
@@ -148,7 +151,7 @@ impl DeviceClient {
             commands: commands.clone(),
         };
         let core_task = tokio::spawn(core.run(req_rx, net_rx, cfg.tick));
-        Ok(Self { requests: req_tx, stats: stats_rx, commands, core_task, net_task, mqtt })
+        Ok(Self { requests: req_tx, stats: stats_rx, commands, acked, core_task, net_task, mqtt })
     }
 
     /// Records one reading.
@@ -182,6 +185,11 @@ impl DeviceClient {
     /// Commands applied so far, oldest first, drained.
     pub fn take_commands(&self) -> Vec<Command> {
         self.commands.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default()
+    }
+
+    /// Batches released by acks so far, in the order their acks arrived, drained.
+    pub fn take_acked(&self) -> Vec<crate::Released> {
+        self.acked.lock().map(|mut a| std::mem::take(&mut *a)).unwrap_or_default()
     }
 
     /// Waits until `pred` holds for a snapshot, or `timeout` passes; returns the last snapshot.
@@ -280,6 +288,7 @@ struct Core<const S: usize, const B: usize, const O: usize, C> {
     stats_tx: watch::Sender<ClientStats>,
     connected: bool,
     commands: Arc<Mutex<Vec<Command>>>,
+    acked: Arc<Mutex<Vec<crate::Released>>>,
 }
 
 impl<const S: usize, const B: usize, const O: usize, C: Clock> Core<S, B, O, C> {
@@ -332,7 +341,11 @@ impl<const S: usize, const B: usize, const O: usize, C: Clock> Core<S, B, O, C> 
                     return;
                 }
                 match topics::parse_device_topic(&topic).map(|t| t.2) {
-                    Some(Channel::Ack) => match self.device.handle_ack(&mut payload) {
+                    Some(Channel::Ack) => match self.device.handle_ack_with(&mut payload, |r| {
+                        if let Ok(mut a) = self.acked.lock() {
+                            a.push(r);
+                        }
+                    }) {
                         Ok(out) => debug!(batches = out.batches, samples = out.samples, "ack"),
                         Err(e) => debug!(error = %e, "ack ignored"),
                     },

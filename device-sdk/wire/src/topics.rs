@@ -68,9 +68,10 @@ pub fn device_topic(fleet: &FleetId, device: &DeviceId, channel: Channel) -> Top
     TopicBuf::from_parts(&[PREFIX, fleet.as_str(), "/", device.as_str(), "/", channel.suffix()])
 }
 
-/// The MQTT username (and client id) of a device: `{fleet}/{device}`.
+/// The MQTT username (and client id) of a device: `{fleet}.{device}`. A dot, since
+/// brokers refuse `/`, `+`, `#` and `$` in client ids; ids never contain one.
 pub fn device_username(fleet: &FleetId, device: &DeviceId) -> TopicBuf {
-    TopicBuf::from_parts(&[fleet.as_str(), "/", device.as_str()])
+    TopicBuf::from_parts(&[fleet.as_str(), ".", device.as_str()])
 }
 
 /// Splits a device topic into its ids and channel; `None` for anything else.
@@ -103,6 +104,6 @@ mod tests {
         assert_eq!(device_topic(&f, &d, Channel::Up).as_str(), format!("fleetline/v1/acme/{}/up", "d".repeat(32)));
         assert_eq!(parse_device_topic("fleetline/v1/acme/x/up/extra"), None);
         assert_eq!(parse_device_topic("fleetline/v1/ACME/x/up"), None);
-        assert_eq!(device_username(&f, &d).as_str(), format!("acme/{}", "d".repeat(32)));
+        assert_eq!(device_username(&f, &d).as_str(), format!("acme.{}", "d".repeat(32)));
     }
 }

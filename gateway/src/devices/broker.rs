@@ -1,9 +1,11 @@
-//! The embedded rumqttd broker devices connect to.
+//! The embedded rumqttd broker devices' connections are spliced into.
 //!
 //! rumqttd's router runs on its own thread; its MQTT listener runs as a task on the
-//! gateway's runtime. The gateway's own ingest link subscribes to every device's
-//! `up` topic before the listener accepts anyone. rumqttd cannot report the port it
-//! bound, so for port 0 a free port is picked and the start retried on a collision.
+//! gateway's runtime, on loopback only: devices reach it through the front
+//! listeners (`front.rs`), which check their logins. The gateway's own ingest link
+//! subscribes to every device's `up` topic before the listener accepts anyone.
+//! rumqttd cannot report the port it bound, so a free port is picked and the start
+//! retried on a collision.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,15 +19,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::DevicesConfig;
 
-/// Checks a CONNECT: (client id, username, password) → accepted.
-pub type AuthFn = Arc<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
-
 /// Disconnects a client id, in the background.
 pub type KickFn = Arc<dyn Fn(String) + Send + Sync>;
 
 /// The running broker.
 pub struct DeviceBroker {
-    /// The plain MQTT listener's address.
+    /// The loopback listener's address.
     pub addr: SocketAddr,
     /// Disconnects a device by client id (revocation).
     pub kick: KickFn,
@@ -39,8 +38,10 @@ pub const UP_FILTER: &str = "fleetline/v1/+/+/up";
 /// Client id of the gateway's own link; devices' ids contain `/`, so it cannot clash.
 const INGEST_LINK: &str = "fleetline-gateway-ingest";
 
-/// Starts the router, the ingest link and the listener.
-pub async fn start(cfg: &DevicesConfig, listen: SocketAddr, auth: AuthFn) -> anyhow::Result<(DeviceBroker, LinkTx, LinkRx)> {
+/// Starts the router, the ingest link and the loopback listener, which accepts only
+/// connections presenting `secret` as their password (the front listeners' rewrite).
+pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(DeviceBroker, LinkTx, LinkRx)> {
+    let listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let segment = (cfg.broker_log.0 as usize / 8).max(1 << 20);
     let router = Router::new(
         0,
@@ -61,7 +62,7 @@ pub async fn start(cfg: &DevicesConfig, listen: SocketAddr, auth: AuthFn) -> any
 
     let mut last_err = None;
     for _ in 0..20 {
-        let addr = if listen.port() == 0 { free_port(listen)? } else { listen };
+        let addr = free_port(listen)?;
         let mut connections = ConnectionSettings {
             connection_timeout_ms: 10_000,
             max_payload_size: cfg.max_packet.0 as usize,
@@ -70,9 +71,9 @@ pub async fn start(cfg: &DevicesConfig, listen: SocketAddr, auth: AuthFn) -> any
             external_auth: None,
             dynamic_filters: true,
         };
-        let auth = auth.clone();
+        let secret = secret.clone();
         connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
-            let ok = auth(&client_id, &user, &pass);
+            let ok = client_id == user && pass.len() == secret.len() && pass.as_bytes() == secret.as_bytes();
             async move { ok }
         });
         let settings = ServerSettings {
@@ -122,9 +123,6 @@ pub async fn start(cfg: &DevicesConfig, listen: SocketAddr, auth: AuthFn) -> any
             return Ok((DeviceBroker { addr, kick, server: task }, link_tx, link_rx));
         }
         last_err = Some(format!("could not listen on {addr}"));
-        if listen.port() != 0 {
-            break;
-        }
     }
     bail!(last_err.unwrap_or_else(|| "device listener did not start".into()))
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use fleetline_wire::control::{ranges_from, random_nonce, seal_ack, MAX_ACK_LEN};
+use fleetline_wire::control::{MAX_ACK_LEN, random_nonce, ranges_from, seal_ack};
 use fleetline_wire::provisioning::Provisioning;
 use fleetline_wire::seqset::SeqSet;
 use fleetline_wire::shard::shard_of;
@@ -189,7 +189,11 @@ impl Ingest {
         }
         GatewayStats::add(&self.stats.unknown_kinds, u64::from(unknown_series));
         let now = unix_ms();
-        let meta = RecordMeta { shard: shard_of(fleet.as_str(), device.as_str(), self.shard_count).0, samples, received_at_ms: now };
+        let meta = RecordMeta {
+            shard: shard_of(fleet.as_str(), device.as_str(), self.shard_count).0,
+            samples,
+            received_at_ms: now,
+        };
         let pending = match self.queue.append_start(meta, payload.to_vec()).await {
             Ok(rx) => rx,
             Err(_) => {
@@ -214,7 +218,8 @@ impl Ingest {
                         let samples: u64 = appended.dropped.iter().map(|d| u64::from(d.meta.samples)).sum();
                         GatewayStats::add(&stats.dropped_batches, appended.dropped.len() as u64);
                         GatewayStats::add(&stats.dropped_samples, samples);
-                        metrics::counter!("fleetline_gateway_dropped_batches_total").increment(appended.dropped.len() as u64);
+                        metrics::counter!("fleetline_gateway_dropped_batches_total")
+                            .increment(appended.dropped.len() as u64);
                         metrics::counter!("fleetline_gateway_dropped_samples_total").increment(samples);
                         tracing::warn!(
                             batches = appended.dropped.len(),

@@ -2,6 +2,6 @@
 //! registry, and the ingest path from publish to durable ack.
 
 pub mod broker;
+pub mod front;
 pub mod ingest;
 pub mod registry;
-pub mod tls;

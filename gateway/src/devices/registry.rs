@@ -37,11 +37,7 @@ impl Registry {
     /// Loads the file.
     pub fn load(path: &Path) -> Result<Self, ProvisioningError> {
         let p = Provisioning::load(path)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            current: RwLock::new(Arc::new(p)),
-            modified: Mutex::new(modified(path)),
-        })
+        Ok(Self { path: path.to_path_buf(), current: RwLock::new(Arc::new(p)), modified: Mutex::new(modified(path)) })
     }
 
     /// The provisioning in force.
@@ -76,7 +72,7 @@ impl Registry {
     }
 
     /// Checks a device's MQTT CONNECT: client id and username must both be
-    /// `{fleet}/{device}`, the device provisioned and not revoked, and the password
+    /// `{fleet}.{device}`, the device provisioned and not revoked, and the password
     /// derived from one of its valid keys.
     pub fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
         if client_id != username {
@@ -102,8 +98,8 @@ impl Registry {
     }
 }
 
-/// Splits `{fleet}/{device}`.
+/// Splits `{fleet}.{device}`.
 pub fn parse_username(username: &str) -> Option<(FleetId, DeviceId)> {
-    let (f, d) = username.split_once('/')?;
+    let (f, d) = username.split_once('.')?;
     Some((FleetId::new(f).ok()?, DeviceId::new(d).ok()?))
 }

@@ -184,8 +184,10 @@ impl UplinkCore {
             return None;
         }
         let backlog_in_flight = self.in_flight.values().filter(|f| f.backlog).count();
-        let cap = if self.limits.live_first { (self.limits.max_in_flight / 2).max(1) } else { self.limits.max_in_flight };
-        if backlog_in_flight >= cap || self.pending_backlog.values().map(|p| p.bytes).sum::<usize>() > self.limits.max_bytes * 4
+        let cap =
+            if self.limits.live_first { (self.limits.max_in_flight / 2).max(1) } else { self.limits.max_in_flight };
+        if backlog_in_flight >= cap
+            || self.pending_backlog.values().map(|p| p.bytes).sum::<usize>() > self.limits.max_bytes * 4
         {
             return None;
         }
@@ -254,7 +256,8 @@ impl UplinkCore {
             return None;
         }
         // Re-sends.
-        if let Some((id, f)) = self.in_flight.iter_mut().filter(|(_, f)| f.due_ms <= now_ms).min_by_key(|(id, _)| **id) {
+        if let Some((id, f)) = self.in_flight.iter_mut().filter(|(_, f)| f.due_ms <= now_ms).min_by_key(|(id, _)| **id)
+        {
             f.due_ms = now_ms + self.limits.resend_after_ms;
             return Some(Publish { id: *id, shard: f.shard, payload: f.payload.clone(), resend: true });
         }
@@ -276,7 +279,8 @@ impl UplinkCore {
             return Some(p);
         }
         let backlog_in_flight = self.in_flight.values().filter(|f| f.backlog).count();
-        let cap = if self.limits.live_first { (self.limits.max_in_flight / 2).max(1) } else { self.limits.max_in_flight };
+        let cap =
+            if self.limits.live_first { (self.limits.max_in_flight / 2).max(1) } else { self.limits.max_in_flight };
         if backlog_in_flight < cap {
             return self.take_ready(now_ms, true);
         }
@@ -327,7 +331,13 @@ impl UplinkCore {
         };
         self.in_flight.insert(
             id,
-            InFlight { shard, records, payload: payload.clone(), due_ms: now_ms + self.limits.resend_after_ms, backlog },
+            InFlight {
+                shard,
+                records,
+                payload: payload.clone(),
+                due_ms: now_ms + self.limits.resend_after_ms,
+                backlog,
+            },
         );
         Some(Publish { id, shard, payload, resend: false })
     }
@@ -359,7 +369,8 @@ impl UplinkCore {
 }
 
 fn push(pending: &mut BTreeMap<u16, Pending>, now_ms: u64, rec: StoredRecord) {
-    let p = pending.entry(rec.meta.shard).or_insert_with(|| Pending { records: Vec::new(), bytes: 0, opened_ms: now_ms });
+    let p =
+        pending.entry(rec.meta.shard).or_insert_with(|| Pending { records: Vec::new(), bytes: 0, opened_ms: now_ms });
     if p.records.is_empty() {
         p.opened_ms = now_ms;
     }

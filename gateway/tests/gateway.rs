@@ -1,0 +1,326 @@
+//! The gateway as a process, with real device clients, a real upstream Mosquitto and
+//! a stand-in cloud: delivery through crashes, outages and full budgets, and bad input.
+//!
+//! Sizes come from `FLEETLINE_SIZE` (`ci` by default, `full` in scripts/soak.sh).
+
+#![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
+use fleetline_device::wire::signals::kind;
+use fleetline_device::wire::{DeviceKey, FleetId};
+use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
+use fleetline_testkit::cloud::FakeCloud;
+use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
+use fleetline_testkit::{Mosquitto, free_port};
+use fleetline_wire::provisioning::Provisioning;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn full_size() -> bool {
+    std::env::var("FLEETLINE_SIZE").is_ok_and(|s| s == "full")
+}
+
+/// A test's directory, provisioning, upstream broker and stand-in cloud.
+struct Env {
+    dir: tempfile::TempDir,
+    prov: Provisioning,
+    prov_path: PathBuf,
+    upstream: Option<Mosquitto>,
+    upstream_port: u16,
+    cloud: FakeCloud,
+}
+
+impl Env {
+    async fn new(devices: usize) -> Self {
+        let dir = tempfile::Builder::new().prefix("fleetline-gw-test-").tempdir().unwrap();
+        let prov = fleet(devices, 2);
+        let prov_path = dir.path().join("provisioning.toml");
+        prov.save(&prov_path).unwrap();
+        let upstream = Mosquitto::start().await;
+        let upstream_port = upstream.port;
+        let cloud = FakeCloud::start(upstream_port, prov.clone()).await;
+        Self { dir, prov, prov_path, upstream: Some(upstream), upstream_port, cloud }
+    }
+
+    /// Writes a gateway config; `extra` is appended TOML.
+    fn config(&self, gw: usize, devices_port: u16, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("gw-{gw}.toml"));
+        let text = format!(
+            r#"id = "gw-{gw}"
+data_dir = "{data}"
+provisioning = "{prov}"
+provisioning_reload = "100ms"
+shard_count = 8
+[devices]
+listen = "127.0.0.1:{devices_port}"
+[queue]
+commit_interval = "2ms"
+{extra}
+[uplink]
+host = "127.0.0.1"
+port = {up}
+bundle_max_age = "20ms"
+resend_after = "2s"
+backoff_initial = "50ms"
+backoff_max = "300ms"
+[http]
+listen = "127.0.0.1:0"
+"#,
+            data = self.dir.path().join(format!("gw-{gw}-data")).display(),
+            prov = self.prov_path.display(),
+            up = self.upstream_port,
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    async fn stop_upstream(&mut self) {
+        if let Some(m) = self.upstream.take() {
+            m.stop().await;
+        }
+    }
+
+    async fn start_upstream(&mut self) {
+        self.upstream = Some(Mosquitto::start_on(self.upstream_port).await);
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // On failure, show what the gateways logged.
+        if std::thread::panicking() {
+            for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().take(25).collect::<Vec<_>>().into_iter().rev().collect();
+                    eprintln!("--- {} (last lines)", p.display());
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A gateway process.
+struct Gateway {
+    child: Child,
+    devices: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Gateway {
+    async fn start(config: &Path) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetline-gateway"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info,rumqttd=error")
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("gateway started in time")
+            .unwrap()
+            .unwrap_or_else(|| panic!("gateway exited: see {}", config.with_extension("log").display()));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        Self {
+            child,
+            devices: v["devices"].as_str().unwrap().parse().unwrap(),
+            http: v["http"].as_str().unwrap().parse().unwrap(),
+        }
+    }
+
+    /// SIGKILL.
+    async fn kill9(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM and wait for the exit code.
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap() as i32;
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.unwrap().unwrap()
+    }
+
+    async fn status(&self) -> Value {
+        let body = http_get(self.http, "/status").await;
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the body.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+fn device_config(i: usize, port: u16, when_full: OutboxFull) -> ClientConfig {
+    let device = Config {
+        fleet: FleetId::new("acme").unwrap(),
+        device: device_id(i),
+        key: device_key(i),
+        flush: FlushPolicy { max_samples: 30, max_bytes: 1024, max_age_ms: 100 },
+        resend_after_ms: 1_000,
+        when_full,
+    };
+    let mut cfg = ClientConfig::new("127.0.0.1", port, device, BootState { epoch: 1, last_command_counter: 0 });
+    cfg.backoff.initial = Duration::from_millis(50);
+    cfg.backoff.max = Duration::from_millis(300);
+    cfg
+}
+
+/// A fleet of device clients recording readings until told to stop.
+struct Fleet {
+    clients: Vec<Arc<DeviceClient>>,
+    running: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Fleet {
+    fn start(devices: usize, port: u16, every: Duration, when_full: OutboxFull) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let mut clients = vec![];
+        let mut tasks = vec![];
+        for i in 0..devices {
+            let client = Arc::new(DeviceClient::spawn(device_config(i, port, when_full), SystemClock::new()).unwrap());
+            clients.push(client.clone());
+            let running = running.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut t = 1_790_000_000_000u64 + i as u64;
+                let mut refused = 0;
+                while running.load(Ordering::Relaxed) {
+                    t += 1000;
+                    let readings = vec![
+                        Reading { kind: kind::SPEED, time_ms: t, value: (t % 900) as f64 / 10.0 },
+                        Reading { kind: kind::LATITUDE, time_ms: t, value: 52.0 + (t % 1000) as f64 * 1e-5 },
+                        Reading { kind: kind::LONGITUDE, time_ms: t, value: 13.0 + (t % 1000) as f64 * 1e-5 },
+                    ];
+                    let s = client.record_all(readings).await.unwrap();
+                    refused += u64::from(s.refused);
+                    tokio::time::sleep(every).await;
+                }
+                refused
+            }));
+        }
+        Self { clients, running, tasks }
+    }
+
+    /// Stops recording; returns readings refused by back-pressure.
+    async fn stop(&mut self) -> u64 {
+        self.running.store(false, Ordering::Relaxed);
+        let mut refused = 0;
+        for t in self.tasks.drain(..) {
+            refused += t.await.unwrap();
+        }
+        for c in &self.clients {
+            c.flush().await.unwrap();
+        }
+        refused
+    }
+
+    /// Waits until every device has every batch acked; returns the acked batches.
+    async fn drain(&self, timeout: Duration) -> BTreeMap<(String, u32, u32), u16> {
+        let deadline = Instant::now() + timeout;
+        for c in &self.clients {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let s = c.wait_for(left, |s| s.is_idle()).await;
+            assert!(s.is_idle(), "device did not drain: {s:?}");
+        }
+        self.acked()
+    }
+
+    fn acked(&self) -> BTreeMap<(String, u32, u32), u16> {
+        let mut out = BTreeMap::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            for r in c.take_acked() {
+                out.insert((device_id(i).to_string(), r.epoch, r.seq), r.samples);
+            }
+        }
+        out
+    }
+}
+
+/// Every acked batch reached the cloud with all its samples; counts duplicates.
+async fn assert_delivered(cloud: &FakeCloud, acked: &BTreeMap<(String, u32, u32), u16>) -> u64 {
+    let s = cloud
+        .wait_for(Duration::from_secs(60), |s| {
+            acked.keys().all(|(d, e, q)| s.batches.contains_key(&("acme".to_string(), d.clone(), *e, *q)))
+        })
+        .await;
+    let mut missing = vec![];
+    for ((d, e, q), samples) in acked {
+        match s.batches.get(&("acme".to_string(), d.clone(), *e, *q)) {
+            Some(r) => assert_eq!(r.samples, usize::from(*samples), "{d} {e} {q}"),
+            None => missing.push((d.clone(), *e, *q)),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} acked batches never reached the cloud, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(s.bad_batches, 0);
+    s.duplicates()
+}
+
+/// Small deterministic generator for kill times.
+struct Lcg(u64);
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acked_batch_survives_sigkill_of_the_gateway() {
+    let (devices, kills) = if full_size() { (20, 20) } else { (4, 3) };
+    let env = Env::new(devices).await;
+    let port = free_port();
+    let cfg = env.config(0, port, "");
+    let mut gw = Gateway::start(&cfg).await;
+    let mut fleet = Fleet::start(devices, port, Duration::from_millis(15), OutboxFull::Block);
+    let mut rng = Lcg(7);
+    let mut acked = BTreeMap::new();
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(900))).await;
+        gw.kill9().await;
+        acked.extend(fleet.acked());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gw = Gateway::start(&cfg).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.stop().await;
+    acked.extend(fleet.drain(Duration::from_secs(60)).await);
+    assert!(acked.len() > kills * 2, "load ran: {} batches acked", acked.len());
+    let dups = assert_delivered(&env.cloud, &acked).await;
+    let status = gw.status().await;
+    eprintln!(
+        "crash test: {} batches acked, {dups} duplicate deliveries deduped; gateway status {status}",
+        acked.len()
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}

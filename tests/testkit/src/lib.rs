@@ -1,0 +1,16 @@
+//! Real peers and stand-ins for Fleetline's tests.
+//!
+//! - [`Mosquitto`]: a real Mosquitto broker on a free loopback port, stopped on drop;
+//!   [`Sub`] and [`publish`] wrap `mosquitto_sub` and `mosquitto_pub`.
+//! - [`Pki`]: a CA with server and client certificates.
+//! - [`provisioning`]: deterministic provisioning files.
+//! - [`cloud::FakeCloud`]: consumes gateway bundles from a broker, opens every batch,
+//!   records what arrived and acks bundles, playing the cloud until it exists.
+
+pub mod cloud;
+mod mosquitto;
+mod pki;
+pub mod provisioning;
+
+pub use mosquitto::{Mosquitto, Sub, free_port, publish};
+pub use pki::Pki;
