@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
+use fleetline_device::wire::FleetId;
 use fleetline_device::wire::signals::kind;
-use fleetline_device::wire::{DeviceKey, FleetId};
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
 use fleetline_testkit::cloud::FakeCloud;
-use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
-use fleetline_testkit::{Mosquitto, free_port};
+use fleetline_testkit::provisioning::{device_id, device_key, fleet};
+use fleetline_testkit::{Mosquitto, SwitchProxy, free_port};
 use fleetline_wire::provisioning::Provisioning;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -200,11 +200,17 @@ struct Fleet {
 
 impl Fleet {
     fn start(devices: usize, port: u16, every: Duration, when_full: OutboxFull) -> Self {
+        Self::start_with(devices, |_| port, every, when_full)
+    }
+
+    /// Like `start`, with each device's gateway port chosen by `port_of`.
+    fn start_with(devices: usize, port_of: impl Fn(usize) -> u16, every: Duration, when_full: OutboxFull) -> Self {
         let running = Arc::new(AtomicBool::new(true));
         let mut clients = vec![];
         let mut tasks = vec![];
         for i in 0..devices {
-            let client = Arc::new(DeviceClient::spawn(device_config(i, port, when_full), SystemClock::new()).unwrap());
+            let client =
+                Arc::new(DeviceClient::spawn(device_config(i, port_of(i), when_full), SystemClock::new()).unwrap());
             clients.push(client.clone());
             let running = running.clone();
             tasks.push(tokio::spawn(async move {
@@ -323,4 +329,163 @@ async fn every_acked_batch_survives_sigkill_of_the_gateway() {
         acked.len()
     );
     assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_backlog_drains_while_fresh_data_flows_and_a_moving_vehicle_loses_nothing() {
+    let (devices, outage) = if full_size() { (16, Duration::from_secs(30)) } else { (4, Duration::from_secs(3)) };
+    let mut env = Env::new(devices).await;
+    // A slow backlog drain, so fresh data has something to overtake.
+    let (p0, p1) = (free_port(), free_port());
+    let gw0 = Gateway::start(&env.config(0, p0, "")).await;
+    let slow = std::fs::read_to_string(env.config(0, p0, ""))
+        .unwrap()
+        .replace("[uplink]\n", "[uplink]\nbacklog_rate = \"2 KiB\"\n");
+    let cfg0 = env.dir.path().join("gw-0.toml");
+    std::fs::write(&cfg0, slow).unwrap();
+    gw0.terminate().await;
+    let gw0 = Gateway::start(&cfg0).await;
+    let gw1 = Gateway::start(&env.config(1, p1, "")).await;
+    // The last vehicle reaches its gateway through a proxy that can move it.
+    let mover = devices - 1;
+    let proxy = SwitchProxy::start(gw0.devices).await;
+    let proxy_port = proxy.addr.port();
+    let mut fleet = Fleet::start_with(
+        devices,
+        |i| if i == mover { proxy_port } else { p0 },
+        Duration::from_millis(10),
+        OutboxFull::Block,
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    env.stop_upstream().await;
+    tokio::time::sleep(outage / 2).await;
+    // Mid-outage the vehicle drives to the other depot.
+    proxy.switch(Some(gw1.devices));
+    tokio::time::sleep(outage / 2).await;
+    let held = gw0.status().await;
+    assert!(held["queue"]["records"].as_u64().unwrap() > 0, "backlog held on disk: {held}");
+    assert_eq!(held["upstream"]["connected"], false);
+
+    let sealed_before: Vec<u64> = fleet.clients.iter().map(|c| c.stats().core.batches_sealed).collect();
+    env.start_upstream().await;
+    let reconnected = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(90)).await;
+    let dups = assert_delivered(&env.cloud, &acked).await;
+
+    // Fresh batches (sealed after the uplink came back) arrived before the backlog finished draining.
+    let s = env.cloud.snapshot();
+    let mut first_fresh = None::<Instant>;
+    let mut backlog_done = None::<Instant>;
+    for ((_, d, _, seq), r) in &s.batches {
+        let i: usize = d.trim_start_matches("dev-").parse().unwrap();
+        if i == mover {
+            continue;
+        }
+        if u64::from(*seq) >= sealed_before[i] {
+            first_fresh = Some(first_fresh.map_or(r.first_at, |f| f.min(r.first_at)));
+        } else if r.first_at > reconnected {
+            backlog_done = Some(backlog_done.map_or(r.first_at, |b| b.max(r.first_at)));
+        }
+    }
+    let (fresh, done) = (first_fresh.unwrap(), backlog_done.unwrap());
+    eprintln!(
+        "outage test: {} batches, {dups} duplicates; first fresh batch {:?} after reconnect, backlog drained after {:?}",
+        acked.len(),
+        fresh - reconnected,
+        done - reconnected
+    );
+    assert!(fresh < done, "fresh data waited for the backlog");
+    // The moving vehicle's batches went through both gateways.
+    let via: std::collections::BTreeSet<String> =
+        s.batches.iter().filter(|(k, _)| k.1 == device_id(mover).to_string()).map(|(_, r)| r.gateway.clone()).collect();
+    assert_eq!(via.len(), 2, "vehicle seen via {via:?}");
+    gw0.terminate().await;
+    gw1.terminate().await;
+}
+
+/// Fills a small queue while the cloud is unreachable.
+async fn fill_with_upstream_down(policy: &str) -> (Env, Gateway, Fleet) {
+    let mut env = Env::new(4).await;
+    env.stop_upstream().await;
+    let port = free_port();
+    let extra = format!("budget = \"256 KiB\"\nsegment = \"64 KiB\"\nwhen_full = \"{policy}\"");
+    let gw = Gateway::start(&env.config(0, port, &extra)).await;
+    let fleet = Fleet::start(4, port, Duration::from_millis(5), OutboxFull::Block);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = gw.status().await;
+        let full =
+            s["rejected"]["queue_full"].as_u64().unwrap_or(0) > 0 || s["dropped"]["batches"].as_u64().unwrap_or(0) > 20;
+        if full || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (env, gw, fleet)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_budget_under_backpressure_keeps_data_on_the_devices() {
+    let (mut env, gw, mut fleet) = fill_with_upstream_down("backpressure").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = gw.status().await;
+    assert!(s["rejected"]["queue_full"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["dropped"]["batches"], 0);
+    assert!(s["queue"]["bytes"].as_u64().unwrap() <= 256 * 1024);
+    let held: u64 = fleet.clients.iter().map(|c| c.stats().outbox_batches).sum();
+    assert!(held > 0, "devices hold what the gateway could not take");
+    env.start_upstream().await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(90)).await;
+    assert_delivered(&env.cloud, &acked).await;
+    gw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_budget_under_drop_oldest_drops_oldest_first_and_counts_exactly() {
+    let (mut env, gw, mut fleet) = fill_with_upstream_down("drop-oldest").await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(30)).await;
+    env.start_upstream().await;
+    let s = gw.status().await;
+    let dropped = s["dropped"]["batches"].as_u64().unwrap();
+    assert!(dropped > 0, "{s}");
+    // Wait for everything still held to arrive.
+    let cloud = env
+        .cloud
+        .wait_for(Duration::from_secs(60), |c| {
+            let missing =
+                acked.keys().filter(|(d, e, q)| !c.batches.contains_key(&("acme".into(), d.clone(), *e, *q))).count();
+            missing as u64 <= dropped
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = gw.status().await;
+    let lost = s["dropped"]["batches"].as_u64().unwrap() - s["dropped"]["then_delivered"].as_u64().unwrap();
+    let missing: Vec<&(String, u32, u32)> =
+        acked.keys().filter(|(d, e, q)| !cloud.batches.contains_key(&("acme".into(), d.clone(), *e, *q))).collect();
+    assert_eq!(missing.len() as u64, lost, "every missing batch is counted as dropped, and only those: {s}");
+    // Oldest first: per device, every lost seq is below every seq delivered after it.
+    for i in 0..4 {
+        let d = device_id(i).to_string();
+        let lost: Vec<u32> = missing.iter().filter(|k| k.0 == d).map(|k| k.2).collect();
+        if let Some(max_lost) = lost.iter().max() {
+            let later = cloud.batches.keys().filter(|k| k.1 == d && k.3 > *max_lost).count();
+            let min_lost = lost.iter().min().unwrap();
+            let between = cloud.batches.keys().filter(|k| k.1 == d && k.3 > *min_lost && k.3 < *max_lost).count();
+            assert_eq!(between, 0, "{d}: lost seqs are one oldest run");
+            assert!(later > 0);
+        }
+    }
+    eprintln!(
+        "drop-oldest: {} batches acked to devices, {} dropped, {} of those delivered anyway, {} missing",
+        acked.len(),
+        dropped,
+        s["dropped"]["then_delivered"],
+        missing.len()
+    );
+    gw.terminate().await;
 }

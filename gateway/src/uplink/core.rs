@@ -136,6 +136,12 @@ impl UplinkCore {
 
     /// A record just made durable.
     pub fn on_live(&mut self, rec: StoredRecord) {
+        if !self.connected {
+            // Nothing can be sent now: what arrives during an outage is backlog, read
+            // back from disk (at the backlog rate) once the cloud is reachable again.
+            self.live_next = Some(RecordId(rec.id.0 + 1));
+            return;
+        }
         if self.live_next.is_some_and(|next| next != rec.id) {
             // The feed skipped records: forget the in-memory copies below this one;
             // the backlog scan reads them from disk.
@@ -205,7 +211,7 @@ impl UplinkCore {
         let elapsed = now_ms.saturating_sub(self.last_refill_ms) as f64 / 1000.0;
         self.last_refill_ms = now_ms;
         // At most one second of burst.
-        self.tokens = (self.tokens + elapsed * rate).min(rate.max(self.limits.max_bytes as f64));
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
     }
 
     /// Records read back from disk, and where the next read continues.
@@ -248,6 +254,8 @@ impl UplinkCore {
     /// The session dropped.
     pub fn on_disconnected(&mut self) {
         self.connected = false;
+        self.live.clear();
+        self.live_bytes = 0;
     }
 
     /// The next bundle to publish, if any: re-sends first, then fresh bundles, then backlog.

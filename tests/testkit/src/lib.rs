@@ -11,6 +11,8 @@ pub mod cloud;
 mod mosquitto;
 mod pki;
 pub mod provisioning;
+mod proxy;
 
 pub use mosquitto::{Mosquitto, Sub, free_port, publish};
 pub use pki::Pki;
+pub use proxy::SwitchProxy;
