@@ -9,3 +9,5 @@ export PROPTEST_CASES="${PROPTEST_CASES:-5000}"
 scripts/test.sh
 echo "==> wire size and encode cost"
 cargo run --locked --release -p fleetline-device --example wire_size
+echo "==> gateway throughput against a Mosquitto bridge"
+scripts/bench-gateway.sh

@@ -1,0 +1,273 @@
+//! Throughput benchmark: samples per second delivered to an upstream consumer from
+//! 200 concurrent devices, through the Fleetline gateway (durable: every batch is
+//! fsynced before its device is acked, and kept until the consumer acks it) and
+//! through Mosquitto bridging to an upstream Mosquitto (in memory), on this machine,
+//! with the same payloads. Prints one JSON line with both rates and their ratio, and
+//! the gateway's resident memory idle and under load.
+//!
+//! `scripts/bench-gateway.sh` builds and runs it (release), with the gateway binary.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)] // A benchmark over known-good input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
+use fleetline_device::wire::signals::kind;
+use fleetline_device::wire::{BatchHeader, BatchWriter, FleetId, SCHEMA_V1};
+use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
+use fleetline_testkit::provisioning::{device_id, device_key, fleet};
+use fleetline_testkit::{Mosquitto, free_port};
+use fleetline_wire::bundle::{peek_bundle, seal_bundle_ack};
+use fleetline_wire::provisioning::Provisioning;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::AsyncBufReadExt;
+
+const DEVICES: usize = 200;
+const SAMPLES_PER_BATCH: usize = 60;
+const WARMUP: Duration = Duration::from_secs(3);
+const WINDOW: Duration = Duration::from_secs(10);
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// 60 readings: 20 × (speed, latitude, longitude) one second apart.
+fn readings(t0: u64) -> Vec<Reading> {
+    (0..SAMPLES_PER_BATCH as u64 / 3)
+        .flat_map(|s| {
+            let t = t0 + s * 1000;
+            [
+                Reading { kind: kind::SPEED, time_ms: t, value: 50.0 + (s % 7) as f64 },
+                Reading { kind: kind::LATITUDE, time_ms: t, value: 52.0 + s as f64 * 1e-4 },
+                Reading { kind: kind::LONGITUDE, time_ms: t, value: 13.0 + s as f64 * 1e-4 },
+            ]
+        })
+        .collect()
+}
+
+/// Counts delivered batches at the upstream broker; for Fleetline bundles it reads
+/// the entry count from the bundle header and acks the bundle.
+async fn consumer(port: u16, prov: Option<Provisioning>, delivered: Arc<AtomicU64>) {
+    let mut opts = MqttOptions::new("bench-consumer", "127.0.0.1", port);
+    opts.set_max_packet_size(16 << 20, 1 << 16);
+    opts.set_inflight(1000);
+    let (client, mut el) = AsyncClient::new(opts, 4096);
+    tokio::spawn(async move {
+        let mut counter = 0;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let topic = if prov.is_some() { "fleetline/v1/ingest/+" } else { "fleetline/v1/+/+/up" };
+                    let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => match &prov {
+                    None => {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(prov) => {
+                        let Ok(h) = peek_bundle(&p.payload) else { continue };
+                        delivered.fetch_add(u64::from(h.entries), Ordering::Relaxed);
+                        let gw = prov.gateway(&h.gateway.parse().unwrap()).unwrap();
+                        counter += 1;
+                        let ack = seal_bundle_ack(&gw.key, "bench", counter, &[h.id]).unwrap();
+                        let _ = client.try_publish(
+                            format!("fleetline/v1/gw/{}/ack", h.gateway),
+                            QoS::AtLeastOnce,
+                            false,
+                            ack,
+                        );
+                    }
+                },
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+}
+
+/// Samples per second over the window, and peak RSS of `pid` during it.
+async fn measure(delivered: &AtomicU64, pid: Option<u32>) -> (f64, u64) {
+    tokio::time::sleep(WARMUP).await;
+    let start_count = delivered.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < WINDOW {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(pid) = pid {
+            peak = peak.max(rss_kib(pid));
+        }
+    }
+    let batches = delivered.load(Ordering::Relaxed) - start_count;
+    ((batches * SAMPLES_PER_BATCH as u64) as f64 / start.elapsed().as_secs_f64(), peak)
+}
+
+async fn fleetline(prov: &Provisioning) -> (f64, u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let prov_path = dir.path().join("provisioning.toml");
+    prov.save(&prov_path).unwrap();
+    let upstream = Mosquitto::start().await;
+    let delivered = Arc::new(AtomicU64::new(0));
+    consumer(upstream.port, Some(prov.clone()), delivered.clone()).await;
+    let port = free_port();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "id = \"gw-0\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = 16\n[devices]\nlisten = \"127.0.0.1:{port}\"\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("data").display(),
+            prov_path.display(),
+            upstream.port
+        ),
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("fleetline-gateway");
+    assert!(exe.exists(), "build the gateway first: cargo build --release -p fleetline-gateway");
+    let mut gw = tokio::process::Command::new(exe)
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn,rumqttd=error")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(gw.stdout.take().unwrap()).lines();
+    lines.next_line().await.unwrap();
+    let pid = gw.id().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kib(pid);
+
+    let running = Arc::new(AtomicBool::new(true));
+    let mut tasks = vec![];
+    for i in 0..DEVICES {
+        let device = Config {
+            fleet: FleetId::new("acme").unwrap(),
+            device: device_id(i),
+            key: device_key(i),
+            flush: FlushPolicy { max_samples: SAMPLES_PER_BATCH as u16, max_bytes: 4096, max_age_ms: 1000 },
+            resend_after_ms: 10_000,
+            when_full: OutboxFull::Block,
+        };
+        let cfg = ClientConfig::new("127.0.0.1", port, device, BootState { epoch: 1, last_command_counter: 0 });
+        let client = DeviceClient::spawn(cfg, SystemClock::new()).unwrap();
+        let running = running.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = 1_790_000_000_000u64;
+            while running.load(Ordering::Relaxed) {
+                // Keep up to 16 batches in flight per device.
+                if client.stats().outbox_batches >= 16 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                client.record_all(readings(t)).await.unwrap();
+                client.flush().await.unwrap();
+                t += 60_000;
+            }
+        }));
+    }
+    let (rate, peak) = measure(&delivered, Some(pid)).await;
+    running.store(false, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = gw.start_kill();
+    upstream.stop().await;
+    (rate, idle, peak)
+}
+
+async fn mosquitto_bridge(batch: Vec<u8>) -> (f64, u64) {
+    let upstream = Mosquitto::start().await;
+    let up = upstream.port;
+    let edge = Mosquitto::start_with(None, move |_| {
+        format!(
+            "connection upstream\naddress 127.0.0.1:{up}\ntopic fleetline/v1/# out 1\ncleansession true\nmax_queued_messages 100000\n"
+        )
+    })
+    .await;
+    let delivered = Arc::new(AtomicU64::new(0));
+    consumer(upstream.port, None, delivered.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let running = Arc::new(AtomicBool::new(true));
+    let mut tasks = vec![];
+    for i in 0..DEVICES {
+        let mut opts = MqttOptions::new(format!("acme.{}", device_id(i)), "127.0.0.1", edge.port);
+        opts.set_max_packet_size(1 << 16, 1 << 16);
+        opts.set_inflight(16);
+        let (client, mut el) = AsyncClient::new(opts, 64);
+        let running = running.clone();
+        let payload = batch.clone();
+        let topic = format!("fleetline/v1/acme/{}/up", device_id(i));
+        tasks.push(tokio::spawn(async move {
+            let publisher = tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    if client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            loop {
+                if el.poll().await.is_err() || publisher.is_finished() {
+                    break;
+                }
+            }
+        }));
+    }
+    let pid = None;
+    let (rate, _) = measure(&delivered, pid).await;
+    running.store(false, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    edge.stop().await;
+    upstream.stop().await;
+    (rate, 0)
+}
+
+#[tokio::main]
+async fn main() {
+    let prov = fleet(DEVICES, 1);
+    // The same sealed 60-sample batch size the Fleetline devices send.
+    let sample = {
+        let header = BatchHeader {
+            format: fleetline_device::wire::batch::BATCH_FORMAT,
+            schema: SCHEMA_V1,
+            fleet: "acme",
+            device: "dev-0000",
+            epoch: 1,
+            seq: 0,
+            base_time_ms: 1_790_000_000_000,
+        };
+        let mut buf = vec![0u8; 4096];
+        let mut w = BatchWriter::new(&mut buf, &header).unwrap();
+        for k in [kind::SPEED, kind::LATITUDE, kind::LONGITUDE] {
+            w.begin_series(k).unwrap();
+            for s in 0..20 {
+                w.push(s * 1000, 500 + s).unwrap();
+            }
+        }
+        let n = w.seal(&device_key(0)).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let (fleetline_rate, idle_kib, load_kib) = fleetline(&prov).await;
+    let (mosquitto_rate, _) = mosquitto_bridge(sample.clone()).await;
+    let line = serde_json::json!({
+        "devices": DEVICES,
+        "samples_per_batch": SAMPLES_PER_BATCH,
+        "batch_bytes": sample.len(),
+        "window_s": WINDOW.as_secs(),
+        "fleetline_samples_per_s": fleetline_rate.round(),
+        "mosquitto_bridge_samples_per_s": mosquitto_rate.round(),
+        "ratio": (fleetline_rate / mosquitto_rate * 1000.0).round() / 1000.0,
+        "gateway_rss_idle_kib": idle_kib,
+        "gateway_rss_load_kib": load_kib,
+        "fleetline_durable": true,
+        "mosquitto_durable": false,
+    });
+    println!("{line}");
+}
