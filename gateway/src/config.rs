@@ -116,7 +116,7 @@ impl Default for DevicesConfig {
             tls: None,
             max_connections: 10_000,
             max_packet: ByteSize(72 * 1024),
-            broker_log: ByteSize(64 << 20),
+            broker_log: ByteSize(16 << 20),
         }
     }
 }

@@ -138,7 +138,7 @@ impl Uplink {
             resend_after_ms: cfg.resend_after.as_millis() as u64,
             backlog_rate: cfg.backlog_rate.0,
             live_first: cfg.live_first,
-            live_bytes: 32 << 20,
+            live_bytes: 8 << 20,
         };
         // Bundle ids only grow across restarts: start from the clock in microseconds.
         let base = std::time::SystemTime::now()
