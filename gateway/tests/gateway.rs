@@ -273,7 +273,7 @@ impl Fleet {
 /// Every acked batch reached the cloud with all its samples; counts duplicates.
 async fn assert_delivered(cloud: &FakeCloud, acked: &BTreeMap<(String, u32, u32), u16>) -> u64 {
     let s = cloud
-        .wait_for(Duration::from_secs(60), |s| {
+        .wait_for(Duration::from_secs(120), |s| {
             acked.keys().all(|(d, e, q)| s.batches.contains_key(&("acme".to_string(), d.clone(), *e, *q)))
         })
         .await;
@@ -340,9 +340,10 @@ async fn an_outage_backlog_drains_while_fresh_data_flows_and_a_moving_vehicle_lo
     // A slow backlog drain, so fresh data has something to overtake.
     let (p0, p1) = (free_port(), free_port());
     let gw0 = Gateway::start(&env.config(0, p0, "")).await;
-    let slow = std::fs::read_to_string(env.config(0, p0, ""))
-        .unwrap()
-        .replace("[uplink]\n", "[uplink]\nbacklog_rate = \"2 KiB\"\n");
+    let slow = std::fs::read_to_string(env.config(0, p0, "")).unwrap().replace(
+        "[uplink]\n",
+        &format!("[uplink]\nbacklog_rate = \"{}\"\n", if full_size() { "64 KiB" } else { "2 KiB" }),
+    );
     let cfg0 = env.dir.path().join("gw-0.toml");
     std::fs::write(&cfg0, slow).unwrap();
     gw0.terminate().await;

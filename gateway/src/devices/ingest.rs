@@ -313,3 +313,94 @@ pub async fn run_acker(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetline_wire::provisioning::DeviceEntry;
+    use fleetline_wire::signals::kind;
+    use fleetline_wire::{BatchHeader, BatchWriter, SCHEMA_V1};
+    use std::time::Duration;
+
+    fn key(b: u8) -> DeviceKey {
+        DeviceKey::from_bytes([b; 32])
+    }
+
+    fn sealed(device: &str, k: &DeviceKey, unknown: bool) -> Vec<u8> {
+        let header = BatchHeader {
+            format: fleetline_wire::batch::BATCH_FORMAT,
+            schema: SCHEMA_V1,
+            fleet: "acme",
+            device,
+            epoch: 2,
+            seq: 5,
+            base_time_ms: 1_790_000_000_000,
+        };
+        let mut buf = vec![0u8; 512];
+        let mut w = BatchWriter::new(&mut buf, &header).expect("header fits");
+        w.begin_series(kind::SPEED).expect("known kind");
+        w.push(0, 100).expect("fits");
+        w.push(1000, 101).expect("fits");
+        if unknown {
+            w.raw_series(999, &[1, 2]).expect("fits");
+        }
+        let n = w.seal(k).expect("seals");
+        buf.truncate(n);
+        buf
+    }
+
+    fn provisioning(now: SystemTime) -> Provisioning {
+        let mut p = Provisioning::default();
+        let fleet = FleetId::new("acme").expect("id");
+        // Rotated: key 2 is current, key 1 valid for another hour.
+        p.upsert_device(DeviceEntry {
+            fleet,
+            device: DeviceId::new("a").expect("id"),
+            key: key(2),
+            previous: Some((key(1), now + Duration::from_secs(3600))),
+            revoked: false,
+        });
+        p.upsert_device(DeviceEntry {
+            fleet,
+            device: DeviceId::new("r").expect("id"),
+            key: key(3),
+            previous: None,
+            revoked: true,
+        });
+        p
+    }
+
+    #[test]
+    fn accepts_current_and_previous_keys_within_the_window_only() {
+        let now = SystemTime::now();
+        let p = provisioning(now);
+        let topic = b"fleetline/v1/acme/a/up";
+        let c = check(topic, &sealed("a", &key(2), false), &p, now).expect("current key");
+        assert_eq!((c.epoch, c.seq, c.samples, c.unknown_series), (2, 5, 2, 0));
+        assert_eq!(c.key, key(2));
+        let c = check(topic, &sealed("a", &key(1), true), &p, now).expect("previous key in its window");
+        assert_eq!((c.key, c.unknown_series), (key(1), 1));
+        let later = now + Duration::from_secs(3601);
+        assert_eq!(check(topic, &sealed("a", &key(1), false), &p, later).unwrap_err(), reason::AUTH_FAILED);
+    }
+
+    #[test]
+    fn every_refusal_has_its_reason() {
+        let now = SystemTime::now();
+        let p = provisioning(now);
+        let good = sealed("a", &key(2), false);
+        let cases: Vec<(&[u8], Vec<u8>, &str)> = vec![
+            (b"fleetline/v1/acme/a/up", vec![0; 70 * 1024], reason::OVERSIZED),
+            (b"fleetline/v1/acme/a/ack", good.clone(), reason::BAD_TOPIC),
+            (b"elsewhere", good.clone(), reason::BAD_TOPIC),
+            (b"fleetline/v1/acme/a/up", b"garbage".to_vec(), reason::MALFORMED),
+            (b"fleetline/v1/acme/b/up", good.clone(), reason::TOPIC_MISMATCH),
+            (b"fleetline/v1/acme/x/up", sealed("x", &key(2), false), reason::UNKNOWN_DEVICE),
+            (b"fleetline/v1/acme/r/up", sealed("r", &key(3), false), reason::REVOKED),
+            (b"fleetline/v1/acme/a/up", sealed("a", &key(9), false), reason::AUTH_FAILED),
+        ];
+        for (topic, payload, why) in cases {
+            assert_eq!(check(topic, &payload, &p, now).unwrap_err(), why, "{}", String::from_utf8_lossy(topic));
+        }
+    }
+}

@@ -385,3 +385,107 @@ fn push(pending: &mut BTreeMap<u16, Pending>, now_ms: u64, rec: StoredRecord) {
     p.bytes += rec.batch.len();
     p.records.push((rec.id, BundleEntry { received_at_ms: rec.meta.received_at_ms, batch: rec.batch }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::RecordMeta;
+    use fleetline_wire::bundle::open_bundle;
+
+    fn limits() -> Limits {
+        Limits {
+            max_batches: 3,
+            max_bytes: 1000,
+            max_age_ms: 50,
+            max_in_flight: 4,
+            resend_after_ms: 1000,
+            backlog_rate: 200,
+            live_first: true,
+            live_bytes: 10_000,
+        }
+    }
+
+    fn rec(id: u64, shard: u16) -> StoredRecord {
+        StoredRecord {
+            id: RecordId(id),
+            meta: RecordMeta { shard, samples: 1, received_at_ms: id },
+            batch: vec![id as u8; 100],
+        }
+    }
+
+    fn core(first: u64) -> UplinkCore {
+        UplinkCore::new(limits(), "gw-1".into(), DeviceKey::from_bytes([1; 32]), RecordId(first), 1)
+    }
+
+    fn ids(p: &Publish) -> Vec<u64> {
+        let (_, entries) = open_bundle(&p.payload, &DeviceKey::from_bytes([1; 32])).expect("opens");
+        entries.iter().map(|e| e.received_at_ms).collect()
+    }
+
+    #[test]
+    fn bundles_per_shard_within_limits_and_releases_on_ack() {
+        let mut c = core(0);
+        c.on_connected(0);
+        for id in 0..5 {
+            c.on_live(rec(id, (id % 2) as u16));
+        }
+        // Shard 0 has 3 records: full bundle now; shard 1 waits for its age.
+        let p = c.poll_publish(0).expect("a full bundle");
+        assert_eq!((p.shard, ids(&p)), (0, vec![0, 2, 4]));
+        assert!(c.poll_publish(10).is_none());
+        let q = c.poll_publish(50).expect("aged bundle");
+        assert_eq!((q.shard, ids(&q)), (1, vec![1, 3]));
+        assert_eq!(c.in_flight(), 2);
+        // Unacked: re-sent after the timeout, same id and bytes.
+        let r = c.poll_publish(1000).expect("re-send");
+        assert!(r.resend && r.id == p.id && r.payload == p.payload);
+        let released = c.on_ack(&[p.id, p.id, BundleId(999)]);
+        assert_eq!((released.bundles, released.records.len()), (1, 3));
+        assert_eq!(c.in_flight(), 1);
+    }
+
+    #[test]
+    fn an_outage_becomes_rate_limited_backlog_behind_fresh_records() {
+        let mut c = core(0);
+        c.on_connected(0);
+        c.on_disconnected();
+        for id in 0..6 {
+            c.on_live(rec(id, 0));
+        }
+        assert_eq!(c.live_len(), 0, "nothing kept in memory while disconnected");
+        assert!(c.backlog_request(0).is_none(), "no reads while disconnected");
+        c.on_connected(1000);
+        c.on_live(rec(6, 0));
+        // Fresh record 6 goes out first (once its bundle's age is up), without waiting
+        // for the backlog.
+        assert!(c.poll_publish(1100).is_none());
+        let fresh = c.poll_publish(1150).expect("fresh bundle");
+        assert_eq!(ids(&fresh), vec![6]);
+        // The backlog is read from 0 up to the fresh record, at most 200 bytes per second.
+        let (from, _, bytes) = c.backlog_request(2000).expect("backlog read");
+        assert_eq!((from, bytes), (RecordId(0), 200));
+        c.on_backlog(2000, (0..2).map(|i| rec(i, 0)).collect(), RecordId(2));
+        assert!(c.backlog_request(2000).is_none(), "tokens spent");
+        let b = c.poll_publish(2000).expect("backlog bundle");
+        assert_eq!(ids(&b), vec![0, 1]);
+        let (from, _, _) = c.backlog_request(3000).expect("next read");
+        assert_eq!(from, RecordId(2));
+        // A read that runs into the fresh records stops there.
+        c.on_backlog(3000, (2..8).map(|i| rec(i, 0)).collect(), RecordId(8));
+        assert!(c.backlog_request(10_000).is_none(), "caught up with the feed");
+    }
+
+    #[test]
+    fn dropped_records_are_not_sent_and_in_flight_ones_are_counted_when_delivered() {
+        let mut c = core(0);
+        c.on_connected(0);
+        for id in 0..4 {
+            c.on_live(rec(id, 0));
+        }
+        let p = c.poll_publish(0).expect("bundle of 0..3");
+        c.on_dropped(&[RecordId(0), RecordId(3)]);
+        assert!(c.poll_publish(100).is_none(), "record 3 was dropped before it was sent");
+        let released = c.on_ack(&[p.id]);
+        assert_eq!((released.records.len(), released.dropped_but_delivered), (3, 1));
+    }
+}
