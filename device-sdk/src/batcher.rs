@@ -149,22 +149,14 @@ impl<const N: usize> Batcher<N> {
         Ok(())
     }
 
-    /// Exact header length for this batch.
+    /// The header of the open batch.
     pub(crate) fn header<'a>(&self, fleet: &'a str, device: &'a str, epoch: u32, seq: u32) -> BatchHeader<'a> {
-        BatchHeader {
-            format: fleetline_wire::batch::BATCH_FORMAT,
-            schema: fleetline_wire::SCHEMA_V1,
-            fleet,
-            device,
-            epoch,
-            seq,
-            base_time_ms: self.base_time_ms,
-        }
+        batch_header(fleet, device, epoch, seq, self.base_time_ms)
     }
 }
 
-/// Header bytes for any batch of these ids and counters whose base time is `time_ms`.
-pub(crate) fn header_len_for(fleet: &str, device: &str, epoch: u32, seq: u32, time_ms: u64) -> usize {
+/// A schema-1 batch header.
+pub(crate) fn batch_header<'a>(fleet: &'a str, device: &'a str, epoch: u32, seq: u32, base: u64) -> BatchHeader<'a> {
     BatchHeader {
         format: fleetline_wire::batch::BATCH_FORMAT,
         schema: fleetline_wire::SCHEMA_V1,
@@ -172,9 +164,8 @@ pub(crate) fn header_len_for(fleet: &str, device: &str, epoch: u32, seq: u32, ti
         device,
         epoch,
         seq,
-        base_time_ms: time_ms,
+        base_time_ms: base,
     }
-    .encoded_len()
 }
 
 /// Worst-case sealed size of a single sample, so a configured byte limit can be

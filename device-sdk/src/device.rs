@@ -11,7 +11,7 @@ use fleetline_wire::signals::{self, QuantizeError, SignalKind};
 use fleetline_wire::topics::{self, Channel, TopicBuf};
 use fleetline_wire::{BatchWriter, DeviceId, DeviceKey, FleetId, WireError};
 
-use crate::batcher::{Batcher, Fit, Limits, NewSample, header_len_for, min_sealed_capacity};
+use crate::batcher::{Batcher, Fit, Limits, NewSample, batch_header, min_sealed_capacity};
 use crate::outbox::{Outbox, Released};
 
 /// When the open batch is sealed.
@@ -388,7 +388,8 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
     }
 
     fn header_len(&self, base_time_ms: u64) -> usize {
-        header_len_for(self.cfg.fleet.as_str(), self.cfg.device.as_str(), self.epoch, self.next_seq, base_time_ms)
+        batch_header(self.cfg.fleet.as_str(), self.cfg.device.as_str(), self.epoch, self.next_seq, base_time_ms)
+            .encoded_len()
     }
 
     /// Seals the open batch into the outbox now, if it holds anything.
@@ -495,20 +496,12 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
         sealed: &mut [u8],
         mut released: impl FnMut(Released),
     ) -> Result<AckOutcome, ControlError> {
-        let opened = match control::open_control(sealed, &self.cfg.key, ControlKind::Ack) {
-            Ok(o) => o,
-            Err(e) => {
+        let (opened, ranges) = control::open_control(sealed, &self.cfg.key, ControlKind::Ack)
+            .and_then(|o| o.ack_ranges().map(|r| (o, r)))
+            .map_err(|e| {
                 self.stats.acks_invalid += 1;
-                return Err(ControlError::Invalid(e));
-            }
-        };
-        let ranges = match opened.ack_ranges() {
-            Ok(r) => r,
-            Err(e) => {
-                self.stats.acks_invalid += 1;
-                return Err(ControlError::Invalid(e));
-            }
-        };
+                ControlError::Invalid(e)
+            })?;
         if let Err(e) = self.acks.check_and_record(opened.header.sender, opened.header.counter) {
             match e {
                 ControlError::Replayed => self.stats.acks_replayed += 1,
@@ -536,20 +529,12 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
     /// The command is returned so the firmware can act on it and persist
     /// [`Device::last_command_counter`].
     pub fn handle_command(&mut self, now_ms: u64, sealed: &mut [u8]) -> Result<Command, ControlError> {
-        let opened = match control::open_control(sealed, &self.cfg.key, ControlKind::Command) {
-            Ok(o) => o,
-            Err(e) => {
+        let (opened, command) = control::open_control(sealed, &self.cfg.key, ControlKind::Command)
+            .and_then(|o| o.command().map(|c| (o, c)))
+            .map_err(|e| {
                 self.stats.commands_invalid += 1;
-                return Err(ControlError::Invalid(e));
-            }
-        };
-        let command = match opened.command() {
-            Ok(c) => c,
-            Err(e) => {
-                self.stats.commands_invalid += 1;
-                return Err(ControlError::Invalid(e));
-            }
-        };
+                ControlError::Invalid(e)
+            })?;
         if opened.header.counter <= self.last_command {
             self.stats.commands_replayed += 1;
             return Err(ControlError::Replayed);
