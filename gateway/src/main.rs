@@ -110,6 +110,10 @@ fn main() -> ExitCode {
             .install_recorder()
             .context("installing the metrics recorder")?;
         let render: fleetline_gateway::http::RenderMetrics = Arc::new(move || recorder.render());
+        // A file-size limit (SIGXFSZ) must surface as a write error the disk queue
+        // handles, not end the process.
+        let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ))
+            .context("handling SIGXFSZ")?;
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(async move {
             let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -123,8 +123,23 @@ struct Gateway {
 
 impl Gateway {
     async fn start(config: &Path) -> Self {
+        Self::start_limited(config, None).await
+    }
+
+    /// Starts with a file-size limit (in KiB) on everything the gateway writes.
+    async fn start_limited(config: &Path, file_kib: Option<u32>) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetline-gateway"))
+        let mut cmd = match file_kib {
+            None => Command::new(env!("CARGO_BIN_EXE_fleetline-gateway")),
+            Some(kib) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -f {kib} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_fleetline-gateway"));
+                c
+            }
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info,rumqttd=error")
@@ -631,4 +646,33 @@ async fn bad_input_is_refused_and_counted_while_everyone_else_is_served() {
     let c = env.cloud.wait_for(Duration::from_secs(10), |c| c.device_batches("dev-0001") == 3).await;
     assert_eq!(c.device_batches("dev-0001"), 3, "seqs 1, 3 and 4");
     gw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn write_errors_refuse_batches_without_losing_or_crashing() {
+    let env = Env::new(3).await;
+    let port = free_port();
+    // Every file the gateway writes is cut off at 128 KiB: appends beyond fail with
+    // EFBIG, as on a full disk, and the queue must roll back, count, and carry on.
+    let gw = Gateway::start_limited(&env.config(0, port, "segment = \"1 MiB\""), Some(128)).await;
+    let mut fleet = Fleet::start(3, port, Duration::from_millis(5), OutboxFull::Block);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = gw.status().await;
+        if s["rejected"]["queue_error"].as_u64().unwrap_or(0) >= 2 || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status["rejected"]["queue_error"].as_u64().unwrap_or(0) >= 2, "write errors seen: {status}");
+    assert!(status["queue"]["io_errors"].as_u64().unwrap() >= 2);
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(60)).await;
+    assert_delivered(&env.cloud, &acked).await;
+    eprintln!(
+        "write errors: {} batches acked and delivered; gateway refused {} on write errors",
+        acked.len(),
+        status["rejected"]["queue_error"]
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
 }

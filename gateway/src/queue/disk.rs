@@ -45,6 +45,9 @@ pub(crate) struct DiskQueue {
     deleted_since_compaction: bool,
     /// Read handles of sealed segments, opened on demand.
     readers: std::collections::HashMap<u64, File>,
+    /// A write to the active segment failed: start a new one before the next append,
+    /// so one bad file (a file-size limit, a bad block) does not stop the queue.
+    roll_next: bool,
 }
 
 impl DiskQueue {
@@ -149,6 +152,7 @@ impl DiskQueue {
             dir_dirty: true,
             deleted_since_compaction: true,
             readers: Default::default(),
+            roll_next: false,
         };
         // Segments finished before the crash but not yet deleted go now.
         q.delete_finished().map_err(io)?;
@@ -177,6 +181,10 @@ impl DiskQueue {
         }
         let len = (file::FRAME_LEN + body.len()) as u64;
         let mut dropped = Vec::new();
+        if self.roll_next && self.index.segment_count() > 0 {
+            self.roll()?;
+            self.roll_next = false;
+        }
         loop {
             match self.index.admit(len, self.cfg.policy == FullPolicy::DropOldest) {
                 Admit::Append => break,
@@ -259,6 +267,7 @@ impl DiskQueue {
                     let committed = *len;
                     let _ = f.set_len(committed);
                     self.index.truncate_from(first);
+                    self.roll_next = true;
                     return Err(self.io_err(e));
                 }
             }
