@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
 use tokio::task::JoinHandle;
 
 use crate::config::DevicesConfig;
@@ -50,7 +50,16 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
             max_outgoing_packet_count: 200,
             max_segment_size: segment,
             max_segment_count: 8,
-            custom_segment: None,
+            // Each device's ack and command topic gets a log of its own; keep those
+            // small (32 KiB, about 300 acks), or memory grows with every device
+            // ever connected. A device that falls that far behind on acks just
+            // re-sends and is acked again.
+            custom_segment: Some(
+                ["fleetline/v1/+/+/ack", "fleetline/v1/+/+/cmd"]
+                    .into_iter()
+                    .map(|f| (f.to_string(), SegmentConfig { max_segment_size: 16 * 1024, max_segment_count: 2 }))
+                    .collect(),
+            ),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
