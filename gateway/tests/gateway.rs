@@ -676,3 +676,65 @@ async fn write_errors_refuse_batches_without_losing_or_crashing() {
     );
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_uplink_uses_mutual_tls_when_configured() {
+    let mut env = Env::new(2).await;
+    let pki = fleetline_testkit::Pki::generate();
+    let d = env.dir.path().to_path_buf();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca),
+        ("srv.pem", &pki.server.0),
+        ("srv.key", &pki.server.1),
+        ("gw.pem", &pki.client.0),
+        ("gw.key", &pki.client.1),
+    ] {
+        std::fs::write(d.join(name), pem).unwrap();
+    }
+    // The upstream broker again, now with a second, mutual-TLS listener for gateways.
+    env.stop_upstream().await;
+    let tls_port = free_port();
+    let dir = d.clone();
+    env.upstream = Some(
+        Mosquitto::start_with(Some(env.upstream_port), move |_| {
+            format!(
+                "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/srv.pem\nkeyfile {0}/srv.key\nrequire_certificate true\n",
+                dir.display()
+            )
+        })
+        .await,
+    );
+    let port = free_port();
+    let with_tls = |client_cert: bool| {
+        let cfg = std::fs::read_to_string(env.config(0, port, "")).unwrap();
+        let auth = if client_cert {
+            format!(", cert = \"{0}/gw.pem\", key = \"{0}/gw.key\"", d.display())
+        } else {
+            String::new()
+        };
+        let cfg = cfg.replace(
+            &format!("port = {}", env.upstream_port),
+            &format!("port = {tls_port}\ntls = {{ ca = \"{}/ca.pem\"{auth} }}", d.display()),
+        );
+        let path = d.join(if client_cert { "mtls.toml" } else { "no-cert.toml" });
+        std::fs::write(&path, cfg).unwrap();
+        path
+    };
+    // Without a client certificate the broker refuses the uplink.
+    let gw = Gateway::start(&with_tls(false)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = gw.status().await;
+    assert_eq!(s["upstream"]["connected"], false, "{s}");
+    assert!(s["upstream"]["last_error"].is_string());
+    gw.terminate().await;
+    // With one, data flows.
+    let gw = Gateway::start(&with_tls(true)).await;
+    let mut fleet = Fleet::start(2, port, Duration::from_millis(20), OutboxFull::Block);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(30)).await;
+    assert!(!acked.is_empty());
+    assert_delivered(&env.cloud, &acked).await;
+    assert_eq!(gw.status().await["upstream"]["connected"], true);
+    gw.terminate().await;
+}
