@@ -7,6 +7,9 @@ export FLEETLINE_SIZE=full
 # Property tests: many more cases than the CI default of 256.
 export PROPTEST_CASES="${PROPTEST_CASES:-5000}"
 scripts/test.sh
+echo "==> gateway figures at full size (crash, outage, budgets, bad input, write errors)"
+cargo test --locked -p fleetline-gateway --test gateway -- --nocapture --test-threads 1 2>&1 \
+    | grep -E '^(crash test|outage test|drop-oldest|write errors|bad input)' || true
 echo "==> wire size and encode cost"
 cargo run --locked --release -p fleetline-device --example wire_size
 echo "==> gateway throughput against a Mosquitto bridge"

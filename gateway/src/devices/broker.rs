@@ -80,6 +80,7 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
             external_auth: None,
             dynamic_filters: true,
         };
+        let secret_probe = secret.clone();
         let secret = secret.clone();
         connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
             let ok = client_id == user && pass.len() == secret.len() && pass.as_bytes() == secret.as_bytes();
@@ -103,7 +104,7 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
             if task.is_finished() {
                 break;
             }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            if probe(addr, &secret_probe).await {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -135,6 +136,26 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
     }
     bail!(last_err.unwrap_or_else(|| "device listener did not start".into()))
 }
+
+/// Whether the broker answers an MQTT login on `addr` (a full CONNECT and CONNACK,
+/// so the broker sees an ordinary session that ends, not a failed handshake).
+async fn probe(addr: SocketAddr, secret: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return false };
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new(PROBE_CLIENT);
+    connect.set_login(PROBE_CLIENT, secret);
+    let mut buf = bytes::BytesMut::new();
+    if rumqttc::mqttbytes::v4::Packet::Connect(connect).write(&mut buf, 1024).is_err() {
+        return false;
+    }
+    let mut connack = [0u8; 4];
+    s.write_all(&buf).await.is_ok()
+        && tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut connack)).await.is_ok_and(|r| r.is_ok())
+        && connack == [0x20, 0x02, 0x00, 0x00]
+}
+
+/// Client id of the start-up probe.
+const PROBE_CLIENT: &str = "fleetline-gateway-probe";
 
 /// A port that was free a moment ago on `listen`'s address.
 pub fn free_port(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
