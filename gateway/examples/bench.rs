@@ -28,6 +28,12 @@ const DEVICES: usize = 200;
 const SAMPLES_PER_BATCH: usize = 60;
 const WARMUP: Duration = Duration::from_secs(3);
 const WINDOW: Duration = Duration::from_secs(10);
+/// Batches each device may have unacknowledged: for Fleetline devices at most their
+/// outbox depth (32 for `LinuxDevice`), and the Mosquitto publishers' MQTT in-flight
+/// window. `BENCH_IN_FLIGHT` overrides the default of 32.
+fn in_flight() -> u64 {
+    std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(32)
+}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -131,7 +137,7 @@ async fn fleetline(prov: &Provisioning) -> (f64, u64, u64) {
     let mut gw = tokio::process::Command::new(exe)
         .arg("--config")
         .arg(&cfg)
-        .env("RUST_LOG", "warn,rumqttd=error")
+        .env("RUST_LOG", std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn,rumqttd=error".into()))
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -159,13 +165,16 @@ async fn fleetline(prov: &Provisioning) -> (f64, u64, u64) {
         tasks.push(tokio::spawn(async move {
             let mut t = 1_790_000_000_000u64;
             while running.load(Ordering::Relaxed) {
-                // Keep up to 16 batches in flight per device.
-                if client.stats().outbox_batches >= 16 {
+                if client.stats().outbox_batches >= in_flight() {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     continue;
                 }
-                client.record_all(readings(t)).await.unwrap();
+                let taken = client.record_all(readings(t)).await.unwrap();
                 client.flush().await.unwrap();
+                if taken.refused > 0 {
+                    // Outbox full: wait for acks rather than spin.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 t += 60_000;
             }
         }));
@@ -197,7 +206,7 @@ async fn mosquitto_bridge(batch: Vec<u8>) -> (f64, u64) {
     for i in 0..DEVICES {
         let mut opts = MqttOptions::new(format!("acme.{}", device_id(i)), "127.0.0.1", edge.port);
         opts.set_max_packet_size(1 << 16, 1 << 16);
-        opts.set_inflight(16);
+        opts.set_inflight(in_flight() as u16);
         let (client, mut el) = AsyncClient::new(opts, 64);
         let running = running.clone();
         let payload = batch.clone();
@@ -261,6 +270,7 @@ async fn main() {
         "samples_per_batch": SAMPLES_PER_BATCH,
         "batch_bytes": sample.len(),
         "window_s": WINDOW.as_secs(),
+        "in_flight_per_device": in_flight(),
         "fleetline_samples_per_s": fleetline_rate.round(),
         "mosquitto_bridge_samples_per_s": mosquitto_rate.round(),
         "ratio": (fleetline_rate / mosquitto_rate * 1000.0).round() / 1000.0,
