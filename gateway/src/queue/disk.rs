@@ -348,7 +348,7 @@ impl DiskQueue {
         file.read_exact_at(&mut buf, u64::from(offset))
             .map_err(|e| QueueError::Io { path: self.dir.clone(), error: e.to_string() })?;
         let body = &buf[file::FRAME_LEN..];
-        Ok(file::parse_body(body).map(|(m, batch)| (m, batch.to_vec())).map(|(_, b)| (meta, b)))
+        Ok(file::parse_body(body).map(|(_, batch)| (meta, batch.to_vec())))
     }
 }
 
