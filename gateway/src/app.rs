@@ -156,9 +156,9 @@ pub async fn run(
         }
     });
 
-    let (http_addr, http_server) =
-        http::bind(cfg.http.listen, cfg.id.clone(), stats.clone(), queue.clone(), metrics, devices_addr, tls_addr)
-            .await?;
+    let ops =
+        http::Ops { id: cfg.id.clone(), stats: stats.clone(), queue: queue.clone(), metrics, devices_addr, tls_addr };
+    let (http_addr, http_server) = http::bind(cfg.http.listen, ops).await?;
     let http_task = tokio::spawn(http_server);
     stats.ready.store(true, Ordering::Relaxed);
     on_listening(&Listening {

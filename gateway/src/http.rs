@@ -17,27 +17,25 @@ use crate::stats::{GatewayStats, unix_ms};
 /// Renders the Prometheus exposition text (installed by the binary).
 pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// What the endpoint reports on.
 #[derive(Clone)]
-struct Ops {
-    id: String,
-    stats: Arc<GatewayStats>,
-    queue: QueueHandle,
-    metrics: Option<RenderMetrics>,
-    devices_addr: SocketAddr,
-    tls_addr: Option<SocketAddr>,
+pub struct Ops {
+    /// Gateway id.
+    pub id: String,
+    /// Counters.
+    pub stats: Arc<GatewayStats>,
+    /// The disk queue.
+    pub queue: QueueHandle,
+    /// Prometheus rendering, when the binary installed a recorder.
+    pub metrics: Option<RenderMetrics>,
+    /// Plain device listener.
+    pub devices_addr: SocketAddr,
+    /// TLS device listener.
+    pub tls_addr: Option<SocketAddr>,
 }
 
 /// Binds the endpoint; returns its address and the server future.
-pub async fn bind(
-    listen: SocketAddr,
-    id: String,
-    stats: Arc<GatewayStats>,
-    queue: QueueHandle,
-    metrics: Option<RenderMetrics>,
-    devices_addr: SocketAddr,
-    tls_addr: Option<SocketAddr>,
-) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let ops = Ops { id, stats, queue, metrics, devices_addr, tls_addr };
+pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let app = Router::new()
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready))

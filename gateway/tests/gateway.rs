@@ -546,7 +546,11 @@ async fn pub_as(port: u16, i: usize, topic_device: usize, payload: &[u8], extra:
     let mut args: Vec<String> = login(i);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    fleetline_testkit::publish(port, &topic, payload, &args).await
+    let ok = fleetline_testkit::publish(port, &topic, payload, &args).await;
+    // Each call reconnects with the same client id; let the broker finish closing
+    // the previous session first, as a real unit's reconnect backoff would.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
