@@ -277,21 +277,26 @@ fn run(
             None => {
                 // Commit round: everything buffered becomes durable together.
                 last_commit = Instant::now();
-                match q.commit() {
-                    Ok(_) => {
-                        local.commits += 1;
-                        for (reply, appended, meta, batch) in waiting.drain(..) {
+                let result = q.commit();
+                match &result {
+                    Ok(_) => local.commits += 1,
+                    Err(e) => {
+                        tracing::error!(error = %e, "disk queue commit failed; appends in this group are refused");
+                        local.io_errors += waiting.len() as u64;
+                    }
+                }
+                // Counters first, so whoever sees a durable append or a sync also sees it counted.
+                publish(&q, &mut local, &stats);
+                for (reply, appended, meta, batch) in waiting.drain(..) {
+                    match &result {
+                        Ok(_) => {
                             let id = appended.id;
                             let _ = reply.send(Ok(appended));
                             if let Some(feed) = &feed {
                                 let _ = feed.try_send(StoredRecord { id, meta, batch });
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "disk queue commit failed; appends in this group are refused");
-                        local.io_errors += waiting.len() as u64;
-                        for (reply, ..) in waiting.drain(..) {
+                        Err(e) => {
                             let _ = reply.send(Err(e.clone()));
                         }
                     }
@@ -299,7 +304,6 @@ fn run(
                 for s in syncs.drain(..) {
                     let _ = s.send(());
                 }
-                publish(&q, &mut local, &stats);
                 if rx.is_closed() && rx.is_empty() && !q.has_pending() {
                     break;
                 }
