@@ -12,14 +12,16 @@ use fleetline_wire::topics::device_username;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::GatewayConfig;
-use crate::devices::broker;
-use crate::devices::front::{self, Front};
+use fleetline_broker::{BrokerSettings, Front};
 use crate::devices::ingest::{Durables, Ingest, run_acker};
 use crate::devices::registry::Registry;
 use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
+
+/// Filter the ingest link subscribes to.
+pub const UP_FILTER: &str = "fleetline/v1/+/+/up";
 
 /// Addresses the gateway listens on, printed at start-up as one JSON line.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -80,15 +82,25 @@ pub async fn run(
     tracing::info!(?report, "disk queue recovered");
 
     // The broker on loopback, and the front listeners that check logins.
-    let secret: Arc<str> = {
-        let mut raw = [0u8; 24];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
-        raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()
+    let secret = fleetline_broker::new_secret();
+    let settings = BrokerSettings {
+        name: "devices".into(),
+        max_connections: cfg.devices.max_connections,
+        max_packet: cfg.devices.max_packet.0 as usize,
+        log_bytes: cfg.devices.broker_log.0 as usize,
+        // Each device's ack and command topic gets a log of its own; keep those
+        // small (32 KiB, about 300 acks), or memory grows with every device ever
+        // connected. A device that falls that far behind on acks just re-sends
+        // and is acked again.
+        small_logs: ["fleetline/v1/+/+/ack", "fleetline/v1/+/+/cmd"].map(|f| (f.to_string(), 32 * 1024)).to_vec(),
+        // Devices' client ids are `{fleet}.{device}`: no clash possible.
+        link_id: "fleetline-gateway-ingest".into(),
+        link_filters: vec![UP_FILTER.into()],
     };
-    let (device_broker, link_tx, link_rx) = broker::start(&cfg.devices, secret.clone()).await?;
+    let (device_broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret.clone()).await?;
     let front = Front {
-        registry: registry.clone(),
-        stats: stats.clone(),
+        logins: registry.clone(),
+        events: stats.clone(),
         broker: device_broker.addr,
         secret,
         active: Default::default(),
@@ -100,7 +112,7 @@ pub async fn run(
         Some(t) => {
             let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
             let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
-            let server = front::tls_config(&cert, &key)?;
+            let server = fleetline_broker::tls_config(&cert, &key)?;
             let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
             front_tasks.push(tokio::spawn(accept));
             Some(addr)

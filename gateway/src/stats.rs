@@ -30,16 +30,9 @@ pub mod reason {
     pub const QUEUE_FULL: &str = "queue_full";
     /// The disk queue could not write (the device keeps the batch).
     pub const QUEUE_ERROR: &str = "queue_error";
-    /// Login: username is not `{fleet}.{device}` or differs from the client id.
-    pub const BAD_USERNAME: &str = "bad_username";
-    /// Login: wrong password.
-    pub const BAD_PASSWORD: &str = "bad_password";
-    /// Connection: not MQTT 3.1.1, or the first packet was not a CONNECT.
-    pub const PROTOCOL: &str = "protocol";
-    /// Connection: the gateway is at its session limit.
-    pub const SERVER_BUSY: &str = "server_busy";
-    /// Connection: no CONNECT within the timeout.
-    pub const CONNECT_TIMEOUT: &str = "connect_timeout";
+    /// Login: username is not `{fleet}.{device}` or differs from the client id;
+    /// wrong password; not MQTT 3.1.1; at the session limit; no CONNECT in time.
+    pub use fleetline_broker::reason::{BAD_PASSWORD, BAD_USERNAME, CONNECT_TIMEOUT, PROTOCOL, SERVER_BUSY};
 }
 
 /// Last time a device was heard from.
@@ -170,4 +163,24 @@ impl GatewayStats {
 /// Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl fleetline_broker::FrontEvents for GatewayStats {
+    fn login_refused(&self, reason: &'static str) {
+        self.reject_login(reason);
+    }
+
+    fn tls_session(&self) {
+        Self::add(&self.tls_sessions, 1);
+    }
+
+    fn tls_failed(&self) {
+        Self::add(&self.tls_handshake_failed, 1);
+        metrics::counter!("fleetline_gateway_tls_handshakes_failed_total").increment(1);
+    }
+
+    fn tls_timed_out(&self) {
+        Self::add(&self.tls_handshake_timeout, 1);
+        metrics::counter!("fleetline_gateway_tls_handshakes_timed_out_total").increment(1);
+    }
 }

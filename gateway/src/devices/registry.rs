@@ -103,3 +103,9 @@ pub fn parse_username(username: &str) -> Option<(FleetId, DeviceId)> {
     let (f, d) = username.split_once('.')?;
     Some((FleetId::new(f).ok()?, DeviceId::new(d).ok()?))
 }
+
+impl fleetline_broker::Logins for Registry {
+    fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
+        Registry::check_login(self, client_id, username, password)
+    }
+}

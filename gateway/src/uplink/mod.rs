@@ -43,25 +43,9 @@ enum Net {
 }
 
 fn tls(cfg: &crate::config::UplinkTls) -> anyhow::Result<TlsConfiguration> {
-    let ca = std::fs::read(&cfg.ca).with_context(|| format!("reading {}", cfg.ca.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
-        roots.add(cert?)?;
-    }
-    anyhow::ensure!(!roots.is_empty(), "no CA certificate in {}", cfg.ca.display());
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let config = match (&cfg.cert, &cfg.key) {
-        (Some(cert), Some(key)) => {
-            let chain = rustls_pemfile::certs(&mut std::fs::read(cert)?.as_slice()).collect::<Result<Vec<_>, _>>()?;
-            let key = rustls_pemfile::private_key(&mut std::fs::read(key)?.as_slice())?.context("no private key")?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        _ => anyhow::bail!("uplink.tls.cert and uplink.tls.key go together"),
-    };
-    Ok(TlsConfiguration::Rustls(Arc::new(config)))
+    let config = fleetline_broker::client_tls(&cfg.ca, cfg.cert.as_deref(), cfg.key.as_deref())
+        .context("uplink.tls")?;
+    Ok(TlsConfiguration::Rustls(config))
 }
 
 /// Everything the uplink task needs.

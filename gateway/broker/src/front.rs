@@ -1,10 +1,9 @@
-//! The gateway's own listeners in front of the embedded broker.
+//! Our own listeners in front of the embedded broker.
 //!
-//! Every device connection, plain or TLS, is accepted here first. Its TLS handshake
+//! Every connection, plain or TLS, is accepted here first. Its TLS handshake
 //! (under a timeout) and its MQTT CONNECT (under a timeout, parsed with rumqttc's
 //! codec) are handled in the connection's own task, so a client that connects and
-//! says nothing delays nobody else. Credentials are checked against the registry
-//! here: a refused login gets a CONNACK with a reason code and is counted by
+//! says nothing delays nobody else. Credentials are checked by [`Logins`] here: a refused login gets a CONNACK with a reason code and is counted by
 //! reason; an accepted one is passed to the broker's loopback listener with its
 //! password replaced by a per-process secret, and the rest of the connection is
 //! spliced through.
@@ -25,9 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::stats::{GatewayStats, reason};
-
-use super::registry::Registry;
+use crate::reason;
 
 /// Longest a client may take to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,18 +33,36 @@ const MAX_CONNECT: usize = 8 * 1024;
 /// Keep-alive given to clients that ask for none (rumqttd refuses zero).
 const DEFAULT_KEEP_ALIVE: u16 = 3600;
 
+/// Checks a login (client id, username, password); the error is a reason to count.
+pub trait Logins: Send + Sync + 'static {
+    /// `Ok` to let the session through.
+    fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str>;
+}
+
+/// Where the front reports what it refused and what TLS did.
+pub trait FrontEvents: Send + Sync + 'static {
+    /// A connection refused before or at login, by reason.
+    fn login_refused(&self, reason: &'static str);
+    /// A TLS session established.
+    fn tls_session(&self);
+    /// A TLS handshake that failed.
+    fn tls_failed(&self);
+    /// A TLS client that did not finish its handshake in time.
+    fn tls_timed_out(&self);
+}
+
 /// What each connection needs.
 #[derive(Clone)]
 pub struct Front {
-    /// Provisioning.
-    pub registry: Arc<Registry>,
+    /// Login check.
+    pub logins: Arc<dyn Logins>,
     /// Counters.
-    pub stats: Arc<GatewayStats>,
+    pub events: Arc<dyn FrontEvents>,
     /// The broker's loopback listener.
     pub broker: SocketAddr,
     /// Password the broker accepts from the front only.
     pub secret: Arc<str>,
-    /// Device sessions spliced to the broker now.
+    /// Sessions spliced to the broker now.
     pub active: Arc<std::sync::atomic::AtomicUsize>,
     /// Most sessions; more get CONNACK "server unavailable" here, before the
     /// broker's router would refuse them (which rumqttd handles badly, see above).
@@ -75,7 +90,7 @@ impl Front {
         listen: SocketAddr,
         tls: Option<(Arc<rustls::ServerConfig>, Duration)>,
     ) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-        let listener = TcpListener::bind(listen).await.with_context(|| format!("binding device listener {listen}"))?;
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("binding listener {listen}"))?;
         let addr = listener.local_addr()?;
         let acceptor = tls.map(|(cfg, timeout)| (TlsAcceptor::from(cfg), timeout));
         let run = async move {
@@ -97,17 +112,15 @@ impl Front {
                         None => front.serve(tcp, peer).await,
                         Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
-                                GatewayStats::add(&front.stats.tls_sessions, 1);
+                                front.events.tls_session();
                                 front.serve(tls, peer).await;
                             }
                             Ok(Err(e)) => {
-                                GatewayStats::add(&front.stats.tls_handshake_failed, 1);
-                                metrics::counter!("fleetline_gateway_tls_handshakes_failed_total").increment(1);
+                                front.events.tls_failed();
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                             }
                             Err(_) => {
-                                GatewayStats::add(&front.stats.tls_handshake_timeout, 1);
-                                metrics::counter!("fleetline_gateway_tls_handshakes_timed_out_total").increment(1);
+                                front.events.tls_timed_out();
                                 tracing::debug!(%peer, "TLS handshake timed out");
                             }
                         },
@@ -124,20 +137,20 @@ impl Front {
         let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client, &mut buf)).await {
             Ok(Ok(c)) => c,
             Ok(Err(why)) => {
-                self.stats.reject_login(why);
+                self.events.login_refused(why);
                 tracing::debug!(%peer, reason = why, "connection refused before login");
                 return;
             }
             Err(_) => {
-                self.stats.reject_login(reason::CONNECT_TIMEOUT);
+                self.events.login_refused(reason::CONNECT_TIMEOUT);
                 return;
             }
         };
         let mut connect = connect;
         let (user, pass) = connect.login.as_ref().map_or(("", ""), |l| (l.username.as_str(), l.password.as_str()));
-        if let Err(why) = self.registry.check_login(&connect.client_id, user, pass) {
-            self.stats.reject_login(why);
-            tracing::info!(%peer, client_id = connect.client_id, reason = why, "device login refused");
+        if let Err(why) = self.logins.check_login(&connect.client_id, user, pass) {
+            self.events.login_refused(why);
+            tracing::info!(%peer, client_id = connect.client_id, reason = why, "login refused");
             // CONNACK: 4 = bad user name or password, 5 = not authorized.
             let code = if why == reason::BAD_PASSWORD || why == reason::BAD_USERNAME { 4 } else { 5 };
             let _ = client.write_all(&[0x20, 0x02, 0x00, code]).await;
@@ -147,7 +160,7 @@ impl Front {
         use std::sync::atomic::Ordering;
         if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_sessions {
             self.active.fetch_sub(1, Ordering::AcqRel);
-            self.stats.reject_login(reason::SERVER_BUSY);
+            self.events.login_refused(reason::SERVER_BUSY);
             let _ = client.write_all(&[0x20, 0x02, 0x00, 3]).await;
             let _ = client.shutdown().await;
             return;

@@ -1,11 +1,11 @@
-//! The embedded rumqttd broker devices' connections are spliced into.
+//! The embedded rumqttd broker that the front listeners splice sessions into.
 //!
 //! rumqttd's router runs on its own thread; its MQTT listener runs as a task on the
-//! gateway's runtime, on loopback only: devices reach it through the front
-//! listeners (`front.rs`), which check their logins. The gateway's own ingest link
-//! subscribes to every device's `up` topic before the listener accepts anyone.
-//! rumqttd cannot report the port it bound, so a free port is picked and the start
-//! retried on a collision.
+//! caller's runtime, on loopback only: clients reach it through the front
+//! listeners (`front.rs`), which check their logins. The owner's own link
+//! subscribes to its filters before the listener accepts anyone. rumqttd cannot
+//! report the port it bound, so a free port is picked and the start retried on a
+//! collision.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,32 +17,43 @@ use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
 use tokio::task::JoinHandle;
 
-use crate::config::DevicesConfig;
-
 /// Disconnects a client id, in the background.
 pub type KickFn = Arc<dyn Fn(String) + Send + Sync>;
 
 /// The running broker.
-pub struct DeviceBroker {
+pub struct Broker {
     /// The loopback listener's address.
     pub addr: SocketAddr,
-    /// Disconnects a device by client id (revocation).
+    /// Disconnects a client by client id (revocation).
     pub kick: KickFn,
     /// The listener task.
     pub server: JoinHandle<()>,
 }
 
-/// Filter the ingest link subscribes to.
-pub const UP_FILTER: &str = "fleetline/v1/+/+/up";
+/// How to run the broker.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// Name in logs.
+    pub name: String,
+    /// Most client sessions (the owner's link and probes come on top).
+    pub max_connections: usize,
+    /// Largest MQTT packet.
+    pub max_packet: usize,
+    /// Memory for one topic filter's log before a slow reader skips ahead.
+    pub log_bytes: usize,
+    /// Filters whose logs are capped smaller: (filter, bytes).
+    pub small_logs: Vec<(String, usize)>,
+    /// Client id of the owner's own link; must not be a valid client's id.
+    pub link_id: String,
+    /// Filters the owner's link subscribes to.
+    pub link_filters: Vec<String>,
+}
 
-/// Client id of the gateway's own link; devices' ids contain `/`, so it cannot clash.
-const INGEST_LINK: &str = "fleetline-gateway-ingest";
-
-/// Starts the router, the ingest link and the loopback listener, which accepts only
+/// Starts the router, the owner's link and the loopback listener, which accepts only
 /// connections presenting `secret` as their password (the front listeners' rewrite).
-pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(DeviceBroker, LinkTx, LinkRx)> {
+pub async fn start(cfg: &BrokerSettings, secret: Arc<str>) -> anyhow::Result<(Broker, LinkTx, LinkRx)> {
     let listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    let segment = (cfg.broker_log.0 as usize / 8).max(1 << 20);
+    let segment = (cfg.log_bytes / 8).max(1 << 20);
     let router = Router::new(
         0,
         RouterConfig {
@@ -50,14 +61,12 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
             max_outgoing_packet_count: 200,
             max_segment_size: segment,
             max_segment_count: 8,
-            // Each device's ack and command topic gets a log of its own; keep those
-            // small (32 KiB, about 300 acks), or memory grows with every device
-            // ever connected. A device that falls that far behind on acks just
-            // re-sends and is acked again.
             custom_segment: Some(
-                ["fleetline/v1/+/+/ack", "fleetline/v1/+/+/cmd"]
-                    .into_iter()
-                    .map(|f| (f.to_string(), SegmentConfig { max_segment_size: 16 * 1024, max_segment_count: 2 }))
+                cfg.small_logs
+                    .iter()
+                    .map(|(f, bytes)| {
+                        (f.clone(), SegmentConfig { max_segment_size: (bytes / 2).max(1024), max_segment_count: 2 })
+                    })
                     .collect(),
             ),
             initialized_filters: None,
@@ -66,15 +75,17 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
     );
     let router_tx = router.spawn();
     let (mut link_tx, link_rx, _ack) =
-        LinkBuilder::new(INGEST_LINK, router_tx.clone()).dynamic_filters(true).build().context("ingest link")?;
-    link_tx.subscribe(UP_FILTER).context("subscribing the ingest link")?;
+        LinkBuilder::new(&cfg.link_id, router_tx.clone()).dynamic_filters(true).build().context("owner's link")?;
+    for filter in &cfg.link_filters {
+        link_tx.subscribe(filter.as_str()).with_context(|| format!("subscribing the owner's link to {filter}"))?;
+    }
 
     let mut last_err = None;
     for _ in 0..20 {
         let addr = free_port(listen)?;
         let mut connections = ConnectionSettings {
             connection_timeout_ms: 10_000,
-            max_payload_size: cfg.max_packet.0 as usize,
+            max_payload_size: cfg.max_packet,
             max_inflight_count: 100,
             auth: None,
             external_auth: None,
@@ -87,7 +98,7 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
             async move { ok }
         });
         let settings = ServerSettings {
-            name: "devices".into(),
+            name: cfg.name.clone(),
             listen: addr,
             tls: None,
             next_connection_delay_ms: 0,
@@ -96,7 +107,7 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
         let mut server = Server::new(settings, router_tx.clone(), rumqttd::protocol::v4::V4);
         let task = tokio::spawn(async move {
             if let Err(e) = server.start(LinkType::Remote).await {
-                tracing::error!(error = %e, %addr, "device listener stopped");
+                tracing::error!(error = %e, %addr, "broker listener stopped");
             }
         });
         // Listening, or failed to bind (then pick another port if we may).
@@ -115,7 +126,7 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
                 let router_tx = kick_tx.clone();
                 // Building a link waits for the router, so it runs off the async workers.
                 tokio::task::spawn_blocking(move || {
-                    // Taking over the client id makes the router drop the device's
+                    // Taking over the client id makes the router drop the client's
                     // connection; then the placeholder link disconnects itself.
                     let built = LinkBuilder::new(&client_id, router_tx).clean_session(true).build();
                     let result = built.map_err(|e| e.to_string()).and_then(|(mut tx, _rx, _)| {
@@ -126,15 +137,15 @@ pub async fn start(cfg: &DevicesConfig, secret: Arc<str>) -> anyhow::Result<(Dev
                             .map_err(|e| e.to_string())
                     });
                     if let Err(e) = result {
-                        tracing::warn!(client_id, error = %e, "could not disconnect device");
+                        tracing::warn!(client_id, error = %e, "could not disconnect client");
                     }
                 });
             });
-            return Ok((DeviceBroker { addr, kick, server: task }, link_tx, link_rx));
+            return Ok((Broker { addr, kick, server: task }, link_tx, link_rx));
         }
         last_err = Some(format!("could not listen on {addr}"));
     }
-    bail!(last_err.unwrap_or_else(|| "device listener did not start".into()))
+    bail!(last_err.unwrap_or_else(|| "broker listener did not start".into()))
 }
 
 /// Whether the broker answers an MQTT login on `addr` (a full CONNECT and CONNACK,
@@ -155,7 +166,7 @@ async fn probe(addr: SocketAddr, secret: &str) -> bool {
 }
 
 /// Client id of the start-up probe.
-const PROBE_CLIENT: &str = "fleetline-gateway-probe";
+const PROBE_CLIENT: &str = "fleetline-broker-probe";
 
 /// A port that was free a moment ago on `listen`'s address.
 pub fn free_port(listen: SocketAddr) -> anyhow::Result<SocketAddr> {

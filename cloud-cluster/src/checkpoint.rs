@@ -1,0 +1,190 @@
+//! A shard's checkpoint: everything its owner needs to resume, written with every
+//! commit. The newest checkpoint *is* the commit point: the files it lists as
+//! published are part of the datasets, and nothing else the shard wrote is.
+//!
+//! ```text
+//! file = "FLCKPT" ‖ format: u16 LE ‖ postcard(Checkpoint) ‖ crc32c(everything before): u32 LE
+//! ```
+
+use fleetline_wire::seqset::SeqSet;
+use serde::{Deserialize, Serialize};
+
+/// Version of the layout in this module.
+pub const CHECKPOINT_FORMAT: u16 = 1;
+
+const MAGIC: &[u8; 6] = b"FLCKPT";
+
+/// Where a shard's checkpoints live.
+pub fn checkpoint_dir(shard: u16) -> String {
+    format!("_fleetline/checkpoints/shard-{shard:03}")
+}
+
+/// A checkpoint's object name.
+pub fn checkpoint_path(shard: u16, generation: u64) -> String {
+    format!("{}/{generation:012}.ckpt", checkpoint_dir(shard))
+}
+
+/// The generation a checkpoint's object name carries.
+pub fn generation_of(path: &str) -> Option<u64> {
+    path.rsplit('/').next()?.strip_suffix(".ckpt")?.parse().ok()
+}
+
+/// Where a shard stages files before they are published.
+pub fn staging_dir(shard: u16) -> String {
+    format!("_fleetline/staging/shard-{shard:03}")
+}
+
+/// The latest value of one signal of a vehicle.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Latest {
+    /// Reading kind.
+    pub kind: u16,
+    /// Reading time, Unix ms.
+    pub ts_ms: i64,
+    /// Value in the signal's unit.
+    pub value: f64,
+}
+
+/// What a shard knows of one device.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Fleet id.
+    pub fleet: String,
+    /// Device id.
+    pub device: String,
+    /// Batches stored, as (epoch, seq) ranges: the dedupe state.
+    pub seen: SeqSet,
+    /// Latest reading per signal, newest by reading time.
+    pub latest: Vec<Latest>,
+    /// Gateway of the last batch stored.
+    pub last_gateway: String,
+    /// When that gateway received it, Unix ms.
+    pub last_received_ms: i64,
+}
+
+/// A file staged by a commit and published once its checkpoint is written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish {
+    /// Staged object.
+    pub staged: String,
+    /// Object in the dataset.
+    pub published: String,
+}
+
+/// Totals since the shard was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Readings rows stored.
+    pub readings: u64,
+    /// Batches stored.
+    pub batches: u64,
+    /// Dead-letter rows stored.
+    pub deadletters: u64,
+    /// Files published.
+    pub files: u64,
+}
+
+/// One shard's state as of one commit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Shard.
+    pub shard: u16,
+    /// Shard count the shard belongs to (a node with another count must not load it).
+    pub shard_count: u16,
+    /// Commit generation; the first commit is 1.
+    pub generation: u64,
+    /// Commit time, Unix ms.
+    pub committed_at_ms: i64,
+    /// Node that wrote it.
+    pub node: String,
+    /// Per device.
+    pub devices: Vec<DeviceState>,
+    /// Hashes of dead letters stored whose sender cannot be authenticated (so no
+    /// (device, epoch, seq) to dedupe by), oldest first, bounded.
+    pub deadletter_seen: Vec<u64>,
+    /// Files this commit publishes.
+    pub publish: Vec<Publish>,
+    /// Totals.
+    pub totals: Totals,
+}
+
+/// Why a checkpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// Not a checkpoint, or damaged.
+    #[error("checkpoint damaged: {0}")]
+    Damaged(&'static str),
+    /// Written by a newer version.
+    #[error("checkpoint format {0} is newer than this build reads ({CHECKPOINT_FORMAT})")]
+    Format(u16),
+}
+
+impl Checkpoint {
+    /// Serializes with magic, format and CRC.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&CHECKPOINT_FORMAT.to_le_bytes());
+        // Serializing plain data into a Vec cannot fail.
+        out.extend_from_slice(&postcard::to_allocvec(self).unwrap_or_default());
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses and checks a checkpoint.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CheckpointError> {
+        if bytes.len() < MAGIC.len() + 2 + 4 || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(CheckpointError::Damaged("no checkpoint magic"));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        if crc32c::crc32c(body) != crc {
+            return Err(CheckpointError::Damaged("CRC mismatch"));
+        }
+        let format = u16::from_le_bytes([body[6], body[7]]);
+        if format != CHECKPOINT_FORMAT {
+            return Err(CheckpointError::Format(format));
+        }
+        postcard::from_bytes(&body[8..]).map_err(|_| CheckpointError::Damaged("body does not parse"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_detects_damage() {
+        let mut seen = SeqSet::default();
+        seen.insert(1, 0);
+        seen.insert(1, 1);
+        let c = Checkpoint {
+            shard: 3,
+            shard_count: 64,
+            generation: 9,
+            committed_at_ms: 1234,
+            node: "cloud-1".into(),
+            devices: vec![DeviceState {
+                fleet: "f".into(),
+                device: "d".into(),
+                seen,
+                latest: vec![Latest { kind: 3, ts_ms: 5, value: 1.5 }],
+                last_gateway: "gw-1".into(),
+                last_received_ms: 6,
+            }],
+            deadletter_seen: vec![42],
+            publish: vec![Publish { staged: "a".into(), published: "b".into() }],
+            totals: Totals { readings: 1, batches: 2, deadletters: 3, files: 4 },
+        };
+        let bytes = c.to_bytes();
+        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x10;
+            assert!(Checkpoint::from_bytes(&bad).is_err(), "flip at {i} went unnoticed");
+        }
+        assert!(Checkpoint::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert_eq!(generation_of(&checkpoint_path(3, 9)), Some(9));
+    }
+}

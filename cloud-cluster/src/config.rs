@@ -1,0 +1,230 @@
+//! The cloud node's TOML configuration. Every field has a default that runs a
+//! single node on a laptop: an embedded ingest broker on 127.0.0.1:1884, datasets
+//! under `./fleetline-data`, every shard owned here. Durations are human (`"2s"`),
+//! sizes too (`"16 MiB"`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use fleetline_broker::ByteSize;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// This node's name: the sender of its acks, its MQTT client id.
+    pub node_id: String,
+    /// Number of shards; must match the gateways'.
+    pub shard_count: u16,
+    /// The provisioning file (gateways and devices with their keys).
+    pub provisioning: PathBuf,
+    /// How often the provisioning file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub provisioning_reload: Duration,
+    /// Where bundles come from.
+    pub broker: BrokerConfig,
+    /// Where the datasets go.
+    pub storage: StorageConfig,
+    /// When a shard's open segment is committed.
+    pub segment: SegmentConfig,
+    /// The operations endpoint.
+    pub http: HttpConfig,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "cloud-1".into(),
+            shard_count: 64,
+            provisioning: "provisioning.toml".into(),
+            provisioning_reload: Duration::from_secs(5),
+            broker: BrokerConfig::default(),
+            storage: StorageConfig::default(),
+            segment: SegmentConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// The ingest broker: embedded (gateways connect here) or an external one.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// External broker, `mqtt://host:port` or `mqtts://host:port`; unset runs the
+    /// embedded broker.
+    pub url: Option<String>,
+    /// External broker: username (and password) of this node, if it asks for one.
+    pub username: Option<String>,
+    /// External broker: password.
+    pub password: Option<String>,
+    /// External broker over TLS: PEM CA bundle.
+    pub ca: Option<PathBuf>,
+    /// External broker, mutual TLS: PEM client certificate chain.
+    pub cert: Option<PathBuf>,
+    /// External broker, mutual TLS: PEM client key.
+    pub key: Option<PathBuf>,
+    /// Embedded broker: plain MQTT listener for gateways.
+    pub listen: SocketAddr,
+    /// Embedded broker: TLS listener for gateways.
+    pub tls: Option<ListenerTls>,
+    /// Embedded broker: most gateway sessions.
+    pub max_connections: usize,
+    /// Largest MQTT packet (a bundle).
+    pub max_packet: ByteSize,
+    /// MQTT keep-alive of this node's session.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            username: None,
+            password: None,
+            ca: None,
+            cert: None,
+            key: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1884)),
+            tls: None,
+            max_connections: 1000,
+            max_packet: ByteSize(16 << 20),
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A TLS listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Longest a client may take to finish its handshake.
+    #[serde(with = "humantime_serde", default = "default_handshake_timeout")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The object store holding the datasets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `file:///absolute/dir`, a plain directory path, or `s3://bucket/optional/prefix`.
+    pub url: String,
+    /// S3: endpoint of an S3-compatible service (unset: AWS).
+    pub endpoint: Option<String>,
+    /// S3: region.
+    pub region: String,
+    /// S3: access key id (unset: from the environment, `AWS_ACCESS_KEY_ID`).
+    pub access_key_id: Option<String>,
+    /// S3: secret key (unset: from the environment, `AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: Option<String>,
+    /// S3: allow plain HTTP to the endpoint (loopback test servers).
+    pub allow_http: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: "fleetline-data".into(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+        }
+    }
+}
+
+/// When a shard commits its open segment.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// Longest data waits in an open segment (also the ack latency towards gateways).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Most rows in an open segment.
+    pub max_rows: usize,
+    /// Boot epochs remembered per device for dedupe (older boots do not send any more).
+    pub dedupe_epochs: usize,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        Self { max_age: Duration::from_secs(2), max_rows: 500_000, dedupe_epochs: 16 }
+    }
+}
+
+/// The operations endpoint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Bearer token required on anything that writes (unset: no token needed).
+    pub token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9580)), token: None }
+    }
+}
+
+impl CloudConfig {
+    /// Parses TOML text and checks it.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        fleetline_wire::ids::ShortId::new(&self.node_id)
+            .map_err(|_| format!("node_id {:?} must match [a-z0-9-]{{1,32}}", self.node_id))?;
+        if self.shard_count == 0 {
+            return Err("shard_count must be at least 1".into());
+        }
+        if self.segment.max_rows == 0 || self.segment.dedupe_epochs == 0 {
+            return Err("segment.max_rows and segment.dedupe_epochs must be positive".into());
+        }
+        if self.broker.max_packet.0 < 64 << 10 {
+            return Err("broker.max_packet must be at least 64 KiB".into());
+        }
+        if let Some(url) = &self.broker.url {
+            crate::ingest::parse_broker_url(url)?;
+        }
+        crate::store::StoreSpec::parse(&self.storage)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unknown_fields_rejected() {
+        CloudConfig::default().validate().unwrap();
+        let cfg = CloudConfig::from_toml(
+            "node_id = \"c-2\"\n[segment]\nmax_age = \"500ms\"\n[storage]\nurl = \"s3://bucket/data\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.segment.max_age, Duration::from_millis(500));
+        assert!(CloudConfig::from_toml("nodeid = \"x\"").unwrap_err().contains("unknown field"));
+        assert!(CloudConfig::from_toml("node_id = \"C\"").is_err());
+        assert!(CloudConfig::from_toml("[broker]\nurl = \"http://x\"").is_err());
+        assert!(CloudConfig::from_toml("[storage]\nurl = \"gs://x\"").is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! The node's MQTT session with the ingest broker: takes bundles from the owned
+//! shards' topics and hands each to its shard's task; publishes the sealed bundle
+//! acks the shards release after their commits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use fleetline_wire::GatewayId;
+use fleetline_wire::bundle::{BundleId, seal_bundle_ack};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+
+use crate::keys::Keys;
+use crate::stats::CloudStats;
+
+/// Topic of a shard's bundles.
+pub fn shard_topic(shard: u16) -> String {
+    format!("fleetline/v1/ingest/{shard}")
+}
+
+/// Topic a gateway takes its bundle acks from.
+pub fn ack_topic(gateway: &str) -> String {
+    format!("fleetline/v1/gw/{gateway}/ack")
+}
+
+/// `(tls, host, port)` of `mqtt://host:port` or `mqtts://host:port`.
+pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("broker.url {url:?} must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().map_err(|_| format!("broker.url {url:?}: bad port"))?),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(format!("broker.url {url:?} names no host"));
+    }
+    Ok((tls, host.trim_matches(['[', ']']).to_string(), port))
+}
+
+/// How to reach the broker.
+#[derive(Clone)]
+pub struct Session {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Client id (and, with a password, username).
+    pub client_id: String,
+    /// Credentials.
+    pub login: Option<(String, String)>,
+    /// TLS.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Largest packet taken.
+    pub max_packet: usize,
+    /// Keep-alive.
+    pub keep_alive: Duration,
+}
+
+/// A message for the shard tasks.
+pub type ShardInbox = mpsc::Sender<crate::node::ShardMsg>;
+
+/// Runs the session until the process stops: (re)connects with backoff,
+/// resubscribes on every ConnAck, routes bundles to `shards` (index = shard id;
+/// `None` = not owned here).
+pub async fn run(
+    session: Session,
+    shards: Arc<Vec<Option<ShardInbox>>>,
+    acks: mpsc::UnboundedReceiver<(String, Vec<BundleId>)>,
+    keys: Arc<Keys>,
+    sender: String,
+    stats: Arc<CloudStats>,
+) {
+    let mut opts = MqttOptions::new(session.client_id.clone(), session.host.clone(), session.port);
+    if let Some((u, p)) = &session.login {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    opts.set_keep_alive(session.keep_alive.max(Duration::from_secs(5)));
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(session.max_packet, 256 * 1024);
+    opts.set_inflight(256);
+    if let Some(tls) = &session.tls {
+        opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.clone())));
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone()));
+    let owned: Vec<u16> = shards.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u16).collect();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = Duration::from_millis(100);
+                stats.broker_connected.store(true, Ordering::Relaxed);
+                tracing::info!(host = session.host, port = session.port, shards = owned.len(), "connected to the ingest broker");
+                let filters = owned.iter().map(|s| rumqttc::SubscribeFilter::new(shard_topic(*s), QoS::AtLeastOnce));
+                for chunk in filters.collect::<Vec<_>>().chunks(32) {
+                    if let Err(e) = client.subscribe_many(chunk.to_vec()).await {
+                        tracing::warn!(error = %e, "subscribing failed");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let shard = p.topic.strip_prefix("fleetline/v1/ingest/").and_then(|s| s.parse::<usize>().ok());
+                match shard.and_then(|s| shards.get(s)).and_then(Option::as_ref) {
+                    Some(inbox) => {
+                        // Waiting here is the back-pressure: the broker holds the rest.
+                        let _ = inbox.send(crate::node::ShardMsg::Bundle(Bytes::from(p.payload.to_vec()))).await;
+                    }
+                    None => {
+                        stats.count(&stats.misrouted, 1);
+                        tracing::warn!(topic = p.topic, "message on a topic of no shard owned here");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if stats.broker_connected.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "ingest broker connection lost");
+                } else {
+                    tracing::debug!(error = %e, "ingest broker unreachable");
+                }
+                let jitter = 0.5 + (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000) as f64 / 1000.0;
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Ack counters: microseconds since the epoch, strictly increasing within the
+/// process, so a restarted node continues above what gateways saw before.
+fn next_counter(last: &AtomicU64) -> u64 {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let mut cur = last.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(cur + 1);
+        match last.compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(c) => cur = c,
+        }
+    }
+}
+
+/// Most bundle ids in one ack message.
+const IDS_PER_ACK: usize = 256;
+
+async fn publish_acks(
+    client: AsyncClient,
+    mut acks: mpsc::UnboundedReceiver<(String, Vec<BundleId>)>,
+    keys: Arc<Keys>,
+    sender: String,
+    stats: Arc<CloudStats>,
+) {
+    let counter = AtomicU64::new(0);
+    while let Some((gateway, ids)) = acks.recv().await {
+        let p = keys.snapshot();
+        let Some(gw) = GatewayId::new(&gateway).ok().and_then(|g| p.gateway(&g).cloned()) else {
+            tracing::warn!(gateway, "cannot ack: gateway no longer provisioned");
+            continue;
+        };
+        for chunk in ids.chunks(IDS_PER_ACK) {
+            let sealed = match seal_bundle_ack(&gw.key, &sender, next_counter(&counter), chunk) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(gateway, error = %e, "cannot seal a bundle ack");
+                    continue;
+                }
+            };
+            if client.publish(ack_topic(&gateway), QoS::AtLeastOnce, false, sealed).await.is_err() {
+                return;
+            }
+            stats.count(&stats.acks_sent, chunk.len() as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(parse_broker_url("mqtt://h:1").unwrap(), (false, "h".into(), 1));
+        assert_eq!(parse_broker_url("mqtts://h").unwrap(), (true, "h".into(), 8883));
+        assert_eq!(parse_broker_url("mqtt://[::1]:9").unwrap(), (false, "::1".into(), 9));
+        assert!(parse_broker_url("tcp://h:1").is_err());
+        assert!(parse_broker_url("mqtt://:1").is_err());
+        assert!(parse_broker_url("mqtt://h:x").is_err());
+    }
+
+    #[test]
+    fn ack_counters_increase() {
+        let c = AtomicU64::new(u64::MAX / 2);
+        let a = next_counter(&c);
+        assert!(next_counter(&c) > a);
+    }
+}

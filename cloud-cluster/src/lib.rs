@@ -1,0 +1,20 @@
+//! The Fleetline cloud node.
+//!
+//! Takes gateway bundles from the ingest broker (embedded rumqttd or an external
+//! broker), opens them and every device batch inside, dedupes by (device, epoch,
+//! seq), writes the `readings` and `deadletter` datasets as zstd Parquet in Hive
+//! partitions to an object store, and acks each bundle to its gateway only once
+//! the segment holding it and the shard's checkpoint are committed. Every
+//! per-shard state lives behind one owner (a shard task) and one checkpoint; a
+//! single node owns every shard, the cluster adds owners on the same design.
+
+pub mod checkpoint;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod keys;
+pub mod node;
+pub mod rows;
+pub mod shard;
+pub mod stats;
+pub mod store;

@@ -1,0 +1,340 @@
+//! Wires a node together: recovers every owned shard, starts one task per shard,
+//! the ingest broker (embedded, behind login-checking listeners) or a session
+//! with an external one, the HTTP endpoint and provisioning reloads; runs until
+//! told to stop, then commits what it holds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use fleetline_broker::{BrokerSettings, Front};
+use fleetline_wire::bundle::BundleId;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::CloudConfig;
+use crate::http::{self, Ops, RenderMetrics};
+use crate::ingest::{self, Session};
+use crate::keys::Keys;
+use crate::shard::{Shard, ShardStatus, VehicleState};
+use crate::stats::CloudStats;
+use crate::store::{Store, StoreSpec};
+
+/// What a shard task is asked.
+pub enum ShardMsg {
+    /// A bundle from the shard's topic.
+    Bundle(Bytes),
+    /// Commit now; answers when done.
+    Flush(oneshot::Sender<Result<(), String>>),
+    /// Current status.
+    Status(oneshot::Sender<ShardStatus>),
+    /// A vehicle's latest state.
+    Vehicle(String, String, oneshot::Sender<Option<VehicleState>>),
+}
+
+/// Addresses the node listens on, printed at start-up as one JSON line.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listening {
+    /// Always `"listening"`.
+    pub event: &'static str,
+    /// Embedded broker, plain MQTT for gateways.
+    pub broker: Option<String>,
+    /// Embedded broker, TLS.
+    pub broker_tls: Option<String>,
+    /// HTTP.
+    pub http: String,
+}
+
+/// Runs one shard: takes bundles, commits on its deadline, releases acks; on a
+/// failed commit, recovers from the store (retrying while the store is down).
+async fn shard_task(
+    mut shard: Shard,
+    mut inbox: mpsc::Receiver<ShardMsg>,
+    keys: Arc<Keys>,
+    acks: mpsc::UnboundedSender<(String, Vec<BundleId>)>,
+    stats: Arc<CloudStats>,
+) {
+    loop {
+        let deadline = shard.deadline();
+        let msg = match deadline {
+            Some(d) => tokio::select! {
+                m = inbox.recv() => m,
+                _ = tokio::time::sleep_until(d.into()) => {
+                    let _ = commit(&mut shard, &acks, &stats).await;
+                    continue;
+                }
+            },
+            None => inbox.recv().await,
+        };
+        let Some(msg) = msg else {
+            // Shutting down: make what is held durable and acked.
+            let _ = commit(&mut shard, &acks, &stats).await;
+            return;
+        };
+        match msg {
+            ShardMsg::Bundle(b) => {
+                shard.ingest(&b, &keys.snapshot());
+                if shard.deadline().is_some_and(|d| d <= std::time::Instant::now()) {
+                    let _ = commit(&mut shard, &acks, &stats).await;
+                }
+            }
+            ShardMsg::Flush(reply) => {
+                let r = commit(&mut shard, &acks, &stats).await;
+                let _ = reply.send(r);
+            }
+            ShardMsg::Status(reply) => {
+                let _ = reply.send(shard.status());
+            }
+            ShardMsg::Vehicle(fleet, device, reply) => {
+                let _ = reply.send(shard.vehicle(&fleet, &device));
+            }
+        }
+    }
+}
+
+async fn commit(
+    shard: &mut Shard,
+    acks: &mpsc::UnboundedSender<(String, Vec<BundleId>)>,
+    stats: &CloudStats,
+) -> Result<(), String> {
+    match shard.commit().await {
+        Ok(released) => {
+            for (gw, ids) in released {
+                let _ = acks.send((gw, ids));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            stats.count(&stats.commit_failures, 1);
+            tracing::error!(shard = shard.id(), error = %e, "commit failed; recovering the shard from the store");
+            let mut delay = Duration::from_millis(200);
+            while let Err(e) = shard.recover().await {
+                tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Handles of a running node, for tests and embedding.
+pub struct Running {
+    /// What it listens on.
+    pub listening: Listening,
+    /// Shard inboxes (index = shard id).
+    pub shards: Arc<Vec<Option<mpsc::Sender<ShardMsg>>>>,
+    /// Counters.
+    pub stats: Arc<CloudStats>,
+}
+
+/// Runs a node until `stop` turns true.
+pub async fn run(
+    cfg: CloudConfig,
+    render: Option<RenderMetrics>,
+    mut stop: watch::Receiver<bool>,
+    on_listening: impl FnOnce(&Listening),
+) -> anyhow::Result<()> {
+    let stats = Arc::new(CloudStats::default());
+    let keys = Arc::new(
+        Keys::load(&cfg.provisioning).with_context(|| format!("loading {}", cfg.provisioning.display()))?,
+    );
+    let spec = StoreSpec::parse(&cfg.storage).map_err(anyhow::Error::msg)?;
+    let store = spec.open(&cfg.storage).context("opening the object store")?;
+    let running = start(&cfg, store, keys.clone(), stats.clone(), render).await?;
+    on_listening(&running.listening);
+
+    let mut reload = tokio::time::interval(cfg.provisioning_reload.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = reload.tick() => match keys.reload_if_changed() {
+                Ok(true) => tracing::info!("provisioning reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "provisioning file unreadable; keeping the previous keys"),
+            },
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: committing open segments");
+    stats.ready.store(false, Ordering::Relaxed);
+    flush_all(&running.shards).await;
+    // Give the acks of that last commit a moment to leave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+/// Commits every shard now.
+pub async fn flush_all(shards: &[Option<mpsc::Sender<ShardMsg>>]) -> Vec<Result<(), String>> {
+    let mut waits = Vec::new();
+    for s in shards.iter().flatten() {
+        let (tx, rx) = oneshot::channel();
+        if s.send(ShardMsg::Flush(tx)).await.is_ok() {
+            waits.push(rx);
+        }
+    }
+    let mut out = Vec::new();
+    for w in waits {
+        out.push(w.await.unwrap_or_else(|_| Err("shard task gone".into())));
+    }
+    out
+}
+
+/// Recovers the shards and starts every task; returns once the node takes data.
+pub async fn start(
+    cfg: &CloudConfig,
+    store: Store,
+    keys: Arc<Keys>,
+    stats: Arc<CloudStats>,
+    render: Option<RenderMetrics>,
+) -> anyhow::Result<Running> {
+    // Single node: every shard is owned here.
+    let owned: Vec<u16> = (0..cfg.shard_count).collect();
+    let opened = futures::future::try_join_all(owned.iter().map(|id| {
+        Shard::open(store.clone(), *id, cfg.shard_count, &cfg.node_id, cfg.segment.clone(), stats.clone())
+    }))
+    .await
+    .context("recovering shards")?;
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let mut inboxes: Vec<Option<mpsc::Sender<ShardMsg>>> = vec![None; cfg.shard_count as usize];
+    for shard in opened {
+        let (tx, rx) = mpsc::channel(64);
+        inboxes[shard.id() as usize] = Some(tx);
+        tokio::spawn(shard_task(shard, rx, keys.clone(), acks_tx.clone(), stats.clone()));
+    }
+    let shards = Arc::new(inboxes);
+
+    let (session, broker_addr, broker_tls) = match &cfg.broker.url {
+        Some(url) => {
+            let (tls, host, port) = ingest::parse_broker_url(url).map_err(anyhow::Error::msg)?;
+            let tls = match (tls, &cfg.broker.ca) {
+                (false, _) => None,
+                (true, Some(ca)) => Some(fleetline_broker::client_tls(
+                    ca,
+                    cfg.broker.cert.as_deref(),
+                    cfg.broker.key.as_deref(),
+                )?),
+                (true, None) => anyhow::bail!("broker.url is mqtts:// but broker.ca is not set"),
+            };
+            let login = cfg.broker.username.clone().map(|u| (u, cfg.broker.password.clone().unwrap_or_default()));
+            let session = Session {
+                host,
+                port,
+                client_id: format!("fleetline-cloud-{}", cfg.node_id),
+                login,
+                tls,
+                max_packet: cfg.broker.max_packet.0 as usize,
+                keep_alive: cfg.broker.keep_alive,
+            };
+            (session, None, None)
+        }
+        None => {
+            let secret = fleetline_broker::new_secret();
+            // Dots keep the node's own ids apart from gateway ids (`[a-z0-9-]`).
+            let client_id = format!("cloud.{}", cfg.node_id);
+            let settings = BrokerSettings {
+                name: "gateways".into(),
+                max_connections: cfg.broker.max_connections,
+                max_packet: cfg.broker.max_packet.0 as usize,
+                log_bytes: 256 << 20,
+                small_logs: vec![("fleetline/v1/gw/+/ack".into(), 256 * 1024)],
+                link_id: format!("cloud.{}.link", cfg.node_id),
+                link_filters: Vec::new(),
+            };
+            let (broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret.clone()).await?;
+            // The node takes bundles over MQTT like any client; its local link stays idle.
+            tokio::spawn(async move {
+                let _idle = (link_tx, link_rx);
+                std::future::pending::<()>().await;
+            });
+            let front = Front {
+                logins: keys.clone(),
+                events: stats.clone(),
+                broker: broker.addr,
+                secret: secret.clone(),
+                active: Default::default(),
+                max_sessions: cfg.broker.max_connections,
+            };
+            let (plain_addr, plain) = front.clone().bind(cfg.broker.listen, None).await?;
+            tokio::spawn(plain);
+            let tls_addr = match &cfg.broker.tls {
+                Some(t) => {
+                    let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
+                    let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
+                    let server = fleetline_broker::tls_config(&cert, &key)?;
+                    let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
+                    tokio::spawn(accept);
+                    Some(addr)
+                }
+                None => None,
+            };
+            let session = Session {
+                host: "127.0.0.1".into(),
+                port: broker.addr.port(),
+                client_id: client_id.clone(),
+                login: Some((client_id, secret.to_string())),
+                tls: None,
+                max_packet: cfg.broker.max_packet.0 as usize,
+                keep_alive: cfg.broker.keep_alive,
+            };
+            (session, Some(plain_addr), tls_addr)
+        }
+    };
+    tokio::spawn(ingest::run(session, shards.clone(), acks_rx, keys.clone(), cfg.node_id.clone(), stats.clone()));
+
+    let ops = Ops {
+        node_id: cfg.node_id.clone(),
+        shard_count: cfg.shard_count,
+        stats: stats.clone(),
+        shards: shards.clone(),
+        metrics: render,
+        token: cfg.http.token.clone(),
+    };
+    let (http_addr, server) = http::bind(cfg.http.listen, ops).await?;
+    tokio::spawn(server);
+    // Ready once the broker session is up (every shard is recovered already).
+    let ready_stats = stats.clone();
+    tokio::spawn(async move {
+        while !ready_stats.broker_connected.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ready_stats.ready.store(true, Ordering::Relaxed);
+    });
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    Ok(Running {
+        listening: Listening {
+            event: "listening",
+            broker: addr(broker_addr),
+            broker_tls: addr(broker_tls),
+            http: http_addr.to_string(),
+        },
+        shards,
+        stats,
+    })
+}
+
+impl fleetline_broker::FrontEvents for CloudStats {
+    fn login_refused(&self, reason: &'static str) {
+        metrics::counter!("fleetline_cloud_rejected_logins_total", "reason" => reason).increment(1);
+        if let Ok(mut m) = self.logins_rejected.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    fn tls_session(&self) {
+        metrics::counter!("fleetline_cloud_tls_sessions_total").increment(1);
+    }
+
+    fn tls_failed(&self) {
+        metrics::counter!("fleetline_cloud_tls_handshakes_failed_total").increment(1);
+    }
+
+    fn tls_timed_out(&self) {
+        metrics::counter!("fleetline_cloud_tls_handshakes_timed_out_total").increment(1);
+    }
+}

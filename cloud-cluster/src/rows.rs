@@ -1,0 +1,377 @@
+//! Rows of the `readings` and `deadletter` datasets, and their Parquet encoding.
+//!
+//! Rows are buffered per Hive partition (`dt=YYYY-MM-DD/hour=HH`, UTC): readings
+//! by the reading's own time, dead letters by the time they were stored. A commit
+//! writes one zstd Parquet file per partition it touched.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use arrow_array::builder::{BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder};
+use arrow_array::builder::TimestampMillisecondBuilder;
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+/// Milliseconds per hour.
+const HOUR_MS: i64 = 3_600_000;
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// Schema of `readings`: one row per sample, long format.
+pub static READINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("fleet", DataType::Utf8, false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("epoch", DataType::Int64, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("ts", ts_type(), false),
+        Field::new("signal", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, false),
+        Field::new("gateway_id", DataType::Utf8, false),
+        Field::new("received_at", ts_type(), false),
+        Field::new("stored_at", ts_type(), false),
+    ]))
+});
+
+/// Schema of `deadletter`: what could not be used, with why and its raw bytes.
+pub static DEADLETTER_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("fleet", DataType::Utf8, true),
+        Field::new("device_id", DataType::Utf8, true),
+        Field::new("epoch", DataType::Int64, true),
+        Field::new("seq", DataType::Int64, true),
+        Field::new("ts", ts_type(), true),
+        Field::new("kind", DataType::Int32, true),
+        Field::new("gateway_id", DataType::Utf8, true),
+        Field::new("bundle_id", DataType::Int64, true),
+        Field::new("received_at", ts_type(), true),
+        Field::new("stored_at", ts_type(), false),
+        Field::new("raw", DataType::Binary, false),
+    ]))
+});
+
+/// Hours since the Unix epoch; the partition key.
+pub fn hour_of(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(HOUR_MS)
+}
+
+/// `dt=YYYY-MM-DD/hour=HH` of an hour since the epoch.
+pub fn partition_dir(hour: i64) -> String {
+    let days = hour.div_euclid(24);
+    let (y, m, d) = civil_from_days(days);
+    format!("dt={y:04}-{m:02}-{d:02}/hour={:02}", hour.rem_euclid(24))
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Strings shared by every row of one batch.
+#[derive(Clone, Debug)]
+pub struct BatchMeta {
+    /// Fleet id.
+    pub fleet: Arc<str>,
+    /// Device id.
+    pub device: Arc<str>,
+    /// Boot epoch.
+    pub epoch: u32,
+    /// Seq.
+    pub seq: u32,
+    /// Gateway the batch came through.
+    pub gateway: Arc<str>,
+    /// When that gateway received it, Unix ms.
+    pub received_at_ms: i64,
+}
+
+/// One sample.
+#[derive(Clone, Debug)]
+struct Reading {
+    meta: Arc<BatchMeta>,
+    ts_ms: i64,
+    signal: &'static str,
+    value: f64,
+}
+
+/// One dead letter.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// Why (a fixed reason word).
+    pub reason: &'static str,
+    /// More about why.
+    pub detail: String,
+    /// Fleet, when known.
+    pub fleet: Option<String>,
+    /// Device, when known.
+    pub device: Option<String>,
+    /// Epoch, when known.
+    pub epoch: Option<u32>,
+    /// Seq, when known.
+    pub seq: Option<u32>,
+    /// The batch's base time, when known (a raw series' times are relative to it).
+    pub ts_ms: Option<i64>,
+    /// Reading kind, for unknown kinds.
+    pub kind: Option<u16>,
+    /// Gateway, when known.
+    pub gateway: Option<String>,
+    /// Bundle id, when known.
+    pub bundle_id: Option<u64>,
+    /// Gateway receive time, when known.
+    pub received_at_ms: Option<i64>,
+    /// The bytes: a sealed batch, a raw series, or a whole bundle.
+    pub raw: Vec<u8>,
+}
+
+/// Rows waiting for the next commit, by partition.
+#[derive(Debug, Default)]
+pub struct Rows {
+    readings: BTreeMap<i64, Vec<Reading>>,
+    deadletter: Vec<DeadLetter>,
+    len: usize,
+}
+
+impl Rows {
+    /// Adds one sample.
+    pub fn push_reading(&mut self, meta: &Arc<BatchMeta>, ts_ms: i64, signal: &'static str, value: f64) {
+        self.readings.entry(hour_of(ts_ms)).or_default().push(Reading { meta: meta.clone(), ts_ms, signal, value });
+        self.len += 1;
+    }
+
+    /// Adds one dead letter.
+    pub fn push_deadletter(&mut self, d: DeadLetter) {
+        self.deadletter.push(d);
+        self.len += 1;
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Dead letters held.
+    pub fn deadletters(&self) -> usize {
+        self.deadletter.len()
+    }
+
+    /// Encodes everything as Parquet files: (dataset-relative file dir, bytes, rows).
+    /// `stored_at_ms` is the commit time written into every row.
+    pub fn encode(&self, stored_at_ms: i64) -> Result<Vec<EncodedFile>, parquet::errors::ParquetError> {
+        let mut out = Vec::new();
+        for (hour, rows) in &self.readings {
+            let batch = readings_batch(rows, stored_at_ms)?;
+            out.push(EncodedFile {
+                dataset: "readings",
+                partition: partition_dir(*hour),
+                rows: rows.len(),
+                bytes: write_parquet(&batch)?,
+            });
+        }
+        if !self.deadletter.is_empty() {
+            let batch = deadletter_batch(&self.deadletter, stored_at_ms)?;
+            out.push(EncodedFile {
+                dataset: "deadletter",
+                partition: partition_dir(hour_of(stored_at_ms)),
+                rows: self.deadletter.len(),
+                bytes: write_parquet(&batch)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One Parquet file of a commit.
+#[derive(Debug)]
+pub struct EncodedFile {
+    /// `readings` or `deadletter`.
+    pub dataset: &'static str,
+    /// `dt=…/hour=…`.
+    pub partition: String,
+    /// Rows in it.
+    pub rows: usize,
+    /// The file.
+    pub bytes: Vec<u8>,
+}
+
+fn readings_batch(rows: &[Reading], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let mut fleet = StringBuilder::with_capacity(n, n * 8);
+    let mut device = StringBuilder::with_capacity(n, n * 12);
+    let mut epoch = Int64Builder::with_capacity(n);
+    let mut seq = Int64Builder::with_capacity(n);
+    let mut ts = TimestampMillisecondBuilder::with_capacity(n);
+    let mut signal = StringBuilder::with_capacity(n, n * 40);
+    let mut value = Float64Builder::with_capacity(n);
+    let mut gateway = StringBuilder::with_capacity(n, n * 8);
+    let mut received = TimestampMillisecondBuilder::with_capacity(n);
+    for r in rows {
+        fleet.append_value(&*r.meta.fleet);
+        device.append_value(&*r.meta.device);
+        epoch.append_value(i64::from(r.meta.epoch));
+        seq.append_value(i64::from(r.meta.seq));
+        ts.append_value(r.ts_ms);
+        signal.append_value(r.signal);
+        value.append_value(r.value);
+        gateway.append_value(&*r.meta.gateway);
+        received.append_value(r.meta.received_at_ms);
+    }
+    let stored = arrow_array::TimestampMillisecondArray::from_value(stored_at_ms, n).with_timezone("UTC");
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(fleet.finish()),
+        Arc::new(device.finish()),
+        Arc::new(epoch.finish()),
+        Arc::new(seq.finish()),
+        Arc::new(ts.finish().with_timezone("UTC")),
+        Arc::new(signal.finish()),
+        Arc::new(value.finish()),
+        Arc::new(gateway.finish()),
+        Arc::new(received.finish().with_timezone("UTC")),
+        Arc::new(stored),
+    ];
+    RecordBatch::try_new(READINGS_SCHEMA.clone(), columns)
+}
+
+fn deadletter_batch(rows: &[DeadLetter], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let mut reason = StringBuilder::new();
+    let mut detail = StringBuilder::new();
+    let mut fleet = StringBuilder::new();
+    let mut device = StringBuilder::new();
+    let mut epoch = Int64Builder::with_capacity(n);
+    let mut seq = Int64Builder::with_capacity(n);
+    let mut ts = TimestampMillisecondBuilder::with_capacity(n);
+    let mut kind = Int32Builder::with_capacity(n);
+    let mut gateway = StringBuilder::new();
+    let mut bundle = Int64Builder::with_capacity(n);
+    let mut received = TimestampMillisecondBuilder::with_capacity(n);
+    let mut raw = BinaryBuilder::new();
+    for d in rows {
+        reason.append_value(d.reason);
+        detail.append_value(&d.detail);
+        fleet.append_option(d.fleet.as_deref());
+        device.append_option(d.device.as_deref());
+        epoch.append_option(d.epoch.map(i64::from));
+        seq.append_option(d.seq.map(i64::from));
+        ts.append_option(d.ts_ms);
+        kind.append_option(d.kind.map(i32::from));
+        gateway.append_option(d.gateway.as_deref());
+        bundle.append_option(d.bundle_id.map(|b| b as i64));
+        received.append_option(d.received_at_ms);
+        raw.append_value(&d.raw);
+    }
+    let stored = arrow_array::TimestampMillisecondArray::from_value(stored_at_ms, n).with_timezone("UTC");
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(reason.finish()),
+        Arc::new(detail.finish()),
+        Arc::new(fleet.finish()),
+        Arc::new(device.finish()),
+        Arc::new(epoch.finish()),
+        Arc::new(seq.finish()),
+        Arc::new(ts.finish().with_timezone("UTC")),
+        Arc::new(kind.finish()),
+        Arc::new(gateway.finish()),
+        Arc::new(bundle.finish()),
+        Arc::new(received.finish().with_timezone("UTC")),
+        Arc::new(stored),
+        Arc::new(raw.finish()),
+    ];
+    RecordBatch::try_new(DEADLETTER_SCHEMA.clone(), columns)
+}
+
+/// Writer settings of every dataset file: zstd, statistics, one row group per file
+/// up to a million rows.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(Some(1 << 20))
+        .set_created_by("fleetline-cloud".into())
+        .build()
+}
+
+/// One record batch as a whole Parquet file in memory.
+pub fn write_parquet(batch: &RecordBatch) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let mut buf = Vec::with_capacity(batch.num_rows() * 4 + 4096);
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(writer_properties()))?;
+    w.write(batch)?;
+    w.close()?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_utc_dates_and_hours() {
+        assert_eq!(partition_dir(0), "dt=1970-01-01/hour=00");
+        // 2026-11-27T03:15:00Z
+        assert_eq!(partition_dir(hour_of(1_796_181_300_000)), "dt=2026-11-27/hour=03");
+        // 2024-02-29T23:59:59.999Z (leap day), and the millisecond after.
+        assert_eq!(partition_dir(hour_of(1_709_251_199_999)), "dt=2024-02-29/hour=23");
+        assert_eq!(partition_dir(hour_of(1_709_251_200_000)), "dt=2024-03-01/hour=00");
+        assert_eq!(partition_dir(hour_of(-1)), "dt=1969-12-31/hour=23");
+    }
+
+    #[test]
+    fn encodes_readings_and_deadletters_as_parquet() {
+        let meta = Arc::new(BatchMeta {
+            fleet: "f".into(),
+            device: "d".into(),
+            epoch: 1,
+            seq: 2,
+            gateway: "gw-1".into(),
+            received_at_ms: 5,
+        });
+        let mut rows = Rows::default();
+        rows.push_reading(&meta, 1_000, "Vehicle.Speed", 42.5);
+        rows.push_reading(&meta, HOUR_MS + 1, "Vehicle.Speed", 43.0);
+        rows.push_deadletter(DeadLetter {
+            reason: "auth_failed",
+            detail: "x".into(),
+            fleet: None,
+            device: None,
+            epoch: None,
+            seq: None,
+            ts_ms: None,
+            kind: None,
+            gateway: Some("gw-1".into()),
+            bundle_id: Some(7),
+            received_at_ms: None,
+            raw: vec![1, 2, 3],
+        });
+        let files = rows.encode(10).unwrap();
+        assert_eq!(files.len(), 3);
+        assert_eq!(files[0].partition, "dt=1970-01-01/hour=00");
+        assert_eq!(files[1].partition, "dt=1970-01-01/hour=01");
+        assert_eq!((files[2].dataset, files[2].rows), ("deadletter", 1));
+        for f in &files {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(
+                f.bytes.clone(),
+            ))
+            .unwrap()
+            .build()
+            .unwrap();
+            let n: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+            assert_eq!(n, f.rows);
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! One shard: its owner's whole state, and the commit protocol.
+//!
+//! Bundles for the shard are opened here, every device batch inside verified
+//! with its device's key and deduped by (device, epoch, seq); new readings go to
+//! the open segment, whatever cannot be used to dead letters. A commit makes the
+//! open segment durable and only then yields the bundle acks:
+//!
+//! 1. encode one Parquet file per dataset partition and put each under
+//!    `_fleetline/staging/shard-NNN/` (outside every dataset: no reader sees it);
+//! 2. put the checkpoint of generation g+1, listing those files and where they go,
+//!    with the dedupe state that includes them — **the commit point**;
+//! 3. move each staged file to its place in the dataset (local: an atomic rename;
+//!    S3: a server-side copy, then a delete);
+//! 4. ack every bundle the segment holds.
+//!
+//! Recovery loads the newest checkpoint, finishes its moves, and deletes staged
+//! files no checkpoint names (a crash before step 2 leaves those; their bundles
+//! were never acked and come again). So after a crash at any instant every acked
+//! reading is in the dataset exactly once, and no reader ever sees a partial or
+//! orphan file: objects appear whole (atomic put, rename, copy), only after the
+//! checkpoint that accounts for them. A failed write inside a commit is handled
+//! the same way: the shard throws its memory away and recovers from the store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use fleetline_wire::bundle::{BundleId, open_bundle, peek_bundle};
+use fleetline_wire::provisioning::Provisioning;
+use fleetline_wire::shard::{fnv1a64, shard_of};
+use fleetline_wire::signals;
+use fleetline_wire::{DeviceId, FleetId, GatewayId, WireError, open_batch, peek_header};
+
+use crate::checkpoint::{
+    Checkpoint, DeviceState, Latest, Publish, Totals, checkpoint_dir, checkpoint_path, generation_of, staging_dir,
+};
+use crate::config::SegmentConfig;
+use crate::rows::{BatchMeta, DeadLetter, Rows};
+use crate::stats::{CloudStats, reason};
+use crate::store::Store;
+
+/// Most hashes of unauthenticated dead letters remembered for dedupe.
+const DEADLETTER_SEEN_MAX: usize = 65_536;
+
+/// Bundle acks a commit released: gateway → bundle ids.
+pub type Acks = BTreeMap<String, Vec<BundleId>>;
+
+/// Why a commit or a recovery failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The object store refused or failed.
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    /// Parquet encoding failed.
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    /// A checkpoint is unreadable.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// Stored state contradicts itself; refusing to guess.
+    #[error("inconsistent shard state: {0}")]
+    Inconsistent(String),
+}
+
+/// Where a test may stop the process to play a crash (`FLEETLINE_CLOUD_FAULT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitStep {
+    /// Segment files staged, checkpoint not yet written.
+    Staged,
+    /// Checkpoint written, files not yet published.
+    Checkpointed,
+    /// Files published, acks not yet sent.
+    Published,
+}
+
+/// Fault hook: with `FLEETLINE_CLOUD_FAULT=abort:<staged|checkpointed|published>:<n>`
+/// the process aborts (as a SIGKILL would leave it) the `n`th time any shard
+/// reaches that step. Used by the crash tests; unset in production.
+fn fault_point(step: CommitStep) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PLAN: OnceLock<Option<(CommitStep, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let plan = PLAN.get_or_init(|| {
+        let v = std::env::var("FLEETLINE_CLOUD_FAULT").ok()?;
+        let mut parts = v.split(':');
+        (parts.next()? == "abort").then_some(())?;
+        let step = match parts.next()? {
+            "staged" => CommitStep::Staged,
+            "checkpointed" => CommitStep::Checkpointed,
+            "published" => CommitStep::Published,
+            _ => return None,
+        };
+        Some((step, parts.next()?.parse().ok()?))
+    });
+    if let Some((at, n)) = *plan
+        && at == step
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == n
+    {
+        tracing::error!(?step, "FLEETLINE_CLOUD_FAULT: aborting");
+        std::process::abort();
+    }
+}
+
+/// A shard's state for `/status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ShardStatus {
+    /// Shard.
+    pub shard: u16,
+    /// Last committed generation.
+    pub generation: u64,
+    /// Rows in the open segment.
+    pub open_rows: usize,
+    /// Bundles waiting for the next commit to be acked.
+    pub pending_acks: usize,
+    /// Devices known.
+    pub devices: usize,
+    /// Dedupe ranges held (memory is proportional).
+    pub dedupe_ranges: usize,
+    /// Last commit, Unix ms.
+    pub last_commit_ms: Option<i64>,
+    /// Totals since the shard was created.
+    pub totals: Totals,
+}
+
+/// The latest state of one vehicle, for the HTTP query.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VehicleState {
+    /// Fleet.
+    pub fleet: String,
+    /// Device.
+    pub device: String,
+    /// Gateway of the last batch.
+    pub last_gateway: String,
+    /// When that gateway received it, Unix ms.
+    pub last_received_ms: i64,
+    /// Latest value per signal (VSS path → time and value).
+    pub signals: BTreeMap<String, (i64, f64)>,
+}
+
+/// One shard and its open segment.
+pub struct Shard {
+    id: u16,
+    shard_count: u16,
+    node: String,
+    cfg: SegmentConfig,
+    store: Store,
+    stats: Arc<CloudStats>,
+    generation: u64,
+    last_commit_ms: Option<i64>,
+    devices: HashMap<String, DeviceState>,
+    deadletter_seen: VecDeque<u64>,
+    deadletter_set: HashSet<u64>,
+    totals: Totals,
+    rows: Rows,
+    open_batches: u64,
+    opened_at: Option<Instant>,
+    acks: BTreeMap<String, BTreeSet<BundleId>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn device_key(fleet: &str, device: &str) -> String {
+    format!("{fleet}/{device}")
+}
+
+impl Shard {
+    /// Recovers shard `id` from the store: loads the newest checkpoint, finishes its
+    /// publishing, and removes staged files no checkpoint names.
+    pub async fn open(
+        store: Store,
+        id: u16,
+        shard_count: u16,
+        node: &str,
+        cfg: SegmentConfig,
+        stats: Arc<CloudStats>,
+    ) -> Result<Self, ShardError> {
+        let mut shard = Self {
+            id,
+            shard_count,
+            node: node.into(),
+            cfg,
+            store,
+            stats,
+            generation: 0,
+            last_commit_ms: None,
+            devices: HashMap::new(),
+            deadletter_seen: VecDeque::new(),
+            deadletter_set: HashSet::new(),
+            totals: Totals::default(),
+            rows: Rows::default(),
+            open_batches: 0,
+            opened_at: None,
+            acks: BTreeMap::new(),
+        };
+        shard.recover().await?;
+        Ok(shard)
+    }
+
+    /// Drops everything in memory and reloads from the store (after a failed commit).
+    pub async fn recover(&mut self) -> Result<(), ShardError> {
+        self.rows = Rows::default();
+        self.open_batches = 0;
+        self.opened_at = None;
+        self.acks.clear();
+        let checkpoints = self.store.list(&checkpoint_dir(self.id)).await?;
+        let newest = checkpoints.iter().filter_map(|p| generation_of(p).map(|g| (g, p))).max();
+        let ckpt = match newest {
+            None => None,
+            Some((_, path)) => {
+                let bytes = self
+                    .store
+                    .get(path)
+                    .await?
+                    .ok_or_else(|| ShardError::Inconsistent(format!("checkpoint {path} vanished while loading")))?;
+                Some(Checkpoint::from_bytes(&bytes)?)
+            }
+        };
+        let publish = ckpt.as_ref().map(|c| c.publish.clone()).unwrap_or_default();
+        if let Some(c) = &ckpt
+            && (c.shard != self.id || c.shard_count != self.shard_count)
+        {
+            return Err(ShardError::Inconsistent(format!(
+                "checkpoint of shard {}/{} found where shard {}/{} was expected (shard_count changed?)",
+                c.shard, c.shard_count, self.id, self.shard_count
+            )));
+        }
+        // Finish publishing what the newest commit staged.
+        for p in &publish {
+            if self.store.exists(&p.published).await? {
+                // A move that copied and crashed before its delete (S3).
+                self.store.delete(&p.staged).await?;
+            } else if self.store.exists(&p.staged).await? {
+                self.store.rename(&p.staged, &p.published).await?;
+                tracing::info!(shard = self.id, file = p.published, "published a committed file after restart");
+            } else {
+                return Err(ShardError::Inconsistent(format!(
+                    "committed file {} is neither staged nor published",
+                    p.published
+                )));
+            }
+        }
+        // Staged by a commit that never reached its checkpoint: not part of anything.
+        let named: HashSet<&str> = publish.iter().map(|p| p.staged.as_str()).collect();
+        for staged in self.store.list(&staging_dir(self.id)).await? {
+            if !named.contains(staged.as_str()) {
+                self.store.delete(&staged).await?;
+                self.stats.count(&self.stats.orphans_removed, 1);
+                tracing::info!(shard = self.id, file = staged, "removed a file staged by an uncommitted segment");
+            }
+        }
+        // Older checkpoints are superseded.
+        if let Some((newest, _)) = newest {
+            for p in &checkpoints {
+                if generation_of(p).is_some_and(|g| g < newest) {
+                    self.store.delete(p).await?;
+                }
+            }
+        }
+        match ckpt {
+            Some(c) => {
+                self.generation = c.generation;
+                self.last_commit_ms = Some(c.committed_at_ms);
+                self.totals = c.totals;
+                self.devices = c.devices.into_iter().map(|d| (device_key(&d.fleet, &d.device), d)).collect();
+                self.deadletter_set = c.deadletter_seen.iter().copied().collect();
+                self.deadletter_seen = c.deadletter_seen.into();
+            }
+            None => {
+                self.generation = 0;
+                self.last_commit_ms = None;
+                self.totals = Totals::default();
+                self.devices.clear();
+                self.deadletter_seen.clear();
+                self.deadletter_set.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// This shard's id.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Takes one bundle as published on this shard's topic.
+    pub fn ingest(&mut self, payload: &[u8], prov: &Provisioning) {
+        self.stats.count(&self.stats.bundles_received, 1);
+        let header = match peek_bundle(payload) {
+            Ok(h) => h,
+            Err(e) => return self.bundle_deadletter(reason::BUNDLE_MALFORMED, e.to_string(), None, None, payload),
+        };
+        let gw_key = GatewayId::new(&header.gateway).ok().and_then(|g| prov.gateway(&g)).map(|g| g.key.clone());
+        let Some(gw_key) = gw_key else {
+            let detail = format!("gateway {:?} is not provisioned", header.gateway);
+            return self.bundle_deadletter(reason::UNKNOWN_GATEWAY, detail, Some(&header.gateway), None, payload);
+        };
+        let (header, entries) = match open_bundle(payload, &gw_key) {
+            Ok(b) => b,
+            Err(e) => {
+                let r = if matches!(e, WireError::AuthenticationFailed) {
+                    reason::BUNDLE_AUTH_FAILED
+                } else {
+                    reason::BUNDLE_MALFORMED
+                };
+                return self.bundle_deadletter(r, e.to_string(), Some(&header.gateway), Some(header.id.0), payload);
+            }
+        };
+        if header.shard != self.id {
+            // Gateways put each bundle on its shard's topic; a mismatch is a forged
+            // or misrouted header. The batches are still checked one by one below.
+            tracing::warn!(shard = self.id, header_shard = header.shard, "bundle for another shard on this topic");
+        }
+        let gateway: Arc<str> = header.gateway.as_str().into();
+        let now = SystemTime::now();
+        for e in &entries {
+            self.ingest_batch(&gateway, header.id.0, e.received_at_ms as i64, &e.batch, prov, now);
+        }
+        self.acks.entry(header.gateway).or_default().insert(header.id);
+        self.opened_at.get_or_insert_with(Instant::now);
+    }
+
+    fn ingest_batch(
+        &mut self,
+        gateway: &Arc<str>,
+        bundle: u64,
+        received_at_ms: i64,
+        sealed: &[u8],
+        prov: &Provisioning,
+        now: SystemTime,
+    ) {
+        let dl = |reason: &'static str, detail: String, h: Option<&fleetline_wire::BatchHeader<'_>>| DeadLetter {
+            reason,
+            detail,
+            fleet: h.map(|h| h.fleet.into()),
+            device: h.map(|h| h.device.into()),
+            epoch: h.map(|h| h.epoch),
+            seq: h.map(|h| h.seq),
+            ts_ms: h.map(|h| h.base_time_ms as i64),
+            kind: None,
+            gateway: Some(gateway.to_string()),
+            bundle_id: Some(bundle),
+            received_at_ms: Some(received_at_ms),
+            raw: sealed.to_vec(),
+        };
+        let header = match peek_header(sealed) {
+            Ok(h) => h,
+            Err(e) => return self.hashed_deadletter(dl(reason::MALFORMED, e.to_string(), None)),
+        };
+        let (Ok(fleet), Ok(device)) = (FleetId::new(header.fleet), DeviceId::new(header.device)) else {
+            return self.hashed_deadletter(dl(reason::MALFORMED, "bad fleet or device id".into(), Some(&header)));
+        };
+        let home = shard_of(header.fleet, header.device, self.shard_count).0;
+        if home != self.id {
+            let detail = format!("device belongs to shard {home} of {}", self.shard_count);
+            return self.hashed_deadletter(dl(reason::WRONG_SHARD, detail, Some(&header)));
+        }
+        let Some(entry) = prov.device(&fleet, &device) else {
+            return self.hashed_deadletter(dl(reason::UNKNOWN_DEVICE, "device is not provisioned".into(), Some(&header)));
+        };
+        let mut buf = sealed.to_vec();
+        let mut opened = None;
+        for key in entry.keys_at(now) {
+            buf.copy_from_slice(sealed);
+            if open_batch(&mut buf, key).is_ok() {
+                opened = Some(key);
+                break;
+            }
+        }
+        let Some(key) = opened else {
+            return self.hashed_deadletter(dl(
+                reason::AUTH_FAILED,
+                "seal does not verify under the device's keys".into(),
+                Some(&header),
+            ));
+        };
+        // Authentic from here on: (device, epoch, seq) identifies the batch.
+        let dkey = device_key(header.fleet, header.device);
+        let state = self.devices.entry(dkey).or_insert_with(|| DeviceState {
+            fleet: header.fleet.into(),
+            device: header.device.into(),
+            ..Default::default()
+        });
+        if !state.seen.insert(header.epoch, header.seq) {
+            self.stats.count(&self.stats.duplicates, 1);
+            return;
+        }
+        state.seen.retain_epochs(self.cfg.dedupe_epochs);
+        self.open_batches += 1;
+        buf.copy_from_slice(sealed);
+        let decoded = match open_batch(&mut buf, key).and_then(|b| b.decode()) {
+            Ok(d) => d,
+            Err(e) => {
+                let d = dl(reason::UNDECODABLE, e.to_string(), Some(&header));
+                return self.push_deadletter(d);
+            }
+        };
+        state.last_gateway = gateway.to_string();
+        state.last_received_ms = received_at_ms;
+        let meta = Arc::new(BatchMeta {
+            fleet: header.fleet.into(),
+            device: header.device.into(),
+            epoch: header.epoch,
+            seq: header.seq,
+            gateway: gateway.clone(),
+            received_at_ms,
+        });
+        for s in &decoded.samples {
+            let Some(spec) = signals::spec(s.kind) else { continue };
+            self.rows.push_reading(&meta, s.ts_ms, spec.path, s.value);
+            match state.latest.iter_mut().find(|l| l.kind == s.kind.0) {
+                Some(l) if l.ts_ms <= s.ts_ms => *l = Latest { kind: s.kind.0, ts_ms: s.ts_ms, value: s.value },
+                Some(_) => {}
+                None => state.latest.push(Latest { kind: s.kind.0, ts_ms: s.ts_ms, value: s.value }),
+            }
+        }
+        self.stats.count(&self.stats.samples_received, decoded.samples.len() as u64);
+        for u in decoded.unknown {
+            let mut d = dl(reason::UNKNOWN_KIND, format!("reading kind {} is not in schema {}", u.kind.0, header.schema), Some(&header));
+            d.kind = Some(u.kind.0);
+            d.raw = u.raw;
+            self.push_deadletter(d);
+        }
+    }
+
+    fn bundle_deadletter(
+        &mut self,
+        reason: &'static str,
+        detail: String,
+        gateway: Option<&str>,
+        bundle: Option<u64>,
+        payload: &[u8],
+    ) {
+        self.hashed_deadletter(DeadLetter {
+            reason,
+            detail,
+            fleet: None,
+            device: None,
+            epoch: None,
+            seq: None,
+            ts_ms: None,
+            kind: None,
+            gateway: gateway.map(Into::into),
+            bundle_id: bundle,
+            received_at_ms: None,
+            raw: payload.to_vec(),
+        });
+        self.opened_at.get_or_insert_with(Instant::now);
+    }
+
+    /// A dead letter whose sender is not authenticated: deduped by a hash of its bytes.
+    fn hashed_deadletter(&mut self, d: DeadLetter) {
+        let h = fnv1a64(&d.raw) ^ fnv1a64(d.reason.as_bytes()).rotate_left(1);
+        if !self.deadletter_set.insert(h) {
+            self.stats.count(&self.stats.duplicates, 1);
+            return;
+        }
+        self.deadletter_seen.push_back(h);
+        while self.deadletter_seen.len() > DEADLETTER_SEEN_MAX {
+            if let Some(old) = self.deadletter_seen.pop_front() {
+                self.deadletter_set.remove(&old);
+            }
+        }
+        self.push_deadletter(d);
+    }
+
+    fn push_deadletter(&mut self, d: DeadLetter) {
+        self.stats.deadletter(d.reason);
+        tracing::debug!(shard = self.id, reason = d.reason, detail = d.detail, "dead letter");
+        self.rows.push_deadletter(d);
+    }
+
+    /// When the open segment must be committed: at once when it is full or holds
+    /// only acks (every batch a duplicate of committed data), else at its age limit.
+    pub fn deadline(&self) -> Option<Instant> {
+        let opened = self.opened_at?;
+        if self.rows.len() >= self.cfg.max_rows || (self.rows.is_empty() && !self.acks.is_empty()) {
+            return Some(opened);
+        }
+        Some(opened + self.cfg.max_age)
+    }
+
+    /// Commits the open segment (see the module docs); returns the acks it releases.
+    /// On error nothing is acked and the caller must [`recover`](Self::recover).
+    pub async fn commit(&mut self) -> Result<Acks, ShardError> {
+        let acks: Acks =
+            std::mem::take(&mut self.acks).into_iter().map(|(g, ids)| (g, ids.into_iter().collect())).collect();
+        self.opened_at = None;
+        if self.rows.is_empty() {
+            return Ok(acks);
+        }
+        let started = Instant::now();
+        let generation = self.generation + 1;
+        let stored_at = now_ms();
+        let rows = std::mem::take(&mut self.rows);
+        let (rows, files) = tokio::task::spawn_blocking(move || {
+            let files = rows.encode(stored_at);
+            (rows, files)
+        })
+        .await
+        .map_err(|e| ShardError::Inconsistent(format!("encoder task failed: {e}")))?;
+        let files = files?;
+        let mut publish = Vec::with_capacity(files.len());
+        let mut written = 0u64;
+        for (i, f) in files.into_iter().enumerate() {
+            let staged = format!("{}/{generation:012}-{i:03}.parquet", staging_dir(self.id));
+            let published =
+                format!("{}/{}/shard-{:03}-{generation:012}.parquet", f.dataset, f.partition, self.id);
+            written += f.bytes.len() as u64;
+            self.store.put(&staged, Bytes::from(f.bytes)).await?;
+            publish.push(Publish { staged, published });
+        }
+        fault_point(CommitStep::Staged);
+        let mut totals = self.totals;
+        totals.readings += (rows.len() - rows.deadletters()) as u64;
+        totals.deadletters += rows.deadletters() as u64;
+        totals.batches += self.open_batches;
+        totals.files += publish.len() as u64;
+        let ckpt = Checkpoint {
+            shard: self.id,
+            shard_count: self.shard_count,
+            generation,
+            committed_at_ms: stored_at,
+            node: self.node.clone(),
+            devices: self.devices.values().cloned().collect(),
+            deadletter_seen: self.deadletter_seen.iter().copied().collect(),
+            publish: publish.clone(),
+            totals,
+        };
+        self.store.put(&checkpoint_path(self.id, generation), Bytes::from(ckpt.to_bytes())).await?;
+        fault_point(CommitStep::Checkpointed);
+        for p in &publish {
+            self.store.rename(&p.staged, &p.published).await?;
+        }
+        fault_point(CommitStep::Published);
+        // Committed. The previous checkpoint is superseded; failing to delete it is harmless.
+        if generation > 1 {
+            if let Err(e) = self.store.delete(&checkpoint_path(self.id, generation - 1)).await {
+                tracing::warn!(shard = self.id, error = %e, "could not delete a superseded checkpoint");
+            }
+        }
+        let new_readings = totals.readings - self.totals.readings;
+        let new_batches = totals.batches - self.totals.batches;
+        self.generation = generation;
+        self.last_commit_ms = Some(stored_at);
+        self.totals = totals;
+        self.open_batches = 0;
+        let s = &self.stats;
+        s.count(&s.commits, 1);
+        s.count(&s.readings_stored, new_readings);
+        s.count(&s.batches_stored, new_batches);
+        s.count(&s.bytes_written, written);
+        s.last_commit_ms.store(stored_at, std::sync::atomic::Ordering::Relaxed);
+        metrics::histogram!("fleetline_cloud_commit_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(shard = self.id, generation, rows = rows.len(), files = publish.len(), "committed");
+        Ok(acks)
+    }
+
+    /// Status for `/status`.
+    pub fn status(&self) -> ShardStatus {
+        ShardStatus {
+            shard: self.id,
+            generation: self.generation,
+            open_rows: self.rows.len(),
+            pending_acks: self.acks.values().map(BTreeSet::len).sum(),
+            devices: self.devices.len(),
+            dedupe_ranges: self.devices.values().map(|d| d.seen.range_count()).sum(),
+            last_commit_ms: self.last_commit_ms,
+            totals: self.totals,
+        }
+    }
+
+    /// A vehicle's latest state, if this shard knows it.
+    pub fn vehicle(&self, fleet: &str, device: &str) -> Option<VehicleState> {
+        let d = self.devices.get(&device_key(fleet, device))?;
+        Some(VehicleState {
+            fleet: d.fleet.clone(),
+            device: d.device.clone(),
+            last_gateway: d.last_gateway.clone(),
+            last_received_ms: d.last_received_ms,
+            signals: d
+                .latest
+                .iter()
+                .filter_map(|l| {
+                    signals::spec(signals::SignalKind(l.kind)).map(|s| (s.path.to_string(), (l.ts_ms, l.value)))
+                })
+                .collect(),
+        })
+    }
+
+    /// How long since the open segment was opened (for tests and status).
+    pub fn open_for(&self) -> Option<Duration> {
+        self.opened_at.map(|t| t.elapsed())
+    }
+}

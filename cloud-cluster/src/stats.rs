@@ -1,0 +1,109 @@
+//! Counters of the cloud node, for `/status` and, mirrored, `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// Dead-letter reasons.
+pub mod reason {
+    /// A bundle whose header or body does not parse.
+    pub const BUNDLE_MALFORMED: &str = "bundle_malformed";
+    /// A bundle from a gateway that is not provisioned.
+    pub const UNKNOWN_GATEWAY: &str = "unknown_gateway";
+    /// A bundle whose seal does not verify under its gateway's key.
+    pub const BUNDLE_AUTH_FAILED: &str = "bundle_auth_failed";
+    /// A batch whose header does not parse.
+    pub const MALFORMED: &str = "malformed";
+    /// A batch of a device that hashes to another shard (shard counts differ).
+    pub const WRONG_SHARD: &str = "wrong_shard";
+    /// A batch of a device that is not provisioned.
+    pub const UNKNOWN_DEVICE: &str = "unknown_device";
+    /// A batch whose seal does not verify under its device's keys.
+    pub const AUTH_FAILED: &str = "auth_failed";
+    /// An authentic batch whose body does not decode.
+    pub const UNDECODABLE: &str = "undecodable";
+    /// A series of a reading kind this schema does not know (raw series kept).
+    pub const UNKNOWN_KIND: &str = "unknown_kind";
+}
+
+/// Counters, shared by every task of the node.
+#[derive(Debug, Default)]
+pub struct CloudStats {
+    /// Bundles taken from the broker.
+    pub bundles_received: AtomicU64,
+    /// Samples decoded from new batches.
+    pub samples_received: AtomicU64,
+    /// Batches (or unauthenticated dead letters) seen before: dedupe hits.
+    pub duplicates: AtomicU64,
+    /// Readings rows committed.
+    pub readings_stored: AtomicU64,
+    /// Batches committed.
+    pub batches_stored: AtomicU64,
+    /// Commits.
+    pub commits: AtomicU64,
+    /// Commits that failed (the shard recovered from the store).
+    pub commit_failures: AtomicU64,
+    /// Parquet bytes written.
+    pub bytes_written: AtomicU64,
+    /// Staged files of uncommitted segments removed at recovery.
+    pub orphans_removed: AtomicU64,
+    /// Bundle acks published.
+    pub acks_sent: AtomicU64,
+    /// Bundles for shards this node does not own, or unparsable topics.
+    pub misrouted: AtomicU64,
+    /// Last commit of any shard, Unix ms.
+    pub last_commit_ms: AtomicI64,
+    /// Connected to the broker.
+    pub broker_connected: AtomicBool,
+    /// Every shard recovered and the broker subscription in place.
+    pub ready: AtomicBool,
+    /// Refused gateway logins (embedded broker), by reason.
+    pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    deadletters: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl CloudStats {
+    /// Adds to a counter and to its Prometheus twin.
+    pub fn count(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// Counts a dead letter by reason.
+    pub fn deadletter(&self, reason: &'static str) {
+        if let Ok(mut m) = self.deadletters.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+        metrics::counter!("fleetline_cloud_deadletters_total", "reason" => reason).increment(1);
+    }
+
+    /// Dead letters by reason.
+    pub fn deadletters(&self) -> BTreeMap<&'static str, u64> {
+        self.deadletters.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Sets the Prometheus gauges and counters from the atomics (before a scrape).
+    pub fn export(&self) {
+        let pairs: [(&str, &AtomicU64); 11] = [
+            ("fleetline_cloud_bundles_received_total", &self.bundles_received),
+            ("fleetline_cloud_samples_received_total", &self.samples_received),
+            ("fleetline_cloud_dedupe_hits_total", &self.duplicates),
+            ("fleetline_cloud_readings_stored_total", &self.readings_stored),
+            ("fleetline_cloud_batches_stored_total", &self.batches_stored),
+            ("fleetline_cloud_commits_total", &self.commits),
+            ("fleetline_cloud_commit_failures_total", &self.commit_failures),
+            ("fleetline_cloud_bytes_written_total", &self.bytes_written),
+            ("fleetline_cloud_orphans_removed_total", &self.orphans_removed),
+            ("fleetline_cloud_acks_sent_total", &self.acks_sent),
+            ("fleetline_cloud_misrouted_bundles_total", &self.misrouted),
+        ];
+        for (name, c) in pairs {
+            metrics::counter!(name).absolute(Self::get(c));
+        }
+        metrics::gauge!("fleetline_cloud_broker_connected").set(f64::from(u8::from(self.broker_connected.load(Ordering::Relaxed))));
+    }
+}

@@ -1,0 +1,249 @@
+//! The object store under the datasets: a local directory (fsync on) or S3.
+//!
+//! Everything the node writes goes through [`Store`], which adds the few calls
+//! the commit protocol needs on top of `object_store` and, for tests, a fault
+//! plan that fails a chosen write the way a crash or an outage would.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::config::StorageConfig;
+
+/// Where the datasets live, parsed from `storage.url`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// A local directory.
+    Local(std::path::PathBuf),
+    /// An S3 bucket and a key prefix (may be empty).
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key prefix, without slashes at either end.
+        prefix: String,
+    },
+}
+
+impl StoreSpec {
+    /// Parses `file:///dir`, a plain path or `s3://bucket/prefix`.
+    pub fn parse(cfg: &StorageConfig) -> Result<Self, String> {
+        let url = cfg.url.trim();
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!("storage.url {url:?} names no bucket"));
+            }
+            return Ok(Self::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!("storage.url {url:?}: file URLs take an absolute path"));
+            }
+            return Ok(Self::Local(path.into()));
+        }
+        if url.contains("://") {
+            return Err(format!("storage.url {url:?}: only file:// and s3:// are supported"));
+        }
+        if url.is_empty() {
+            return Err("storage.url is empty".into());
+        }
+        Ok(Self::Local(url.into()))
+    }
+
+    /// Opens the store; a local directory is created if missing.
+    pub fn open(&self, cfg: &StorageConfig) -> anyhow::Result<Store> {
+        match self {
+            Self::Local(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?.with_fsync(true);
+                Ok(Store::new(Arc::new(fs), Path::default()))
+            }
+            Self::S3 { bucket, prefix } => {
+                // reqwest's TLS uses the process-wide rustls provider.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(&cfg.region)
+                    .with_allow_http(cfg.allow_http);
+                if let Some(e) = &cfg.endpoint {
+                    b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+                }
+                if let Some(k) = &cfg.access_key_id {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(k) = &cfg.secret_access_key {
+                    b = b.with_secret_access_key(k);
+                }
+                Ok(Store::new(Arc::new(b.build()?), Path::from(prefix.as_str())))
+            }
+        }
+    }
+}
+
+/// Fails the `n`th write (put, rename, delete) from now, once, and every write
+/// after it while `sticky`: a crash at that instant when the node is then thrown
+/// away, an outage when it is kept.
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    writes: AtomicU64,
+    fail_at: AtomicU64,
+    sticky: std::sync::atomic::AtomicBool,
+}
+
+impl FaultPlan {
+    /// Fails the `n`th write (1-based) from now; 0 disables.
+    pub fn fail_write(&self, n: u64, sticky: bool) {
+        self.writes.store(0, Ordering::SeqCst);
+        self.fail_at.store(n, Ordering::SeqCst);
+        self.sticky.store(sticky, Ordering::SeqCst);
+    }
+
+    /// Stops failing.
+    pub fn clear(&self) {
+        self.fail_at.store(0, Ordering::SeqCst);
+    }
+
+    fn check(&self, what: &str, path: &Path) -> object_store::Result<()> {
+        let at = self.fail_at.load(Ordering::SeqCst);
+        if at == 0 {
+            return Ok(());
+        }
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == at || (n > at && self.sticky.load(Ordering::SeqCst)) {
+            return Err(object_store::Error::Generic {
+                store: "fault",
+                source: format!("injected failure of write {n} ({what} {path})").into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The object store and the prefix the datasets live under.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    root: Path,
+    /// Injected failures (tests).
+    pub faults: Arc<FaultPlan>,
+}
+
+impl Store {
+    /// Wraps a store; every path is taken relative to `root`.
+    pub fn new(inner: Arc<dyn ObjectStore>, root: Path) -> Self {
+        Self { inner, root, faults: Arc::default() }
+    }
+
+    /// An in-memory store (tests, benchmarks).
+    pub fn memory() -> Self {
+        Self::new(Arc::new(object_store::memory::InMemory::new()), Path::default())
+    }
+
+    fn full(&self, rel: &str) -> Path {
+        let mut p = self.root.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    fn rel(&self, full: &Path) -> String {
+        match full.prefix_match(&self.root) {
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+            None => full.to_string(),
+        }
+    }
+
+    /// Writes an object atomically (readers see all of it or nothing).
+    pub async fn put(&self, rel: &str, data: Bytes) -> object_store::Result<()> {
+        let path = self.full(rel);
+        self.faults.check("put", &path)?;
+        self.inner.put(&path, PutPayload::from_bytes(data)).await.map(|_| ())
+    }
+
+    /// Reads an object; `None` if it does not exist.
+    pub async fn get(&self, rel: &str) -> object_store::Result<Option<Bytes>> {
+        match self.inner.get(&self.full(rel)).await {
+            Ok(r) => r.bytes().await.map(Some),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, rel: &str) -> object_store::Result<bool> {
+        match self.inner.head(&self.full(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves an object (local: one atomic rename; S3: copy, then delete).
+    pub async fn rename(&self, from: &str, to: &str) -> object_store::Result<()> {
+        let (from, to) = (self.full(from), self.full(to));
+        self.faults.check("rename", &to)?;
+        self.inner.rename(&from, &to).await
+    }
+
+    /// Deletes an object; a missing one is not an error.
+    pub async fn delete(&self, rel: &str) -> object_store::Result<()> {
+        let path = self.full(rel);
+        self.faults.check("delete", &path)?;
+        match self.inner.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every object under `prefix` (recursively), relative to the root, sorted.
+    pub async fn list(&self, prefix: &str) -> object_store::Result<Vec<String>> {
+        let full = self.full(prefix);
+        let prefix = if prefix.is_empty() { None } else { Some(&full) };
+        let metas: Vec<_> = self.inner.list(prefix).try_collect().await?;
+        let mut out: Vec<String> = metas.iter().map(|m| self.rel(&m.location)).collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> Result<StoreSpec, String> {
+        StoreSpec::parse(&StorageConfig { url: url.into(), ..Default::default() })
+    }
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(spec("s3://b/x/y/").unwrap(), StoreSpec::S3 { bucket: "b".into(), prefix: "x/y".into() });
+        assert_eq!(spec("s3://b").unwrap(), StoreSpec::S3 { bucket: "b".into(), prefix: String::new() });
+        assert_eq!(spec("file:///d").unwrap(), StoreSpec::Local("/d".into()));
+        assert_eq!(spec("data").unwrap(), StoreSpec::Local("data".into()));
+        assert!(spec("file://rel").is_err());
+        assert!(spec("gs://b").is_err());
+        assert!(spec("s3:///x").is_err());
+    }
+
+    #[tokio::test]
+    async fn put_get_list_rename_delete_under_a_prefix() {
+        let s = Store::new(Arc::new(object_store::memory::InMemory::new()), Path::from("pre/fix"));
+        s.put("a/b/c.bin", Bytes::from_static(b"1")).await.unwrap();
+        s.put("a/d.bin", Bytes::from_static(b"2")).await.unwrap();
+        assert_eq!(s.list("a").await.unwrap(), vec!["a/b/c.bin", "a/d.bin"]);
+        s.rename("a/d.bin", "e/d.bin").await.unwrap();
+        assert_eq!(s.get("e/d.bin").await.unwrap().unwrap(), Bytes::from_static(b"2"));
+        assert!(s.get("a/d.bin").await.unwrap().is_none());
+        s.delete("nothing").await.unwrap();
+        s.faults.fail_write(2, false);
+        s.put("x", Bytes::new()).await.unwrap();
+        assert!(s.put("y", Bytes::new()).await.is_err());
+        s.put("z", Bytes::new()).await.unwrap();
+        assert_eq!(s.list("").await.unwrap(), vec!["a/b/c.bin", "e/d.bin", "x", "z"]);
+    }
+}
