@@ -324,7 +324,7 @@ mod tests {
     fn partitions_are_utc_dates_and_hours() {
         assert_eq!(partition_dir(0), "dt=1970-01-01/hour=00");
         // 2026-11-27T03:15:00Z
-        assert_eq!(partition_dir(hour_of(1_796_181_300_000)), "dt=2026-11-27/hour=03");
+        assert_eq!(partition_dir(hour_of(1_795_749_300_000)), "dt=2026-11-27/hour=03");
         // 2024-02-29T23:59:59.999Z (leap day), and the millisecond after.
         assert_eq!(partition_dir(hour_of(1_709_251_199_999)), "dt=2024-02-29/hour=23");
         assert_eq!(partition_dir(hour_of(1_709_251_200_000)), "dt=2024-03-01/hour=00");

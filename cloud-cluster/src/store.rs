@@ -102,6 +102,11 @@ impl FaultPlan {
         self.sticky.store(sticky, Ordering::SeqCst);
     }
 
+    /// Writes counted since the plan was set.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
     /// Stops failing.
     pub fn clear(&self) {
         self.fail_at.store(0, Ordering::SeqCst);

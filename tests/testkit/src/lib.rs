@@ -5,8 +5,10 @@
 //! - [`Pki`]: a CA with server and client certificates.
 //! - [`provisioning`]: deterministic provisioning files.
 //! - [`cloud::FakeCloud`]: consumes gateway bundles from a broker, opens every batch,
-//!   records what arrived and acks bundles, playing the cloud until it exists.
+//!   records what arrived and acks bundles (tests of the gateway alone).
+//! - [`batches`]: sealed batches and bundles built directly with the wire format.
 
+pub mod batches;
 pub mod cloud;
 mod mosquitto;
 mod pki;

@@ -1,0 +1,236 @@
+//! The shard's commit protocol against an in-memory object store: exactly once
+//! after a failure at every write, dedupe in any order, dead letters, and no
+//! partial or orphan file visible to a reader of the datasets.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is the failure report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow_array::{Array, Int64Array, StringArray};
+use fleetline_cloud::config::SegmentConfig;
+use fleetline_cloud::shard::Shard;
+use fleetline_cloud::stats::CloudStats;
+use fleetline_cloud::store::Store;
+use fleetline_testkit::batches::{bundle, sealed_batch};
+use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
+use fleetline_wire::provisioning::Provisioning;
+use fleetline_wire::shard::shard_of;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+const SHARDS: u16 = 4;
+const SAMPLES: usize = 5;
+const BASE_MS: u64 = 1_796_180_000_000;
+
+/// Devices of shard 0.
+fn devices_of_shard0(n: usize) -> Vec<usize> {
+    (0..200).filter(|i| shard_of("acme", device_id(*i).as_str(), SHARDS).0 == 0).take(n).collect()
+}
+
+/// (device, epoch, seq) → rows, over every file a reader globbing `readings/` sees.
+async fn readings(store: &Store) -> BTreeMap<(String, i64, i64), usize> {
+    let mut out = BTreeMap::new();
+    for path in store.list("readings").await.unwrap() {
+        assert!(path.ends_with(".parquet"), "a reader would see {path}");
+        let bytes = store.get(&path).await.unwrap().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let dev = b.column_by_name("device_id").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            let epoch = b.column_by_name("epoch").unwrap().as_any().downcast_ref::<Int64Array>().unwrap();
+            let seq = b.column_by_name("seq").unwrap().as_any().downcast_ref::<Int64Array>().unwrap();
+            for i in 0..b.num_rows() {
+                *out.entry((dev.value(i).to_string(), epoch.value(i), seq.value(i))).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+async fn deadletter_reasons(store: &Store) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for path in store.list("deadletter").await.unwrap() {
+        let bytes = store.get(&path).await.unwrap().unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+            let b = b.unwrap();
+            let r = b.column_by_name("reason").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            for i in 0..r.len() {
+                *out.entry(r.value(i).to_string()).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+fn cfg() -> SegmentConfig {
+    SegmentConfig { max_rows: 1_000_000, ..Default::default() }
+}
+
+async fn open(store: &Store) -> Result<Shard, fleetline_cloud::shard::ShardError> {
+    Shard::open(store.clone(), 0, SHARDS, "test", cfg(), Arc::new(CloudStats::default())).await
+}
+
+/// A gateway's bundles: (id, payload, batch keys inside).
+type Bundles = Vec<(u64, Vec<u8>, Vec<(String, i64, i64)>)>;
+
+/// Six bundles over three devices, with batches repeated across bundles (a
+/// re-send, a vehicle seen through two gateways) and out of order.
+fn gateway_bundles() -> Bundles {
+    let devs = devices_of_shard0(3);
+    let mut out = Vec::new();
+    let plan: [&[(usize, u32)]; 6] =
+        [&[(0, 0), (1, 0)], &[(0, 1), (2, 0)], &[(0, 1), (1, 2)], &[(1, 1), (2, 1)], &[(0, 3), (0, 2)], &[(2, 1), (1, 2)]];
+    for (b, batches) in plan.iter().enumerate() {
+        let mut sealed = Vec::new();
+        let mut keys = Vec::new();
+        for (d, seq) in batches.iter() {
+            let i = devs[*d];
+            let dev = device_id(i);
+            sealed.push(sealed_batch(dev.as_str(), &device_key(i), 7, *seq, BASE_MS + u64::from(*seq) * 60_000, SAMPLES, None));
+            keys.push((dev.as_str().to_string(), 7i64, i64::from(*seq)));
+        }
+        out.push((b as u64 + 1, bundle(&gateway_key(0), "gw-0", b as u64 + 1, 0, &sealed, BASE_MS), keys));
+    }
+    out
+}
+
+/// Plays the gateway against a shard until every bundle is acked, failing the
+/// store's `fail_at`th write once; `crash` throws the shard away at the failure
+/// (a process crash), otherwise the same shard recovers (an outage). Returns
+/// whether the run got as far as the failing write.
+async fn run_with_failure(fail_at: u64, crash: bool) -> (bool, Store, BTreeSet<(String, i64, i64)>) {
+    let store = Store::memory();
+    let prov: Provisioning = fleet(200, 1);
+    let bundles = gateway_bundles();
+    let mut shard = open(&store).await.unwrap();
+    store.faults.fail_write(fail_at, false);
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut acked_batches = BTreeSet::new();
+    let mut failed = false;
+    for round in 0..10 {
+        // Two bundles per commit, re-sending whatever is not acked yet.
+        let pending: Vec<_> = bundles.iter().filter(|b| !acked.contains(&b.0)).collect();
+        if pending.is_empty() {
+            break;
+        }
+        for chunk in pending.chunks(2) {
+            for (_, payload, _) in chunk {
+                shard.ingest(payload, &prov);
+            }
+            match shard.commit().await {
+                Ok(acks) => {
+                    for id in acks.get("gw-0").into_iter().flatten() {
+                        acked.insert(id.0);
+                        let b = bundles.iter().find(|b| b.0 == id.0).unwrap();
+                        acked_batches.extend(b.2.iter().cloned());
+                    }
+                }
+                Err(_) => {
+                    failed = true;
+                    if crash {
+                        drop(shard);
+                        shard = open(&store).await.unwrap();
+                    } else {
+                        shard.recover().await.unwrap();
+                    }
+                }
+            }
+        }
+        assert!(round < 9, "bundles never all acked");
+    }
+    let reached = store.faults.writes() >= fail_at;
+    store.faults.clear();
+    (failed || reached, store, acked_batches)
+}
+
+#[tokio::test]
+async fn every_acked_batch_is_stored_exactly_once_whatever_write_fails() {
+    let mut hit = 0;
+    for crash in [true, false] {
+        for fail_at in 1..200 {
+            let (failed, store, acked) = run_with_failure(fail_at, crash).await;
+            let rows = readings(&store).await;
+            for key in &acked {
+                assert_eq!(rows.get(key), Some(&SAMPLES), "fail_at {fail_at} crash {crash}: {key:?} not stored once");
+            }
+            // Nothing stored that was not sent, nothing doubled.
+            assert!(rows.values().all(|n| *n == SAMPLES), "fail_at {fail_at}: duplicated rows {rows:?}");
+            assert_eq!(rows.len(), 9, "fail_at {fail_at} crash {crash}");
+            // A fresh owner finds no staged leftovers after recovery.
+            let _ = open(&store).await.unwrap();
+            assert!(store.list("_fleetline/staging").await.unwrap().is_empty());
+            if !failed {
+                break;
+            }
+            hit += 1;
+        }
+    }
+    assert!(hit >= 30, "only {hit} failure points exercised");
+}
+
+#[tokio::test]
+async fn dedupes_in_any_order_and_dead_letters_what_it_cannot_use() {
+    let store = Store::memory();
+    let mut prov: Provisioning = fleet(200, 2);
+    let devs = devices_of_shard0(2);
+    let (a, b) = (device_id(devs[0]), device_id(devs[1]));
+    let batch = |dev: &fleetline_wire::DeviceId, i: usize, seq: u32, unknown: Option<u16>| {
+        sealed_batch(dev.as_str(), &device_key(i), 1, seq, BASE_MS, SAMPLES, unknown)
+    };
+    let mut shard = open(&store).await.unwrap();
+    // Seqs 5, 3, 4, 3 again (via another gateway), then 0: gaps and reordering.
+    let b1 = bundle(&gateway_key(0), "gw-0", 1, 0, &[batch(&a, devs[0], 5, None), batch(&a, devs[0], 3, None)], BASE_MS);
+    let b2 = bundle(&gateway_key(1), "gw-1", 1, 0, &[batch(&a, devs[0], 3, None), batch(&a, devs[0], 4, None)], BASE_MS);
+    // Wrong key (b's batch sealed with a's key), an unknown kind, garbage.
+    let forged = sealed_batch(b.as_str(), &device_key(devs[0]), 1, 0, BASE_MS, SAMPLES, None);
+    let b3 = bundle(
+        &gateway_key(0),
+        "gw-0",
+        2,
+        0,
+        &[forged.clone(), batch(&b, devs[1], 1, Some(999)), vec![1, 2, 3], batch(&a, devs[0], 0, None)],
+        BASE_MS,
+    );
+    // A bundle sealed with the wrong gateway key, and a corrupt one.
+    let b4 = bundle(&gateway_key(1), "gw-0", 3, 0, &[batch(&a, devs[0], 9, None)], BASE_MS);
+    let mut b5 = bundle(&gateway_key(0), "gw-0", 4, 0, &[batch(&a, devs[0], 9, None)], BASE_MS);
+    let n = b5.len();
+    b5[n - 20] ^= 0xff;
+    for p in [&b1, &b2, &b3, &b4, &b5, &b1, &b3, &b4] {
+        shard.ingest(p, &prov);
+    }
+    let acks = shard.commit().await.unwrap();
+    let ids = |g: &str| acks.get(g).map(|v| v.iter().map(|i| i.0).collect::<Vec<_>>()).unwrap_or_default();
+    assert_eq!(ids("gw-0"), vec![1, 2], "authentic bundles acked, forged ones not");
+    assert_eq!(ids("gw-1"), vec![1]);
+    // Re-sent after the commit: acked at once, nothing new stored.
+    shard.ingest(&b2, &prov);
+    assert!(shard.deadline().unwrap() <= std::time::Instant::now());
+    assert_eq!(shard.commit().await.unwrap().get("gw-1").unwrap().len(), 1);
+    let rows = readings(&store).await;
+    let seqs: Vec<i64> = rows.keys().filter(|k| k.0 == a.as_str()).map(|k| k.2).collect();
+    assert_eq!(seqs, vec![0, 3, 4, 5]);
+    assert_eq!(rows.get(&(b.as_str().to_string(), 1, 1)), Some(&SAMPLES), "known kinds of a batch with an unknown one");
+    assert!(rows.values().all(|n| *n == SAMPLES));
+    let dl = deadletter_reasons(&store).await;
+    let expect: BTreeMap<String, usize> = [("auth_failed", 1), ("unknown_kind", 1), ("malformed", 1), ("bundle_auth_failed", 2)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(dl, expect);
+    // An unknown device's batch is kept too, once provisioning no longer lists it.
+    prov = fleet(0, 2);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 9, 0, &[batch(&a, devs[0], 20, None)], BASE_MS), &prov);
+    shard.commit().await.unwrap();
+    assert_eq!(deadletter_reasons(&store).await.get("unknown_device"), Some(&1));
+    // The state survives a restart: the same batches are still duplicates.
+    let mut again = open(&store).await.unwrap();
+    let prov = fleet(200, 2);
+    again.ingest(&b1, &prov);
+    again.ingest(&b3, &prov);
+    again.commit().await.unwrap();
+    assert_eq!(readings(&store).await, rows);
+    assert_eq!(again.status().totals.batches, 5);
+    let v = again.vehicle("acme", a.as_str()).unwrap();
+    assert_eq!(v.last_gateway, "gw-0");
+    assert!(v.signals.contains_key("Vehicle.Speed"));
+}
