@@ -134,7 +134,8 @@ async fn vehicle(State(ops): State<Ops>, Path((fleet, device)): Path<(String, St
 fn authorized(ops: &Ops, headers: &HeaderMap) -> bool {
     let Some(token) = &ops.token else { return true };
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0)
+    given
+        .is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0)
 }
 
 async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {

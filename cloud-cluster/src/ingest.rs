@@ -98,7 +98,12 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(100);
                 stats.broker_connected.store(true, Ordering::Relaxed);
-                tracing::info!(host = session.host, port = session.port, shards = owned.len(), "connected to the ingest broker");
+                tracing::info!(
+                    host = session.host,
+                    port = session.port,
+                    shards = owned.len(),
+                    "connected to the ingest broker"
+                );
                 let filters = owned.iter().map(|s| rumqttc::SubscribeFilter::new(shard_topic(*s), QoS::AtLeastOnce));
                 for chunk in filters.collect::<Vec<_>>().chunks(32) {
                     if let Err(e) = client.subscribe_many(chunk.to_vec()).await {
@@ -126,7 +131,10 @@ pub async fn run(
                 } else {
                     tracing::debug!(error = %e, "ingest broker unreachable");
                 }
-                let jitter = 0.5 + (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000) as f64 / 1000.0;
+                let jitter = 0.5
+                    + (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000)
+                        as f64
+                        / 1000.0;
                 tokio::time::sleep(delay.mul_f64(jitter)).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }

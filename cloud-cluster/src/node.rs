@@ -138,9 +138,8 @@ pub async fn run(
     on_listening: impl FnOnce(&Listening),
 ) -> anyhow::Result<()> {
     let stats = Arc::new(CloudStats::default());
-    let keys = Arc::new(
-        Keys::load(&cfg.provisioning).with_context(|| format!("loading {}", cfg.provisioning.display()))?,
-    );
+    let keys =
+        Arc::new(Keys::load(&cfg.provisioning).with_context(|| format!("loading {}", cfg.provisioning.display()))?);
     let spec = StoreSpec::parse(&cfg.storage).map_err(anyhow::Error::msg)?;
     let store = spec.open(&cfg.storage).context("opening the object store")?;
     let running = start(&cfg, store, keys.clone(), stats.clone(), render).await?;
@@ -195,11 +194,12 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     // Single node: every shard is owned here.
     let owned: Vec<u16> = (0..cfg.shard_count).collect();
-    let opened = futures::future::try_join_all(owned.iter().map(|id| {
-        Shard::open(store.clone(), *id, cfg.shard_count, &cfg.node_id, cfg.segment.clone(), stats.clone())
-    }))
-    .await
-    .context("recovering shards")?;
+    let opened =
+        futures::future::try_join_all(owned.iter().map(|id| {
+            Shard::open(store.clone(), *id, cfg.shard_count, &cfg.node_id, cfg.segment.clone(), stats.clone())
+        }))
+        .await
+        .context("recovering shards")?;
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     let mut inboxes: Vec<Option<mpsc::Sender<ShardMsg>>> = vec![None; cfg.shard_count as usize];
     for shard in opened {
@@ -214,11 +214,9 @@ pub async fn start(
             let (tls, host, port) = ingest::parse_broker_url(url).map_err(anyhow::Error::msg)?;
             let tls = match (tls, &cfg.broker.ca) {
                 (false, _) => None,
-                (true, Some(ca)) => Some(fleetline_broker::client_tls(
-                    ca,
-                    cfg.broker.cert.as_deref(),
-                    cfg.broker.key.as_deref(),
-                )?),
+                (true, Some(ca)) => {
+                    Some(fleetline_broker::client_tls(ca, cfg.broker.cert.as_deref(), cfg.broker.key.as_deref())?)
+                }
                 (true, None) => anyhow::bail!("broker.url is mqtts:// but broker.ca is not set"),
             };
             let login = cfg.broker.username.clone().map(|u| (u, cfg.broker.password.clone().unwrap_or_default()));

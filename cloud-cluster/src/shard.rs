@@ -359,7 +359,11 @@ impl Shard {
             return self.hashed_deadletter(dl(reason::WRONG_SHARD, detail, Some(&header)));
         }
         let Some(entry) = prov.device(&fleet, &device) else {
-            return self.hashed_deadletter(dl(reason::UNKNOWN_DEVICE, "device is not provisioned".into(), Some(&header)));
+            return self.hashed_deadletter(dl(
+                reason::UNKNOWN_DEVICE,
+                "device is not provisioned".into(),
+                Some(&header),
+            ));
         };
         let mut buf = sealed.to_vec();
         let mut opened = None;
@@ -419,7 +423,11 @@ impl Shard {
         }
         self.stats.count(&self.stats.samples_received, decoded.samples.len() as u64);
         for u in decoded.unknown {
-            let mut d = dl(reason::UNKNOWN_KIND, format!("reading kind {} is not in schema {}", u.kind.0, header.schema), Some(&header));
+            let mut d = dl(
+                reason::UNKNOWN_KIND,
+                format!("reading kind {} is not in schema {}", u.kind.0, header.schema),
+                Some(&header),
+            );
             d.kind = Some(u.kind.0);
             d.raw = u.raw;
             self.push_deadletter(d);
@@ -507,8 +515,7 @@ impl Shard {
         let mut written = 0u64;
         for (i, f) in files.into_iter().enumerate() {
             let staged = format!("{}/{generation:012}-{i:03}.parquet", staging_dir(self.id));
-            let published =
-                format!("{}/{}/shard-{:03}-{generation:012}.parquet", f.dataset, f.partition, self.id);
+            let published = format!("{}/{}/shard-{:03}-{generation:012}.parquet", f.dataset, f.partition, self.id);
             written += f.bytes.len() as u64;
             self.store.put(&staged, Bytes::from(f.bytes)).await?;
             publish.push(Publish { staged, published });

@@ -104,6 +104,7 @@ impl CloudStats {
         for (name, c) in pairs {
             metrics::counter!(name).absolute(Self::get(c));
         }
-        metrics::gauge!("fleetline_cloud_broker_connected").set(f64::from(u8::from(self.broker_connected.load(Ordering::Relaxed))));
+        metrics::gauge!("fleetline_cloud_broker_connected")
+            .set(f64::from(u8::from(self.broker_connected.load(Ordering::Relaxed))));
     }
 }

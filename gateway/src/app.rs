@@ -12,13 +12,13 @@ use fleetline_wire::topics::device_username;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::GatewayConfig;
-use fleetline_broker::{BrokerSettings, Front};
 use crate::devices::ingest::{Durables, Ingest, run_acker};
 use crate::devices::registry::Registry;
 use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
+use fleetline_broker::{BrokerSettings, Front};
 
 /// Filter the ingest link subscribes to.
 pub const UP_FILTER: &str = "fleetline/v1/+/+/up";

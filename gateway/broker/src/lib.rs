@@ -51,11 +51,10 @@ pub fn client_tls(
         roots.add(c?)?;
     }
     anyhow::ensure!(!roots.is_empty(), "no CA certificate in {}", ca.display());
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
     let config = match (cert, key) {
         (Some(cert), Some(key)) => {
             let chain = rustls_pemfile::certs(&mut read(cert)?.as_slice()).collect::<Result<Vec<_>, _>>()?;

@@ -40,8 +40,14 @@ pub fn sealed_batch(
 }
 
 /// A sealed LZ4 bundle of `batches` from gateway `gateway` for `shard`.
-pub fn bundle(key: &DeviceKey, gateway: &str, id: u64, shard: u16, batches: &[Vec<u8>], received_at_ms: u64) -> Vec<u8> {
-    let entries: Vec<BundleEntry> =
-        batches.iter().map(|b| BundleEntry { received_at_ms, batch: b.clone() }).collect();
+pub fn bundle(
+    key: &DeviceKey,
+    gateway: &str,
+    id: u64,
+    shard: u16,
+    batches: &[Vec<u8>],
+    received_at_ms: u64,
+) -> Vec<u8> {
+    let entries: Vec<BundleEntry> = batches.iter().map(|b| BundleEntry { received_at_ms, batch: b.clone() }).collect();
     seal_bundle(key, gateway, BundleId(id), shard, Codec::Lz4, &entries).expect("bundle seals")
 }

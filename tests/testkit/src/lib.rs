@@ -6,10 +6,12 @@
 //! - [`provisioning`]: deterministic provisioning files.
 //! - [`cloud::FakeCloud`]: consumes gateway bundles from a broker, opens every batch,
 //!   records what arrived and acks bundles (tests of the gateway alone).
+//! - [`fleet`]: real device clients recording against a gateway.
 //! - [`batches`]: sealed batches and bundles built directly with the wire format.
 
 pub mod batches;
 pub mod cloud;
+pub mod fleet;
 mod mosquitto;
 mod pki;
 pub mod provisioning;

@@ -1,0 +1,404 @@
+//! End to end with real processes: device clients (the std SDK) → gateway →
+//! cloud node, with the datasets read back by DuckDB and pyarrow.
+//!
+//! Sizes come from `FLEETLINE_SIZE` (`ci` by default, `full` in scripts/soak.sh).
+//! The Python readers come from the venv `scripts/test.sh` makes (`.venv` at the
+//! workspace root), or from `FLEETLINE_PYTHON`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is the failure report.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fleetline_device::OutboxFull;
+use fleetline_testkit::fleet::{Fleet, Lcg, http_get};
+use fleetline_testkit::provisioning::fleet;
+use fleetline_testkit::{Mosquitto, free_port};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn full_size() -> bool {
+    std::env::var("FLEETLINE_SIZE").is_ok_and(|s| s == "full")
+}
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEETLINE_PYTHON") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(venv.exists(), "no Python with duckdb and pyarrow: run scripts/test.sh once, or set FLEETLINE_PYTHON");
+    venv
+}
+
+/// Runs a Python snippet with `args`; returns its stdout as JSON.
+async fn py(code: &str, args: &[&str]) -> Value {
+    let out = Command::new(python()).arg("-c").arg(code).args(args).output().await.unwrap();
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// (device, epoch, seq) → rows, and the count of rows that repeat a
+/// (device, epoch, seq, signal, ts), read by DuckDB over the `readings` glob.
+async fn duckdb_readings(lake: &Path) -> (BTreeMap<(String, u32, u32), u64>, u64) {
+    let code = r#"
+import duckdb, json, sys
+glob = sys.argv[1] + "/readings/**/*.parquet"
+con = duckdb.connect()
+rows = con.execute(f"SELECT device_id, epoch, seq, count(*) FROM read_parquet('{glob}', hive_partitioning = true) GROUP BY ALL").fetchall()
+dups = con.execute(f"SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM read_parquet('{glob}') GROUP BY device_id, epoch, seq, signal, ts)").fetchone()[0]
+print(json.dumps({"rows": rows, "dups": int(dups)}))
+"#;
+    let v = py(code, &[lake.to_str().unwrap()]).await;
+    let rows = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let key =
+                (r[0].as_str().unwrap().to_string(), r[1].as_u64().unwrap() as u32, r[2].as_u64().unwrap() as u32);
+            (key, r[3].as_u64().unwrap())
+        })
+        .collect();
+    (rows, v["dups"].as_u64().unwrap())
+}
+
+/// The gateway binary, built beside this package's binary by `cargo test --workspace`.
+fn gateway_binary() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_fleetline-cloud")).with_file_name("fleetline-gateway");
+    assert!(p.exists(), "{} missing: run `cargo build -p fleetline-gateway` (or test the workspace)", p.display());
+    p
+}
+
+/// A process printing one JSON "listening" line on start.
+struct Proc {
+    child: Child,
+    line: Value,
+}
+
+impl Proc {
+    async fn start(mut cmd: Command, log: &Path) -> Self {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = cmd
+            .env("RUST_LOG", "info,rumqttd=error,rumqttc=error")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("process started in time")
+            .unwrap()
+            .unwrap_or_else(|| panic!("process exited at start: see {}", log.display()));
+        Self { child, line: serde_json::from_str(&line).unwrap() }
+    }
+
+    fn addr(&self, key: &str) -> SocketAddr {
+        self.line[key].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn kill9(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Waits for the process to end by itself (a fault hook aborting it).
+    async fn exited(mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait()).await.expect("process ended in time").unwrap()
+    }
+
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap()
+    }
+
+    async fn status(&self) -> Value {
+        serde_json::from_str(&http_get(self.addr("http"), "/status").await).unwrap()
+    }
+}
+
+/// A test's directory, provisioning, and the configs of one cloud node and one gateway.
+struct Env {
+    dir: tempfile::TempDir,
+    lake: PathBuf,
+    cloud_cfg: PathBuf,
+    gw_cfg: PathBuf,
+}
+
+impl Env {
+    /// `broker`: the cloud's `[broker]` and `[storage]` sections and the port the
+    /// gateway's uplink dials.
+    fn new(devices: usize, cloud_sections: impl FnOnce(&Path) -> (String, u16)) -> Self {
+        let dir = tempfile::Builder::new().prefix("fleetline-cloud-test-").tempdir().unwrap();
+        let prov_path = dir.path().join("provisioning.toml");
+        fleet(devices, 1).save(&prov_path).unwrap();
+        let lake = dir.path().join("lake");
+        let (sections, uplink_port) = cloud_sections(&lake);
+        let cloud_cfg = dir.path().join("cloud.toml");
+        std::fs::write(
+            &cloud_cfg,
+            format!(
+                "node_id = \"cloud-1\"\nshard_count = 8\nprovisioning = \"{}\"\n{sections}\n[segment]\nmax_age = \"300ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                prov_path.display()
+            ),
+        )
+        .unwrap();
+        let gw_cfg = dir.path().join("gw-0.toml");
+        std::fs::write(
+            &gw_cfg,
+            format!(
+                r#"id = "gw-0"
+data_dir = "{data}"
+provisioning = "{prov}"
+shard_count = 8
+[devices]
+listen = "127.0.0.1:0"
+[queue]
+commit_interval = "2ms"
+[uplink]
+host = "127.0.0.1"
+port = {uplink_port}
+bundle_max_age = "20ms"
+resend_after = "2s"
+backoff_initial = "50ms"
+backoff_max = "300ms"
+[http]
+listen = "127.0.0.1:0"
+"#,
+                data = dir.path().join("gw-0-data").display(),
+                prov = prov_path.display(),
+            ),
+        )
+        .unwrap();
+        Self { dir, lake, cloud_cfg, gw_cfg }
+    }
+
+    async fn cloud(&self, fault: Option<&str>) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetline-cloud"));
+        cmd.arg("--config").arg(&self.cloud_cfg);
+        if let Some(f) = fault {
+            cmd.env("FLEETLINE_CLOUD_FAULT", f);
+        }
+        Proc::start(cmd, &self.dir.path().join("cloud.log")).await
+    }
+
+    async fn gateway(&self) -> Proc {
+        let mut cmd = Command::new(gateway_binary());
+        cmd.arg("--config").arg(&self.gw_cfg);
+        Proc::start(cmd, &self.dir.path().join("gw-0.log")).await
+    }
+
+    /// Waits until the gateway holds nothing the cloud has not acked.
+    async fn wait_cloud_acked_everything(&self, gw: &Proc, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = gw.status().await;
+            if s["queue"]["records"].as_u64() == Some(0) || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for name in ["cloud.log", "gw-0.log"] {
+                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- {name} (last lines)");
+                for l in &lines[lines.len().saturating_sub(30)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Every acked batch is in `readings` with all its samples, once.
+fn assert_exactly_once(acked: &BTreeMap<(String, u32, u32), u16>, rows: &BTreeMap<(String, u32, u32), u64>, dups: u64) {
+    let mut missing = Vec::new();
+    for (key, samples) in acked {
+        match rows.get(key) {
+            Some(n) => assert_eq!(*n, u64::from(*samples), "{key:?}: rows ≠ samples"),
+            None => missing.push(key.clone()),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} acked batches not in readings, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(dups, 0, "duplicated readings");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acked_reading_is_stored_once_through_sigkills_of_the_cloud_node() {
+    let (devices, kills) = if full_size() { (20, 10) } else { (4, 3) };
+    let broker_port = free_port();
+    let env = Env::new(devices, |lake| {
+        (
+            format!("[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n", lake.display()),
+            broker_port,
+        )
+    });
+    let mut cloud = env.cloud(None).await;
+    let gw = env.gateway().await;
+    let mut fleet = Fleet::start(devices, gw.addr("devices").port(), Duration::from_millis(15), OutboxFull::Block);
+    let mut rng = Lcg(11);
+    let mut acked = BTreeMap::new();
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+        cloud.kill9().await;
+        acked.extend(fleet.acked());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cloud = env.cloud(None).await;
+    }
+    // Crashes inside a commit: between staging a segment and writing its
+    // checkpoint, and between the checkpoint and publishing its files.
+    for step in ["staged", "checkpointed"] {
+        cloud.kill9().await;
+        let faulty = env.cloud(Some(&format!("abort:{step}:2"))).await;
+        let status = faulty.exited(Duration::from_secs(30)).await;
+        assert!(!status.success(), "the fault hook ended the node");
+        cloud = env.cloud(None).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    fleet.stop().await;
+    acked.extend(fleet.drain(Duration::from_secs(60)).await);
+    assert!(acked.len() > kills * 4, "load ran: {} batches acked", acked.len());
+    let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(90)).await;
+    assert_eq!(gw_status["queue"]["records"].as_u64(), Some(0), "cloud acked everything: {gw_status}");
+    let (rows, dups) = duckdb_readings(&env.lake).await;
+    assert_exactly_once(&acked, &rows, dups);
+    let status = cloud.status().await;
+    eprintln!(
+        "cloud crash test: {} batches acked by the gateway to devices, {} in readings; cloud status: dedupe_hits {} orphans_removed {} commits {}",
+        acked.len(),
+        rows.len(),
+        status["dedupe_hits"],
+        status["orphans_removed"],
+        status["commits"]
+    );
+    // Nothing staged is left behind, nothing but Parquet is visible in the datasets.
+    let mut stack = vec![env.lake.join("readings")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                assert!(p.extension().is_some_and(|x| x == "parquet"), "stray file {}", p.display());
+            }
+        }
+    }
+    let fleet_ids: Vec<_> = fleet.clients.iter().collect();
+    assert!(!fleet_ids.is_empty());
+    let v = http_get(cloud.addr("http"), "/vehicles/acme/dev-0000").await;
+    assert!(v.contains("Vehicle.Speed"), "latest state of a vehicle: {v}");
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_external_broker_and_an_s3_bucket_work_the_same() {
+    let devices = if full_size() { 10 } else { 3 };
+    // moto's S3 server on a free port (retry on a collision).
+    let mut moto = None;
+    let mut s3_port = 0;
+    for _ in 0..5 {
+        s3_port = free_port();
+        let mut child = Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &s3_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && tokio::net::TcpStream::connect(("127.0.0.1", s3_port)).await.is_err() {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if child.try_wait().unwrap().is_none() {
+            moto = Some(child);
+            break;
+        }
+    }
+    let _moto = moto.expect("moto server started");
+    let endpoint = format!("http://127.0.0.1:{s3_port}");
+    py(
+        "import boto3, json, sys\nboto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id='k', aws_secret_access_key='s').create_bucket(Bucket='lake')\nprint('{}')",
+        &[&endpoint],
+    )
+    .await;
+    let mosquitto = Mosquitto::start().await;
+    let env = Env::new(devices, |_| {
+        (
+            format!(
+                "[broker]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\nurl = \"s3://lake/fleet\"\nendpoint = \"{endpoint}\"\nallow_http = true\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n",
+                mosquitto.port
+            ),
+            mosquitto.port,
+        )
+    });
+    let cloud = env.cloud(None).await;
+    let gw = env.gateway().await;
+    let mut fleet = Fleet::start(devices, gw.addr("devices").port(), Duration::from_millis(20), OutboxFull::Block);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(60)).await;
+    let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(60)).await;
+    assert_eq!(gw_status["queue"]["records"].as_u64(), Some(0), "cloud acked everything: {gw_status}");
+    let code = r#"
+import json, sys
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+s3 = pafs.S3FileSystem(endpoint_override=sys.argv[1], scheme="http", access_key="k", secret_key="s", region="us-east-1")
+t = ds.dataset("lake/fleet/readings", filesystem=s3, format="parquet", partitioning="hive").to_table()
+keys = {}
+for d, e, q in zip(t.column("device_id").to_pylist(), t.column("epoch").to_pylist(), t.column("seq").to_pylist()):
+    keys[f"{d}/{e}/{q}"] = keys.get(f"{d}/{e}/{q}", 0) + 1
+print(json.dumps({"rows": t.num_rows, "keys": keys, "columns": t.column_names}))
+"#;
+    let v = py(code, &[&endpoint]).await;
+    let cols: Vec<&str> = v["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    for c in [
+        "fleet",
+        "device_id",
+        "epoch",
+        "seq",
+        "ts",
+        "signal",
+        "value",
+        "gateway_id",
+        "received_at",
+        "stored_at",
+        "dt",
+        "hour",
+    ] {
+        assert!(cols.contains(&c), "column {c} in {cols:?}");
+    }
+    let mut rows = BTreeMap::new();
+    for (k, n) in v["keys"].as_object().unwrap() {
+        let mut p = k.split('/');
+        let key =
+            (p.next().unwrap().to_string(), p.next().unwrap().parse().unwrap(), p.next().unwrap().parse().unwrap());
+        rows.insert(key, n.as_u64().unwrap());
+    }
+    assert_exactly_once(&acked, &rows, 0);
+    assert_eq!(v["rows"].as_u64().unwrap(), acked.values().map(|s| u64::from(*s)).sum::<u64>());
+    eprintln!("external broker + S3: {} batches, {} rows read back by pyarrow from the bucket", acked.len(), v["rows"]);
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+}
