@@ -14,3 +14,8 @@ echo "==> wire size and encode cost"
 cargo run --locked --release -p fleetline-device --example wire_size
 echo "==> gateway throughput against a Mosquitto bridge"
 scripts/bench-gateway.sh
+echo "==> cloud figures at full size (SIGKILLs and crashes inside commits, external broker + S3)"
+cargo test --locked -p fleetline-cloud --test e2e -- --nocapture --test-threads 1 2>&1 \
+    | grep -E '^(cloud crash test|external broker)' || true
+echo "==> cloud ingest against writing the same rows straight to Parquet (one core)"
+cargo run --locked --release -p fleetline-cloud --example bench
