@@ -544,10 +544,10 @@ impl Shard {
         }
         fault_point(CommitStep::Published);
         // Committed. The previous checkpoint is superseded; failing to delete it is harmless.
-        if generation > 1 {
-            if let Err(e) = self.store.delete(&checkpoint_path(self.id, generation - 1)).await {
-                tracing::warn!(shard = self.id, error = %e, "could not delete a superseded checkpoint");
-            }
+        if generation > 1
+            && let Err(e) = self.store.delete(&checkpoint_path(self.id, generation - 1)).await
+        {
+            tracing::warn!(shard = self.id, error = %e, "could not delete a superseded checkpoint");
         }
         let new_readings = totals.readings - self.totals.readings;
         let new_batches = totals.batches - self.totals.batches;
