@@ -72,6 +72,21 @@ fn gateway_binary() -> PathBuf {
     p
 }
 
+/// The cloud's bearer token in these tests.
+const TOKEN: &str = "s3cr3t-t0ken";
+
+/// A plain HTTP/1.1 POST; returns the whole response (status line first).
+async fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 /// A process printing one JSON "listening" line on start.
 struct Proc {
     child: Child,
@@ -144,7 +159,7 @@ impl Env {
         std::fs::write(
             &cloud_cfg,
             format!(
-                "node_id = \"cloud-1\"\nshard_count = 8\nprovisioning = \"{}\"\n{sections}\n[segment]\nmax_age = \"300ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                "node_id = \"cloud-1\"\nshard_count = 8\nprovisioning = \"{}\"\n{sections}\n[segment]\nmax_age = \"300ms\"\n[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n",
                 prov_path.display()
             ),
         )
@@ -356,6 +371,12 @@ async fn an_external_broker_and_an_s3_bucket_work_the_same() {
     let gw = env.gateway().await;
     let mut fleet = Fleet::start(devices, gw.addr("devices").port(), Duration::from_millis(20), OutboxFull::Block);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The only write endpoint wants the token.
+    let http = cloud.addr("http");
+    assert!(http_post(http, "/admin/flush", None).await.starts_with("HTTP/1.1 401"));
+    assert!(http_post(http, "/admin/flush", Some("wrong")).await.starts_with("HTTP/1.1 401"));
+    let ok = http_post(http, "/admin/flush", Some(TOKEN)).await;
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("\"flushed\":true"), "{ok}");
     fleet.stop().await;
     let acked = fleet.drain(Duration::from_secs(60)).await;
     let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(60)).await;
