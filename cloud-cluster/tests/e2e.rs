@@ -13,9 +13,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fleetline_device::OutboxFull;
+use fleetline_testkit::batches::{bundle, sealed_batch};
 use fleetline_testkit::fleet::{Fleet, Lcg, http_get};
 use fleetline_testkit::provisioning::fleet;
-use fleetline_testkit::{Mosquitto, free_port};
+use fleetline_testkit::provisioning::{device_key, gateway_key};
+use fleetline_testkit::{Mosquitto, Pki, free_port, publish};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -150,9 +152,14 @@ impl Env {
     /// `broker`: the cloud's `[broker]` and `[storage]` sections and the port the
     /// gateway's uplink dials.
     fn new(devices: usize, cloud_sections: impl FnOnce(&Path) -> (String, u16)) -> Self {
+        Self::with_uplink(devices, "", cloud_sections)
+    }
+
+    /// Like `new`, with `uplink_extra` appended to the gateway's `[uplink]`.
+    fn with_uplink(devices: usize, uplink_extra: &str, cloud_sections: impl FnOnce(&Path) -> (String, u16)) -> Self {
         let dir = tempfile::Builder::new().prefix("fleetline-cloud-test-").tempdir().unwrap();
         let prov_path = dir.path().join("provisioning.toml");
-        fleet(devices, 1).save(&prov_path).unwrap();
+        fleet(devices, 2).save(&prov_path).unwrap();
         let lake = dir.path().join("lake");
         let (sections, uplink_port) = cloud_sections(&lake);
         let cloud_cfg = dir.path().join("cloud.toml");
@@ -183,6 +190,7 @@ bundle_max_age = "20ms"
 resend_after = "2s"
 backoff_initial = "50ms"
 backoff_max = "300ms"
+{uplink_extra}
 [http]
 listen = "127.0.0.1:0"
 "#,
@@ -420,6 +428,88 @@ print(json.dumps({"rows": t.num_rows, "keys": keys, "columns": t.column_names}))
     assert_exactly_once(&acked, &rows, 0);
     assert_eq!(v["rows"].as_u64().unwrap(), acked.values().map(|s| u64::from(*s)).sum::<u64>());
     eprintln!("external broker + S3: {} batches, {} rows read back by pyarrow from the bucket", acked.len(), v["rows"]);
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateways_reach_the_embedded_broker_over_tls_and_bad_input_is_dead_lettered() {
+    let pki = Pki::generate();
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    std::fs::write(d.join("ca.pem"), &pki.ca).unwrap();
+    std::fs::write(d.join("srv.pem"), &pki.server.0).unwrap();
+    std::fs::write(d.join("srv.key"), &pki.server.1).unwrap();
+    let tls_port = free_port();
+    let uplink_tls = format!("tls = {{ ca = \"{}\" }}", d.join("ca.pem").display());
+    let env = Env::with_uplink(2, &uplink_tls, |lake| {
+        (
+            format!(
+                "[broker]\nlisten = \"127.0.0.1:0\"\ntls = {{ listen = \"127.0.0.1:{tls_port}\", cert = \"{0}/srv.pem\", key = \"{0}/srv.key\" }}\n[storage]\nurl = \"{1}\"\n",
+                d.display(),
+                lake.display()
+            ),
+            tls_port,
+        )
+    });
+    let cloud = env.cloud(None).await;
+    assert_eq!(cloud.addr("broker_tls").port(), tls_port);
+    let plain = cloud.addr("broker").port();
+    let gw = env.gateway().await;
+    let mut fleet = Fleet::start(2, gw.addr("devices").port(), Duration::from_millis(20), OutboxFull::Block);
+
+    // Bad input on the ingest topics, from a provisioned gateway's login: garbage,
+    // a bundle sealed with another key, a batch sealed with the wrong device key,
+    // an unknown reading kind; and logins that must be refused.
+    let pass = String::from_utf8(gateway_key(1).mqtt_password("gw-1").to_vec()).unwrap();
+    let login = ["-i", "gw-1", "-u", "gw-1", "-P", pass.as_str()];
+    let (dev, name) = (0, "dev-0000".to_string());
+    let shard = fleetline_wire::shard::shard_of("acme", &name, 8).0;
+    let topic = format!("fleetline/v1/ingest/{shard}");
+    let topic = topic.as_str();
+    let wrong_key = sealed_batch(&name, &device_key(dev + 1), 9, 0, 1_795_700_000_000, 3, None);
+    let unknown = sealed_batch(&name, &device_key(dev), 9, 1, 1_795_700_000_000, 3, Some(4242));
+    let forged = bundle(&gateway_key(5), "gw-1", 1, shard, &[unknown.clone()], 1_795_700_000_000);
+    let mixed = bundle(&gateway_key(1), "gw-1", 2, shard, &[wrong_key, unknown], 1_795_700_000_000);
+    for payload in [&b"not a bundle"[..], &forged, &mixed, &mixed] {
+        assert!(publish(plain, topic, payload, &login).await, "publish as gw-1");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    assert!(!publish(plain, topic, b"x", &["-i", "gw-1", "-u", "gw-1", "-P", "wrong"]).await);
+    assert!(!publish(plain, topic, b"x", &["-i", "nobody", "-u", "nobody", "-P", "x"]).await);
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(60)).await;
+    let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(60)).await;
+    assert_eq!(gw_status["queue"]["records"].as_u64(), Some(0), "cloud acked everything over TLS: {gw_status}");
+    let (rows, dups) = duckdb_readings(&env.lake).await;
+    let mut expected = acked.clone();
+    // The mixed bundle's authentic batch is stored too (its known kinds), once.
+    expected.insert((name.clone(), 9, 1), 3);
+    assert_exactly_once(&expected, &rows, dups);
+    let status = cloud.status().await;
+    let dl = &status["deadletters"];
+    assert_eq!(dl["bundle_malformed"], 1, "{status}");
+    assert_eq!(dl["bundle_auth_failed"], 1, "{status}");
+    assert_eq!(dl["auth_failed"], 1, "{status}");
+    assert_eq!(dl["unknown_kind"], 1, "{status}");
+    assert_eq!(status["logins_rejected"]["bad_password"], 1, "{status}");
+    assert_eq!(status["logins_rejected"]["unknown_gateway"], 1, "{status}");
+    let code = r#"
+import duckdb, json, sys
+rows = duckdb.connect().execute(f"SELECT reason, count(*), sum(octet_length(raw)) FROM read_parquet('{sys.argv[1]}/deadletter/**/*.parquet', hive_partitioning = true) GROUP BY reason ORDER BY reason").fetchall()
+print(json.dumps(rows))
+"#;
+    let v = py(code, &[env.lake.to_str().unwrap()]).await;
+    let reasons: Vec<&str> = v.as_array().unwrap().iter().map(|r| r[0].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["auth_failed", "bundle_auth_failed", "bundle_malformed", "unknown_kind"]);
+    assert!(v.as_array().unwrap().iter().all(|r| r[1] == 1 && r[2].as_u64().unwrap() > 0), "{v}");
+    eprintln!(
+        "TLS + bad input: {} batches over TLS, dead letters {dl}, logins refused {}",
+        acked.len(),
+        status["logins_rejected"]
+    );
     assert_eq!(gw.terminate().await.code(), Some(0));
     assert_eq!(cloud.terminate().await.code(), Some(0));
 }
