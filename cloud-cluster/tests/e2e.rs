@@ -469,7 +469,7 @@ async fn gateways_reach_the_embedded_broker_over_tls_and_bad_input_is_dead_lette
     let topic = topic.as_str();
     let wrong_key = sealed_batch(&name, &device_key(dev + 1), 9, 0, 1_795_700_000_000, 3, None);
     let unknown = sealed_batch(&name, &device_key(dev), 9, 1, 1_795_700_000_000, 3, Some(4242));
-    let forged = bundle(&gateway_key(5), "gw-1", 1, shard, &[unknown.clone()], 1_795_700_000_000);
+    let forged = bundle(&gateway_key(5), "gw-1", 1, shard, std::slice::from_ref(&unknown), 1_795_700_000_000);
     let mixed = bundle(&gateway_key(1), "gw-1", 2, shard, &[wrong_key, unknown], 1_795_700_000_000);
     for payload in [&b"not a bundle"[..], &forged, &mixed, &mixed] {
         assert!(publish(plain, topic, payload, &login).await, "publish as gw-1");
