@@ -1,0 +1,328 @@
+//! `fleetline-sim demo`: a single-node cloud, a gateway and a simulated fleet on
+//! loopback in one process; live progress; then a drain and a report read back
+//! from the `readings` dataset.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use fleetline_cloud::config::CloudConfig;
+use fleetline_cloud::keys::Keys;
+use fleetline_cloud::stats::CloudStats;
+use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
+use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull};
+use fleetline_gateway::config::GatewayConfig;
+use fleetline_wire::provisioning::{DeviceEntry, GatewayEntry, Provisioning};
+use fleetline_wire::{DeviceId, DeviceKey, FleetId, GatewayId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::model::{IncidentKind, Vehicle, VehicleSpec};
+use crate::report::{EventScore, Report, lost, read_readings};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Vehicles.
+    pub vehicles: usize,
+    /// Wall-clock time of generation.
+    pub duration: Duration,
+    /// Seed of the fleet.
+    pub seed: u64,
+    /// Where data goes (default: a new directory under the system's temp dir, kept).
+    pub data_dir: Option<PathBuf>,
+    /// Simulated seconds per wall second.
+    pub time_scale: f64,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+    /// Longest wait for everything sent to be acked and stored.
+    pub drain_timeout: Duration,
+}
+
+/// The fleet's id.
+pub const FLEET: &str = "demo";
+
+/// Device id of vehicle `i`.
+pub fn vehicle_id(i: usize) -> String {
+    format!("v-{i:05}")
+}
+
+/// A key derived from the seed (a demo's keys need not be secret, only distinct).
+fn key(seed: u64, domain: u8, i: usize) -> DeviceKey {
+    let mut r = crate::rng::Rng::new(seed ^ (u64::from(domain) << 56), i as u64);
+    let mut k = [0u8; 32];
+    for chunk in k.chunks_mut(8) {
+        chunk.copy_from_slice(&r.next_u64().to_le_bytes());
+    }
+    DeviceKey::from_bytes(k)
+}
+
+/// The provisioning of a demo fleet: `vehicles` units and one gateway `gw-1`.
+pub fn provisioning(seed: u64, vehicles: usize) -> anyhow::Result<Provisioning> {
+    let mut p = Provisioning::default();
+    let fleet = FleetId::new(FLEET)?;
+    for i in 0..vehicles {
+        p.upsert_device(DeviceEntry {
+            fleet,
+            device: DeviceId::new(&vehicle_id(i))?,
+            key: key(seed, 1, i),
+            previous: None,
+            revoked: false,
+        });
+    }
+    p.upsert_gateway(GatewayEntry { id: GatewayId::new("gw-1")?, key: key(seed, 2, 1) });
+    Ok(p)
+}
+
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    Ok(serde_json::from_str(body)?)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs the demo; the report says whether anything was lost or duplicated.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
+    let dir = match &opts.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tempfile::Builder::new().prefix("fleetline-demo-").tempdir()?.keep(),
+    };
+    let lake = dir.join("lake");
+    let prov_path = dir.join("provisioning.toml");
+    let prov = provisioning(opts.seed, opts.vehicles)?;
+    prov.save(&prov_path)?;
+    let shard_count = 16;
+
+    // Cloud node: embedded broker, local lake.
+    let mut cloud_cfg = CloudConfig::default();
+    cloud_cfg.shard_count = shard_count;
+    cloud_cfg.provisioning = prov_path.clone();
+    cloud_cfg.broker.listen = "127.0.0.1:0".parse()?;
+    cloud_cfg.storage.url = lake.display().to_string();
+    cloud_cfg.segment.max_age = Duration::from_secs(1);
+    cloud_cfg.http.listen = "127.0.0.1:0".parse()?;
+    cloud_cfg.validate().map_err(anyhow::Error::msg)?;
+    let spec = fleetline_cloud::store::StoreSpec::parse(&cloud_cfg.storage).map_err(anyhow::Error::msg)?;
+    let store = spec.open(&cloud_cfg.storage)?;
+    let cloud_stats = Arc::new(CloudStats::default());
+    let cloud =
+        fleetline_cloud::node::start(&cloud_cfg, store, Arc::new(Keys::fixed(prov.clone())), cloud_stats.clone(), None)
+            .await
+            .context("starting the cloud node")?;
+    let broker = cloud.listening.broker.clone().context("embedded broker address")?;
+    let broker: std::net::SocketAddr = broker.parse()?;
+
+    // Gateway.
+    let mut gw_cfg = GatewayConfig::default();
+    gw_cfg.id = "gw-1".into();
+    gw_cfg.data_dir = dir.join("gw-1");
+    gw_cfg.provisioning = prov_path.clone();
+    gw_cfg.shard_count = shard_count;
+    gw_cfg.devices.listen = "127.0.0.1:0".parse()?;
+    gw_cfg.devices.max_connections = opts.vehicles + 64;
+    gw_cfg.uplink.host = "127.0.0.1".into();
+    gw_cfg.uplink.port = broker.port();
+    gw_cfg.http.listen = "127.0.0.1:0".parse()?;
+    let (gw_stop_tx, gw_stop) = watch::channel(false);
+    let (listen_tx, listen_rx) = tokio::sync::oneshot::channel();
+    let gateway = tokio::spawn(fleetline_gateway::app::run(gw_cfg, None, gw_stop, move |l| {
+        let _ = listen_tx.send(l.clone());
+    }));
+    let gw = listen_rx.await.context("gateway did not start")?;
+    let devices_port: u16 = gw.devices.parse::<std::net::SocketAddr>()?.port();
+
+    // The fleet.
+    let scale = opts.time_scale.max(0.01);
+    let sim_secs = (opts.duration.as_secs_f64() * scale).ceil() as u64;
+    // Simulated time ends when the run does: readings are never dated in the future.
+    let t0_ms = unix_ms() + opts.duration.as_millis() as u64 - sim_secs * 1000;
+    let flush = FlushPolicy { max_samples: 120, max_bytes: 1024, max_age_ms: 2_000 };
+    let mut clients = Vec::with_capacity(opts.vehicles);
+    let mut tasks = Vec::with_capacity(opts.vehicles);
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut incidents = Vec::new();
+    for i in 0..opts.vehicles {
+        let device = Config {
+            fleet: FleetId::new(FLEET)?,
+            device: DeviceId::new(&vehicle_id(i))?,
+            key: key(opts.seed, 1, i),
+            flush,
+            resend_after_ms: 10_000,
+            when_full: OutboxFull::Block,
+        };
+        let cfg = ClientConfig::new("127.0.0.1", devices_port, device, BootState { epoch: 1, last_command_counter: 0 });
+        let client = Arc::new(DeviceClient::spawn(cfg, SystemClock::new())?);
+        clients.push(client.clone());
+        let spec = VehicleSpec::generate(opts.seed, i, opts.vehicles, sim_secs);
+        incidents.extend(spec.incidents.clone());
+        let mut vehicle = Vehicle::new(spec, opts.seed);
+        let sent = sent.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let due = ((started.elapsed().as_secs_f64() * scale) as u64).min(sim_secs);
+                while vehicle.elapsed_s() < due {
+                    vehicle.step(t0_ms, &mut out);
+                }
+                if !out.is_empty() {
+                    let n = out.len() as u64;
+                    if client.record_all(std::mem::take(&mut out)).await.is_err() {
+                        break;
+                    }
+                    sent.fetch_add(n, Ordering::Relaxed);
+                }
+                if vehicle.elapsed_s() >= sim_secs {
+                    break;
+                }
+                let next = Duration::from_secs_f64(((vehicle.elapsed_s() + 1) as f64 / scale).max(0.0));
+                let wait = next
+                    .saturating_sub(started.elapsed())
+                    .max(Duration::from_millis(20))
+                    .min(Duration::from_millis(250));
+                tokio::time::sleep(wait).await;
+            }
+            vehicle.refuels
+        }));
+    }
+
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(opts.duration.as_secs().max(1));
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let progress = |phase: &str| {
+        format!(
+            "{phase}: sent {} · stored {} · dedupe hits {}",
+            sent.load(Ordering::Relaxed),
+            CloudStats::get(&cloud_stats.readings_stored),
+            CloudStats::get(&cloud_stats.duplicates),
+        )
+    };
+    let mut refuels = Vec::new();
+    let mut pending = tasks;
+    while !pending.iter().all(|t| t.is_finished()) {
+        bar.set_position(started.elapsed().as_secs().min(opts.duration.as_secs()));
+        bar.set_message(progress("driving"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for t in pending.drain(..) {
+        refuels.extend(t.await.unwrap_or_default());
+    }
+    let generated = started.elapsed();
+
+    // Drain: every unit's batches acked by the gateway, the gateway's queue acked by the cloud.
+    let deadline = Instant::now() + opts.drain_timeout;
+    for c in &clients {
+        let _ = c.flush().await;
+    }
+    for c in &clients {
+        let left = deadline.saturating_duration_since(Instant::now());
+        c.wait_for(left, |s| s.is_idle()).await;
+        bar.set_message(progress("draining units"));
+    }
+    loop {
+        let s = http_get(&gw.http, "/status").await.unwrap_or_default();
+        if s["queue"]["records"].as_u64() == Some(0) || Instant::now() > deadline {
+            break;
+        }
+        bar.set_message(progress("draining gateway"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fleetline_cloud::node::flush_all(&cloud.shards).await;
+    let run_wall = started.elapsed();
+    bar.finish_and_clear();
+
+    let mut acked: HashMap<(String, u32, u32), u64> = HashMap::new();
+    let (mut refused, mut recorded) = (0, 0);
+    for (i, c) in clients.iter().enumerate() {
+        for r in c.take_acked() {
+            acked.insert((vehicle_id(i), r.epoch, r.seq), u64::from(r.samples));
+        }
+        let s = c.stats();
+        refused += s.core.readings_refused + s.core.readings_invalid;
+        recorded += s.core.readings_recorded;
+    }
+    let stored = read_readings(&lake.join("readings"))?;
+    let samples_acked: u64 = acked.values().sum();
+    let mut events: BTreeMap<String, EventScore> = BTreeMap::new();
+    for i in incidents.iter().chain(refuels.iter()) {
+        let name = serde_json::to_value(i.kind)?.as_str().unwrap_or_default().to_string();
+        events.entry(name).or_default().expected += 1;
+    }
+    for k in [
+        IncidentKind::SlowLeak,
+        IncidentKind::Puncture,
+        IncidentKind::FuelTheft,
+        IncidentKind::Refuel,
+        IncidentKind::Overspeed,
+        IncidentKind::Silent,
+    ] {
+        let name = serde_json::to_value(k)?.as_str().unwrap_or_default().to_string();
+        events.entry(name).or_default();
+    }
+    let mut truth: Vec<_> = incidents.iter().chain(refuels.iter()).collect();
+    truth.sort_by_key(|i| (i.vehicle, i.start_s));
+    let truth_json: Vec<serde_json::Value> = truth
+        .iter()
+        .map(|i| {
+            serde_json::json!({
+                "fleet": FLEET,
+                "device_id": vehicle_id(i.vehicle),
+                "kind": i.kind,
+                "wheel": i.wheel,
+                "start_ms": t0_ms + i.start_s * 1000,
+                "end_ms": t0_ms + i.end_s * 1000,
+            })
+        })
+        .collect();
+    std::fs::write(dir.join("ground-truth.json"), serde_json::to_vec_pretty(&truth_json)?)?;
+
+    let report = Report {
+        vehicles: opts.vehicles,
+        duration_s: generated.as_secs_f64(),
+        time_scale: scale,
+        seed: opts.seed,
+        samples_sent: recorded,
+        samples_acked,
+        samples_stored: stored.distinct,
+        samples_lost: lost(&acked, &stored),
+        samples_duplicated: stored.rows - stored.distinct,
+        throughput_samples_per_s: stored.distinct as f64 / run_wall.as_secs_f64(),
+        e2e_latency_ms: stored.e2e,
+        ingest_latency_ms: stored.ingest,
+        events,
+        readings_parquet_glob: format!("{}/readings/**/*.parquet", lake.display()),
+        chaos: Vec::new(),
+        samples_refused: refused,
+        parquet_files: stored.files,
+        data_dir: dir.display().to_string(),
+    };
+
+    // Stop: units, gateway (commits its queue), cloud shards (commit; nothing is open).
+    for c in clients {
+        if let Ok(c) = Arc::try_unwrap(c) {
+            c.shutdown(Duration::from_millis(100)).await;
+        }
+    }
+    let _ = gw_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+    Ok(report)
+}

@@ -1,0 +1,8 @@
+//! Fleetline's fleet simulator: deterministic vehicles on the real device SDK, the
+//! one-command demo (single-node cloud, a gateway and a fleet on loopback), and the
+//! load-test report.
+
+pub mod demo;
+pub mod model;
+pub mod report;
+pub mod rng;

@@ -1,0 +1,178 @@
+//! The run's report: what was sent, acknowledged and stored, read back from the
+//! `readings` dataset itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int64Type, TimestampMillisecondType};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::Serialize;
+
+/// p50 / p99 / max of a latency, milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: i64,
+    /// 99th percentile.
+    pub p99: i64,
+    /// Largest.
+    pub max: i64,
+}
+
+impl Latency {
+    fn of(mut v: Vec<i64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Self { p50: at(0.5), p99: at(0.99), max: v[v.len() - 1] }
+    }
+}
+
+/// What the dataset holds, read back.
+#[derive(Clone, Debug, Default)]
+pub struct Stored {
+    /// Rows.
+    pub rows: u64,
+    /// Distinct (device_id, epoch, seq, signal, ts).
+    pub distinct: u64,
+    /// Distinct rows per batch (device_id, epoch, seq).
+    pub per_batch: HashMap<(String, u32, u32), u64>,
+    /// stored_at − ts.
+    pub e2e: Latency,
+    /// stored_at − received_at.
+    pub ingest: Latency,
+    /// Files read.
+    pub files: usize,
+}
+
+fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            parquet_files(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Reads every file under `readings` (what a reader globbing the dataset sees).
+pub fn read_readings(readings: &Path) -> anyhow::Result<Stored> {
+    let mut files = Vec::new();
+    parquet_files(readings, &mut files)?;
+    let mut seen: HashSet<(String, u32, u32, String, i64)> = HashSet::new();
+    let mut s = Stored { files: files.len(), ..Default::default() };
+    let (mut e2e, mut ingest) = (Vec::new(), Vec::new());
+    for f in &files {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f)?)?.build()?;
+        for b in reader {
+            let b = b?;
+            let col = |n: &str| b.column_by_name(n).ok_or_else(|| anyhow::anyhow!("{} has no column {n}", f.display()));
+            let dev = col("device_id")?.as_string::<i32>().clone();
+            let epoch = col("epoch")?.as_primitive::<Int64Type>().clone();
+            let seq = col("seq")?.as_primitive::<Int64Type>().clone();
+            let signal = col("signal")?.as_string::<i32>().clone();
+            let ts = col("ts")?.as_primitive::<TimestampMillisecondType>().clone();
+            let recv = col("received_at")?.as_primitive::<TimestampMillisecondType>().clone();
+            let stored = col("stored_at")?.as_primitive::<TimestampMillisecondType>().clone();
+            for i in 0..b.num_rows() {
+                s.rows += 1;
+                let key = (dev.value(i).to_string(), epoch.value(i) as u32, seq.value(i) as u32);
+                if seen.insert((key.0.clone(), key.1, key.2, signal.value(i).to_string(), ts.value(i))) {
+                    *s.per_batch.entry(key).or_default() += 1;
+                }
+                e2e.push(stored.value(i) - ts.value(i));
+                ingest.push(stored.value(i) - recv.value(i));
+            }
+        }
+    }
+    s.distinct = seen.len() as u64;
+    s.e2e = Latency::of(e2e);
+    s.ingest = Latency::of(ingest);
+    Ok(s)
+}
+
+/// Expected and detected events of one kind (detection comes with the cloud's analytics).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EventScore {
+    /// Injected (ground truth).
+    pub expected: u64,
+    /// Detected by the cloud.
+    pub detected: Option<u64>,
+    /// Of the detected, the share that were real.
+    pub precision: Option<f64>,
+    /// Of the real, the share detected.
+    pub recall: Option<f64>,
+}
+
+/// The report (JSON).
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Vehicles simulated.
+    pub vehicles: usize,
+    /// Wall-clock seconds of generation.
+    pub duration_s: f64,
+    /// Simulated seconds per wall second.
+    pub time_scale: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Readings the units took into batches.
+    pub samples_sent: u64,
+    /// Samples in batches the gateway acked to their device.
+    pub samples_acked: u64,
+    /// Distinct (device_id, epoch, seq, signal, ts) rows of `readings`.
+    pub samples_stored: u64,
+    /// Acked samples missing from `readings`.
+    pub samples_lost: u64,
+    /// Rows beyond the distinct ones.
+    pub samples_duplicated: u64,
+    /// Samples stored per wall second of the run (generation and drain).
+    pub throughput_samples_per_s: f64,
+    /// stored_at − ts.
+    pub e2e_latency_ms: Latency,
+    /// stored_at − received_at (gateway).
+    pub ingest_latency_ms: Latency,
+    /// Per incident kind: injected, and detection scores once the cloud detects events.
+    pub events: BTreeMap<String, EventScore>,
+    /// A glob DuckDB reads.
+    pub readings_parquet_glob: String,
+    /// Chaos actions done, with their times.
+    pub chaos: Vec<String>,
+    /// Readings the units refused (back-pressure) or found invalid.
+    pub samples_refused: u64,
+    /// Parquet files read back.
+    pub parquet_files: usize,
+    /// Where the run's data lives.
+    pub data_dir: String,
+}
+
+impl Report {
+    /// Whether nothing acked was lost and nothing stored twice.
+    pub fn ok(&self) -> bool {
+        self.samples_lost == 0 && self.samples_duplicated == 0 && self.samples_acked > 0
+    }
+}
+
+/// Acked samples per batch against what is stored: the samples of acked batches missing.
+pub fn lost(acked: &HashMap<(String, u32, u32), u64>, stored: &Stored) -> u64 {
+    acked.iter().map(|(k, n)| n.saturating_sub(stored.per_batch.get(k).copied().unwrap_or(0))).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let l = Latency::of((1..=100).collect());
+        assert_eq!((l.p50, l.p99, l.max), (51, 99, 100));
+        assert_eq!(Latency::of(vec![]).max, 0);
+    }
+}
