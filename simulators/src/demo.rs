@@ -106,9 +106,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let shard_count = 16;
 
     // Cloud node: embedded broker, local lake.
-    let mut cloud_cfg = CloudConfig::default();
-    cloud_cfg.shard_count = shard_count;
-    cloud_cfg.provisioning = prov_path.clone();
+    let mut cloud_cfg = CloudConfig { shard_count, provisioning: prov_path.clone(), ..Default::default() };
     cloud_cfg.broker.listen = "127.0.0.1:0".parse()?;
     cloud_cfg.storage.url = lake.display().to_string();
     cloud_cfg.segment.max_age = Duration::from_secs(1);
@@ -125,11 +123,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let broker: std::net::SocketAddr = broker.parse()?;
 
     // Gateway.
-    let mut gw_cfg = GatewayConfig::default();
-    gw_cfg.id = "gw-1".into();
-    gw_cfg.data_dir = dir.join("gw-1");
-    gw_cfg.provisioning = prov_path.clone();
-    gw_cfg.shard_count = shard_count;
+    let mut gw_cfg = GatewayConfig {
+        id: "gw-1".into(),
+        data_dir: dir.join("gw-1"),
+        provisioning: prov_path.clone(),
+        shard_count,
+        ..Default::default()
+    };
     gw_cfg.devices.listen = "127.0.0.1:0".parse()?;
     gw_cfg.devices.max_connections = opts.vehicles + 64;
     gw_cfg.uplink.host = "127.0.0.1".into();

@@ -284,12 +284,12 @@ impl Vehicle {
             out.push(at(kind::HEADING, (self.heading * 10.0).round() / 10.0 % 360.0));
         }
         out.push(at(kind::SPEED, (self.speed_kmh * 10.0).round() / 10.0));
-        if t % 10 == 0 {
+        if t.is_multiple_of(10) {
             out.push(at(kind::FUEL_ABSOLUTE_LEVEL, (self.fuel_l * 10.0).round() / 10.0));
             out.push(at(kind::FUEL_RELATIVE_LEVEL, (self.fuel_l / s.tank_l * 1000.0).round() / 10.0));
             out.push(at(kind::ODOMETER, (self.odometer_km * 10.0).round() / 10.0));
         }
-        if t % 30 == 0 {
+        if t.is_multiple_of(30) {
             for (w, wheel) in WHEELS.iter().enumerate() {
                 let hot = (s.cold_kpa * (self.tire_c[w] + 273.15) / (s.ambient_c + 273.15) - self.lost_kpa[w]).max(0.0);
                 if let (Some(p), Some(c)) = (kind::tire_pressure(*wheel), kind::tire_temperature(*wheel)) {
