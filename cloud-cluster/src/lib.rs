@@ -9,6 +9,7 @@
 //! single node owns every shard, the cluster adds owners on the same design.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod ingest;

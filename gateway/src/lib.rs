@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod http;

@@ -20,6 +20,7 @@ use fleetline_wire::{DeviceId, DeviceKey, FleetId, GatewayId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
 use crate::model::{IncidentKind, Vehicle, VehicleSpec};
 use crate::report::{EventScore, Report, lost, read_readings};
 
@@ -40,6 +41,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// Longest wait for everything sent to be acked and stored.
     pub drain_timeout: Duration,
+    /// Chaos schedule; non-empty runs the gateway and the cloud as child processes.
+    pub chaos: Vec<Step>,
 }
 
 /// The fleet's id.
@@ -105,43 +108,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     prov.save(&prov_path)?;
     let shard_count = 16;
 
-    // Cloud node: embedded broker, local lake.
-    let mut cloud_cfg = CloudConfig { shard_count, provisioning: prov_path.clone(), ..Default::default() };
-    cloud_cfg.broker.listen = "127.0.0.1:0".parse()?;
-    cloud_cfg.storage.url = lake.display().to_string();
-    cloud_cfg.segment.max_age = Duration::from_secs(1);
-    cloud_cfg.http.listen = "127.0.0.1:0".parse()?;
-    cloud_cfg.validate().map_err(anyhow::Error::msg)?;
-    let spec = fleetline_cloud::store::StoreSpec::parse(&cloud_cfg.storage).map_err(anyhow::Error::msg)?;
-    let store = spec.open(&cloud_cfg.storage)?;
-    let cloud_stats = Arc::new(CloudStats::default());
-    let cloud =
-        fleetline_cloud::node::start(&cloud_cfg, store, Arc::new(Keys::fixed(prov.clone())), cloud_stats.clone(), None)
-            .await
-            .context("starting the cloud node")?;
-    let broker = cloud.listening.broker.clone().context("embedded broker address")?;
-    let broker: std::net::SocketAddr = broker.parse()?;
-
-    // Gateway.
-    let mut gw_cfg = GatewayConfig {
-        id: "gw-1".into(),
-        data_dir: dir.join("gw-1"),
-        provisioning: prov_path.clone(),
-        shard_count,
-        ..Default::default()
+    let services = if opts.chaos.is_empty() {
+        Services::in_process(&dir, &prov, shard_count, opts.vehicles).await?
+    } else {
+        Services::children(&dir, shard_count, opts.vehicles).await?
     };
-    gw_cfg.devices.listen = "127.0.0.1:0".parse()?;
-    gw_cfg.devices.max_connections = opts.vehicles + 64;
-    gw_cfg.uplink.host = "127.0.0.1".into();
-    gw_cfg.uplink.port = broker.port();
-    gw_cfg.http.listen = "127.0.0.1:0".parse()?;
-    let (gw_stop_tx, gw_stop) = watch::channel(false);
-    let (listen_tx, listen_rx) = tokio::sync::oneshot::channel();
-    let gateway = tokio::spawn(fleetline_gateway::app::run(gw_cfg, None, gw_stop, move |l| {
-        let _ = listen_tx.send(l.clone());
-    }));
-    let gw = listen_rx.await.context("gateway did not start")?;
-    let devices_port: u16 = gw.devices.parse::<std::net::SocketAddr>()?.port();
+    let devices_port = services.devices_port;
+    let chaos_log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
 
     // The fleet.
     let scale = opts.time_scale.max(0.01);
@@ -153,6 +126,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let mut tasks = Vec::with_capacity(opts.vehicles);
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
+    let chaos_task = services.run_chaos(opts.chaos.clone(), started, chaos_log.clone());
     let mut incidents = Vec::new();
     for i in 0..opts.vehicles {
         let device = Config {
@@ -208,25 +182,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let progress = |phase: &str| {
-        format!(
-            "{phase}: sent {} · stored {} · dedupe hits {}",
-            sent.load(Ordering::Relaxed),
-            CloudStats::get(&cloud_stats.readings_stored),
-            CloudStats::get(&cloud_stats.duplicates),
-        )
+    let progress = async |phase: &str| {
+        format!("{phase}: sent {} · stored {}", sent.load(Ordering::Relaxed), services.stored().await)
     };
     let mut refuels = Vec::new();
     let mut pending = tasks;
     while !pending.iter().all(|t| t.is_finished()) {
         bar.set_position(started.elapsed().as_secs().min(opts.duration.as_secs()));
-        bar.set_message(progress("driving"));
+        bar.set_message(progress("driving").await);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for t in pending.drain(..) {
         refuels.extend(t.await.unwrap_or_default());
     }
     let generated = started.elapsed();
+    // Chaos that outlasts the drive (a stop still running) finishes first.
+    if let Some(t) = chaos_task {
+        let _ = t.await;
+    }
 
     // Drain: every unit's batches acked by the gateway, the gateway's queue acked by the cloud.
     let deadline = Instant::now() + opts.drain_timeout;
@@ -236,17 +209,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     for c in &clients {
         let left = deadline.saturating_duration_since(Instant::now());
         c.wait_for(left, |s| s.is_idle()).await;
-        bar.set_message(progress("draining units"));
+        bar.set_message(progress("draining units").await);
     }
     loop {
-        let s = http_get(&gw.http, "/status").await.unwrap_or_default();
+        let s = services.gateway_status().await;
         if s["queue"]["records"].as_u64() == Some(0) || Instant::now() > deadline {
             break;
         }
-        bar.set_message(progress("draining gateway"));
+        bar.set_message(progress("draining gateway").await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    fleetline_cloud::node::flush_all(&cloud.shards).await;
+    services.flush_cloud().await;
     let run_wall = started.elapsed();
     bar.finish_and_clear();
 
@@ -310,7 +283,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         ingest_latency_ms: stored.ingest,
         events,
         readings_parquet_glob: format!("{}/readings/**/*.parquet", lake.display()),
-        chaos: Vec::new(),
+        chaos: chaos_log.lock().map(|l| l.clone()).unwrap_or_default(),
         samples_refused: refused,
         parquet_files: stored.files,
         data_dir: dir.display().to_string(),
@@ -322,7 +295,249 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             c.shutdown(Duration::from_millis(100)).await;
         }
     }
-    let _ = gw_stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+    services.stop().await;
     Ok(report)
+}
+
+/// The gateway and the cloud node: in this process, or child processes of this
+/// binary (with chaos).
+struct Services {
+    devices_port: u16,
+    inner: Inner,
+}
+
+enum Inner {
+    InProcess {
+        shards: Arc<Vec<Option<tokio::sync::mpsc::Sender<fleetline_cloud::node::ShardMsg>>>>,
+        cloud_stats: Arc<CloudStats>,
+        gw_http: String,
+        gw_stop: watch::Sender<bool>,
+        gateway: tokio::task::JoinHandle<anyhow::Result<()>>,
+    },
+    Children {
+        cloud: Arc<tokio::sync::Mutex<ChildProc>>,
+        gateway: Arc<tokio::sync::Mutex<ChildProc>>,
+        proxy: Arc<Proxy>,
+    },
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Services {
+    async fn in_process(
+        dir: &std::path::Path,
+        prov: &Provisioning,
+        shard_count: u16,
+        vehicles: usize,
+    ) -> anyhow::Result<Self> {
+        let prov_path = dir.join("provisioning.toml");
+        let lake = dir.join("lake");
+        // Cloud node: embedded broker, local lake.
+        let mut cloud_cfg = CloudConfig { shard_count, provisioning: prov_path.clone(), ..Default::default() };
+        cloud_cfg.broker.listen = "127.0.0.1:0".parse()?;
+        cloud_cfg.storage.url = lake.display().to_string();
+        cloud_cfg.segment.max_age = Duration::from_secs(1);
+        cloud_cfg.http.listen = "127.0.0.1:0".parse()?;
+        cloud_cfg.validate().map_err(anyhow::Error::msg)?;
+        let spec = fleetline_cloud::store::StoreSpec::parse(&cloud_cfg.storage).map_err(anyhow::Error::msg)?;
+        let store = spec.open(&cloud_cfg.storage)?;
+        let cloud_stats = Arc::new(CloudStats::default());
+        let keys = Arc::new(Keys::fixed(prov.clone()));
+        let cloud = fleetline_cloud::node::start(&cloud_cfg, store, keys, cloud_stats.clone(), None)
+            .await
+            .context("starting the cloud node")?;
+        let broker: std::net::SocketAddr =
+            cloud.listening.broker.clone().context("embedded broker address")?.parse()?;
+        let mut gw_cfg = GatewayConfig {
+            id: "gw-1".into(),
+            data_dir: dir.join("gw-1"),
+            provisioning: prov_path,
+            shard_count,
+            ..Default::default()
+        };
+        gw_cfg.devices.listen = "127.0.0.1:0".parse()?;
+        gw_cfg.devices.max_connections = vehicles + 64;
+        gw_cfg.uplink.host = "127.0.0.1".into();
+        gw_cfg.uplink.port = broker.port();
+        gw_cfg.http.listen = "127.0.0.1:0".parse()?;
+        let (gw_stop, stop_rx) = watch::channel(false);
+        let (listen_tx, listen_rx) = tokio::sync::oneshot::channel();
+        let gateway = tokio::spawn(fleetline_gateway::app::run(gw_cfg, None, stop_rx, move |l| {
+            let _ = listen_tx.send(l.clone());
+        }));
+        let gw = listen_rx.await.context("gateway did not start")?;
+        Ok(Self {
+            devices_port: gw.devices.parse::<std::net::SocketAddr>()?.port(),
+            inner: Inner::InProcess { shards: cloud.shards, cloud_stats, gw_http: gw.http, gw_stop, gateway },
+        })
+    }
+
+    async fn children(dir: &std::path::Path, shard_count: u16, vehicles: usize) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let (broker_port, devices_port) = (free_port()?, free_port()?);
+        let prov = dir.join("provisioning.toml");
+        let cloud_cfg = dir.join("cloud.toml");
+        std::fs::write(
+            &cloud_cfg,
+            format!(
+                "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                prov.display(),
+                dir.join("lake").display()
+            ),
+        )?;
+        let arg = |p: &std::path::Path| vec!["--config".to_string(), p.display().to_string()];
+        let cloud =
+            ChildProc::start(&exe, [vec!["__cloud".into()], arg(&cloud_cfg)].concat(), &dir.join("cloud.log")).await?;
+        let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{broker_port}").parse()?).await?;
+        let gw_cfg = dir.join("gw-1.toml");
+        std::fs::write(
+            &gw_cfg,
+            format!(
+                "id = \"gw-1\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = {shard_count}\n[devices]\nlisten = \"127.0.0.1:{devices_port}\"\nmax_connections = {}\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nresend_after = \"3s\"\nbackoff_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                dir.join("gw-1").display(),
+                prov.display(),
+                vehicles + 64,
+                proxy.addr.port()
+            ),
+        )?;
+        let gateway =
+            ChildProc::start(&exe, [vec!["__gateway".into()], arg(&gw_cfg)].concat(), &dir.join("gw-1.log")).await?;
+        Ok(Self {
+            devices_port,
+            inner: Inner::Children {
+                cloud: Arc::new(tokio::sync::Mutex::new(cloud)),
+                gateway: Arc::new(tokio::sync::Mutex::new(gateway)),
+                proxy: Arc::new(proxy),
+            },
+        })
+    }
+
+    /// Runs the schedule in the background (children only); logs what was done.
+    fn run_chaos(
+        &self,
+        steps: Vec<Step>,
+        started: Instant,
+        log: Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let Inner::Children { cloud, gateway, proxy } = &self.inner else { return None };
+        let (cloud, gateway, proxy) = (cloud.clone(), gateway.clone(), proxy.clone());
+        Some(tokio::spawn(async move {
+            let mut running = Vec::new();
+            for step in steps {
+                tokio::time::sleep_until((started + step.at).into()).await;
+                let (cloud, gateway, proxy, log) = (cloud.clone(), gateway.clone(), proxy.clone(), log.clone());
+                // Each step runs on its own, so a long stop does not delay the next step.
+                running.push(tokio::spawn(async move {
+                    let proc_of = |t: Target| if t == Target::Gateway { gateway.clone() } else { cloud.clone() };
+                    let t0 = started.elapsed();
+                    let note = match step.action {
+                        Action::Kill(t) => {
+                            let p = proc_of(t);
+                            p.lock().await.kill9().await;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            restart(&mut *p.lock().await).await
+                        }
+                        Action::Stop(t, d) => {
+                            let p = proc_of(t);
+                            let status = p.lock().await.terminate().await;
+                            tokio::time::sleep(d).await;
+                            format!("exit {:?}; {}", status.and_then(|s| s.code()), restart(&mut *p.lock().await).await)
+                        }
+                        Action::UplinkOutage(d) => {
+                            proxy.set_up(false);
+                            tokio::time::sleep(d).await;
+                            proxy.set_up(true);
+                            "restored".to_string()
+                        }
+                    };
+                    let line = format!(
+                        "{step} (at {:.1}s; {note} at {:.1}s)",
+                        t0.as_secs_f64(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    if let Ok(mut l) = log.lock() {
+                        l.push(line);
+                    }
+                }));
+            }
+            for r in running {
+                let _ = r.await;
+            }
+        }))
+    }
+
+    async fn cloud_http(&self) -> Option<String> {
+        match &self.inner {
+            Inner::InProcess { .. } => None,
+            Inner::Children { cloud, .. } => cloud.lock().await.addr("http"),
+        }
+    }
+
+    async fn gateway_status(&self) -> serde_json::Value {
+        let http = match &self.inner {
+            Inner::InProcess { gw_http, .. } => Some(gw_http.clone()),
+            Inner::Children { gateway, .. } => gateway.lock().await.addr("http"),
+        };
+        match http {
+            Some(h) => http_get(&h, "/status").await.unwrap_or_default(),
+            None => serde_json::Value::Null,
+        }
+    }
+
+    /// Readings committed so far (durable totals, which survive restarts).
+    async fn stored(&self) -> u64 {
+        match &self.inner {
+            Inner::InProcess { cloud_stats, .. } => CloudStats::get(&cloud_stats.readings_stored),
+            Inner::Children { .. } => {
+                let Some(h) = self.cloud_http().await else { return 0 };
+                let s = http_get(&h, "/status").await.unwrap_or_default();
+                s["shards"].as_array().map_or(0, |a| a.iter().filter_map(|x| x["totals"]["readings"].as_u64()).sum())
+            }
+        }
+    }
+
+    async fn flush_cloud(&self) {
+        match &self.inner {
+            Inner::InProcess { shards, .. } => {
+                fleetline_cloud::node::flush_all(shards).await;
+            }
+            Inner::Children { .. } => {
+                if let Some(h) = self.cloud_http().await
+                    && let Ok(mut s) = tokio::net::TcpStream::connect(&h).await
+                {
+                    let req = "POST /admin/flush HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                    let _ = s.write_all(req.as_bytes()).await;
+                    let mut out = Vec::new();
+                    let _ = s.read_to_end(&mut out).await;
+                }
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self.inner {
+            Inner::InProcess { gw_stop, gateway, .. } => {
+                let _ = gw_stop.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+            }
+            Inner::Children { cloud, gateway, .. } => {
+                gateway.lock().await.terminate().await;
+                cloud.lock().await.terminate().await;
+            }
+        }
+    }
+}
+
+async fn restart(p: &mut ChildProc) -> String {
+    // The port may linger a moment after a kill; retry briefly.
+    for _ in 0..20 {
+        match p.restart().await {
+            Ok(()) => return "restarted".into(),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    "restart FAILED".into()
 }

@@ -41,6 +41,12 @@ enum Cmd {
         /// Longest wait, after the drive, for everything sent to be acked and stored.
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         drain_timeout: Duration,
+        /// Chaos schedule, times from the start: `kill-gateway@20s,uplink-outage@30s+15s,
+        /// kill-cloud@45s,stop-gateway@50s+10s` (`kill-*`: SIGKILL, restart after 1 s;
+        /// `stop-*@T+D`: SIGTERM, down for D; `uplink-outage@T+D`: gateway ↔ cloud cut
+        /// for D). With chaos the gateway and the cloud run as child processes.
+        #[arg(long)]
+        chaos: Option<fleetline_sim::chaos::Schedule>,
     },
     /// Writes the provisioning file of a demo fleet (units and gateway `gw-1`).
     Provision {
@@ -57,6 +63,25 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // With chaos, the demo runs the gateway and the cloud node as child processes
+    // of this binary, so `cargo run -p fleetline-sim` alone is enough.
+    let mut raw = std::env::args_os();
+    let program = raw.next();
+    let rest: Vec<std::ffi::OsString> = raw.collect();
+    match rest.first().and_then(|a| a.to_str()) {
+        Some("__gateway") => {
+            return fleetline_gateway::cli::main_with_args(
+                std::iter::once("fleetline-gateway".into()).chain(rest[1..].iter().cloned()),
+            );
+        }
+        Some("__cloud") => {
+            return fleetline_cloud::cli::main_with_args(
+                std::iter::once("fleetline-cloud".into()).chain(rest[1..].iter().cloned()),
+            );
+        }
+        _ => {}
+    }
+    let _ = program;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -75,7 +100,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Demo { vehicles, duration, seed, data_dir, time_scale, report_json, drain_timeout } => {
+        Cmd::Demo { vehicles, duration, seed, data_dir, time_scale, report_json, drain_timeout, chaos } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
@@ -83,7 +108,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let opts = DemoOptions { vehicles, duration, seed, data_dir, time_scale, progress: true, drain_timeout };
+            let opts = DemoOptions {
+                vehicles,
+                duration,
+                seed,
+                data_dir,
+                time_scale,
+                progress: true,
+                drain_timeout,
+                chaos: chaos.map(|c| c.0).unwrap_or_default(),
+            };
             let report = match runtime.block_on(demo::run(opts)) {
                 Ok(r) => r,
                 Err(e) => {

@@ -76,3 +76,28 @@ fn simulated_time_runs_faster_and_ground_truth_is_written() {
     let expected: u64 = r["events"].as_object().unwrap().values().map(|e| e["expected"].as_u64().unwrap()).sum();
     assert_eq!(truth.as_array().unwrap().len() as u64, expected);
 }
+
+#[test]
+fn a_ci_sized_chaos_demo_loses_nothing_and_duplicates_nothing() {
+    let (r, dir) = demo(&[
+        "--vehicles",
+        "50",
+        "--duration",
+        "20s",
+        "--seed",
+        "4",
+        "--chaos",
+        "kill-gateway@4s,uplink-outage@7s+3s,kill-cloud@12s,stop-gateway@15s+2s",
+    ]);
+    eprintln!("chaos demo report: {r}");
+    assert_eq!(r["samples_lost"], 0);
+    assert_eq!(r["samples_duplicated"], 0);
+    assert_eq!(r["samples_stored"], r["samples_acked"]);
+    assert_eq!(r["samples_acked"], r["samples_sent"]);
+    let chaos: Vec<&str> = r["chaos"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(chaos.len(), 4, "{chaos:?}");
+    assert!(chaos.iter().all(|c| !c.contains("FAILED")), "{chaos:?}");
+    assert!(chaos[3].contains("exit Some(0)"), "a stopped gateway exits cleanly: {chaos:?}");
+    // The processes really ran apart from the simulator, and logged.
+    assert!(dir.path().join("data/gw-1.log").exists() && dir.path().join("data/cloud.log").exists());
+}
