@@ -21,8 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
+use crate::html::{Tick, Window};
 use crate::model::{IncidentKind, Vehicle, VehicleSpec};
-use crate::report::{EventScore, Report, lost, read_readings};
+use crate::report::{EventScore, Latency, Report, lost, read_readings};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -43,6 +44,8 @@ pub struct DemoOptions {
     pub drain_timeout: Duration,
     /// Chaos schedule; non-empty runs the gateway and the cloud as child processes.
     pub chaos: Vec<Step>,
+    /// Where to write the HTML report.
+    pub report_html: Option<PathBuf>,
 }
 
 /// The fleet's id.
@@ -125,6 +128,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let mut clients = Vec::with_capacity(opts.vehicles);
     let mut tasks = Vec::with_capacity(opts.vehicles);
     let started = Instant::now();
+    let start_unix_ms = unix_ms();
     let sent = Arc::new(AtomicU64::new(0));
     let chaos_task = services.run_chaos(opts.chaos.clone(), started, chaos_log.clone());
     let mut incidents = Vec::new();
@@ -185,11 +189,26 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let progress = async |phase: &str| {
         format!("{phase}: sent {} · stored {}", sent.load(Ordering::Relaxed), services.stored().await)
     };
+    let mut ticks: Vec<Tick> = Vec::new();
+    let sample = async |ticks: &mut Vec<Tick>| {
+        if ticks.last().is_none_or(|t| started.elapsed().as_secs_f64() - t.t >= 1.0) {
+            // A process that is down (chaos) reports nothing: keep its last values.
+            let last = ticks.last().copied().unwrap_or_default();
+            let backlog = services.gateway_status().await["queue"]["records"].as_u64().unwrap_or(last.backlog);
+            ticks.push(Tick {
+                t: started.elapsed().as_secs_f64(),
+                sent: sent.load(Ordering::Relaxed),
+                stored: services.stored().await.max(last.stored),
+                backlog,
+            });
+        }
+    };
     let mut refuels = Vec::new();
     let mut pending = tasks;
     while !pending.iter().all(|t| t.is_finished()) {
         bar.set_position(started.elapsed().as_secs().min(opts.duration.as_secs()));
         bar.set_message(progress("driving").await);
+        sample(&mut ticks).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for t in pending.drain(..) {
@@ -217,10 +236,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             break;
         }
         bar.set_message(progress("draining gateway").await);
+        sample(&mut ticks).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     services.flush_cloud().await;
     let run_wall = started.elapsed();
+    sample(&mut ticks).await;
     bar.finish_and_clear();
 
     let mut acked: HashMap<(String, u32, u32), u64> = HashMap::new();
@@ -288,6 +309,30 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         parquet_files: stored.files,
         data_dir: dir.display().to_string(),
     };
+
+    if let Some(path) = &opts.report_html {
+        let latency: Vec<(f64, f64, f64)> = stored
+            .latency_by_second
+            .iter()
+            .map(|(sec, v)| {
+                let l = Latency::of(v.clone());
+                ((sec * 1000 - start_unix_ms as i64) as f64 / 1000.0, l.p50 as f64, l.max as f64)
+            })
+            .collect();
+        let windows: Vec<Window> = opts
+            .chaos
+            .iter()
+            .map(|s| {
+                let d = match s.action {
+                    Action::Kill(_) => Duration::from_secs(1),
+                    Action::Stop(_, d) | Action::UplinkOutage(d) => d,
+                };
+                Window { from: s.at.as_secs_f64(), to: (s.at + d).as_secs_f64(), label: s.to_string() }
+            })
+            .collect();
+        std::fs::write(path, crate::html::page(&report, &ticks, &latency, &windows))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
 
     // Stop: units, gateway (commits its queue), cloud shards (commit; nothing is open).
     for c in clients {

@@ -4,6 +4,7 @@
 
 pub mod chaos;
 pub mod demo;
+pub mod html;
 pub mod model;
 pub mod report;
 pub mod rng;

@@ -38,6 +38,9 @@ enum Cmd {
         /// Also write the report (JSON) here.
         #[arg(long)]
         report_json: Option<PathBuf>,
+        /// Write a self-contained HTML report with charts here.
+        #[arg(long)]
+        report_html: Option<PathBuf>,
         /// Longest wait, after the drive, for everything sent to be acked and stored.
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         drain_timeout: Duration,
@@ -100,7 +103,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Demo { vehicles, duration, seed, data_dir, time_scale, report_json, drain_timeout, chaos } => {
+        Cmd::Demo {
+            vehicles,
+            duration,
+            seed,
+            data_dir,
+            time_scale,
+            report_json,
+            report_html,
+            drain_timeout,
+            chaos,
+        } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
@@ -117,6 +130,7 @@ fn main() -> ExitCode {
                 progress: true,
                 drain_timeout,
                 chaos: chaos.map(|c| c.0).unwrap_or_default(),
+                report_html,
             };
             let report = match runtime.block_on(demo::run(opts)) {
                 Ok(r) => r,

@@ -21,7 +21,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut v: Vec<i64>) -> Self {
+    /// Percentiles of `v`.
+    pub fn of(mut v: Vec<i64>) -> Self {
         if v.is_empty() {
             return Self::default();
         }
@@ -46,6 +47,8 @@ pub struct Stored {
     pub ingest: Latency,
     /// Files read.
     pub files: usize,
+    /// End-to-end latencies by the Unix second of their commit.
+    pub latency_by_second: BTreeMap<i64, Vec<i64>>,
 }
 
 fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -89,6 +92,10 @@ pub fn read_readings(readings: &Path) -> anyhow::Result<Stored> {
                     *s.per_batch.entry(key).or_default() += 1;
                 }
                 e2e.push(stored.value(i) - ts.value(i));
+                s.latency_by_second
+                    .entry(stored.value(i).div_euclid(1000))
+                    .or_default()
+                    .push(stored.value(i) - ts.value(i));
                 ingest.push(stored.value(i) - recv.value(i));
             }
         }

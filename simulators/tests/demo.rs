@@ -19,6 +19,7 @@ fn python() -> PathBuf {
 fn demo(args: &[&str]) -> (Value, tempfile::TempDir) {
     let dir = tempfile::Builder::new().prefix("fleetline-sim-test-").tempdir().unwrap();
     let report = dir.path().join("report.json");
+    let html = dir.path().join("report.html");
     let out = Command::new(env!("CARGO_BIN_EXE_fleetline-sim"))
         .arg("demo")
         .args(args)
@@ -26,6 +27,8 @@ fn demo(args: &[&str]) -> (Value, tempfile::TempDir) {
         .arg(dir.path().join("data"))
         .arg("--report-json")
         .arg(&report)
+        .arg("--report-html")
+        .arg(&html)
         .output()
         .unwrap();
     assert!(
@@ -100,4 +103,13 @@ fn a_ci_sized_chaos_demo_loses_nothing_and_duplicates_nothing() {
     assert!(chaos[3].contains("exit Some(0)"), "a stopped gateway exits cleanly: {chaos:?}");
     // The processes really ran apart from the simulator, and logged.
     assert!(dir.path().join("data/gw-1.log").exists() && dir.path().join("data/cloud.log").exists());
+    // The HTML report: self-contained (no scripts, no external references), four charts, the verdict.
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 4);
+    assert!(html.contains("nothing lost, nothing duplicated"));
+    assert!(html.contains("kill-cloud@12s"));
+    assert!(
+        !html.contains("<script") && !html.contains("http://")
+            || html.matches("http://").count() == html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count()
+    );
 }
