@@ -5,15 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use fleetline_cloud::config::CloudConfig;
 use fleetline_cloud::keys::Keys;
 use fleetline_cloud::stats::CloudStats;
-use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
-use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull};
 use fleetline_gateway::config::GatewayConfig;
 use fleetline_wire::provisioning::{DeviceEntry, GatewayEntry, Provisioning};
 use fleetline_wire::{DeviceId, DeviceKey, FleetId, GatewayId};
@@ -21,8 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
+use crate::drive::{Drive, DriveParams, Unit};
 use crate::html::{Tick, Window};
-use crate::model::{IncidentKind, Vehicle, VehicleSpec};
+use crate::model::{IncidentKind, Profile};
 use crate::report::{EventScore, Latency, Report, lost, read_readings};
 
 /// What to run.
@@ -46,6 +45,8 @@ pub struct DemoOptions {
     pub chaos: Vec<Step>,
     /// Where to write the HTML report.
     pub report_html: Option<PathBuf>,
+    /// Activity profile.
+    pub profile: Profile,
 }
 
 /// The fleet's id.
@@ -120,61 +121,25 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let chaos_log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
 
     // The fleet.
-    let scale = opts.time_scale.max(0.01);
-    let sim_secs = (opts.duration.as_secs_f64() * scale).ceil() as u64;
-    // Simulated time ends when the run does: readings are never dated in the future.
-    let t0_ms = unix_ms() + opts.duration.as_millis() as u64 - sim_secs * 1000;
-    let flush = FlushPolicy { max_samples: 120, max_bytes: 1024, max_age_ms: 2_000 };
-    let mut clients = Vec::with_capacity(opts.vehicles);
-    let mut tasks = Vec::with_capacity(opts.vehicles);
-    let started = Instant::now();
+    let fleet = FleetId::new(FLEET)?;
+    let units = (0..opts.vehicles)
+        .map(|i| Ok(Unit { index: i, fleet, device: DeviceId::new(&vehicle_id(i))?, key: key(opts.seed, 1, i) }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut drive = Drive::start(DriveParams {
+        host: "127.0.0.1".into(),
+        port: devices_port,
+        tls: None,
+        units,
+        fleet_size: opts.vehicles,
+        seed: opts.seed,
+        duration: opts.duration,
+        time_scale: opts.time_scale,
+        profile: opts.profile,
+    })?;
+    let (started, scale, t0_ms, sent) = (drive.started, opts.time_scale.max(0.01), drive.t0_ms, drive.sent.clone());
     let start_unix_ms = unix_ms();
-    let sent = Arc::new(AtomicU64::new(0));
+    let incidents = drive.incidents.clone();
     let chaos_task = services.run_chaos(opts.chaos.clone(), started, chaos_log.clone());
-    let mut incidents = Vec::new();
-    for i in 0..opts.vehicles {
-        let device = Config {
-            fleet: FleetId::new(FLEET)?,
-            device: DeviceId::new(&vehicle_id(i))?,
-            key: key(opts.seed, 1, i),
-            flush,
-            resend_after_ms: 10_000,
-            when_full: OutboxFull::Block,
-        };
-        let cfg = ClientConfig::new("127.0.0.1", devices_port, device, BootState { epoch: 1, last_command_counter: 0 });
-        let client = Arc::new(DeviceClient::spawn(cfg, SystemClock::new())?);
-        clients.push(client.clone());
-        let spec = VehicleSpec::generate(opts.seed, i, opts.vehicles, sim_secs);
-        incidents.extend(spec.incidents.clone());
-        let mut vehicle = Vehicle::new(spec, opts.seed);
-        let sent = sent.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let due = ((started.elapsed().as_secs_f64() * scale) as u64).min(sim_secs);
-                while vehicle.elapsed_s() < due {
-                    vehicle.step(t0_ms, &mut out);
-                }
-                if !out.is_empty() {
-                    let n = out.len() as u64;
-                    if client.record_all(std::mem::take(&mut out)).await.is_err() {
-                        break;
-                    }
-                    sent.fetch_add(n, Ordering::Relaxed);
-                }
-                if vehicle.elapsed_s() >= sim_secs {
-                    break;
-                }
-                let next = Duration::from_secs_f64(((vehicle.elapsed_s() + 1) as f64 / scale).max(0.0));
-                let wait = next
-                    .saturating_sub(started.elapsed())
-                    .max(Duration::from_millis(20))
-                    .min(Duration::from_millis(250));
-                tokio::time::sleep(wait).await;
-            }
-            vehicle.refuels
-        }));
-    }
 
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(opts.duration.as_secs().max(1));
@@ -203,17 +168,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             });
         }
     };
-    let mut refuels = Vec::new();
-    let mut pending = tasks;
-    while !pending.iter().all(|t| t.is_finished()) {
+    while !drive.finished() {
         bar.set_position(started.elapsed().as_secs().min(opts.duration.as_secs()));
         bar.set_message(progress("driving").await);
         sample(&mut ticks).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    for t in pending.drain(..) {
-        refuels.extend(t.await.unwrap_or_default());
-    }
+    let refuels = drive.join().await;
     let generated = started.elapsed();
     // Chaos that outlasts the drive (a stop still running) finishes first.
     if let Some(t) = chaos_task {
@@ -222,14 +183,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
 
     // Drain: every unit's batches acked by the gateway, the gateway's queue acked by the cloud.
     let deadline = Instant::now() + opts.drain_timeout;
-    for c in &clients {
-        let _ = c.flush().await;
-    }
-    for c in &clients {
-        let left = deadline.saturating_duration_since(Instant::now());
-        c.wait_for(left, |s| s.is_idle()).await;
-        bar.set_message(progress("draining units").await);
-    }
+    bar.set_message(progress("draining units").await);
+    drive.drain(deadline).await;
     loop {
         let s = services.gateway_status().await;
         if s["queue"]["records"].as_u64() == Some(0) || Instant::now() > deadline {
@@ -246,7 +201,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
 
     let mut acked: HashMap<(String, u32, u32), u64> = HashMap::new();
     let (mut refused, mut recorded) = (0, 0);
-    for (i, c) in clients.iter().enumerate() {
+    for (i, c) in drive.clients.iter().enumerate() {
         for r in c.take_acked() {
             acked.insert((vehicle_id(i), r.epoch, r.seq), u64::from(r.samples));
         }
@@ -335,7 +290,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     }
 
     // Stop: units, gateway (commits its queue), cloud shards (commit; nothing is open).
-    for c in clients {
+    for c in drive.clients {
         if let Ok(c) = Arc::try_unwrap(c) {
             c.shutdown(Duration::from_millis(100)).await;
         }

@@ -4,6 +4,8 @@
 
 pub mod chaos;
 pub mod demo;
+pub mod drive;
+pub mod fleet;
 pub mod html;
 pub mod model;
 pub mod report;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fleetline_sim::demo::{self, DemoOptions};
+use fleetline_sim::model::Profile;
 
 /// Fleetline fleet simulator.
 #[derive(Parser, Debug)]
@@ -50,6 +51,45 @@ enum Cmd {
         /// for D). With chaos the gateway and the cloud run as child processes.
         #[arg(long)]
         chaos: Option<fleetline_sim::chaos::Schedule>,
+        /// Activity profile.
+        #[arg(long, value_enum, default_value_t = Profile::Steady)]
+        profile: Profile,
+    },
+    /// Drives simulated vehicles against a real gateway and reports what the units see.
+    Fleet {
+        /// Gateway address, `host:port`.
+        #[arg(long)]
+        gateway: String,
+        /// PEM CA bundle: connect with TLS.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// PEM client certificate and key for mutual TLS.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// PEM client key.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Provisioning file holding the units' keys (e.g. from `provision`).
+        #[arg(long)]
+        provisioning: PathBuf,
+        /// Units to simulate (the first ones of the file, by fleet and device id).
+        #[arg(long, default_value_t = 100)]
+        vehicles: usize,
+        /// How long the fleet drives.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Simulated seconds per wall second.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// Activity profile.
+        #[arg(long, value_enum, default_value_t = Profile::Steady)]
+        profile: Profile,
+        /// Longest wait for the units' batches to be acked at the end.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        drain_timeout: Duration,
     },
     /// Writes the provisioning file of a demo fleet (units and gateway `gw-1`).
     Provision {
@@ -103,6 +143,43 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Fleet {
+            gateway,
+            ca,
+            cert,
+            key,
+            provisioning,
+            vehicles,
+            duration,
+            seed,
+            time_scale,
+            profile,
+            drain_timeout,
+        } => {
+            let Some(runtime) = runtime() else { return ExitCode::from(1) };
+            let opts = fleetline_sim::fleet::FleetOptions {
+                gateway,
+                ca,
+                client_auth: cert.zip(key),
+                provisioning,
+                vehicles,
+                duration,
+                seed,
+                time_scale,
+                profile,
+                drain_timeout,
+            };
+            match runtime.block_on(fleetline_sim::fleet::run(opts)) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    if r.samples_acked == r.samples_sent { ExitCode::SUCCESS } else { ExitCode::from(3) }
+                }
+                Err(e) => {
+                    eprintln!("fleetline-sim: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Demo {
             vehicles,
             duration,
@@ -113,14 +190,9 @@ fn main() -> ExitCode {
             report_html,
             drain_timeout,
             chaos,
+            profile,
         } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("fleetline-sim: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
+            let Some(runtime) = runtime() else { return ExitCode::from(1) };
             let opts = DemoOptions {
                 vehicles,
                 duration,
@@ -131,6 +203,7 @@ fn main() -> ExitCode {
                 drain_timeout,
                 chaos: chaos.map(|c| c.0).unwrap_or_default(),
                 report_html,
+                profile,
             };
             let report = match runtime.block_on(demo::run(opts)) {
                 Ok(r) => r,
@@ -156,6 +229,16 @@ fn main() -> ExitCode {
                 );
                 ExitCode::from(3)
             }
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("fleetline-sim: cannot start the runtime: {e}");
+            None
         }
     }
 }

@@ -40,6 +40,20 @@ pub enum IncidentKind {
     Silent,
 }
 
+/// How the fleet's activity varies over the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// Every vehicle drives all the time.
+    #[default]
+    Steady,
+    /// Shifts by local time of day, depots spread over time zones (UTC−3…UTC+3):
+    /// off shift, vehicles park and units report only every minute.
+    Daily,
+    /// A third of the fleet is a reserve that drives only from 40 % to 70 % of the run.
+    Surge,
+}
+
 /// One incident, in ground truth.
 #[derive(Clone, Debug, Serialize)]
 pub struct Incident {
@@ -80,11 +94,21 @@ pub struct VehicleSpec {
     pub clock_drift_ppm: f64,
     /// Injected incidents.
     pub incidents: Vec<Incident>,
+    /// Activity profile.
+    pub profile: Profile,
+    /// Local time offset of its depot, hours.
+    pub tz_offset_h: i64,
+    /// Shift start, local hour.
+    pub shift_start_h: i64,
+    /// Part of the surge reserve.
+    pub reserve: bool,
+    /// Length of the run, simulated seconds.
+    pub duration_s: u64,
 }
 
 impl VehicleSpec {
     /// The vehicle `index` of a fleet built from `seed`, for a run of `duration_s`.
-    pub fn generate(seed: u64, index: usize, fleet_size: usize, duration_s: u64) -> Self {
+    pub fn generate(seed: u64, index: usize, fleet_size: usize, duration_s: u64, profile: Profile) -> Self {
         let mut depots = Rng::new(seed, u64::MAX);
         let depot_count = fleet_size.div_ceil(100).max(1);
         let depot = index % depot_count;
@@ -127,6 +151,23 @@ impl VehicleSpec {
             clock_offset_ms: r.normal() * 800.0,
             clock_drift_ppm: r.normal() * 40.0,
             incidents,
+            profile,
+            tz_offset_h: (depot % 7) as i64 - 3,
+            shift_start_h: 5 + (r.unit() * 5.0) as i64,
+            reserve: index % 3 == 2,
+            duration_s,
+        }
+    }
+
+    /// Whether the vehicle is on duty at simulated second `t` of a run starting at `t0_ms`.
+    pub fn on_duty(&self, t: u64, t0_ms: u64) -> bool {
+        match self.profile {
+            Profile::Steady => true,
+            Profile::Daily => {
+                let local_h = ((t0_ms / 1000 + t) as i64 / 3600 + self.tz_offset_h).rem_euclid(24);
+                (local_h - self.shift_start_h).rem_euclid(24) < 9
+            }
+            Profile::Surge => !self.reserve || (t * 10 >= self.duration_s * 4 && t * 10 < self.duration_s * 7),
         }
     }
 
@@ -208,8 +249,9 @@ impl Vehicle {
         let s = &self.spec;
         let theft = s.active(IncidentKind::FuelTheft, t).is_some();
         let punctured = s.incidents.iter().any(|i| i.kind == IncidentKind::Puncture && i.start_s <= t);
+        let on_duty = s.on_duty(t, t0_ms);
         // Driving or parked.
-        if theft || punctured {
+        if theft || punctured || !on_duty {
             self.parked_s = self.parked_s.max(1);
         }
         let target = if self.parked_s > 0 {
@@ -269,6 +311,10 @@ impl Vehicle {
         if s.active(IncidentKind::Silent, t).is_some() {
             return;
         }
+        // Parked off duty, a unit reports once a minute.
+        if !on_duty && !t.is_multiple_of(60) {
+            return;
+        }
         // The unit's clock.
         let true_ms = t0_ms as f64 + t as f64 * 1000.0;
         let unit_ms = (true_ms + s.clock_offset_ms + t as f64 * 1000.0 * s.clock_drift_ppm * 1e-6).max(0.0) as u64;
@@ -306,7 +352,7 @@ mod tests {
     use super::*;
 
     fn drive(seed: u64, index: usize, secs: u64) -> (Vehicle, Vec<Reading>) {
-        let mut v = Vehicle::new(VehicleSpec::generate(seed, index, 1000, secs), seed);
+        let mut v = Vehicle::new(VehicleSpec::generate(seed, index, 1000, secs, Profile::Steady), seed);
         let mut out = Vec::new();
         for _ in 0..secs {
             v.step(1_795_700_000_000, &mut out);
@@ -336,11 +382,38 @@ mod tests {
     }
 
     #[test]
+    fn profiles_shape_activity() {
+        let day0 = 1_795_651_200_000; // 2026-11-26T00:00Z
+        let spec = VehicleSpec::generate(1, 2, 1000, 86_400, Profile::Daily);
+        let on: usize = (0..24).filter(|h| spec.on_duty(h * 3600, day0)).count();
+        assert_eq!(on, 9, "a nine-hour shift");
+        // Depots in other time zones work other UTC hours.
+        let other = (0..1000)
+            .map(|i| VehicleSpec::generate(1, i, 1000, 86_400, Profile::Daily))
+            .find(|s| s.tz_offset_h != spec.tz_offset_h || s.shift_start_h != spec.shift_start_h)
+            .unwrap();
+        assert!((0..24).any(|h| spec.on_duty(h * 3600, day0) != other.on_duty(h * 3600, day0)));
+        let reserve = VehicleSpec::generate(1, 2, 1000, 1000, Profile::Surge);
+        assert!(
+            reserve.reserve && !reserve.on_duty(100, day0) && reserve.on_duty(500, day0) && !reserve.on_duty(800, day0)
+        );
+        // Off duty, a unit reports once a minute.
+        let mut v = Vehicle::new(VehicleSpec::generate(1, 2, 1000, 600, Profile::Surge), 1);
+        let mut out = Vec::new();
+        // Off duty until 40 % of the 600 s run: reports at 0, 60, 120 and 180 s only.
+        for _ in 0..240 {
+            v.step(day0, &mut out);
+        }
+        let speeds = out.iter().filter(|r| r.kind == kind::SPEED).count();
+        assert_eq!(speeds, 4);
+    }
+
+    #[test]
     fn incidents_show_in_the_readings() {
         // Find vehicles with a puncture and with a theft among many.
         let mut seen = (false, false);
         for i in 0..2000 {
-            let spec = VehicleSpec::generate(5, i, 2000, 600);
+            let spec = VehicleSpec::generate(5, i, 2000, 600, Profile::Steady);
             if let Some(p) = spec.incidents.iter().find(|x| x.kind == IncidentKind::Puncture) {
                 let wheel = WHEELS[p.wheel.unwrap()];
                 let (_, out) = drive(5, i, 600);

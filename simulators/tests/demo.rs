@@ -113,3 +113,78 @@ fn a_ci_sized_chaos_demo_loses_nothing_and_duplicates_nothing() {
             || html.matches("http://").count() == html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count()
     );
 }
+
+/// A child process of the simulator's binary that prints one JSON line on start.
+struct Child(std::process::Child, Value);
+
+impl Child {
+    fn start(args: &[&str], log: &Path) -> Self {
+        use std::io::BufRead;
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fleetline-sim"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}; see {}", log.display()));
+        Self(c, v)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_fleet_command_drives_a_real_gateway_with_a_provisioned_fleet() {
+    let dir = tempfile::Builder::new().prefix("fleetline-sim-fleet-").tempdir().unwrap();
+    let d = dir.path();
+    let prov = d.join("provisioning.toml");
+    let ok = Command::new(env!("CARGO_BIN_EXE_fleetline-sim"))
+        .args(["provision", "--vehicles", "30", "--seed", "5", "--out"])
+        .arg(&prov)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    std::fs::write(
+        d.join("cloud.toml"),
+        format!(
+            "shard_count = 4\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:0\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"500ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            prov.display(),
+            d.join("lake").display()
+        ),
+    )
+    .unwrap();
+    let cloud = Child::start(&["__cloud", "--config", d.join("cloud.toml").to_str().unwrap()], &d.join("cloud.log"));
+    let broker: std::net::SocketAddr = cloud.1["broker"].as_str().unwrap().parse().unwrap();
+    std::fs::write(
+        d.join("gw.toml"),
+        format!(
+            "id = \"gw-1\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = 4\n[devices]\nlisten = \"127.0.0.1:0\"\n[uplink]\nport = {}\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            d.join("gw").display(),
+            prov.display(),
+            broker.port()
+        ),
+    )
+    .unwrap();
+    let gw = Child::start(&["__gateway", "--config", d.join("gw.toml").to_str().unwrap()], &d.join("gw.log"));
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetline-sim"))
+        .args(["fleet", "--gateway", gw.1["devices"].as_str().unwrap(), "--provisioning"])
+        .arg(&prov)
+        .args(["--vehicles", "30", "--duration", "6s", "--time-scale", "30", "--profile", "surge"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("fleet report: {r}");
+    assert!(r["samples_sent"].as_u64().unwrap() > 1000);
+    assert_eq!(r["samples_acked"], r["samples_sent"]);
+    assert_eq!(r["connects"], 30);
+    drop(gw);
+    drop(cloud);
+}
