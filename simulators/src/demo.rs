@@ -135,7 +135,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         duration: opts.duration,
         time_scale: opts.time_scale,
         profile: opts.profile,
-    })?;
+    })
+    .await?;
     let (started, scale, t0_ms, sent) = (drive.started, opts.time_scale.max(0.01), drive.t0_ms, drive.sent.clone());
     let start_unix_ms = unix_ms();
     let incidents = drive.incidents.clone();
@@ -201,6 +202,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
 
     let mut acked: HashMap<(String, u32, u32), u64> = HashMap::new();
     let (mut refused, mut recorded) = (0, 0);
+    let (mut connects, mut connection_errors, mut resends) = (0, 0, 0);
     for (i, c) in drive.clients.iter().enumerate() {
         for r in c.take_acked() {
             acked.insert((vehicle_id(i), r.epoch, r.seq), u64::from(r.samples));
@@ -208,6 +210,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         let s = c.stats();
         refused += s.core.readings_refused + s.core.readings_invalid;
         recorded += s.core.readings_recorded;
+        connects += s.connects;
+        connection_errors += s.connection_errors;
+        resends += s.core.resends;
     }
     let stored = read_readings(&lake.join("readings"))?;
     let samples_acked: u64 = acked.values().sum();
@@ -262,6 +267,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         chaos: chaos_log.lock().map(|l| l.clone()).unwrap_or_default(),
         samples_refused: refused,
         parquet_files: stored.files,
+        unit_connects: connects,
+        unit_connection_errors: connection_errors,
+        unit_resends: resends,
         data_dir: dir.display().to_string(),
     };
 

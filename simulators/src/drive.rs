@@ -71,8 +71,9 @@ fn unix_ms() -> u64 {
 
 impl Drive {
     /// Connects every unit and starts driving. Simulated time ends when the drive
-    /// does, so no reading is dated in the future.
-    pub fn start(p: DriveParams) -> anyhow::Result<Self> {
+    /// does, so no reading is dated in the future. Units come up in waves of 200
+    /// every 50 ms, as a fleet's units do, not all in the same instant.
+    pub async fn start(p: DriveParams) -> anyhow::Result<Self> {
         let scale = p.time_scale.max(0.01);
         let sim_secs = (p.duration.as_secs_f64() * scale).ceil() as u64;
         let t0_ms = unix_ms() + p.duration.as_millis() as u64 - sim_secs * 1000;
@@ -80,7 +81,10 @@ impl Drive {
         let started = Instant::now();
         let sent = Arc::new(AtomicU64::new(0));
         let (mut clients, mut tasks, mut incidents) = (Vec::new(), Vec::new(), Vec::new());
-        for u in p.units {
+        for (n, u) in p.units.into_iter().enumerate() {
+            if n > 0 && n % 200 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let device = Config {
                 fleet: u.fleet,
                 device: u.device,

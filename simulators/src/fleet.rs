@@ -103,7 +103,8 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
         duration: opts.duration,
         time_scale: opts.time_scale,
         profile: opts.profile,
-    })?;
+    })
+    .await?;
     drive.join().await;
     let drove = drive.started.elapsed();
     drive.drain(Instant::now() + opts.drain_timeout).await;

@@ -156,6 +156,12 @@ pub struct Report {
     pub samples_refused: u64,
     /// Parquet files read back.
     pub parquet_files: usize,
+    /// Units' MQTT sessions established.
+    pub unit_connects: u64,
+    /// Units' connection failures and drops.
+    pub unit_connection_errors: u64,
+    /// Units' re-sends after a timeout or reconnect.
+    pub unit_resends: u64,
     /// Where the run's data lives.
     pub data_dir: String,
 }

@@ -44,6 +44,10 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// How often timers (flush age, re-sends) are checked, in wall time.
     pub tick: Duration,
+    /// Longest wait for a connection and its CONNACK (and for a write). A gateway
+    /// taking thousands of reconnects at once answers slowly; a client that gives
+    /// up too early reconnects and takes its own session over, again and again.
+    pub connect_timeout: Duration,
     /// The core's settings.
     pub device: Config,
     /// This boot's persisted state.
@@ -60,6 +64,7 @@ impl ClientConfig {
             keep_alive: Duration::from_secs(30),
             backoff: Backoff::default(),
             tick: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(30),
             device,
             boot,
         }

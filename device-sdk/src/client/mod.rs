@@ -133,7 +133,10 @@ impl DeviceClient {
         if let Some(tls) = &cfg.tls {
             opts.set_transport(Transport::Tls(tls_config(tls)?));
         }
-        let (mqtt, eventloop) = AsyncClient::new(opts, O + 16);
+        let (mqtt, mut eventloop) = AsyncClient::new(opts, O + 16);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
+        eventloop.set_network_options(net);
         let (net_tx, net_rx) = mpsc::channel(64);
         let net_task = tokio::spawn(drive_network(eventloop, net_tx, cfg.backoff));
         let (req_tx, req_rx) = mpsc::channel(64);
