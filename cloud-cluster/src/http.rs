@@ -35,6 +35,8 @@ pub struct Ops {
     pub metrics: Option<RenderMetrics>,
     /// Bearer token for writes.
     pub token: Option<String>,
+    /// The schema registry.
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 /// Binds the endpoint; returns its address and the server future.
@@ -46,6 +48,13 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .route("/status", get(status))
         .route("/vehicles/{fleet}/{device}", get(vehicle))
         .route("/admin/flush", post(flush))
+        .route("/subjects", get(subjects))
+        .route("/subjects/{subject}/versions", get(subject_versions).post(register))
+        .route("/subjects/{subject}/versions/{version}", get(subject_version))
+        .route("/schemas/ids/{id}", get(schema_by_id))
+        .route("/compatibility/subjects/{subject}/versions/latest", post(test_compatibility))
+        .route("/config", get(get_config).put(put_config))
+        .route("/config/{subject}", get(get_subject_config).put(put_subject_config))
         .with_state(ops);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -148,5 +157,133 @@ async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {
         Json(json!({"flushed": true})).into_response()
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"flushed": false, "errors": failed}))).into_response()
+    }
+}
+
+// --- Schema registry, shaped like Confluent's.
+
+use crate::registry::{Compatibility, RegistryError};
+
+fn reg_error(code: u16, message: String) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(json!({"error_code": code, "message": message}))).into_response()
+}
+
+fn unauthorized() -> Response {
+    reg_error(401, "bearer token required".into())
+}
+
+#[derive(serde::Deserialize)]
+struct SchemaBody {
+    schema: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ConfigBody {
+    compatibility: Compatibility,
+}
+
+async fn subjects(State(ops): State<Ops>) -> Json<Vec<String>> {
+    Json(ops.registry.subjects())
+}
+
+async fn subject_versions(State(ops): State<Ops>, Path(subject): Path<String>) -> Response {
+    match ops.registry.versions(&subject) {
+        Some(v) => Json(v).into_response(),
+        None => reg_error(404, format!("subject {subject} not found")),
+    }
+}
+
+async fn subject_version(State(ops): State<Ops>, Path((subject, version)): Path<(String, String)>) -> Response {
+    let v = match version.as_str() {
+        "latest" => None,
+        n => match n.parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => return reg_error(422, format!("version {n:?} is not a number or latest")),
+        },
+    };
+    match ops.registry.version(&subject, v) {
+        Some(v) => Json(v).into_response(),
+        None => reg_error(404, format!("subject {subject} has no version {version}")),
+    }
+}
+
+async fn schema_by_id(State(ops): State<Ops>, Path(id): Path<u32>) -> Response {
+    match ops.registry.schema(id) {
+        Some(s) => Json(json!({"schema": s.canonical()})).into_response(),
+        None => reg_error(404, format!("schema {id} not found")),
+    }
+}
+
+async fn register(
+    State(ops): State<Ops>,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+    body: Result<Json<SchemaBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !authorized(&ops, &headers) {
+        return unauthorized();
+    }
+    let Ok(Json(body)) = body else { return reg_error(422, "body must be {\"schema\": \"...\"}".into()) };
+    match ops.registry.register(&subject, &body.schema).await {
+        Ok(v) => Json(json!({"id": v.id, "version": v.version})).into_response(),
+        Err(RegistryError::Invalid(m)) => reg_error(422, m),
+        Err(e @ RegistryError::Incompatible(_)) => reg_error(409, e.to_string()),
+        Err(e) => reg_error(500, e.to_string()),
+    }
+}
+
+async fn test_compatibility(
+    State(ops): State<Ops>,
+    Path(subject): Path<String>,
+    body: Result<Json<SchemaBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(body)) = body else { return reg_error(422, "body must be {\"schema\": \"...\"}".into()) };
+    match ops.registry.test(&subject, &body.schema) {
+        Ok(problems) => Json(json!({"is_compatible": problems.is_empty(), "messages": problems})).into_response(),
+        Err(e) => reg_error(422, e.to_string()),
+    }
+}
+
+async fn get_config(State(ops): State<Ops>) -> Json<serde_json::Value> {
+    Json(json!({"compatibilityLevel": ops.registry.compatibility(None)}))
+}
+
+async fn get_subject_config(State(ops): State<Ops>, Path(subject): Path<String>) -> Json<serde_json::Value> {
+    Json(json!({"compatibilityLevel": ops.registry.compatibility(Some(&subject))}))
+}
+
+async fn put_config(
+    State(ops): State<Ops>,
+    headers: HeaderMap,
+    body: Result<Json<ConfigBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    set_config(ops, headers, None, body).await
+}
+
+async fn put_subject_config(
+    State(ops): State<Ops>,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+    body: Result<Json<ConfigBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    set_config(ops, headers, Some(subject), body).await
+}
+
+async fn set_config(
+    ops: Ops,
+    headers: HeaderMap,
+    subject: Option<String>,
+    body: Result<Json<ConfigBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !authorized(&ops, &headers) {
+        return unauthorized();
+    }
+    let Ok(Json(body)) = body else {
+        return reg_error(422, "body must be {\"compatibility\": \"BACKWARD|FORWARD|FULL|…|NONE\"}".into());
+    };
+    match ops.registry.set_compatibility(subject.as_deref(), body.compatibility).await {
+        Ok(()) => Json(json!({"compatibility": body.compatibility})).into_response(),
+        Err(e) => reg_error(500, e.to_string()),
     }
 }

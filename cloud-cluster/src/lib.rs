@@ -15,6 +15,7 @@ pub mod http;
 pub mod ingest;
 pub mod keys;
 pub mod node;
+pub mod registry;
 pub mod rows;
 pub mod shard;
 pub mod stats;

@@ -285,7 +285,10 @@ pub async fn start(
     };
     tokio::spawn(ingest::run(session, shards.clone(), acks_rx, keys.clone(), cfg.node_id.clone(), stats.clone()));
 
+    let registry =
+        Arc::new(crate::registry::Registry::open(store.clone()).await.context("opening the schema registry")?);
     let ops = Ops {
+        registry,
         node_id: cfg.node_id.clone(),
         shard_count: cfg.shard_count,
         stats: stats.clone(),

@@ -1,0 +1,365 @@
+//! The schema registry: versioned schemas per subject, Confluent's compatibility
+//! modes, ids assigned and persisted by the registry (in the object store).
+//!
+//! A schema lists signals: VSS path, kind id (the wire id), encoding (`delta` or
+//! `cyclic/<modulus>`) and decimal scale of the raw value, unit, valid range. The
+//! batch header's schema id is a registry id; on first start the node registers
+//! the SDK's signal table as subject `fleetline.readings`, which gets id 1
+//! (`SCHEMA_V1`).
+//!
+//! Compatibility, with "reader R can read data written under W" meaning: every kind
+//! of W is in R with the same path, unit, encoding and scale, and R's valid range
+//! contains W's (otherwise data valid when written becomes invalid when read):
+//! - `BACKWARD`: the new schema can read data written under the latest one
+//!   (kinds may be added and ranges widened; removing a kind or narrowing fails);
+//! - `FORWARD`: the latest can read data written under the new one (kinds may be
+//!   removed and ranges narrowed);
+//! - `FULL`: both;
+//! - `*_TRANSITIVE`: the same against every earlier version, not only the latest;
+//! - `NONE`: anything that parses.
+//!
+//! Re-registering a schema a subject already has returns its existing version.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Store;
+
+/// Subject of the readings schema.
+pub const READINGS_SUBJECT: &str = "fleetline.readings";
+
+const STATE_PATH: &str = "_fleetline/registry/state.json";
+const STATE_FORMAT: u32 = 1;
+
+/// Compatibility modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Compatibility {
+    /// New reads latest.
+    #[default]
+    Backward,
+    /// New reads every earlier version.
+    BackwardTransitive,
+    /// Latest reads new.
+    Forward,
+    /// Every earlier version reads new.
+    ForwardTransitive,
+    /// Both ways with the latest.
+    Full,
+    /// Both ways with every earlier version.
+    FullTransitive,
+    /// No check.
+    None,
+}
+
+/// One signal of a schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalDef {
+    /// VSS path.
+    pub path: String,
+    /// Wire kind id.
+    pub kind: u16,
+    /// `delta` or `cyclic/<modulus>`.
+    pub encoding: String,
+    /// Engineering value = raw × 10^scale_exp.
+    pub scale_exp: i8,
+    /// Unit symbol.
+    pub unit: String,
+    /// Lowest valid value.
+    pub min: f64,
+    /// Highest valid value.
+    pub max: f64,
+}
+
+/// A parsed, checked schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    /// Signals, sorted by kind.
+    pub signals: Vec<SignalDef>,
+}
+
+impl Schema {
+    /// Parses and checks schema text (JSON); sorts signals by kind.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut s: Schema = serde_json::from_str(text).map_err(|e| format!("schema does not parse: {e}"))?;
+        s.signals.sort_by_key(|d| d.kind);
+        for w in s.signals.windows(2) {
+            if w[0].kind == w[1].kind {
+                return Err(format!("kind {} is listed twice", w[0].kind));
+            }
+        }
+        let mut paths: Vec<&str> = s.signals.iter().map(|d| d.path.as_str()).collect();
+        paths.sort_unstable();
+        if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("path {} is listed twice", w[0]));
+        }
+        for d in &s.signals {
+            if d.path.is_empty() || !d.min.is_finite() || !d.max.is_finite() || d.min > d.max {
+                return Err(format!("signal {} ({}): needs a path and a finite range min ≤ max", d.kind, d.path));
+            }
+            let ok = d.encoding == "delta"
+                || d.encoding.strip_prefix("cyclic/").is_some_and(|m| m.parse::<u32>().is_ok_and(|m| m > 1));
+            if !ok {
+                return Err(format!("signal {}: encoding must be delta or cyclic/<modulus>", d.kind));
+            }
+        }
+        Ok(s)
+    }
+
+    /// The SDK's signal table (schema 1).
+    pub fn signal_table() -> Self {
+        use fleetline_wire::signals::{SIGNALS, WireType};
+        let signals = SIGNALS
+            .iter()
+            .map(|s| SignalDef {
+                path: s.path.into(),
+                kind: s.kind.0,
+                encoding: match s.wire {
+                    WireType::Delta => "delta".into(),
+                    WireType::Cyclic { modulus } => format!("cyclic/{modulus}"),
+                },
+                scale_exp: s.scale_exp,
+                unit: s.unit.symbol().into(),
+                min: s.min,
+                max: s.max,
+            })
+            .collect();
+        Self { signals }
+    }
+
+    /// Canonical text: what is stored and compared.
+    pub fn canonical(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// A signal by kind.
+    pub fn signal(&self, kind: u16) -> Option<&SignalDef> {
+        self.signals.binary_search_by_key(&kind, |d| d.kind).ok().map(|i| &self.signals[i])
+    }
+}
+
+/// Why `reader` cannot read data written under `writer` (empty: it can).
+pub fn can_read(reader: &Schema, writer: &Schema) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in &writer.signals {
+        match reader.signal(w.kind) {
+            None => out.push(format!("kind {} ({}) is not in the reading schema", w.kind, w.path)),
+            Some(r) => {
+                if (r.path.as_str(), r.unit.as_str(), r.encoding.as_str(), r.scale_exp)
+                    != (w.path.as_str(), w.unit.as_str(), w.encoding.as_str(), w.scale_exp)
+                {
+                    out.push(format!(
+                        "kind {} changes meaning ({} {} → {} {})",
+                        w.kind, w.path, w.unit, r.path, r.unit
+                    ));
+                } else if r.min > w.min || r.max < w.max {
+                    out.push(format!(
+                        "kind {} ({}): range {}..{} does not hold {}..{}",
+                        w.kind, w.path, r.min, r.max, w.min, w.max
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Why `new` is incompatible with `earlier` versions (oldest first) under `mode`.
+pub fn check(mode: Compatibility, new: &Schema, earlier: &[&Schema]) -> Vec<String> {
+    use Compatibility::*;
+    let against: &[&Schema] = match mode {
+        None => return Vec::new(),
+        Backward | Forward | Full => earlier.last().map(std::slice::from_ref).unwrap_or_default(),
+        BackwardTransitive | ForwardTransitive | FullTransitive => earlier,
+    };
+    let mut out = Vec::new();
+    for old in against {
+        if matches!(mode, Backward | BackwardTransitive | Full | FullTransitive) {
+            out.extend(can_read(new, old).into_iter().map(|m| format!("backward: {m}")));
+        }
+        if matches!(mode, Forward | ForwardTransitive | Full | FullTransitive) {
+            out.extend(can_read(old, new).into_iter().map(|m| format!("forward: {m}")));
+        }
+    }
+    out
+}
+
+/// The persisted registry.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    format: u32,
+    next_id: u32,
+    /// id → canonical schema text.
+    schemas: BTreeMap<u32, String>,
+    /// subject → ids, version = index + 1.
+    subjects: BTreeMap<String, Vec<u32>>,
+    compatibility: Compatibility,
+    subject_compatibility: BTreeMap<String, Compatibility>,
+}
+
+/// Why a registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The schema does not parse or is inconsistent (HTTP 422).
+    #[error("invalid schema: {0}")]
+    Invalid(String),
+    /// Incompatible under the subject's mode (HTTP 409).
+    #[error("schema is incompatible: {}", .0.join("; "))]
+    Incompatible(Vec<String>),
+    /// Persisting failed (HTTP 500).
+    #[error("registry store: {0}")]
+    Store(#[from] object_store::Error),
+}
+
+/// A registered version.
+#[derive(Clone, Debug, Serialize)]
+pub struct Version {
+    /// Subject.
+    pub subject: String,
+    /// Version (from 1).
+    pub version: u32,
+    /// Schema id.
+    pub id: u32,
+    /// Canonical schema text.
+    pub schema: String,
+}
+
+/// The registry: state in memory, every change written to the store first.
+#[derive(Debug)]
+pub struct Registry {
+    store: Store,
+    state: RwLock<State>,
+    parsed: RwLock<BTreeMap<u32, Arc<Schema>>>,
+    write: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Loads the registry; on first start registers the signal table as
+    /// `fleetline.readings` (id 1).
+    pub async fn open(store: Store) -> Result<Self, RegistryError> {
+        let state = match store.get(STATE_PATH).await? {
+            Some(b) => {
+                let s: State =
+                    serde_json::from_slice(&b).map_err(|e| RegistryError::Invalid(format!("registry state: {e}")))?;
+                if s.format != STATE_FORMAT {
+                    return Err(RegistryError::Invalid(format!(
+                        "registry state format {} is not {STATE_FORMAT}",
+                        s.format
+                    )));
+                }
+                s
+            }
+            None => State { format: STATE_FORMAT, next_id: 1, ..Default::default() },
+        };
+        let mut parsed = BTreeMap::new();
+        for (id, text) in &state.schemas {
+            parsed.insert(*id, Arc::new(Schema::parse(text).map_err(RegistryError::Invalid)?));
+        }
+        let r = Self { store, state: RwLock::new(state), parsed: RwLock::new(parsed), write: Default::default() };
+        if r.versions(READINGS_SUBJECT).is_none() {
+            r.register(READINGS_SUBJECT, &Schema::signal_table().canonical()).await?;
+        }
+        Ok(r)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A schema by id.
+    pub fn schema(&self, id: u32) -> Option<Arc<Schema>> {
+        self.parsed.read().ok()?.get(&id).cloned()
+    }
+
+    /// Subjects.
+    pub fn subjects(&self) -> Vec<String> {
+        self.read().subjects.keys().cloned().collect()
+    }
+
+    /// A subject's versions.
+    pub fn versions(&self, subject: &str) -> Option<Vec<u32>> {
+        self.read().subjects.get(subject).map(|ids| (1..=ids.len() as u32).collect())
+    }
+
+    /// One version (`None`: latest).
+    pub fn version(&self, subject: &str, version: Option<u32>) -> Option<Version> {
+        let st = self.read();
+        let ids = st.subjects.get(subject)?;
+        let v = version.unwrap_or(ids.len() as u32);
+        let id = *ids.get((v as usize).checked_sub(1)?)?;
+        Some(Version { subject: subject.into(), version: v, id, schema: st.schemas.get(&id)?.clone() })
+    }
+
+    /// The mode that applies to `subject`.
+    pub fn compatibility(&self, subject: Option<&str>) -> Compatibility {
+        let st = self.read();
+        subject.and_then(|s| st.subject_compatibility.get(s).copied()).unwrap_or(st.compatibility)
+    }
+
+    /// Why `text` could not be registered under `subject` now (empty: it could).
+    pub fn test(&self, subject: &str, text: &str) -> Result<Vec<String>, RegistryError> {
+        let new = Schema::parse(text).map_err(RegistryError::Invalid)?;
+        let ids = self.read().subjects.get(subject).cloned().unwrap_or_default();
+        let earlier: Vec<Arc<Schema>> = ids.iter().filter_map(|id| self.schema(*id)).collect();
+        let refs: Vec<&Schema> = earlier.iter().map(AsRef::as_ref).collect();
+        Ok(check(self.compatibility(Some(subject)), &new, &refs))
+    }
+
+    /// Registers `text` under `subject`; returns its version.
+    pub async fn register(&self, subject: &str, text: &str) -> Result<Version, RegistryError> {
+        let _w = self.write.lock().await;
+        let canonical = Schema::parse(text).map_err(RegistryError::Invalid)?.canonical();
+        let mut next = self.read().clone();
+        let existing = next.schemas.iter().find(|(_, t)| **t == canonical).map(|(id, _)| *id);
+        if let Some(id) = existing
+            && let Some(pos) = next.subjects.get(subject).and_then(|ids| ids.iter().position(|i| *i == id))
+        {
+            return Ok(Version { subject: subject.into(), version: pos as u32 + 1, id, schema: canonical });
+        }
+        let problems = self.test(subject, &canonical)?;
+        if !problems.is_empty() {
+            return Err(RegistryError::Incompatible(problems));
+        }
+        let id = existing.unwrap_or_else(|| {
+            let id = next.next_id;
+            next.next_id += 1;
+            id
+        });
+        next.schemas.insert(id, canonical.clone());
+        let ids = next.subjects.entry(subject.into()).or_default();
+        ids.push(id);
+        let version = ids.len() as u32;
+        self.persist(next).await?;
+        if let Ok(mut p) = self.parsed.write() {
+            p.entry(id).or_insert_with(|| Arc::new(Schema::parse(&canonical).unwrap_or(Schema { signals: vec![] })));
+        }
+        Ok(Version { subject: subject.into(), version, id, schema: canonical })
+    }
+
+    /// Sets the global mode, or a subject's.
+    pub async fn set_compatibility(&self, subject: Option<&str>, mode: Compatibility) -> Result<(), RegistryError> {
+        let _w = self.write.lock().await;
+        let mut next = self.read().clone();
+        match subject {
+            Some(s) => {
+                next.subject_compatibility.insert(s.into(), mode);
+            }
+            None => next.compatibility = mode,
+        }
+        self.persist(next).await
+    }
+
+    async fn persist(&self, next: State) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec_pretty(&next).unwrap_or_default();
+        self.store.put(STATE_PATH, Bytes::from(bytes)).await?;
+        if let Ok(mut s) = self.state.write() {
+            *s = next;
+        }
+        Ok(())
+    }
+}
