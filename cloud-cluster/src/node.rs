@@ -192,6 +192,8 @@ pub async fn start(
     stats: Arc<CloudStats>,
     render: Option<RenderMetrics>,
 ) -> anyhow::Result<Running> {
+    let registry =
+        Arc::new(crate::registry::Registry::open(store.clone()).await.context("opening the schema registry")?);
     // Single node: every shard is owned here.
     let owned: Vec<u16> = (0..cfg.shard_count).collect();
     let opened =
@@ -202,7 +204,8 @@ pub async fn start(
         .context("recovering shards")?;
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     let mut inboxes: Vec<Option<mpsc::Sender<ShardMsg>>> = vec![None; cfg.shard_count as usize];
-    for shard in opened {
+    for mut shard in opened {
+        shard.set_registry(registry.clone());
         let (tx, rx) = mpsc::channel(64);
         inboxes[shard.id() as usize] = Some(tx);
         tokio::spawn(shard_task(shard, rx, keys.clone(), acks_tx.clone(), stats.clone()));
@@ -285,8 +288,6 @@ pub async fn start(
     };
     tokio::spawn(ingest::run(session, shards.clone(), acks_rx, keys.clone(), cfg.node_id.clone(), stats.clone()));
 
-    let registry =
-        Arc::new(crate::registry::Registry::open(store.clone()).await.context("opening the schema registry")?);
     let ops = Ops {
         registry,
         node_id: cfg.node_id.clone(),

@@ -157,6 +157,7 @@ pub struct Shard {
     open_batches: u64,
     opened_at: Option<Instant>,
     acks: BTreeMap<String, BTreeSet<BundleId>>,
+    registry: Option<Arc<crate::registry::Registry>>,
 }
 
 fn now_ms() -> i64 {
@@ -195,6 +196,7 @@ impl Shard {
             open_batches: 0,
             opened_at: None,
             acks: BTreeMap::new(),
+            registry: None,
         };
         shard.recover().await?;
         Ok(shard)
@@ -279,6 +281,13 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Validates readings against the registry: a batch's schema id must be
+    /// registered, and each reading listed in that schema and within its range.
+    /// Without a registry only the build's own signal table applies.
+    pub fn set_registry(&mut self, registry: Arc<crate::registry::Registry>) {
+        self.registry = Some(registry);
     }
 
     /// This shard's id.
@@ -402,6 +411,17 @@ impl Shard {
                 return self.push_deadletter(d);
             }
         };
+        let schema = match &self.registry {
+            None => None,
+            Some(r) => match r.schema(u32::from(header.schema)) {
+                Some(s) => Some(s),
+                None => {
+                    let detail = format!("schema id {} is not registered", header.schema);
+                    let d = dl(reason::UNKNOWN_SCHEMA, detail, Some(&header));
+                    return self.push_deadletter(d);
+                }
+            },
+        };
         state.last_gateway = gateway.to_string();
         state.last_received_ms = received_at_ms;
         let meta = Arc::new(BatchMeta {
@@ -412,8 +432,26 @@ impl Shard {
             gateway: gateway.clone(),
             received_at_ms,
         });
+        let mut invalid = Vec::new();
+        let mut accepted = 0u64;
         for s in &decoded.samples {
             let Some(spec) = signals::spec(s.kind) else { continue };
+            if let Some(schema) = &schema {
+                match schema.signal(s.kind.0) {
+                    None => {
+                        let why = format!("kind {} is not in schema {}", s.kind.0, header.schema);
+                        invalid.push((reason::NOT_IN_SCHEMA, *s, why));
+                        continue;
+                    }
+                    Some(def) if s.value < def.min || s.value > def.max => {
+                        let why = format!("{} = {} outside {}..{}", def.path, s.value, def.min, def.max);
+                        invalid.push((reason::OUT_OF_RANGE, *s, why));
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            accepted += 1;
             self.rows.push_reading(&meta, s.ts_ms, spec.path, s.value);
             match state.latest.iter_mut().find(|l| l.kind == s.kind.0) {
                 Some(l) if l.ts_ms <= s.ts_ms => *l = Latest { kind: s.kind.0, ts_ms: s.ts_ms, value: s.value },
@@ -421,7 +459,16 @@ impl Shard {
                 None => state.latest.push(Latest { kind: s.kind.0, ts_ms: s.ts_ms, value: s.value }),
             }
         }
-        self.stats.count(&self.stats.samples_received, decoded.samples.len() as u64);
+        self.stats.count(&self.stats.samples_received, accepted);
+        for (why, s, detail) in invalid {
+            // The reading itself (value as f64 little-endian) with its kind and time,
+            // so a corrected schema can take it in later.
+            let mut d = dl(why, detail, Some(&header));
+            d.kind = Some(s.kind.0);
+            d.ts_ms = Some(s.ts_ms);
+            d.raw = s.value.to_le_bytes().to_vec();
+            self.push_deadletter(d);
+        }
         for u in decoded.unknown {
             let mut d = dl(
                 reason::UNKNOWN_KIND,

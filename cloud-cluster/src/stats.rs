@@ -22,8 +22,14 @@ pub mod reason {
     pub const AUTH_FAILED: &str = "auth_failed";
     /// An authentic batch whose body does not decode.
     pub const UNDECODABLE: &str = "undecodable";
-    /// A series of a reading kind this schema does not know (raw series kept).
+    /// A series of a reading kind this build does not know (raw series kept).
     pub const UNKNOWN_KIND: &str = "unknown_kind";
+    /// An authentic batch naming a schema id the registry does not have.
+    pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
+    /// A reading of a kind its batch's schema does not list.
+    pub const NOT_IN_SCHEMA: &str = "not_in_schema";
+    /// A reading outside its signal's valid range in the batch's schema.
+    pub const OUT_OF_RANGE: &str = "out_of_range";
 }
 
 /// Counters, shared by every task of the node.

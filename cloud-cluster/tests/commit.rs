@@ -251,3 +251,42 @@ async fn dedupes_in_any_order_and_dead_letters_what_it_cannot_use() {
     assert_eq!(v.last_gateway, "gw-0");
     assert!(v.signals.contains_key("Vehicle.Speed"));
 }
+
+#[tokio::test]
+async fn readings_are_validated_against_the_batchs_registered_schema() {
+    use fleetline_cloud::registry::{Registry, Schema};
+    use fleetline_testkit::batches::sealed_batch_with_schema;
+    let store = Store::memory();
+    let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
+    // Schema 2: the signal table with speed limited to 0..80 km/h.
+    let mut narrow = Schema::signal_table();
+    narrow.signals.iter_mut().find(|s| s.kind == 3).unwrap().max = 80.0;
+    let v = registry.register("fleetline.readings.eu", &narrow.canonical()).await.unwrap();
+    assert_eq!(v.id, 2);
+    let prov = fleet(200, 1);
+    let dev = devices_of_shard0(1)[0];
+    let name = device_id(dev);
+    let mut shard = open(&store).await.unwrap();
+    shard.set_registry(registry);
+    // 40 speeds from 50.0 km/h up: the ones above 80 are out of range under schema 2.
+    let in_v1 = sealed_batch_with_schema(1, name.as_str(), &device_key(dev), 1, 0, BASE_MS, 40, None);
+    let in_v2 = sealed_batch_with_schema(2, name.as_str(), &device_key(dev), 1, 1, BASE_MS, 40, None);
+    let unknown = sealed_batch_with_schema(77, name.as_str(), &device_key(dev), 1, 2, BASE_MS, 40, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[in_v1, in_v2, unknown], BASE_MS), &prov);
+    shard.commit().await.unwrap();
+    let rows = readings(&store).await;
+    let key = |seq: i64| (name.as_str().to_string(), 1i64, seq);
+    assert_eq!(rows.get(&key(0)), Some(&40), "schema 1 allows up to 400 km/h");
+    // Speeds 50.0 + 0.1·(1 + i) for i in 0..40 are all ≤ 80: seq 1 from 50.1 to 54.0.
+    assert_eq!(rows.get(&key(1)), Some(&40));
+    assert_eq!(rows.get(&key(2)), None, "an unknown schema id stores nothing");
+    let dl = deadletter_reasons(&store).await;
+    assert_eq!(dl.get("unknown_schema"), Some(&1));
+    // Now readings that break schema 2's range.
+    let fast = sealed_batch_with_schema(2, name.as_str(), &device_key(dev), 1, 300, BASE_MS, 40, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 2, 0, &[fast], BASE_MS), &prov);
+    shard.commit().await.unwrap();
+    // seq 300: values 50.0 + 0.1·((300 + i) % 700) = 80.0 … 83.9: 80.0 passes, 39 do not.
+    assert_eq!(readings(&store).await.get(&key(300)), Some(&1));
+    assert_eq!(deadletter_reasons(&store).await.get("out_of_range"), Some(&39));
+}

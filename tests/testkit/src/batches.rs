@@ -16,10 +16,26 @@ pub fn sealed_batch(
     samples: usize,
     unknown_kind: Option<u16>,
 ) -> Vec<u8> {
+    sealed_batch_with_schema(SCHEMA_V1, device, key, epoch, seq, base_ms, samples, unknown_kind)
+}
+
+/// Like [`sealed_batch`], naming schema id `schema` in the header. Speeds run
+/// 50.0, 50.1, … km/h from `seq`.
+#[allow(clippy::too_many_arguments)] // A test builder: every field of the header.
+pub fn sealed_batch_with_schema(
+    schema: u16,
+    device: &str,
+    key: &DeviceKey,
+    epoch: u32,
+    seq: u32,
+    base_ms: u64,
+    samples: usize,
+    unknown_kind: Option<u16>,
+) -> Vec<u8> {
     let mut buf = vec![0u8; fleetline_wire::batch::MAX_SEALED_LEN];
     let header = BatchHeader {
         format: fleetline_wire::batch::BATCH_FORMAT,
-        schema: SCHEMA_V1,
+        schema,
         fleet: "acme",
         device,
         epoch,
