@@ -31,6 +31,39 @@ pub struct CloudConfig {
     pub segment: SegmentConfig,
     /// The operations endpoint.
     pub http: HttpConfig,
+    /// Clock sanity checks on readings.
+    pub validation: ValidationConfig,
+}
+
+/// Clock sanity: readings dated too far after their gateway received them, or
+/// before a floor (units whose clocks read 1970), go to dead letters. Late data is
+/// never refused: backlogs are normal.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Largest allowed `ts − received_at`.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// Earliest allowed reading time (RFC 3339).
+    #[serde(with = "humantime_serde")]
+    pub epoch_floor: std::time::SystemTime,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            max_future_skew: Duration::from_secs(300),
+            // 2020-01-01T00:00:00Z
+            epoch_floor: std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800),
+        }
+    }
+}
+
+impl ValidationConfig {
+    /// The floor in Unix ms.
+    pub fn floor_ms(&self) -> i64 {
+        self.epoch_floor.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
 }
 
 impl Default for CloudConfig {
@@ -44,6 +77,7 @@ impl Default for CloudConfig {
             storage: StorageConfig::default(),
             segment: SegmentConfig::default(),
             http: HttpConfig::default(),
+            validation: ValidationConfig::default(),
         }
     }
 }
@@ -222,6 +256,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.segment.max_age, Duration::from_millis(500));
+        let v =
+            CloudConfig::from_toml("[validation]\nmax_future_skew = \"1m\"\nepoch_floor = \"2024-01-01T00:00:00Z\"\n")
+                .unwrap();
+        assert_eq!((v.validation.max_future_skew.as_secs(), v.validation.floor_ms()), (60, 1_704_067_200_000));
         assert!(CloudConfig::from_toml("nodeid = \"x\"").unwrap_err().contains("unknown field"));
         assert!(CloudConfig::from_toml("node_id = \"C\"").is_err());
         assert!(CloudConfig::from_toml("[broker]\nurl = \"http://x\"").is_err());

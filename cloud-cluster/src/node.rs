@@ -206,6 +206,7 @@ pub async fn start(
     let mut inboxes: Vec<Option<mpsc::Sender<ShardMsg>>> = vec![None; cfg.shard_count as usize];
     for mut shard in opened {
         shard.set_registry(registry.clone());
+        shard.set_validation(cfg.validation.clone());
         let (tx, rx) = mpsc::channel(64);
         inboxes[shard.id() as usize] = Some(tx);
         tokio::spawn(shard_task(shard, rx, keys.clone(), acks_tx.clone(), stats.clone()));

@@ -158,6 +158,7 @@ pub struct Shard {
     opened_at: Option<Instant>,
     acks: BTreeMap<String, BTreeSet<BundleId>>,
     registry: Option<Arc<crate::registry::Registry>>,
+    validation: crate::config::ValidationConfig,
 }
 
 fn now_ms() -> i64 {
@@ -197,6 +198,7 @@ impl Shard {
             opened_at: None,
             acks: BTreeMap::new(),
             registry: None,
+            validation: Default::default(),
         };
         shard.recover().await?;
         Ok(shard)
@@ -288,6 +290,11 @@ impl Shard {
     /// Without a registry only the build's own signal table applies.
     pub fn set_registry(&mut self, registry: Arc<crate::registry::Registry>) {
         self.registry = Some(registry);
+    }
+
+    /// Clock sanity limits.
+    pub fn set_validation(&mut self, v: crate::config::ValidationConfig) {
+        self.validation = v;
     }
 
     /// This shard's id.
@@ -434,8 +441,19 @@ impl Shard {
         });
         let mut invalid = Vec::new();
         let mut accepted = 0u64;
+        let latest_ok = received_at_ms.saturating_add(self.validation.max_future_skew.as_millis() as i64);
+        let floor = self.validation.floor_ms();
         for s in &decoded.samples {
             let Some(spec) = signals::spec(s.kind) else { continue };
+            if s.ts_ms > latest_ok {
+                let why = format!("dated {} ms after its gateway received it", s.ts_ms - received_at_ms);
+                invalid.push((reason::FUTURE_TIMESTAMP, *s, why));
+                continue;
+            }
+            if s.ts_ms < floor {
+                invalid.push((reason::BEFORE_EPOCH_FLOOR, *s, format!("dated {} ms, before the epoch floor", s.ts_ms)));
+                continue;
+            }
             if let Some(schema) = &schema {
                 match schema.signal(s.kind.0) {
                     None => {

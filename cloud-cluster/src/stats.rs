@@ -30,6 +30,10 @@ pub mod reason {
     pub const NOT_IN_SCHEMA: &str = "not_in_schema";
     /// A reading outside its signal's valid range in the batch's schema.
     pub const OUT_OF_RANGE: &str = "out_of_range";
+    /// A reading dated further after its gateway's receipt than the allowed skew.
+    pub const FUTURE_TIMESTAMP: &str = "future_timestamp";
+    /// A reading dated before the epoch floor (a unit whose clock is not set).
+    pub const BEFORE_EPOCH_FLOOR: &str = "before_epoch_floor";
 }
 
 /// Counters, shared by every task of the node.

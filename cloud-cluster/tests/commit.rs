@@ -290,3 +290,25 @@ async fn readings_are_validated_against_the_batchs_registered_schema() {
     assert_eq!(readings(&store).await.get(&key(300)), Some(&1));
     assert_eq!(deadletter_reasons(&store).await.get("out_of_range"), Some(&39));
 }
+
+#[tokio::test]
+async fn clocks_far_ahead_or_unset_are_refused_but_late_data_is_not() {
+    let store = Store::memory();
+    let prov = fleet(200, 1);
+    let dev = devices_of_shard0(1)[0];
+    let name = device_id(dev);
+    let mut shard = open(&store).await.unwrap();
+    let received = BASE_MS;
+    // Dated an hour after receipt; dated 1970; dated two days before receipt (a backlog).
+    let ahead = sealed_batch(name.as_str(), &device_key(dev), 1, 0, received + 3_600_000, 5, None);
+    let unset = sealed_batch(name.as_str(), &device_key(dev), 1, 1, 1_000, 5, None);
+    let late = sealed_batch(name.as_str(), &device_key(dev), 1, 2, received - 2 * 86_400_000, 5, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[ahead, unset, late], received), &prov);
+    shard.commit().await.unwrap();
+    let rows = readings(&store).await;
+    assert_eq!(rows.get(&(name.as_str().to_string(), 1, 2)), Some(&SAMPLES), "late data is stored");
+    assert_eq!(rows.len(), 1);
+    let dl = deadletter_reasons(&store).await;
+    assert_eq!(dl.get("future_timestamp"), Some(&SAMPLES));
+    assert_eq!(dl.get("before_epoch_floor"), Some(&SAMPLES));
+}
