@@ -51,7 +51,9 @@ async fn run() {
                 )
             })
             .collect();
-        bundles.push(bundle(&gateway_key(0), "gw-0", u64::from(seq) + 1, 0, &sealed, base));
+        // Received after the last reading (readings dated after their receipt are refused).
+        let received = base + batches as u64 * 60_000;
+        bundles.push(bundle(&gateway_key(0), "gw-0", u64::from(seq) + 1, 0, &sealed, received));
     }
     let total = (devices * batches * samples) as f64;
     // Commit every 10 bundles: the file count both runs write.
