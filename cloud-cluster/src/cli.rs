@@ -1,16 +1,13 @@
 //! The command line of `fleetline-cloud`, as a library function so other programs (the
 //! fleet simulator) can run it as a child process of their own binary.
-#![allow(clippy::print_stdout)] // A command-line program: stdout carries its start-up line and --check-config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use crate::config::CloudConfig;
 use crate::node;
 use anyhow::Context;
 use clap::Parser;
-use tokio::sync::watch;
 
 /// Fleetline cloud node: takes gateway bundles from the ingest broker, stores
 /// readings as Parquet in an object store, acks what is durable.
@@ -91,60 +88,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    fleetline_broker::service::init_tracing();
     let args = Args::parse_from(args);
-    let cfg = match load(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("fleetline-cloud: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.check_config {
-        println!("{cfg:#?}");
-        return ExitCode::SUCCESS;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("fleetline-cloud: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let result = runtime.block_on(async move {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .context("installing the metrics recorder")?;
-        let render: crate::http::RenderMetrics = Arc::new(move || recorder.render());
-        let (stop_tx, stop) = watch::channel(false);
-        tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            let _ = stop_tx.send(true);
-        });
-        node::run(cfg, Some(render), stop, |l| {
-            // One JSON line on stdout, for supervisors and tests that use port 0.
-            println!("{}", serde_json::to_string(l).unwrap_or_default());
-        })
-        .await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleetline-cloud: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    fleetline_broker::service::run("fleetline-cloud", load(&args), args.check_config, |cfg, render, stop| {
+        node::run(cfg, Some(render), stop, fleetline_broker::service::print_listening)
+    })
 }

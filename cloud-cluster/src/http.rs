@@ -18,7 +18,7 @@ use crate::node::ShardMsg;
 use crate::stats::CloudStats;
 
 /// Renders the Prometheus exposition text (installed by the binary).
-pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+pub use fleetline_broker::service::RenderMetrics;
 
 /// What the endpoint reports on.
 #[derive(Clone)]
@@ -143,8 +143,7 @@ async fn vehicle(State(ops): State<Ops>, Path((fleet, device)): Path<(String, St
 fn authorized(ops: &Ops, headers: &HeaderMap) -> bool {
     let Some(token) = &ops.token else { return true };
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given
-        .is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0)
+    given.is_some_and(|g| fleetline_broker::service::constant_time_eq(g.as_bytes(), token.as_bytes()))
 }
 
 async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {

@@ -63,9 +63,7 @@ impl fleetline_broker::Logins for Keys {
         let p = self.snapshot();
         let gw = p.gateway(&id).ok_or("unknown_gateway")?;
         let expected = gw.key.mqtt_password(username);
-        if expected.len() == password.len()
-            && expected.iter().zip(password.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
-        {
+        if fleetline_broker::service::constant_time_eq(&expected, password.as_bytes()) {
             Ok(())
         } else {
             Err(fleetline_broker::reason::BAD_PASSWORD)

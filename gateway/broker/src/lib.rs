@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod front;
+pub mod service;
 mod size;
 
 pub use broker::{Broker, BrokerSettings, KickFn, free_port, start};

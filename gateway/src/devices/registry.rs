@@ -29,10 +29,6 @@ fn modified(path: &Path) -> Option<SystemTime> {
 }
 
 /// Constant-time equality, so password checks leak no prefix length.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Registry {
     /// Loads the file.
     pub fn load(path: &Path) -> Result<Self, ProvisioningError> {
@@ -85,7 +81,10 @@ impl Registry {
             return Err(reason::REVOKED);
         }
         let now = SystemTime::now();
-        if entry.keys_at(now).any(|k| same(&k.mqtt_password(username), password.as_bytes())) {
+        if entry
+            .keys_at(now)
+            .any(|k| fleetline_broker::service::constant_time_eq(&k.mqtt_password(username), password.as_bytes()))
+        {
             Ok(())
         } else {
             Err(reason::BAD_PASSWORD)
