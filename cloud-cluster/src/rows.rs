@@ -137,6 +137,26 @@ pub struct DeadLetter {
     pub raw: Vec<u8>,
 }
 
+impl DeadLetter {
+    /// A dead letter knowing nothing of its sender yet.
+    pub fn new(reason: &'static str, detail: String, raw: Vec<u8>) -> Self {
+        Self {
+            reason,
+            detail,
+            fleet: None,
+            device: None,
+            epoch: None,
+            seq: None,
+            ts_ms: None,
+            kind: None,
+            gateway: None,
+            bundle_id: None,
+            received_at_ms: None,
+            raw,
+        }
+    }
+}
+
 /// Rows waiting for the next commit, by partition.
 #[derive(Debug, Default)]
 pub struct Rows {
@@ -345,18 +365,9 @@ mod tests {
         rows.push_reading(&meta, 1_000, "Vehicle.Speed", 42.5);
         rows.push_reading(&meta, HOUR_MS + 1, "Vehicle.Speed", 43.0);
         rows.push_deadletter(DeadLetter {
-            reason: "auth_failed",
-            detail: "x".into(),
-            fleet: None,
-            device: None,
-            epoch: None,
-            seq: None,
-            ts_ms: None,
-            kind: None,
             gateway: Some("gw-1".into()),
             bundle_id: Some(7),
-            received_at_ms: None,
-            raw: vec![1, 2, 3],
+            ..DeadLetter::new("auth_failed", "x".into(), vec![1, 2, 3])
         });
         let files = rows.encode(10).unwrap();
         assert_eq!(files.len(), 3);

@@ -348,53 +348,61 @@ impl Shard {
         prov: &Provisioning,
         now: SystemTime,
     ) {
-        let dl = |reason: &'static str, detail: String, h: Option<&fleetline_wire::BatchHeader<'_>>| DeadLetter {
-            reason,
-            detail,
-            fleet: h.map(|h| h.fleet.into()),
-            device: h.map(|h| h.device.into()),
-            epoch: h.map(|h| h.epoch),
-            seq: h.map(|h| h.seq),
-            ts_ms: h.map(|h| h.base_time_ms as i64),
-            kind: None,
-            gateway: Some(gateway.to_string()),
-            bundle_id: Some(bundle),
-            received_at_ms: Some(received_at_ms),
-            raw: sealed.to_vec(),
+        // A dead letter of this batch, carrying `raw` (the sealed batch, a raw series, a value).
+        let dl = |reason: &'static str, detail: String, h: Option<&fleetline_wire::BatchHeader<'_>>, raw: Vec<u8>| {
+            DeadLetter {
+                fleet: h.map(|h| h.fleet.into()),
+                device: h.map(|h| h.device.into()),
+                epoch: h.map(|h| h.epoch),
+                seq: h.map(|h| h.seq),
+                ts_ms: h.map(|h| h.base_time_ms as i64),
+                gateway: Some(gateway.to_string()),
+                bundle_id: Some(bundle),
+                received_at_ms: Some(received_at_ms),
+                ..DeadLetter::new(reason, detail, raw)
+            }
         };
         let header = match peek_header(sealed) {
             Ok(h) => h,
-            Err(e) => return self.hashed_deadletter(dl(reason::MALFORMED, e.to_string(), None)),
+            Err(e) => return self.hashed_deadletter(dl(reason::MALFORMED, e.to_string(), None, sealed.to_vec())),
         };
         let (Ok(fleet), Ok(device)) = (FleetId::new(header.fleet), DeviceId::new(header.device)) else {
-            return self.hashed_deadletter(dl(reason::MALFORMED, "bad fleet or device id".into(), Some(&header)));
+            return self.hashed_deadletter(dl(
+                reason::MALFORMED,
+                "bad fleet or device id".into(),
+                Some(&header),
+                sealed.to_vec(),
+            ));
         };
         let home = shard_of(header.fleet, header.device, self.shard_count).0;
         if home != self.id {
             let detail = format!("device belongs to shard {home} of {}", self.shard_count);
-            return self.hashed_deadletter(dl(reason::WRONG_SHARD, detail, Some(&header)));
+            return self.hashed_deadletter(dl(reason::WRONG_SHARD, detail, Some(&header), sealed.to_vec()));
         }
         let Some(entry) = prov.device(&fleet, &device) else {
             return self.hashed_deadletter(dl(
                 reason::UNKNOWN_DEVICE,
                 "device is not provisioned".into(),
                 Some(&header),
+                sealed.to_vec(),
             ));
         };
+        // Open (and decode) once, under whichever valid key verifies.
         let mut buf = sealed.to_vec();
         let mut opened = None;
         for key in entry.keys_at(now) {
             buf.copy_from_slice(sealed);
-            if open_batch(&mut buf, key).is_ok() {
-                opened = Some(key);
+            if let Ok(batch) = open_batch(&mut buf, key) {
+                opened = Some(batch.decode());
                 break;
             }
         }
-        let Some(key) = opened else {
+        let Some(decoded) = opened else {
             return self.hashed_deadletter(dl(
                 reason::AUTH_FAILED,
                 "seal does not verify under the device's keys".into(),
                 Some(&header),
+                sealed.to_vec(),
             ));
         };
         // Authentic from here on: (device, epoch, seq) identifies the batch.
@@ -410,11 +418,10 @@ impl Shard {
         }
         state.seen.retain_epochs(self.cfg.dedupe_epochs);
         self.open_batches += 1;
-        buf.copy_from_slice(sealed);
-        let decoded = match open_batch(&mut buf, key).and_then(|b| b.decode()) {
+        let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
-                let d = dl(reason::UNDECODABLE, e.to_string(), Some(&header));
+                let d = dl(reason::UNDECODABLE, e.to_string(), Some(&header), sealed.to_vec());
                 return self.push_deadletter(d);
             }
         };
@@ -424,7 +431,7 @@ impl Shard {
                 Some(s) => Some(s),
                 None => {
                     let detail = format!("schema id {} is not registered", header.schema);
-                    let d = dl(reason::UNKNOWN_SCHEMA, detail, Some(&header));
+                    let d = dl(reason::UNKNOWN_SCHEMA, detail, Some(&header), sealed.to_vec());
                     return self.push_deadletter(d);
                 }
             },
@@ -481,10 +488,9 @@ impl Shard {
         for (why, s, detail) in invalid {
             // The reading itself (value as f64 little-endian) with its kind and time,
             // so a corrected schema can take it in later.
-            let mut d = dl(why, detail, Some(&header));
+            let mut d = dl(why, detail, Some(&header), s.value.to_le_bytes().to_vec());
             d.kind = Some(s.kind.0);
             d.ts_ms = Some(s.ts_ms);
-            d.raw = s.value.to_le_bytes().to_vec();
             self.push_deadletter(d);
         }
         for u in decoded.unknown {
@@ -492,9 +498,9 @@ impl Shard {
                 reason::UNKNOWN_KIND,
                 format!("reading kind {} is not in schema {}", u.kind.0, header.schema),
                 Some(&header),
+                u.raw,
             );
             d.kind = Some(u.kind.0);
-            d.raw = u.raw;
             self.push_deadletter(d);
         }
     }
@@ -508,18 +514,9 @@ impl Shard {
         payload: &[u8],
     ) {
         self.hashed_deadletter(DeadLetter {
-            reason,
-            detail,
-            fleet: None,
-            device: None,
-            epoch: None,
-            seq: None,
-            ts_ms: None,
-            kind: None,
             gateway: gateway.map(Into::into),
             bundle_id: bundle,
-            received_at_ms: None,
-            raw: payload.to_vec(),
+            ..DeadLetter::new(reason, detail, payload.to_vec())
         });
         self.opened_at.get_or_insert_with(Instant::now);
     }
