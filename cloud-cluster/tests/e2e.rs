@@ -17,22 +17,13 @@ use fleetline_testkit::batches::{bundle, sealed_batch};
 use fleetline_testkit::fleet::{Fleet, Lcg, http_get};
 use fleetline_testkit::provisioning::fleet;
 use fleetline_testkit::provisioning::{device_key, gateway_key};
-use fleetline_testkit::{Mosquitto, Pki, free_port, publish};
+use fleetline_testkit::{Mosquitto, Pki, free_port, publish, python};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 fn full_size() -> bool {
     std::env::var("FLEETLINE_SIZE").is_ok_and(|s| s == "full")
-}
-
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEETLINE_PYTHON") {
-        return p.into();
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(venv.exists(), "no Python with duckdb and pyarrow: run scripts/test.sh once, or set FLEETLINE_PYTHON");
-    venv
 }
 
 /// Runs a Python snippet with `args`; returns its stdout as JSON.

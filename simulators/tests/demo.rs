@@ -2,19 +2,11 @@
 //! and the dataset read back by DuckDB.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is the failure report.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use fleetline_testkit::python;
 use serde_json::Value;
-
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEETLINE_PYTHON") {
-        return p.into();
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(venv.exists(), "no Python with duckdb: run scripts/test.sh once, or set FLEETLINE_PYTHON");
-    venv
-}
 
 fn demo(args: &[&str]) -> (Value, tempfile::TempDir) {
     let dir = tempfile::Builder::new().prefix("fleetline-sim-test-").tempdir().unwrap();

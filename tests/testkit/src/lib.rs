@@ -20,3 +20,14 @@ mod proxy;
 pub use mosquitto::{Mosquitto, Sub, free_port, publish};
 pub use pki::Pki;
 pub use proxy::SwitchProxy;
+
+/// The Python with the test packages (duckdb, pyarrow, moto): `FLEETLINE_PYTHON`,
+/// or the venv `scripts/test.sh` makes at the workspace root.
+pub fn python() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("FLEETLINE_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(venv.exists(), "no Python with the test packages: run scripts/test.sh once, or set FLEETLINE_PYTHON");
+    venv
+}
