@@ -5,12 +5,17 @@
 //! ```text
 //! file = "FLCKPT" ‖ format: u16 LE ‖ postcard(Checkpoint) ‖ crc32c(everything before): u32 LE
 //! ```
+//!
+//! Format 2 added each device's analytics state and the commit's alert outbox;
+//! format 1 checkpoints are still read (their devices start analytics afresh).
 
 use fleetline_wire::seqset::SeqSet;
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::{DeviceAnalytics, Event};
+
 /// Version of the layout in this module.
-pub const CHECKPOINT_FORMAT: u16 = 1;
+pub const CHECKPOINT_FORMAT: u16 = 2;
 
 const MAGIC: &[u8; 6] = b"FLCKPT";
 
@@ -60,6 +65,8 @@ pub struct DeviceState {
     pub last_gateway: String,
     /// When that gateway received it, Unix ms.
     pub last_received_ms: i64,
+    /// Windows, detectors and held batches.
+    pub analytics: DeviceAnalytics,
 }
 
 /// A file staged by a commit and published once its checkpoint is written.
@@ -106,6 +113,67 @@ pub struct Checkpoint {
     pub publish: Vec<Publish>,
     /// Totals.
     pub totals: Totals,
+    /// Events this commit stored, to publish as alerts (again after a restart:
+    /// alert ids make the repeat recognizable).
+    pub outbox: Vec<Event>,
+}
+
+/// Format 1, read for upgrades.
+mod v1 {
+    use super::{Latest, Publish, SeqSet, Totals};
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct DeviceState {
+        pub fleet: String,
+        pub device: String,
+        pub seen: SeqSet,
+        pub latest: Vec<Latest>,
+        pub last_gateway: String,
+        pub last_received_ms: i64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Checkpoint {
+        pub shard: u16,
+        pub shard_count: u16,
+        pub generation: u64,
+        pub committed_at_ms: i64,
+        pub node: String,
+        pub devices: Vec<DeviceState>,
+        pub deadletter_seen: Vec<u64>,
+        pub publish: Vec<Publish>,
+        pub totals: Totals,
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            Self {
+                shard: c.shard,
+                shard_count: c.shard_count,
+                generation: c.generation,
+                committed_at_ms: c.committed_at_ms,
+                node: c.node,
+                devices: c
+                    .devices
+                    .into_iter()
+                    .map(|d| super::DeviceState {
+                        fleet: d.fleet,
+                        device: d.device,
+                        seen: d.seen,
+                        latest: d.latest,
+                        last_gateway: d.last_gateway,
+                        last_received_ms: d.last_received_ms,
+                        analytics: Default::default(),
+                    })
+                    .collect(),
+                deadletter_seen: c.deadletter_seen,
+                publish: c.publish,
+                totals: c.totals,
+                outbox: Vec::new(),
+            }
+        }
+    }
 }
 
 /// Why a checkpoint could not be read.
@@ -143,10 +211,12 @@ impl Checkpoint {
             return Err(CheckpointError::Damaged("CRC mismatch"));
         }
         let format = u16::from_le_bytes([body[6], body[7]]);
-        if format != CHECKPOINT_FORMAT {
-            return Err(CheckpointError::Format(format));
+        let damaged = |_| CheckpointError::Damaged("body does not parse");
+        match format {
+            1 => postcard::from_bytes::<v1::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
+            CHECKPOINT_FORMAT => postcard::from_bytes(&body[8..]).map_err(damaged),
+            _ => Err(CheckpointError::Format(format)),
         }
-        postcard::from_bytes(&body[8..]).map_err(|_| CheckpointError::Damaged("body does not parse"))
     }
 }
 
@@ -172,10 +242,12 @@ mod tests {
                 latest: vec![Latest { kind: 3, ts_ms: 5, value: 1.5 }],
                 last_gateway: "gw-1".into(),
                 last_received_ms: 6,
+                analytics: Default::default(),
             }],
             deadletter_seen: vec![42],
             publish: vec![Publish { staged: "a".into(), published: "b".into() }],
             totals: Totals { readings: 1, batches: 2, deadletters: 3, files: 4 },
+            outbox: Vec::new(),
         };
         let bytes = c.to_bytes();
         assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);

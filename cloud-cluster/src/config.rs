@@ -33,6 +33,8 @@ pub struct CloudConfig {
     pub http: HttpConfig,
     /// Clock sanity checks on readings.
     pub validation: ValidationConfig,
+    /// Per-vehicle windows and event detection.
+    pub analytics: crate::analytics::AnalyticsConfig,
 }
 
 /// Clock sanity: readings dated too far after their gateway received them, or
@@ -78,6 +80,7 @@ impl Default for CloudConfig {
             segment: SegmentConfig::default(),
             http: HttpConfig::default(),
             validation: ValidationConfig::default(),
+            analytics: Default::default(),
         }
     }
 }
@@ -110,6 +113,19 @@ pub struct BrokerConfig {
     /// MQTT keep-alive of this node's session.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// Embedded broker: logins of alert subscribers (besides gateways). Usernames
+    /// must contain a dot (gateway ids cannot), e.g. `ops.alerts`.
+    pub subscribers: Vec<SubscriberLogin>,
+}
+
+/// A login for a client that takes alerts from the embedded broker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberLogin {
+    /// Username (and client id prefix).
+    pub username: String,
+    /// Password.
+    pub password: String,
 }
 
 impl Default for BrokerConfig {
@@ -126,6 +142,7 @@ impl Default for BrokerConfig {
             max_connections: 1000,
             max_packet: ByteSize(16 << 20),
             keep_alive: Duration::from_secs(30),
+            subscribers: Vec::new(),
         }
     }
 }
@@ -240,6 +257,15 @@ impl CloudConfig {
             crate::ingest::parse_broker_url(url)?;
         }
         crate::store::StoreSpec::parse(&self.storage)?;
+        self.analytics.check()?;
+        for s in &self.broker.subscribers {
+            if !s.username.contains('.') || s.password.len() < 12 {
+                return Err(format!(
+                    "broker.subscribers: {:?} needs a dot in its username and a password of 12 characters or more",
+                    s.username
+                ));
+            }
+        }
         Ok(())
     }
 }

@@ -119,6 +119,11 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "orphans_removed": g(&s.orphans_removed),
         "misrouted_bundles": g(&s.misrouted),
         "deadletters": s.deadletters(),
+        "events": s.events(),
+        "aggregates": g(&s.aggregates),
+        "late_samples": g(&s.late_samples),
+        "analytics_gaps_skipped": g(&s.gaps_skipped),
+        "alerts_sent": g(&s.alerts_sent),
         "logins_rejected": s.logins_rejected.lock().map(|m| m.clone()).unwrap_or_default(),
         "shards": shards,
     }))

@@ -73,7 +73,7 @@ pub type ShardInbox = mpsc::Sender<crate::node::ShardMsg>;
 pub async fn run(
     session: Session,
     shards: Arc<Vec<Option<ShardInbox>>>,
-    acks: mpsc::UnboundedReceiver<(String, Vec<BundleId>)>,
+    acks: mpsc::UnboundedReceiver<Outgoing>,
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
@@ -159,15 +159,44 @@ fn next_counter(last: &AtomicU64) -> u64 {
 /// Most bundle ids in one ack message.
 const IDS_PER_ACK: usize = 256;
 
+/// What the node publishes.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// Bundle acks for a gateway.
+    Acks(String, Vec<BundleId>),
+    /// An alert for a stored event.
+    Alert(crate::analytics::Event),
+}
+
+/// Topic of a vehicle's alerts.
+pub fn alert_topic(fleet: &str, device: &str) -> String {
+    format!("fleetline/v1/alerts/{fleet}/{device}")
+}
+
 async fn publish_acks(
     client: AsyncClient,
-    mut acks: mpsc::UnboundedReceiver<(String, Vec<BundleId>)>,
+    mut acks: mpsc::UnboundedReceiver<Outgoing>,
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
 ) {
     let counter = AtomicU64::new(0);
-    while let Some((gateway, ids)) = acks.recv().await {
+    while let Some(out) = acks.recv().await {
+        let (gateway, ids) = match out {
+            Outgoing::Acks(g, ids) => (g, ids),
+            Outgoing::Alert(e) => {
+                // JSON with the event's id: a repeat after a restart is recognizable.
+                let body = serde_json::to_vec(&e).unwrap_or_default();
+                match client.publish(alert_topic(&e.fleet, &e.device), QoS::AtLeastOnce, false, body).await {
+                    Ok(()) => stats.count(&stats.alerts_sent, 1),
+                    Err(_) => {
+                        stats.count(&stats.alerts_failed, 1);
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
         let p = keys.snapshot();
         let Some(gw) = GatewayId::new(&gateway).ok().and_then(|g| p.gateway(&g).cloned()) else {
             tracing::warn!(gateway, "cannot ack: gateway no longer provisioned");

@@ -8,6 +8,7 @@
 //! per-shard state lives behind one owner (a shard task) and one checkpoint; a
 //! single node owns every shard, the cluster adds owners on the same design.
 
+pub mod analytics;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -11,12 +11,11 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use fleetline_broker::{BrokerSettings, Front};
-use fleetline_wire::bundle::BundleId;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::CloudConfig;
 use crate::http::{self, Ops, RenderMetrics};
-use crate::ingest::{self, Session};
+use crate::ingest::{self, Outgoing, Session};
 use crate::keys::Keys;
 use crate::shard::{Shard, ShardStatus, VehicleState};
 use crate::stats::CloudStats;
@@ -53,7 +52,7 @@ async fn shard_task(
     mut shard: Shard,
     mut inbox: mpsc::Receiver<ShardMsg>,
     keys: Arc<Keys>,
-    acks: mpsc::UnboundedSender<(String, Vec<BundleId>)>,
+    acks: mpsc::UnboundedSender<Outgoing>,
     stats: Arc<CloudStats>,
 ) {
     loop {
@@ -96,13 +95,16 @@ async fn shard_task(
 
 async fn commit(
     shard: &mut Shard,
-    acks: &mpsc::UnboundedSender<(String, Vec<BundleId>)>,
+    acks: &mpsc::UnboundedSender<Outgoing>,
     stats: &CloudStats,
 ) -> Result<(), String> {
     match shard.commit().await {
         Ok(released) => {
-            for (gw, ids) in released {
-                let _ = acks.send((gw, ids));
+            for (gw, ids) in released.acks {
+                let _ = acks.send(Outgoing::Acks(gw, ids));
+            }
+            for e in released.alerts {
+                let _ = acks.send(Outgoing::Alert(e));
             }
             Ok(())
         }
@@ -114,6 +116,9 @@ async fn commit(
                 tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            for e in shard.take_resend() {
+                let _ = acks.send(Outgoing::Alert(e));
             }
             Err(e.to_string())
         }
@@ -207,6 +212,11 @@ pub async fn start(
     for mut shard in opened {
         shard.set_registry(registry.clone());
         shard.set_validation(cfg.validation.clone());
+        shard.set_analytics(cfg.analytics.clone());
+        // Alerts of the last commit before a restart may not have left: again, same ids.
+        for e in shard.take_resend() {
+            let _ = acks_tx.send(Outgoing::Alert(e));
+        }
         let (tx, rx) = mpsc::channel(64);
         inboxes[shard.id() as usize] = Some(tx);
         tokio::spawn(shard_task(shard, rx, keys.clone(), acks_tx.clone(), stats.clone()));
@@ -255,7 +265,7 @@ pub async fn start(
                 std::future::pending::<()>().await;
             });
             let front = Front {
-                logins: keys.clone(),
+                logins: Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() }),
                 events: stats.clone(),
                 broker: broker.addr,
                 secret: secret.clone(),
@@ -319,6 +329,29 @@ pub async fn start(
         shards,
         stats,
     })
+}
+
+/// Who may log in to the embedded broker: provisioned gateways, and the
+/// configured alert subscribers.
+struct NodeLogins {
+    keys: Arc<Keys>,
+    subscribers: Vec<crate::config::SubscriberLogin>,
+}
+
+impl fleetline_broker::Logins for NodeLogins {
+    fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
+        if let Some(s) = self.subscribers.iter().find(|s| s.username == username) {
+            if !client_id.starts_with(username) {
+                return Err(fleetline_broker::reason::BAD_USERNAME);
+            }
+            return if fleetline_broker::service::constant_time_eq(s.password.as_bytes(), password.as_bytes()) {
+                Ok(())
+            } else {
+                Err(fleetline_broker::reason::BAD_PASSWORD)
+            };
+        }
+        self.keys.check_login(client_id, username, password)
+    }
 }
 
 impl fleetline_broker::FrontEvents for CloudStats {

@@ -1,8 +1,10 @@
-//! Rows of the `readings` and `deadletter` datasets, and their Parquet encoding.
+//! Rows of the `readings`, `deadletter`, `aggregates` and `events` datasets, and
+//! their Parquet encoding.
 //!
 //! Rows are buffered per Hive partition (`dt=YYYY-MM-DD/hour=HH`, UTC): readings
-//! by the reading's own time, dead letters by the time they were stored. A commit
-//! writes one zstd Parquet file per partition it touched.
+//! by the reading's own time, aggregates by their window's start, events by when
+//! their condition began, dead letters by the time they were stored. A commit
+//! writes one zstd Parquet file per dataset and partition it touched.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
@@ -14,6 +16,8 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+
+use crate::analytics::{AggregateRow, Event};
 
 /// Milliseconds per hour.
 const HOUR_MS: i64 = 3_600_000;
@@ -54,6 +58,45 @@ pub static DEADLETTER_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("received_at", ts_type(), true),
         Field::new("stored_at", ts_type(), false),
         Field::new("raw", DataType::Binary, false),
+    ]))
+});
+
+/// Schema of `aggregates`: one row per vehicle per closed window.
+pub static AGGREGATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let f = |name: &str| Field::new(name, DataType::Float64, true);
+    Arc::new(Schema::new(vec![
+        Field::new("fleet", DataType::Utf8, false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("window", DataType::Utf8, false),
+        Field::new("window_start", ts_type(), false),
+        Field::new("window_end", ts_type(), false),
+        Field::new("samples", DataType::Int64, false),
+        Field::new("distance_m", DataType::Float64, false),
+        f("avg_speed_kmh"),
+        f("max_speed_kmh"),
+        f("fuel_used_l"),
+        f("fuel_l_per_100km"),
+        f("tire_pressure_min_kpa"),
+        f("tire_pressure_mean_kpa"),
+        f("tire_pressure_max_kpa"),
+        f("leak_rate_kpa_h"),
+        Field::new("stored_at", ts_type(), false),
+    ]))
+});
+
+/// Schema of `events`: one row per detected condition.
+pub static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("fleet", DataType::Utf8, false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("ts", ts_type(), false),
+        Field::new("detected_ts", ts_type(), false),
+        Field::new("wheel", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, true),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("stored_at", ts_type(), false),
     ]))
 });
 
@@ -157,11 +200,22 @@ impl DeadLetter {
     }
 }
 
+/// An aggregate row with its vehicle.
+#[derive(Clone, Debug)]
+struct Aggregate {
+    fleet: Arc<str>,
+    device: Arc<str>,
+    row: AggregateRow,
+}
+
 /// Rows waiting for the next commit, by partition.
 #[derive(Debug, Default)]
 pub struct Rows {
     readings: BTreeMap<i64, Vec<Reading>>,
+    aggregates: BTreeMap<i64, Vec<Aggregate>>,
+    events: BTreeMap<i64, Vec<Event>>,
     deadletter: Vec<DeadLetter>,
+    readings_len: usize,
     len: usize,
 }
 
@@ -170,6 +224,30 @@ impl Rows {
     pub fn push_reading(&mut self, meta: &Arc<BatchMeta>, ts_ms: i64, signal: &'static str, value: f64) {
         self.readings.entry(hour_of(ts_ms)).or_default().push(Reading { meta: meta.clone(), ts_ms, signal, value });
         self.len += 1;
+        self.readings_len += 1;
+    }
+
+    /// Adds one closed window of a vehicle.
+    pub fn push_aggregate(&mut self, fleet: &Arc<str>, device: &Arc<str>, row: AggregateRow) {
+        let a = Aggregate { fleet: fleet.clone(), device: device.clone(), row };
+        self.aggregates.entry(hour_of(a.row.start)).or_default().push(a);
+        self.len += 1;
+    }
+
+    /// Adds one event.
+    pub fn push_event(&mut self, e: Event) {
+        self.events.entry(hour_of(e.ts_ms)).or_default().push(e);
+        self.len += 1;
+    }
+
+    /// Readings rows held.
+    pub fn readings(&self) -> usize {
+        self.readings_len
+    }
+
+    /// Events held, in the order they were detected per partition.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.events.values().flatten()
     }
 
     /// Adds one dead letter.
@@ -206,6 +284,22 @@ impl Rows {
                 bytes: write_parquet(&batch)?,
             });
         }
+        for (hour, rows) in &self.aggregates {
+            out.push(EncodedFile {
+                dataset: "aggregates",
+                partition: partition_dir(*hour),
+                rows: rows.len(),
+                bytes: write_parquet(&aggregates_batch(rows, stored_at_ms)?)?,
+            });
+        }
+        for (hour, rows) in &self.events {
+            out.push(EncodedFile {
+                dataset: "events",
+                partition: partition_dir(*hour),
+                rows: rows.len(),
+                bytes: write_parquet(&events_batch(rows, stored_at_ms)?)?,
+            });
+        }
         if !self.deadletter.is_empty() {
             let batch = deadletter_batch(&self.deadletter, stored_at_ms)?;
             out.push(EncodedFile {
@@ -222,7 +316,7 @@ impl Rows {
 /// One Parquet file of a commit.
 #[derive(Debug)]
 pub struct EncodedFile {
-    /// `readings` or `deadletter`.
+    /// `readings`, `aggregates`, `events` or `deadletter`.
     pub dataset: &'static str,
     /// `dt=…/hour=…`.
     pub partition: String,
@@ -268,6 +362,61 @@ fn readings_batch(rows: &[Reading], stored_at_ms: i64) -> Result<RecordBatch, ar
         Arc::new(stored),
     ];
     RecordBatch::try_new(READINGS_SCHEMA.clone(), columns)
+}
+
+fn aggregates_batch(rows: &[Aggregate], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let strings = |f: &dyn Fn(&Aggregate) -> &str| -> ArrayRef {
+        Arc::new(arrow_array::StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let times = |f: &dyn Fn(&Aggregate) -> i64| -> ArrayRef {
+        Arc::new(arrow_array::TimestampMillisecondArray::from_iter_values(rows.iter().map(f)).with_timezone("UTC"))
+    };
+    let floats = |f: &dyn Fn(&AggregateRow) -> Option<f64>| -> ArrayRef {
+        Arc::new(arrow_array::Float64Array::from_iter(rows.iter().map(|a| f(&a.row))))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        strings(&|a| &a.fleet),
+        strings(&|a| &a.device),
+        strings(&|a| a.row.window),
+        times(&|a| a.row.start),
+        times(&|a| a.row.end),
+        Arc::new(arrow_array::Int64Array::from_iter_values(rows.iter().map(|a| a.row.samples as i64))),
+        floats(&|r| Some(r.distance_m)),
+        floats(&|r| r.avg_speed_kmh),
+        floats(&|r| r.max_speed_kmh),
+        floats(&|r| r.fuel_used_l),
+        floats(&|r| r.fuel_l_per_100km),
+        floats(&|r| r.tire_pressure_min_kpa),
+        floats(&|r| r.tire_pressure_mean_kpa),
+        floats(&|r| r.tire_pressure_max_kpa),
+        floats(&|r| r.leak_rate_kpa_h),
+        Arc::new(arrow_array::TimestampMillisecondArray::from_value(stored_at_ms, n).with_timezone("UTC")),
+    ];
+    RecordBatch::try_new(AGGREGATES_SCHEMA.clone(), columns)
+}
+
+fn events_batch(rows: &[Event], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let strings = |f: &dyn Fn(&Event) -> &str| -> ArrayRef {
+        Arc::new(arrow_array::StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let times = |f: &dyn Fn(&Event) -> i64| -> ArrayRef {
+        Arc::new(arrow_array::TimestampMillisecondArray::from_iter_values(rows.iter().map(f)).with_timezone("UTC"))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        strings(&|e| &e.id),
+        strings(&|e| &e.fleet),
+        strings(&|e| &e.device),
+        strings(&|e| &e.kind),
+        times(&|e| e.ts_ms),
+        times(&|e| e.detected_ms),
+        Arc::new(arrow_array::StringArray::from_iter(rows.iter().map(|e| e.wheel.as_deref()))),
+        Arc::new(arrow_array::Float64Array::from_iter(rows.iter().map(|e| e.value))),
+        strings(&|e| &e.detail),
+        Arc::new(arrow_array::TimestampMillisecondArray::from_value(stored_at_ms, n).with_timezone("UTC")),
+    ];
+    RecordBatch::try_new(EVENTS_SCHEMA.clone(), columns)
 }
 
 fn deadletter_batch(rows: &[DeadLetter], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {

@@ -32,6 +32,7 @@ use fleetline_wire::shard::{fnv1a64, shard_of};
 use fleetline_wire::signals;
 use fleetline_wire::{DeviceId, FleetId, GatewayId, WireError, open_batch, peek_header};
 
+use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
 use crate::checkpoint::{
     Checkpoint, DeviceState, Latest, Publish, Totals, checkpoint_dir, checkpoint_path, generation_of, staging_dir,
 };
@@ -45,6 +46,23 @@ const DEADLETTER_SEEN_MAX: usize = 65_536;
 
 /// Bundle acks a commit released: gateway → bundle ids.
 pub type Acks = BTreeMap<String, Vec<BundleId>>;
+
+/// What a commit released: acks for gateways and alerts for the events it stored.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Bundle acks.
+    pub acks: Acks,
+    /// Events now durable in `events`, to publish as alerts.
+    pub alerts: Vec<Event>,
+}
+
+/// A gateway's clock as this shard hears it: the latest receipt time of its
+/// entries, and since when it has been heard without a pause.
+#[derive(Clone, Copy, Debug)]
+struct GatewayClock {
+    last: i64,
+    since: i64,
+}
 
 /// Why a commit or a recovery failed.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +177,12 @@ pub struct Shard {
     acks: BTreeMap<String, BTreeSet<BundleId>>,
     registry: Option<Arc<crate::registry::Registry>>,
     validation: crate::config::ValidationConfig,
+    analytics: AnalyticsConfig,
+    /// Per gateway: its clock, and its units not flagged silent by last receipt.
+    clocks: HashMap<Arc<str>, GatewayClock>,
+    waiting: HashMap<String, BTreeSet<(i64, String)>>,
+    /// Alerts of the newest commit, to publish again after a restart.
+    resend: Vec<Event>,
 }
 
 fn now_ms() -> i64 {
@@ -199,6 +223,10 @@ impl Shard {
             acks: BTreeMap::new(),
             registry: None,
             validation: Default::default(),
+            analytics: Default::default(),
+            clocks: HashMap::new(),
+            waiting: HashMap::new(),
+            resend: Vec::new(),
         };
         shard.recover().await?;
         Ok(shard)
@@ -264,8 +292,11 @@ impl Shard {
                 }
             }
         }
+        self.clocks.clear();
+        self.waiting.clear();
         match ckpt {
             Some(c) => {
+                self.resend = c.outbox;
                 self.generation = c.generation;
                 self.last_commit_ms = Some(c.committed_at_ms);
                 self.totals = c.totals;
@@ -280,9 +311,25 @@ impl Shard {
                 self.devices.clear();
                 self.deadletter_seen.clear();
                 self.deadletter_set.clear();
+                self.resend.clear();
+            }
+        }
+        for (k, d) in &self.devices {
+            if !d.last_gateway.is_empty() && !d.analytics.is_silent() {
+                self.waiting.entry(d.last_gateway.clone()).or_default().insert((d.last_received_ms, k.clone()));
             }
         }
         Ok(())
+    }
+
+    /// Alerts committed before the last restart, to publish again (once).
+    pub fn take_resend(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.resend)
+    }
+
+    /// Analytics settings.
+    pub fn set_analytics(&mut self, cfg: AnalyticsConfig) {
+        self.analytics = cfg;
     }
 
     /// Validates readings against the registry: a batch's schema id must be
@@ -334,6 +381,7 @@ impl Shard {
         let now = SystemTime::now();
         for e in &entries {
             self.ingest_batch(&gateway, header.id.0, e.received_at_ms as i64, &e.batch, prov, now);
+            self.gateway_tick(&gateway, e.received_at_ms as i64);
         }
         self.acks.entry(header.gateway).or_default().insert(header.id);
         self.opened_at.get_or_insert_with(Instant::now);
@@ -407,22 +455,21 @@ impl Shard {
         };
         // Authentic from here on: (device, epoch, seq) identifies the batch.
         let dkey = device_key(header.fleet, header.device);
-        let state = self.devices.entry(dkey).or_insert_with(|| DeviceState {
-            fleet: header.fleet.into(),
-            device: header.device.into(),
-            ..Default::default()
-        });
+        self.heard(&dkey, header.fleet, header.device, gateway, received_at_ms);
+        let Some(state) = self.devices.get_mut(&dkey) else { return };
         if !state.seen.insert(header.epoch, header.seq) {
             self.stats.count(&self.stats.duplicates, 1);
             return;
         }
         state.seen.retain_epochs(self.cfg.dedupe_epochs);
         self.open_batches += 1;
+        let batch_key = (header.epoch, header.seq);
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
                 let d = dl(reason::UNDECODABLE, e.to_string(), Some(&header), sealed.to_vec());
-                return self.push_deadletter(d);
+                self.push_deadletter(d);
+                return self.analyze(&dkey, batch_key, Vec::new());
             }
         };
         let schema = match &self.registry {
@@ -432,12 +479,11 @@ impl Shard {
                 None => {
                     let detail = format!("schema id {} is not registered", header.schema);
                     let d = dl(reason::UNKNOWN_SCHEMA, detail, Some(&header), sealed.to_vec());
-                    return self.push_deadletter(d);
+                    self.push_deadletter(d);
+                    return self.analyze(&dkey, batch_key, Vec::new());
                 }
             },
         };
-        state.last_gateway = gateway.to_string();
-        state.last_received_ms = received_at_ms;
         let meta = Arc::new(BatchMeta {
             fleet: header.fleet.into(),
             device: header.device.into(),
@@ -448,6 +494,7 @@ impl Shard {
         });
         let mut invalid = Vec::new();
         let mut accepted = 0u64;
+        let mut pts = Vec::with_capacity(decoded.samples.len());
         let latest_ok = received_at_ms.saturating_add(self.validation.max_future_skew.as_millis() as i64);
         let floor = self.validation.floor_ms();
         for s in &decoded.samples {
@@ -477,6 +524,7 @@ impl Shard {
                 }
             }
             accepted += 1;
+            pts.push(Pt { ts: s.ts_ms, kind: s.kind.0, value: s.value });
             self.rows.push_reading(&meta, s.ts_ms, spec.path, s.value);
             match state.latest.iter_mut().find(|l| l.kind == s.kind.0) {
                 Some(l) if l.ts_ms <= s.ts_ms => *l = Latest { kind: s.kind.0, ts_ms: s.ts_ms, value: s.value },
@@ -502,6 +550,99 @@ impl Shard {
             );
             d.kind = Some(u.kind.0);
             self.push_deadletter(d);
+        }
+        self.analyze(&dkey, batch_key, pts);
+    }
+
+    /// A device's batch, as analytics sees it (every new (epoch, seq) once).
+    fn analyze(&mut self, dkey: &str, key: (u32, u32), pts: Vec<Pt>) {
+        let Some(state) = self.devices.get_mut(dkey) else { return };
+        let mut out = Output::default();
+        let before = state.analytics.counts;
+        let who = Who { fleet: &state.fleet, device: &state.device };
+        state.analytics.offer(&who, key, pts, &self.analytics, &mut out);
+        let after = state.analytics.counts;
+        self.stats.count(&self.stats.late_samples, after.late_samples - before.late_samples);
+        self.stats.count(&self.stats.gaps_skipped, after.gaps_skipped - before.gaps_skipped);
+        if out.aggregates.is_empty() && out.events.is_empty() {
+            return;
+        }
+        let (fleet, device): (Arc<str>, Arc<str>) = (state.fleet.as_str().into(), state.device.as_str().into());
+        self.take_output(&fleet, &device, out);
+    }
+
+    fn take_output(&mut self, fleet: &Arc<str>, device: &Arc<str>, out: Output) {
+        self.stats.count(&self.stats.aggregates, out.aggregates.len() as u64);
+        for row in out.aggregates {
+            self.rows.push_aggregate(fleet, device, row);
+        }
+        for e in out.events {
+            self.stats.event(&e.kind);
+            self.rows.push_event(e);
+        }
+    }
+
+    /// An authentic batch of a device came through `gateway`, received at `received_ms`.
+    fn heard(&mut self, dkey: &str, fleet: &str, device: &str, gateway: &Arc<str>, received_ms: i64) {
+        let state = self.devices.entry(dkey.to_string()).or_insert_with(|| DeviceState {
+            fleet: fleet.into(),
+            device: device.into(),
+            ..Default::default()
+        });
+        if !state.analytics.is_silent()
+            && let Some(w) = self.waiting.get_mut(&state.last_gateway)
+        {
+            w.remove(&(state.last_received_ms, dkey.to_string()));
+        }
+        if received_ms >= state.last_received_ms || state.last_gateway.is_empty() {
+            state.last_received_ms = received_ms;
+            if *state.last_gateway != **gateway {
+                state.last_gateway = gateway.to_string();
+            }
+        }
+        state.analytics.heard(received_ms);
+        if !state.analytics.is_silent() {
+            self.waiting
+                .entry(state.last_gateway.clone())
+                .or_default()
+                .insert((state.last_received_ms, dkey.to_string()));
+        }
+    }
+
+    /// The gateway's clock reads `received_ms` (an entry it received then): units
+    /// it has not heard for `silent_after` while hearing others without a pause are
+    /// silent.
+    fn gateway_tick(&mut self, gateway: &Arc<str>, received_ms: i64) {
+        let after = self.analytics.silent_after.as_millis() as i64;
+        let clock = self.clocks.entry(gateway.clone()).or_insert(GatewayClock { last: received_ms, since: received_ms });
+        if received_ms <= clock.last {
+            return;
+        }
+        if received_ms - clock.last > after / 2 {
+            // A pause: the gateway was away (or only silent units are left); start over.
+            clock.since = received_ms;
+        }
+        clock.last = received_ms;
+        let clock = *clock;
+        if clock.last - clock.since <= after {
+            return;
+        }
+        let Some(waiting) = self.waiting.get_mut(&**gateway) else { return };
+        let mut silent = Vec::new();
+        while let Some(first) = waiting.first()
+            && first.0 < clock.last - after
+        {
+            if let Some(w) = waiting.pop_first() {
+                silent.push(w);
+            }
+        }
+        for (last, dkey) in silent {
+            let Some(state) = self.devices.get_mut(&dkey) else { continue };
+            let mut out = Output::default();
+            let who = Who { fleet: &state.fleet, device: &state.device };
+            state.analytics.check_silent(&who, last, last.max(clock.since), clock.last, &self.analytics, &mut out);
+            let (fleet, device): (Arc<str>, Arc<str>) = (state.fleet.as_str().into(), state.device.as_str().into());
+            self.take_output(&fleet, &device, out);
         }
     }
 
@@ -555,12 +696,12 @@ impl Shard {
 
     /// Commits the open segment (see the module docs); returns the acks it releases.
     /// On error nothing is acked and the caller must [`recover`](Self::recover).
-    pub async fn commit(&mut self) -> Result<Acks, ShardError> {
+    pub async fn commit(&mut self) -> Result<Committed, ShardError> {
         let acks: Acks =
             std::mem::take(&mut self.acks).into_iter().map(|(g, ids)| (g, ids.into_iter().collect())).collect();
         self.opened_at = None;
         if self.rows.is_empty() {
-            return Ok(acks);
+            return Ok(Committed { acks, alerts: Vec::new() });
         }
         let started = Instant::now();
         let generation = self.generation + 1;
@@ -584,7 +725,7 @@ impl Shard {
         }
         fault_point(CommitStep::Staged);
         let mut totals = self.totals;
-        totals.readings += (rows.len() - rows.deadletters()) as u64;
+        totals.readings += rows.readings() as u64;
         totals.deadletters += rows.deadletters() as u64;
         totals.batches += self.open_batches;
         totals.files += publish.len() as u64;
@@ -598,6 +739,7 @@ impl Shard {
             deadletter_seen: self.deadletter_seen.iter().copied().collect(),
             publish: publish.clone(),
             totals,
+            outbox: rows.events().cloned().collect(),
         };
         self.store.put(&checkpoint_path(self.id, generation), Bytes::from(ckpt.to_bytes())).await?;
         fault_point(CommitStep::Checkpointed);
@@ -625,7 +767,7 @@ impl Shard {
         s.last_commit_ms.store(stored_at, std::sync::atomic::Ordering::Relaxed);
         metrics::histogram!("fleetline_cloud_commit_seconds").record(started.elapsed().as_secs_f64());
         tracing::debug!(shard = self.id, generation, rows = rows.len(), files = publish.len(), "committed");
-        Ok(acks)
+        Ok(Committed { acks, alerts: ckpt.outbox })
     }
 
     /// Status for `/status`.

@@ -67,9 +67,20 @@ pub struct CloudStats {
     pub broker_connected: AtomicBool,
     /// Every shard recovered and the broker subscription in place.
     pub ready: AtomicBool,
+    /// Samples that reached analytics after their device's watermark (stored, not aggregated).
+    pub late_samples: AtomicU64,
+    /// Missing batches analytics skipped after the gap timeout.
+    pub gaps_skipped: AtomicU64,
+    /// Aggregate rows produced.
+    pub aggregates: AtomicU64,
+    /// Alerts published.
+    pub alerts_sent: AtomicU64,
+    /// Alerts that could not be published (broker gone); they stay in `events`.
+    pub alerts_failed: AtomicU64,
     /// Refused gateway logins (embedded broker), by reason.
     pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
     deadletters: Mutex<BTreeMap<&'static str, u64>>,
+    events: Mutex<BTreeMap<String, u64>>,
 }
 
 impl CloudStats {
@@ -91,6 +102,19 @@ impl CloudStats {
         metrics::counter!("fleetline_cloud_deadletters_total", "reason" => reason).increment(1);
     }
 
+    /// Counts an event by kind.
+    pub fn event(&self, kind: &str) {
+        if let Ok(mut m) = self.events.lock() {
+            *m.entry(kind.to_string()).or_default() += 1;
+        }
+        metrics::counter!("fleetline_cloud_events_total", "kind" => kind.to_string()).increment(1);
+    }
+
+    /// Events by kind.
+    pub fn events(&self) -> BTreeMap<String, u64> {
+        self.events.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
     /// Dead letters by reason.
     pub fn deadletters(&self) -> BTreeMap<&'static str, u64> {
         self.deadletters.lock().map(|m| m.clone()).unwrap_or_default()
@@ -98,7 +122,12 @@ impl CloudStats {
 
     /// Sets the Prometheus gauges and counters from the atomics (before a scrape).
     pub fn export(&self) {
-        let pairs: [(&str, &AtomicU64); 11] = [
+        let pairs: [(&str, &AtomicU64); 16] = [
+            ("fleetline_cloud_late_samples_total", &self.late_samples),
+            ("fleetline_cloud_analytics_gaps_skipped_total", &self.gaps_skipped),
+            ("fleetline_cloud_aggregates_total", &self.aggregates),
+            ("fleetline_cloud_alerts_sent_total", &self.alerts_sent),
+            ("fleetline_cloud_alerts_failed_total", &self.alerts_failed),
             ("fleetline_cloud_bundles_received_total", &self.bundles_received),
             ("fleetline_cloud_samples_received_total", &self.samples_received),
             ("fleetline_cloud_dedupe_hits_total", &self.duplicates),

@@ -132,7 +132,7 @@ async fn run_with_failure(fail_at: u64, crash: bool) -> (bool, Store, BTreeSet<(
             }
             match shard.commit().await {
                 Ok(acks) => {
-                    for id in acks.get("gw-0").into_iter().flatten() {
+                    for id in acks.acks.get("gw-0").into_iter().flatten() {
                         acked.insert(id.0);
                         let b = bundles.iter().find(|b| b.0 == id.0).unwrap();
                         acked_batches.extend(b.2.iter().cloned());
@@ -215,13 +215,13 @@ async fn dedupes_in_any_order_and_dead_letters_what_it_cannot_use() {
         shard.ingest(p, &prov);
     }
     let acks = shard.commit().await.unwrap();
-    let ids = |g: &str| acks.get(g).map(|v| v.iter().map(|i| i.0).collect::<Vec<_>>()).unwrap_or_default();
+    let ids = |g: &str| acks.acks.get(g).map(|v| v.iter().map(|i| i.0).collect::<Vec<_>>()).unwrap_or_default();
     assert_eq!(ids("gw-0"), vec![1, 2], "authentic bundles acked, forged ones not");
     assert_eq!(ids("gw-1"), vec![1]);
     // Re-sent after the commit: acked at once, nothing new stored.
     shard.ingest(&b2, &prov);
     assert!(shard.deadline().unwrap() <= std::time::Instant::now());
-    assert_eq!(shard.commit().await.unwrap().get("gw-1").unwrap().len(), 1);
+    assert_eq!(shard.commit().await.unwrap().acks.get("gw-1").unwrap().len(), 1);
     let rows = readings(&store).await;
     let seqs: Vec<i64> = rows.keys().filter(|k| k.0 == a.as_str()).map(|k| k.2).collect();
     assert_eq!(seqs, vec![0, 3, 4, 5]);
