@@ -85,8 +85,11 @@ pub struct AnalyticsConfig {
     /// ... over this much event time (the trend is a Theil–Sen slope over it).
     #[serde(with = "humantime_serde")]
     pub leak_window: Duration,
-    /// Fuel theft: the level falling by this much, litres, while the vehicle stands.
+    /// Fuel theft: the level falling by this much, litres, while the vehicle stands …
     pub theft_litres: f64,
+    /// … within this much time (slower falls are an idling engine).
+    #[serde(with = "humantime_serde")]
+    pub theft_window: Duration,
     /// Refuel: the relative level rising by this many percentage points between readings.
     pub refuel_percent: f64,
     /// Silent: its gateway received nothing from it for this long while receiving others.
@@ -106,6 +109,7 @@ impl Default for AnalyticsConfig {
             leak_kpa_per_h: 20.0,
             leak_window: Duration::from_secs(600),
             theft_litres: 2.0,
+            theft_window: Duration::from_secs(600),
             refuel_percent: 5.0,
             silent_after: Duration::from_secs(120),
         }
@@ -123,8 +127,8 @@ impl AnalyticsConfig {
         if positive.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
             return Err("analytics thresholds must be positive".into());
         }
-        if self.leak_window.is_zero() || self.silent_after.is_zero() {
-            return Err("analytics.leak_window and silent_after must be positive".into());
+        if self.leak_window.is_zero() || self.silent_after.is_zero() || self.theft_window.is_zero() {
+            return Err("analytics.leak_window, theft_window and silent_after must be positive".into());
         }
         Ok(())
     }
@@ -328,8 +332,8 @@ struct Track {
     speed: Option<f64>,
     fuel_abs: Option<f64>,
     fuel_rel: Option<f64>,
-    /// Level and time when the vehicle was last seen standing with fuel read.
-    parked_fuel: Option<(i64, f64)>,
+    /// Fuel levels read while standing, within the theft window.
+    parked_fuel: Vec<(i64, f64)>,
     theft_raised: bool,
     over_since: Option<i64>,
     over_raised: bool,
@@ -646,7 +650,7 @@ impl DeviceAnalytics {
         let t = &mut self.track;
         t.speed = Some(v);
         if v >= 3.0 {
-            t.parked_fuel = None;
+            t.parked_fuel.clear();
             t.theft_raised = false;
         }
         if v > cfg.speed_limit_kmh {
@@ -677,17 +681,20 @@ impl DeviceAnalytics {
         if !standing {
             return;
         }
-        match t.parked_fuel {
-            Some((_, base)) if v <= base => {
-                if !t.theft_raised && base - v >= cfg.theft_litres {
-                    t.theft_raised = true;
-                    let since = t.parked_fuel.map_or(ts, |p| p.0);
-                    let detail = format!("{:.1} l left the tank while standing", base - v);
-                    who.event(out, event::FUEL_THEFT, since, ts, None, Some(base - v), detail);
-                }
-            }
-            // First reading while standing, or the level rose (refuelled): new baseline.
-            _ => t.parked_fuel = Some((ts, v)),
+        if t.parked_fuel.last().is_some_and(|(_, prev)| v > *prev) {
+            // Refuelled while standing: a new baseline.
+            t.parked_fuel.clear();
+        }
+        let window = cfg.theft_window.as_millis() as i64;
+        t.parked_fuel.retain(|(at, _)| ts - *at <= window);
+        t.parked_fuel.push((ts, v));
+        // The highest level within the window (the first of equals), and the fall since.
+        let (since, base) = t.parked_fuel.iter().fold((ts, v), |m, p| if p.1 > m.1 { *p } else { m });
+        if !t.theft_raised && base - v >= cfg.theft_litres {
+            t.theft_raised = true;
+            let minutes = (ts - since) as f64 / MINUTE_MS as f64;
+            let detail = format!("{:.1} l left the tank in {minutes:.1} min while standing", base - v);
+            who.event(out, event::FUEL_THEFT, since, ts, None, Some(base - v), detail);
         }
     }
 
@@ -756,8 +763,8 @@ impl DeviceAnalytics {
                 {
                     tire.leaking = true;
                     let detail = format!("losing {loss:.0} kPa/h (temperature-compensated)");
-                    let since = tire.recent.first().map_or(ts, |f| f.0);
-                    who.event(out, event::SLOW_LEAK, since, ts, Some(i), Some(loss), detail);
+                    // When it began is not known better than "within the window": dated at recognition.
+                    who.event(out, event::SLOW_LEAK, ts, ts, Some(i), Some(loss), detail);
                 }
             } else if tire.leaking
                 && tire.recent.len() >= 5

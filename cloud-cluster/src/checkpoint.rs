@@ -113,9 +113,23 @@ pub struct Checkpoint {
     pub publish: Vec<Publish>,
     /// Totals.
     pub totals: Totals,
+    /// Gateways' clocks as this shard heard them (for silence detection).
+    pub clocks: Vec<GatewayClock>,
     /// Events this commit stored, to publish as alerts (again after a restart:
     /// alert ids make the repeat recognizable).
     pub outbox: Vec<Event>,
+}
+
+/// A gateway's clock as a shard hears it: the latest receipt time of its entries,
+/// and since when it has been heard without a pause.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayClock {
+    /// Gateway id.
+    pub gateway: String,
+    /// Latest receipt time, Unix ms (the gateway's clock).
+    pub last: i64,
+    /// Start of the current unpaused run, Unix ms.
+    pub since: i64,
 }
 
 /// Format 1, read for upgrades.
@@ -170,6 +184,7 @@ mod v1 {
                 deadletter_seen: c.deadletter_seen,
                 publish: c.publish,
                 totals: c.totals,
+                clocks: Vec::new(),
                 outbox: Vec::new(),
             }
         }
@@ -247,6 +262,7 @@ mod tests {
             deadletter_seen: vec![42],
             publish: vec![Publish { staged: "a".into(), published: "b".into() }],
             totals: Totals { readings: 1, batches: 2, deadletters: 3, files: 4 },
+            clocks: vec![GatewayClock { gateway: "gw-1".into(), last: 9, since: 3 }],
             outbox: Vec::new(),
         };
         let bytes = c.to_bytes();

@@ -56,13 +56,6 @@ pub struct Committed {
     pub alerts: Vec<Event>,
 }
 
-/// A gateway's clock as this shard hears it: the latest receipt time of its
-/// entries, and since when it has been heard without a pause.
-#[derive(Clone, Copy, Debug)]
-struct GatewayClock {
-    last: i64,
-    since: i64,
-}
 
 /// Why a commit or a recovery failed.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +172,7 @@ pub struct Shard {
     validation: crate::config::ValidationConfig,
     analytics: AnalyticsConfig,
     /// Per gateway: its clock, and its units not flagged silent by last receipt.
-    clocks: HashMap<Arc<str>, GatewayClock>,
+    clocks: HashMap<Arc<str>, (i64, i64)>,
     waiting: HashMap<String, BTreeSet<(i64, String)>>,
     /// Alerts of the newest commit, to publish again after a restart.
     resend: Vec<Event>,
@@ -296,6 +289,7 @@ impl Shard {
         self.waiting.clear();
         match ckpt {
             Some(c) => {
+                self.clocks = c.clocks.into_iter().map(|g| (Arc::from(g.gateway.as_str()), (g.last, g.since))).collect();
                 self.resend = c.outbox;
                 self.generation = c.generation;
                 self.last_commit_ms = Some(c.committed_at_ms);
@@ -614,23 +608,23 @@ impl Shard {
     /// silent.
     fn gateway_tick(&mut self, gateway: &Arc<str>, received_ms: i64) {
         let after = self.analytics.silent_after.as_millis() as i64;
-        let clock = self.clocks.entry(gateway.clone()).or_insert(GatewayClock { last: received_ms, since: received_ms });
-        if received_ms <= clock.last {
+        let (last, since) = self.clocks.entry(gateway.clone()).or_insert((received_ms, received_ms));
+        if received_ms <= *last {
             return;
         }
-        if received_ms - clock.last > after / 2 {
+        if received_ms - *last > after / 2 {
             // A pause: the gateway was away (or only silent units are left); start over.
-            clock.since = received_ms;
+            *since = received_ms;
         }
-        clock.last = received_ms;
-        let clock = *clock;
-        if clock.last - clock.since <= after {
+        *last = received_ms;
+        let (now, since) = (*last, *since);
+        if now - since <= after {
             return;
         }
         let Some(waiting) = self.waiting.get_mut(&**gateway) else { return };
         let mut silent = Vec::new();
         while let Some(first) = waiting.first()
-            && first.0 < clock.last - after
+            && first.0 < now - after
         {
             if let Some(w) = waiting.pop_first() {
                 silent.push(w);
@@ -640,7 +634,7 @@ impl Shard {
             let Some(state) = self.devices.get_mut(&dkey) else { continue };
             let mut out = Output::default();
             let who = Who { fleet: &state.fleet, device: &state.device };
-            state.analytics.check_silent(&who, last, last.max(clock.since), clock.last, &self.analytics, &mut out);
+            state.analytics.check_silent(&who, last, last.max(since), now, &self.analytics, &mut out);
             let (fleet, device): (Arc<str>, Arc<str>) = (state.fleet.as_str().into(), state.device.as_str().into());
             self.take_output(&fleet, &device, out);
         }
@@ -739,6 +733,15 @@ impl Shard {
             deadletter_seen: self.deadletter_seen.iter().copied().collect(),
             publish: publish.clone(),
             totals,
+            clocks: self
+                .clocks
+                .iter()
+                .map(|(g, (last, since))| crate::checkpoint::GatewayClock {
+                    gateway: g.to_string(),
+                    last: *last,
+                    since: *since,
+                })
+                .collect(),
             outbox: rows.events().cloned().collect(),
         };
         self.store.put(&checkpoint_path(self.id, generation), Bytes::from(ckpt.to_bytes())).await?;
