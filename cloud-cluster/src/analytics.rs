@@ -188,8 +188,8 @@ pub struct Event {
     pub device: String,
     /// One of [`event`].
     pub kind: String,
-    /// When the condition began, Unix ms (unit clock; for `silent`, the gateway's
-    /// receipt of the unit's last batch).
+    /// When the condition began, Unix ms (unit clock; for `silent`, the unit's last
+    /// reading).
     pub ts_ms: i64,
     /// Event time at which it was recognized, Unix ms.
     pub detected_ms: i64,
@@ -495,10 +495,12 @@ impl DeviceAnalytics {
         let after = cfg.silent_after.as_millis() as i64;
         if self.silent_since.is_none() && gateway_now_ms - counted_from_ms > after {
             self.silent_since = Some(last_received_ms);
+            // Dated by the unit's last reading (its clock), else by its last receipt.
+            let ts = if self.frontier == i64::MIN { last_received_ms } else { self.frontier };
             who.event(
                 out,
                 event::SILENT,
-                last_received_ms,
+                ts,
                 counted_from_ms + after,
                 None,
                 None,

@@ -2,7 +2,7 @@
 //! loopback in one process; live progress; then a drain and a report read back
 //! from the `readings` dataset.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,7 +22,7 @@ use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
 use crate::drive::{Drive, DriveParams, Unit};
 use crate::html::{Tick, Window};
 use crate::model::{IncidentKind, Profile};
-use crate::report::{EventScore, Latency, Report, lost, read_readings};
+use crate::report::{Injected, Latency, Report, lost, read_events, read_readings, score};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -111,11 +111,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let prov = provisioning(opts.seed, opts.vehicles)?;
     prov.save(&prov_path)?;
     let shard_count = 16;
+    let silent_after = silent_after(&opts);
 
     let services = if opts.chaos.is_empty() {
-        Services::in_process(&dir, &prov, shard_count, opts.vehicles).await?
+        Services::in_process(&dir, &prov, shard_count, opts.vehicles, silent_after).await?
     } else {
-        Services::children(&dir, shard_count, opts.vehicles).await?
+        Services::children(&dir, shard_count, opts.vehicles, silent_after).await?
     };
     let devices_port = services.devices_port;
     let chaos_log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -216,22 +217,31 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     }
     let stored = read_readings(&lake.join("readings"))?;
     let samples_acked: u64 = acked.values().sum();
-    let mut events: BTreeMap<String, EventScore> = BTreeMap::new();
-    for i in incidents.iter().chain(refuels.iter()) {
-        let name = serde_json::to_value(i.kind)?.as_str().unwrap_or_default().to_string();
-        events.entry(name).or_default().expected += 1;
-    }
-    for k in [
-        IncidentKind::SlowLeak,
-        IncidentKind::Puncture,
-        IncidentKind::FuelTheft,
-        IncidentKind::Refuel,
-        IncidentKind::Overspeed,
-        IncidentKind::Silent,
-    ] {
-        let name = serde_json::to_value(k)?.as_str().unwrap_or_default().to_string();
-        events.entry(name).or_default();
-    }
+    let kind_name = |k: IncidentKind| match k {
+        IncidentKind::SlowLeak => "slow_leak",
+        IncidentKind::Puncture => "puncture",
+        IncidentKind::FuelTheft => "fuel_theft",
+        IncidentKind::Refuel => "refuel",
+        IncidentKind::Overspeed => "overspeed",
+        IncidentKind::Silent => "silent",
+    };
+    let injected: Vec<Injected> = incidents
+        .iter()
+        .chain(refuels.iter())
+        .map(|i| Injected {
+            device: vehicle_id(i.vehicle),
+            kind: kind_name(i.kind),
+            wheel: i.wheel.map(|w| {
+                let wh = crate::model::WHEELS[w];
+                format!("row{}.{}", wh.row, if wh.right { "right" } else { "left" })
+            }),
+            start_ms: (t0_ms + i.start_s * 1000) as i64,
+            end_ms: (t0_ms + i.end_s * 1000) as i64,
+        })
+        .collect();
+    let detected = read_events(&lake.join("events"))?;
+    let kinds = ["slow_leak", "puncture", "fuel_theft", "refuel", "overspeed", "silent"];
+    let events = score(&detected, &injected, &kinds);
     let mut truth: Vec<_> = incidents.iter().chain(refuels.iter()).collect();
     truth.sort_by_key(|i| (i.vehicle, i.start_s));
     let truth_json: Vec<serde_json::Value> = truth
@@ -329,6 +339,19 @@ enum Inner {
     },
 }
 
+/// The cloud's `analytics.silent_after` for a run: silence is judged on the
+/// gateway's (wall) clock, while the model's units fall silent for an eighth of the
+/// simulated run (15 s to 30 min of simulated time) and, off duty, report once a
+/// simulated minute. Shorter than the one, longer than the other and than a
+/// unit's batch interval where the time scale lets it be.
+fn silent_after(opts: &DemoOptions) -> Duration {
+    let scale = opts.time_scale.max(0.01);
+    let simulated = (opts.duration.as_secs_f64() * scale).max(60.0);
+    let silent_wall = (simulated / 8.0).clamp(15.0, 1800.0) / scale;
+    let off_duty_wall = if opts.profile == Profile::Daily { 60.0 / scale } else { 0.0 };
+    Duration::from_secs_f64((silent_wall * 0.6).max(off_duty_wall * 1.5).max(5.0))
+}
+
 /// A port that was free a moment ago.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -340,6 +363,7 @@ impl Services {
         prov: &Provisioning,
         shard_count: u16,
         vehicles: usize,
+        silent_after: Duration,
     ) -> anyhow::Result<Self> {
         let prov_path = dir.join("provisioning.toml");
         let lake = dir.join("lake");
@@ -348,6 +372,7 @@ impl Services {
         cloud_cfg.broker.listen = "127.0.0.1:0".parse()?;
         cloud_cfg.storage.url = lake.display().to_string();
         cloud_cfg.segment.max_age = Duration::from_secs(1);
+        cloud_cfg.analytics.silent_after = silent_after;
         cloud_cfg.http.listen = "127.0.0.1:0".parse()?;
         cloud_cfg.validate().map_err(anyhow::Error::msg)?;
         let spec = fleetline_cloud::store::StoreSpec::parse(&cloud_cfg.storage).map_err(anyhow::Error::msg)?;
@@ -383,7 +408,12 @@ impl Services {
         })
     }
 
-    async fn children(dir: &std::path::Path, shard_count: u16, vehicles: usize) -> anyhow::Result<Self> {
+    async fn children(
+        dir: &std::path::Path,
+        shard_count: u16,
+        vehicles: usize,
+        silent_after: Duration,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let (broker_port, devices_port) = (free_port()?, free_port()?);
         let prov = dir.join("provisioning.toml");
@@ -391,9 +421,10 @@ impl Services {
         std::fs::write(
             &cloud_cfg,
             format!(
-                "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
                 prov.display(),
-                dir.join("lake").display()
+                dir.join("lake").display(),
+                silent_after.as_millis()
             ),
         )?;
         let arg = |p: &std::path::Path| vec!["--config".to_string(), p.display().to_string()];

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use arrow_array::Array;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int64Type, TimestampMillisecondType};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -105,7 +106,99 @@ pub fn read_readings(readings: &Path) -> anyhow::Result<Stored> {
     Ok(s)
 }
 
-/// Expected and detected events of one kind (detection comes with the cloud's analytics).
+/// One row of the cloud's `events` dataset, as the scoring needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detected {
+    /// Device id.
+    pub device: String,
+    /// Event kind.
+    pub kind: String,
+    /// When the condition began (unit clock), Unix ms.
+    pub ts_ms: i64,
+    /// Wheel name (`row1.left` …) for tire events.
+    pub wheel: Option<String>,
+}
+
+/// Reads every row of an `events` dataset directory (none yet: empty).
+pub fn read_events(events: &Path) -> anyhow::Result<Vec<Detected>> {
+    let mut files = Vec::new();
+    if events.exists() {
+        parquet_files(events, &mut files)?;
+    }
+    let mut out = Vec::new();
+    for f in &files {
+        for b in ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f)?)?.build()? {
+            let b = b?;
+            let col = |n: &str| b.column_by_name(n).ok_or_else(|| anyhow::anyhow!("{} has no column {n}", f.display()));
+            let dev = col("device_id")?.as_string::<i32>().clone();
+            let kind = col("kind")?.as_string::<i32>().clone();
+            let wheel = col("wheel")?.as_string::<i32>().clone();
+            let ts = col("ts")?.as_primitive::<TimestampMillisecondType>().clone();
+            for i in 0..b.num_rows() {
+                out.push(Detected {
+                    device: dev.value(i).to_string(),
+                    kind: kind.value(i).to_string(),
+                    ts_ms: ts.value(i),
+                    wheel: (!wheel.is_null(i)).then(|| wheel.value(i).to_string()),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// An injected incident, as the scoring needs it.
+#[derive(Clone, Debug)]
+pub struct Injected {
+    /// Device id.
+    pub device: String,
+    /// Incident kind, named as the cloud names events.
+    pub kind: &'static str,
+    /// Wheel name for tire incidents.
+    pub wheel: Option<String>,
+    /// Start and end, Unix ms of simulated time.
+    pub start_ms: i64,
+    /// End.
+    pub end_ms: i64,
+}
+
+/// How far outside an incident's time an event still counts as finding it
+/// (readings come every 10 to 30 s; detectors need a few).
+pub const MATCH_SLACK_MS: i64 = 120_000;
+
+/// Precision and recall per kind. An event finds an incident of its kind on the same
+/// vehicle (and wheel) when it begins within the incident's time, give or take
+/// [`MATCH_SLACK_MS`]; `low_pressure` has no incident of its own and finds a
+/// puncture or slow leak of its wheel (it has a precision, no recall).
+pub fn score(detected: &[Detected], injected: &[Injected], kinds: &[&str]) -> BTreeMap<String, EventScore> {
+    let matches = |d: &Detected, i: &Injected| {
+        let kind_ok = d.kind == i.kind || (d.kind == "low_pressure" && matches!(i.kind, "puncture" | "slow_leak"));
+        kind_ok
+            && d.device == i.device
+            && (i.wheel.is_none() || d.wheel == i.wheel)
+            && d.ts_ms >= i.start_ms - MATCH_SLACK_MS
+            && d.ts_ms <= i.end_ms.max(i.start_ms + 1000) + MATCH_SLACK_MS
+    };
+    let mut out = BTreeMap::new();
+    for kind in kinds.iter().copied().chain(["low_pressure"]) {
+        let ds: Vec<&Detected> = detected.iter().filter(|d| d.kind == kind).collect();
+        let is: Vec<&Injected> = injected.iter().filter(|i| i.kind == kind).collect();
+        let true_pos = ds.iter().filter(|d| injected.iter().any(|i| matches(d, i))).count();
+        let found = is.iter().filter(|i| ds.iter().any(|d| matches(d, i))).count();
+        out.insert(
+            kind.to_string(),
+            EventScore {
+                expected: is.len() as u64,
+                detected: Some(ds.len() as u64),
+                precision: (!ds.is_empty()).then(|| true_pos as f64 / ds.len() as f64),
+                recall: (kind != "low_pressure" && !is.is_empty()).then(|| found as f64 / is.len() as f64),
+            },
+        );
+    }
+    out
+}
+
+/// Expected and detected events of one kind, scored against the ground truth.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EventScore {
     /// Injected (ground truth).
