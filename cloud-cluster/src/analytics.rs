@@ -726,8 +726,7 @@ impl DeviceAnalytics {
         let window = cfg.leak_window.as_millis() as i64;
         for (i, p) in pressures.iter().enumerate() {
             let Some(p) = *p else { continue };
-            let others: Vec<f64> =
-                (0..WHEELS).filter(|j| *j != i).filter_map(|j| self.track.tires[j].comp).collect();
+            let others: Vec<f64> = (0..WHEELS).filter(|j| *j != i).filter_map(|j| self.track.tires[j].comp).collect();
             let tire = &mut self.track.tires[i];
             let Some(comp) = tire.comp else { continue };
             tire.recent.retain(|(t, _)| ts - *t <= window);

@@ -67,6 +67,9 @@ pub struct DeviceState {
     pub last_received_ms: i64,
     /// Windows, detectors and held batches.
     pub analytics: DeviceAnalytics,
+    /// Dead letters taken in again (`POST /deadletter/replay`), by
+    /// (epoch, seq, kind, reading time; `i64::MIN` for a whole raw series).
+    pub replayed: std::collections::BTreeSet<(u32, u32, u16, i64)>,
 }
 
 /// A file staged by a commit and published once its checkpoint is written.
@@ -179,6 +182,7 @@ mod v1 {
                         last_gateway: d.last_gateway,
                         last_received_ms: d.last_received_ms,
                         analytics: Default::default(),
+                        replayed: Default::default(),
                     })
                     .collect(),
                 deadletter_seen: c.deadletter_seen,
@@ -258,6 +262,7 @@ mod tests {
                 last_gateway: "gw-1".into(),
                 last_received_ms: 6,
                 analytics: Default::default(),
+                replayed: [(1, 2, 3, i64::MIN)].into(),
             }],
             deadletter_seen: vec![42],
             publish: vec![Publish { staged: "a".into(), published: "b".into() }],

@@ -37,6 +37,8 @@ pub struct Ops {
     pub token: Option<String>,
     /// The schema registry.
     pub registry: Arc<crate::registry::Registry>,
+    /// The object store (dead letters are read back from it).
+    pub store: crate::store::Store,
 }
 
 /// Binds the endpoint; returns its address and the server future.
@@ -48,6 +50,7 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .route("/status", get(status))
         .route("/vehicles/{fleet}/{device}", get(vehicle))
         .route("/admin/flush", post(flush))
+        .route("/deadletter/replay", post(replay))
         .route("/subjects", get(subjects))
         .route("/subjects/{subject}/versions", get(subject_versions).post(register))
         .route("/subjects/{subject}/versions/{version}", get(subject_version))
@@ -161,6 +164,72 @@ async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {
         Json(json!({"flushed": true})).into_response()
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"flushed": false, "errors": failed}))).into_response()
+    }
+}
+
+/// Body of `POST /deadletter/replay` (all fields optional).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ReplayRequest {
+    /// Subject to judge by when a row's schema id is in several subjects or unknown
+    /// (`fleetline.readings`).
+    subject: Option<String>,
+}
+
+async fn replay(State(ops): State<Ops>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&ops, &headers) {
+        return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
+    }
+    let req: ReplayRequest = if body.is_empty() {
+        ReplayRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("bad request body: {e}")).into_response(),
+        }
+    };
+    let subject = req.subject.unwrap_or_else(|| crate::registry::READINGS_SUBJECT.to_string());
+    if ops.registry.latest(&subject).is_none() {
+        return (StatusCode::NOT_FOUND, format!("subject {subject} has no schema")).into_response();
+    }
+    let items = match crate::replay::read_candidates(&ops.store).await {
+        Ok(i) => i,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("reading dead letters: {e}")).into_response(),
+    };
+    let mut per_shard: Vec<Vec<crate::replay::ReplayItem>> = vec![Vec::new(); ops.shard_count as usize];
+    for item in items {
+        let s = fleetline_wire::shard::shard_of(&item.fleet, &item.device, ops.shard_count).0 as usize;
+        per_shard[s].push(item);
+    }
+    let mut waits = Vec::new();
+    let mut not_owned = 0u64;
+    for (s, items) in per_shard.into_iter().enumerate() {
+        if items.is_empty() {
+            continue;
+        }
+        let Some(Some(inbox)) = ops.shards.get(s) else {
+            not_owned += items.len() as u64;
+            continue;
+        };
+        let (tx, rx) = oneshot::channel();
+        if inbox.send(ShardMsg::Replay(items, subject.clone(), tx)).await.is_ok() {
+            waits.push(rx);
+        }
+    }
+    let mut total = crate::replay::ReplayOutcome::default();
+    let mut errors = Vec::new();
+    for w in waits {
+        match w.await {
+            Ok(Ok(o)) => total += o,
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("shard task gone".into()),
+        }
+    }
+    let body = json!({"subject": subject, "outcome": total, "not_owned_here": not_owned, "errors": errors});
+    if errors.is_empty() {
+        Json(body).into_response()
+    } else {
+        (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
     }
 }
 

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod keys;
 pub mod node;
 pub mod registry;
+pub mod replay;
 pub mod rows;
 pub mod shard;
 pub mod stats;

@@ -31,6 +31,9 @@ pub enum ShardMsg {
     Status(oneshot::Sender<ShardStatus>),
     /// A vehicle's latest state.
     Vehicle(String, String, oneshot::Sender<Option<VehicleState>>),
+    /// Dead letters to take in again under the newest schema of a subject; answers
+    /// once what was taken in is committed.
+    Replay(Vec<crate::replay::ReplayItem>, String, oneshot::Sender<Result<crate::replay::ReplayOutcome, String>>),
 }
 
 /// Addresses the node listens on, printed at start-up as one JSON line.
@@ -89,15 +92,16 @@ async fn shard_task(
             ShardMsg::Vehicle(fleet, device, reply) => {
                 let _ = reply.send(shard.vehicle(&fleet, &device));
             }
+            ShardMsg::Replay(items, subject, reply) => {
+                let outcome = shard.replay(&items, &subject);
+                let r = commit(&mut shard, &acks, &stats).await.map(|()| outcome);
+                let _ = reply.send(r);
+            }
         }
     }
 }
 
-async fn commit(
-    shard: &mut Shard,
-    acks: &mpsc::UnboundedSender<Outgoing>,
-    stats: &CloudStats,
-) -> Result<(), String> {
+async fn commit(shard: &mut Shard, acks: &mpsc::UnboundedSender<Outgoing>, stats: &CloudStats) -> Result<(), String> {
     match shard.commit().await {
         Ok(released) => {
             for (gw, ids) in released.acks {
@@ -300,6 +304,7 @@ pub async fn start(
     tokio::spawn(ingest::run(session, shards.clone(), acks_rx, keys.clone(), cfg.node_id.clone(), stats.clone()));
 
     let ops = Ops {
+        store: store.clone(),
         registry,
         node_id: cfg.node_id.clone(),
         shard_count: cfg.shard_count,

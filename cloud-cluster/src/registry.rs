@@ -286,6 +286,20 @@ impl Registry {
         self.read().subjects.get(subject).map(|ids| (1..=ids.len() as u32).collect())
     }
 
+    /// The subject schema id `id` was registered under: `prefer` when it is one of
+    /// them, else `fleetline.readings`, else the first by name.
+    pub fn subject_of(&self, id: u32, prefer: Option<&str>) -> Option<String> {
+        let st = self.read();
+        let mut with: Vec<&String> = st.subjects.iter().filter(|(_, ids)| ids.contains(&id)).map(|(s, _)| s).collect();
+        with.sort_by_key(|s| (Some(s.as_str()) != prefer, s.as_str() != READINGS_SUBJECT, s.as_str()));
+        with.first().map(|s| (*s).clone())
+    }
+
+    /// The newest schema of `subject`.
+    pub fn latest(&self, subject: &str) -> Option<Arc<Schema>> {
+        self.schema(self.version(subject, None)?.id)
+    }
+
     /// One version (`None`: latest).
     pub fn version(&self, subject: &str, version: Option<u32>) -> Option<Version> {
         let st = self.read();

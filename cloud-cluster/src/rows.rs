@@ -58,6 +58,7 @@ pub static DEADLETTER_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("received_at", ts_type(), true),
         Field::new("stored_at", ts_type(), false),
         Field::new("raw", DataType::Binary, false),
+        Field::new("schema_id", DataType::Int32, true),
     ]))
 });
 
@@ -170,6 +171,8 @@ pub struct DeadLetter {
     pub ts_ms: Option<i64>,
     /// Reading kind, for unknown kinds.
     pub kind: Option<u16>,
+    /// Schema id the batch named, when known.
+    pub schema: Option<u16>,
     /// Gateway, when known.
     pub gateway: Option<String>,
     /// Bundle id, when known.
@@ -192,6 +195,7 @@ impl DeadLetter {
             seq: None,
             ts_ms: None,
             kind: None,
+            schema: None,
             gateway: None,
             bundle_id: None,
             received_at_ms: None,
@@ -433,7 +437,9 @@ fn deadletter_batch(rows: &[DeadLetter], stored_at_ms: i64) -> Result<RecordBatc
     let mut bundle = Int64Builder::with_capacity(n);
     let mut received = TimestampMillisecondBuilder::with_capacity(n);
     let mut raw = BinaryBuilder::new();
+    let mut schema = Int32Builder::with_capacity(n);
     for d in rows {
+        schema.append_option(d.schema.map(i32::from));
         reason.append_value(d.reason);
         detail.append_value(&d.detail);
         fleet.append_option(d.fleet.as_deref());
@@ -462,6 +468,7 @@ fn deadletter_batch(rows: &[DeadLetter], stored_at_ms: i64) -> Result<RecordBatc
         Arc::new(received.finish().with_timezone("UTC")),
         Arc::new(stored),
         Arc::new(raw.finish()),
+        Arc::new(schema.finish()),
     ];
     RecordBatch::try_new(DEADLETTER_SCHEMA.clone(), columns)
 }

@@ -56,7 +56,6 @@ pub struct Committed {
     pub alerts: Vec<Event>,
 }
 
-
 /// Why a commit or a recovery failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -289,7 +288,8 @@ impl Shard {
         self.waiting.clear();
         match ckpt {
             Some(c) => {
-                self.clocks = c.clocks.into_iter().map(|g| (Arc::from(g.gateway.as_str()), (g.last, g.since))).collect();
+                self.clocks =
+                    c.clocks.into_iter().map(|g| (Arc::from(g.gateway.as_str()), (g.last, g.since))).collect();
                 self.resend = c.outbox;
                 self.generation = c.generation;
                 self.last_commit_ms = Some(c.committed_at_ms);
@@ -319,6 +319,67 @@ impl Shard {
     /// Alerts committed before the last restart, to publish again (once).
     pub fn take_resend(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.resend)
+    }
+
+    /// Takes dead letters in again, checked against the newest schema of `subject`
+    /// (see [`crate::replay`]); the rows and the replay marks commit together.
+    pub fn replay(&mut self, items: &[crate::replay::ReplayItem], subject: &str) -> crate::replay::ReplayOutcome {
+        let mut out = crate::replay::ReplayOutcome::default();
+        let latest_ok = self.validation.max_future_skew.as_millis() as i64;
+        let floor = self.validation.floor_ms();
+        for item in items {
+            out.candidates += 1;
+            let Some(state) = self.devices.get_mut(&device_key(&item.fleet, &item.device)) else {
+                // Not a device this shard stores (its batch was never authentic).
+                out.still_invalid += 1;
+                continue;
+            };
+            if state.replayed.contains(&item.key()) {
+                out.already_replayed += 1;
+                continue;
+            }
+            // Judged by the newest schema of the subject its batch's schema belongs to.
+            let schema = self.registry.as_ref().and_then(|r| {
+                let s = match item.schema {
+                    Some(id) => r.subject_of(id, Some(subject))?,
+                    None => subject.to_string(),
+                };
+                r.latest(&s)
+            });
+            let Some(def) = schema.as_ref().and_then(|s| s.signal(item.kind)) else {
+                out.still_invalid += 1;
+                continue;
+            };
+            let ok = item.readings(def).ok().filter(|rs| {
+                rs.iter().all(|(ts, v)| {
+                    *v >= def.min && *v <= def.max && *ts >= floor && *ts <= item.received_at_ms + latest_ok
+                })
+            });
+            let Some(readings) = ok else {
+                out.still_invalid += 1;
+                continue;
+            };
+            state.replayed.insert(item.key());
+            let meta = Arc::new(BatchMeta {
+                fleet: item.fleet.as_str().into(),
+                device: item.device.as_str().into(),
+                epoch: item.epoch,
+                seq: item.seq,
+                gateway: item.gateway.as_str().into(),
+                received_at_ms: item.received_at_ms,
+            });
+            let path = crate::replay::intern(&def.path);
+            for (ts, v) in &readings {
+                self.rows.push_reading(&meta, *ts, path, *v);
+            }
+            out.replayed += 1;
+            out.readings += readings.len() as u64;
+        }
+        if out.replayed > 0 {
+            self.opened_at.get_or_insert_with(Instant::now);
+            self.stats.count(&self.stats.replayed, out.replayed);
+        }
+        out
     }
 
     /// Analytics settings.
@@ -398,6 +459,7 @@ impl Shard {
                 epoch: h.map(|h| h.epoch),
                 seq: h.map(|h| h.seq),
                 ts_ms: h.map(|h| h.base_time_ms as i64),
+                schema: h.map(|h| h.schema),
                 gateway: Some(gateway.to_string()),
                 bundle_id: Some(bundle),
                 received_at_ms: Some(received_at_ms),

@@ -73,6 +73,8 @@ pub struct CloudStats {
     pub gaps_skipped: AtomicU64,
     /// Aggregate rows produced.
     pub aggregates: AtomicU64,
+    /// Dead letters taken in again by a replay.
+    pub replayed: AtomicU64,
     /// Alerts published.
     pub alerts_sent: AtomicU64,
     /// Alerts that could not be published (broker gone); they stay in `events`.
@@ -122,7 +124,8 @@ impl CloudStats {
 
     /// Sets the Prometheus gauges and counters from the atomics (before a scrape).
     pub fn export(&self) {
-        let pairs: [(&str, &AtomicU64); 16] = [
+        let pairs: [(&str, &AtomicU64); 17] = [
+            ("fleetline_cloud_deadletters_replayed_total", &self.replayed),
             ("fleetline_cloud_late_samples_total", &self.late_samples),
             ("fleetline_cloud_analytics_gaps_skipped_total", &self.gaps_skipped),
             ("fleetline_cloud_aggregates_total", &self.aggregates),

@@ -312,3 +312,84 @@ async fn clocks_far_ahead_or_unset_are_refused_but_late_data_is_not() {
     assert_eq!(dl.get("future_timestamp"), Some(&SAMPLES));
     assert_eq!(dl.get("before_epoch_floor"), Some(&SAMPLES));
 }
+
+/// Rows of one signal in `readings`.
+async fn signal_rows(store: &Store, signal: &str) -> usize {
+    let mut n = 0;
+    for path in store.list("readings").await.unwrap() {
+        let bytes = store.get(&path).await.unwrap().unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap() {
+            let b = b.unwrap();
+            let s = b.column_by_name("signal").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            n += (0..s.len()).filter(|i| s.value(*i) == signal).count();
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
+    use fleetline_cloud::registry::{READINGS_SUBJECT, Registry, Schema};
+    use fleetline_cloud::replay::read_candidates;
+    use fleetline_testkit::batches::sealed_batch_with_schema;
+    let store = Store::memory();
+    let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
+    let mut narrow = Schema::signal_table();
+    narrow.signals.iter_mut().find(|s| s.kind == 3).unwrap().max = 80.0;
+    registry.register("fleetline.readings.eu", &narrow.canonical()).await.unwrap();
+    let prov = fleet(200, 1);
+    let dev = devices_of_shard0(1)[0];
+    let name = device_id(dev);
+    let mut shard = open(&store).await.unwrap();
+    shard.set_registry(registry.clone());
+    // A kind no schema has yet (a raw series of two samples), and 39 speeds over schema 2's range.
+    let unknown = sealed_batch(name.as_str(), &device_key(dev), 1, 0, BASE_MS, 3, Some(200));
+    let fast = sealed_batch_with_schema(2, name.as_str(), &device_key(dev), 1, 300, BASE_MS, 40, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[unknown, fast], BASE_MS + 60_000), &prov);
+    shard.commit().await.unwrap();
+    let dl = deadletter_reasons(&store).await;
+    assert_eq!((dl.get("unknown_kind"), dl.get("out_of_range")), (Some(&1), Some(&39)));
+
+    // Before any fix nothing passes.
+    let items = read_candidates(&store).await.unwrap();
+    assert_eq!(items.len(), 40);
+    let o = shard.replay(&items, READINGS_SUBJECT);
+    assert_eq!((o.candidates, o.replayed, o.still_invalid), (40, 0, 40));
+
+    // The fix: kind 200 added to fleetline.readings (backward compatible).
+    let mut with_cabin = Schema::signal_table();
+    let mut cabin = with_cabin.signals[0].clone();
+    (cabin.kind, cabin.path, cabin.unit) = (200, "Vehicle.Cabin.Temperature".into(), "celsius".into());
+    (cabin.encoding, cabin.scale_exp, cabin.min, cabin.max) = ("delta".into(), -1, -40.0, 90.0);
+    with_cabin.signals.push(cabin);
+    registry.register(READINGS_SUBJECT, &with_cabin.canonical()).await.unwrap();
+    let o = shard.replay(&items, READINGS_SUBJECT);
+    assert_eq!((o.replayed, o.readings, o.still_invalid), (1, 2, 39));
+    // A crash before the commit loses the replay with everything else; run again.
+    drop(shard);
+    let mut shard = open(&store).await.unwrap();
+    shard.set_registry(registry.clone());
+    assert_eq!(signal_rows(&store, "Vehicle.Cabin.Temperature").await, 0);
+    assert_eq!(shard.replay(&items, READINGS_SUBJECT).replayed, 1);
+    shard.commit().await.unwrap();
+    assert_eq!(signal_rows(&store, "Vehicle.Cabin.Temperature").await, 2);
+    // Again, and again after a restart: nothing more.
+    assert_eq!(shard.replay(&items, READINGS_SUBJECT).already_replayed, 1);
+    drop(shard);
+    let mut shard = open(&store).await.unwrap();
+    shard.set_registry(registry.clone());
+    let o = shard.replay(&items, READINGS_SUBJECT);
+    assert_eq!((o.replayed, o.already_replayed), (0, 1));
+
+    // Widening schema 2's speed range lets the 39 in, under that subject.
+    let mut wide = narrow.clone();
+    wide.signals.iter_mut().find(|s| s.kind == 3).unwrap().max = 90.0;
+    registry.register("fleetline.readings.eu", &wide.canonical()).await.unwrap();
+    let o = shard.replay(&items, "fleetline.readings.eu");
+    assert_eq!((o.replayed, o.readings), (39, 39), "{o:?}");
+    shard.commit().await.unwrap();
+    let key = (name.as_str().to_string(), 1i64, 300i64);
+    assert_eq!(readings(&store).await.get(&key), Some(&40), "the batch whole, each reading once");
+    let o = shard.replay(&read_candidates(&store).await.unwrap(), "fleetline.readings.eu");
+    assert_eq!(o.replayed, 0);
+}

@@ -70,10 +70,18 @@ const TOKEN: &str = "s3cr3t-t0ken";
 
 /// A plain HTTP/1.1 POST; returns the whole response (status line first).
 async fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
+    http_post_json(addr, path, token, "").await
+}
+
+/// A plain HTTP/1.1 POST of a JSON body.
+async fn http_post_json(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
@@ -496,6 +504,31 @@ print(json.dumps(rows))
     let reasons: Vec<&str> = v.as_array().unwrap().iter().map(|r| r[0].as_str().unwrap()).collect();
     assert_eq!(reasons, ["auth_failed", "bundle_auth_failed", "bundle_malformed", "unknown_kind"]);
     assert!(v.as_array().unwrap().iter().all(|r| r[1] == 1 && r[2].as_u64().unwrap() > 0), "{v}");
+
+    // The schema fix: kind 4242 registered over REST; the dead letter replayed once.
+    let http = cloud.addr("http");
+    let replay = async || {
+        let r = http_post_json(http, "/deadletter/replay", Some(TOKEN), "{}").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        serde_json::from_str::<Value>(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()["outcome"].clone()
+    };
+    assert_eq!(replay().await["still_invalid"], 1);
+    let mut table: Value =
+        serde_json::from_str(&fleetline_cloud::registry::Schema::signal_table().canonical()).unwrap();
+    table["signals"].as_array_mut().unwrap().push(serde_json::json!({"path": "Vehicle.Body.Custom", "kind": 4242,
+        "encoding": "delta", "scale_exp": 0, "unit": "count", "min": 0.0, "max": 100.0}));
+    let body = serde_json::json!({ "schema": table.to_string() }).to_string();
+    let r = http_post_json(http, "/subjects/fleetline.readings/versions", Some(TOKEN), &body).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let o = replay().await;
+    assert_eq!((o["replayed"].as_u64(), o["readings"].as_u64()), (Some(1), Some(2)), "{o}");
+    assert_eq!(replay().await["already_replayed"], 1);
+    let code = r#"
+import duckdb, json, sys
+print(json.dumps(duckdb.connect().execute(f"SELECT count(*), min(value), max(value) FROM read_parquet('{sys.argv[1]}/readings/**/*.parquet', hive_partitioning = true) WHERE signal = 'Vehicle.Body.Custom'").fetchall()))
+"#;
+    let v = py(code, &[env.lake.to_str().unwrap()]).await;
+    assert_eq!(v[0][0], 2, "the replayed series, once: {v}");
     eprintln!(
         "TLS + bad input: {} batches over TLS, dead letters {dl}, logins refused {}",
         acked.len(),

@@ -39,7 +39,9 @@ fn drive() -> (Vec<(u64, Vec<u8>)>, Vec<Incident>) {
             0 => vec![inc(IncidentKind::SlowLeak, Some(1), 1_500, SECS)],
             1 => vec![inc(IncidentKind::Puncture, Some(2), 5_400, 5_460)],
             2 => vec![inc(IncidentKind::FuelTheft, None, 4_000, 4_300)],
-            3 => vec![inc(IncidentKind::Overspeed, None, 2_000, 2_300), inc(IncidentKind::Overspeed, None, 7_000, 7_200)],
+            3 => {
+                vec![inc(IncidentKind::Overspeed, None, 2_000, 2_300), inc(IncidentKind::Overspeed, None, 7_000, 7_200)]
+            }
             4 => vec![inc(IncidentKind::Silent, None, 3_000, 4_200)],
             5 => vec![inc(IncidentKind::Silent, None, 9_300, 9_900)],
             _ => Vec::new(),
@@ -272,8 +274,7 @@ async fn a_two_hour_backlog_gives_the_same_aggregates_and_events() {
     let expected: BTreeSet<(usize, &str)> = truth.iter().map(|i| (i.vehicle, name(i.kind))).collect();
     for (v, k) in &found {
         let ok = expected.contains(&(*v, k.as_str()))
-            || (k == "low_pressure"
-                && (expected.contains(&(*v, "puncture")) || expected.contains(&(*v, "slow_leak"))));
+            || (k == "low_pressure" && (expected.contains(&(*v, "puncture")) || expected.contains(&(*v, "slow_leak"))));
         assert!(ok, "false alarm: {k} on vehicle {v}");
     }
     // Each event lies within its incident (overspeeds: a driver may slow for a stop

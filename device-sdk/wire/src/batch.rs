@@ -368,6 +368,13 @@ impl<'a> Iterator for SeriesIter<'a> {
     }
 }
 
+/// The `(t_offset_ms, raw)` samples of a series encoded as `wire`, whatever its
+/// kind: for series of kinds this build does not know, decoded with a definition
+/// from elsewhere (a schema registry).
+pub fn series_samples(raw: &[u8], wire: WireType) -> SampleIter<'_> {
+    SampleIter { reader: Reader::new(raw), wire, codec: SampleCodec::default() }
+}
+
 /// Iterator over `(t_offset_ms, raw)` samples of one known series.
 pub struct SampleIter<'a> {
     reader: Reader<'a>,
