@@ -374,7 +374,7 @@ impl Default for DeviceAnalytics {
 
 /// A wheel index's name.
 pub fn wheel_name(i: usize) -> String {
-    format!("row{}.{}", i / 2 + 1, if i % 2 == 0 { "left" } else { "right" })
+    format!("row{}.{}", i / 2 + 1, if i.is_multiple_of(2) { "left" } else { "right" })
 }
 
 /// The id of an event: a hash of what identifies the condition.

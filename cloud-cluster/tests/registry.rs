@@ -147,8 +147,10 @@ async fn http(
 
 #[tokio::test]
 async fn the_rest_api_is_shaped_like_confluents() {
-    let registry = Arc::new(Registry::open(Store::memory()).await.unwrap());
+    let store = Store::memory();
+    let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
     let ops = fleetline_cloud::http::Ops {
+        store,
         node_id: "t".into(),
         shard_count: 1,
         stats: Arc::default(),

@@ -213,6 +213,19 @@ pub fn page(report: &Report, ticks: &[Tick], latency: &[(f64, f64, f64)], window
     let l = report.ingest_latency_ms;
     rows += &row("ingest latency", format!("p50 {} ms · p99 {} ms · max {} ms", l.p50, l.p99, l.max));
     rows += &row("readings", report.readings_parquet_glob.clone());
+    let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.0} %", v * 100.0));
+    for (kind, e) in &report.events {
+        rows += &row(
+            &format!("events: {}", kind.replace('_', " ")),
+            format!(
+                "injected {} · detected {} · precision {} · recall {}",
+                e.expected,
+                e.detected.map_or("n/a".to_string(), |d| d.to_string()),
+                pct(e.precision),
+                pct(e.recall)
+            ),
+        );
+    }
     let chaos: String = report.chaos.iter().map(|c| format!("<li>{}</li>", esc(c))).collect();
     format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>Fleetline demo report</title>

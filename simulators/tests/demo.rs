@@ -70,6 +70,16 @@ fn simulated_time_runs_faster_and_ground_truth_is_written() {
         serde_json::from_slice(&std::fs::read(dir.path().join("data/ground-truth.json")).unwrap()).unwrap();
     let expected: u64 = r["events"].as_object().unwrap().values().map(|e| e["expected"].as_u64().unwrap()).sum();
     assert_eq!(truth.as_array().unwrap().len() as u64, expected);
+    // The cloud's events are read back and scored: every kind has a detected count,
+    // and whatever was detected was real (the model's incidents are unambiguous).
+    for (kind, e) in r["events"].as_object().unwrap() {
+        assert!(e["detected"].is_u64(), "{kind}: {e}");
+        if let Some(p) = e["precision"].as_f64() {
+            assert!(p >= 0.99, "{kind}: {e}");
+        }
+    }
+    let detected: u64 = r["events"].as_object().unwrap().values().map(|e| e["detected"].as_u64().unwrap()).sum();
+    assert!(detected > 0, "{r}");
 }
 
 #[test]
