@@ -158,6 +158,8 @@ pub struct AggregateRow {
     pub samples: u64,
     /// Distance driven, m (haversine between fixes while moving).
     pub distance_m: f64,
+    /// Speed readings in the window.
+    pub speed_readings: u64,
     /// Mean of the speed readings, km/h.
     pub avg_speed_kmh: Option<f64>,
     /// Highest speed reading, km/h.
@@ -166,6 +168,8 @@ pub struct AggregateRow {
     pub fuel_used_l: Option<f64>,
     /// Fuel used per 100 km (when at least 100 m were driven).
     pub fuel_l_per_100km: Option<f64>,
+    /// Tire pressure readings in the window (every tire).
+    pub tire_readings: u64,
     /// Lowest tire pressure reading, kPa.
     pub tire_pressure_min_kpa: Option<f64>,
     /// Mean tire pressure reading, kPa.
@@ -297,6 +301,8 @@ impl Window {
             end: self.end(),
             samples: self.samples,
             distance_m: self.distance_m,
+            speed_readings: self.speed_n,
+            tire_readings: self.tire_n,
             avg_speed_kmh: (self.speed_n > 0).then(|| self.speed_sum / self.speed_n as f64),
             max_speed_kmh: (self.speed_n > 0).then_some(self.speed_max),
             fuel_used_l: self.fuel_seen.then_some(self.fuel_used),

@@ -35,6 +35,8 @@ pub struct CloudConfig {
     pub validation: ValidationConfig,
     /// Per-vehicle windows and event detection.
     pub analytics: crate::analytics::AnalyticsConfig,
+    /// Hourly compacted readings and daily per-vehicle rollups.
+    pub rollup: crate::rollup::RollupConfig,
 }
 
 /// Clock sanity: readings dated too far after their gateway received them, or
@@ -81,6 +83,7 @@ impl Default for CloudConfig {
             http: HttpConfig::default(),
             validation: ValidationConfig::default(),
             analytics: Default::default(),
+            rollup: Default::default(),
         }
     }
 }
@@ -258,6 +261,9 @@ impl CloudConfig {
         }
         crate::store::StoreSpec::parse(&self.storage)?;
         self.analytics.check()?;
+        if self.rollup.interval.is_zero() {
+            return Err("rollup.interval must be positive".into());
+        }
         for s in &self.broker.subscribers {
             if !s.username.contains('.') || s.password.len() < 12 {
                 return Err(format!(

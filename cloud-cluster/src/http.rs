@@ -39,6 +39,8 @@ pub struct Ops {
     pub registry: Arc<crate::registry::Registry>,
     /// The object store (dead letters are read back from it).
     pub store: crate::store::Store,
+    /// The rollup job (one run at a time).
+    pub rollup: Arc<crate::rollup::RollupJob>,
 }
 
 /// Binds the endpoint; returns its address and the server future.
@@ -51,6 +53,7 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .route("/vehicles/{fleet}/{device}", get(vehicle))
         .route("/admin/flush", post(flush))
         .route("/deadletter/replay", post(replay))
+        .route("/admin/rollup", post(rollup))
         .route("/subjects", get(subjects))
         .route("/subjects/{subject}/versions", get(subject_versions).post(register))
         .route("/subjects/{subject}/versions/{version}", get(subject_version))
@@ -127,6 +130,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "late_samples": g(&s.late_samples),
         "analytics_gaps_skipped": g(&s.gaps_skipped),
         "alerts_sent": g(&s.alerts_sent),
+        "rollup_last": ops.rollup.last.lock().map(|l| *l).unwrap_or_default(),
         "logins_rejected": s.logins_rejected.lock().map(|m| m.clone()).unwrap_or_default(),
         "shards": shards,
     }))
@@ -164,6 +168,16 @@ async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {
         Json(json!({"flushed": true})).into_response()
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"flushed": false, "errors": failed}))).into_response()
+    }
+}
+
+async fn rollup(State(ops): State<Ops>, headers: HeaderMap) -> Response {
+    if !authorized(&ops, &headers) {
+        return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
+    }
+    match ops.rollup.run().await {
+        Ok(r) => Json(json!(r)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("rollup failed: {e:#}")).into_response(),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod keys;
 pub mod node;
 pub mod registry;
 pub mod replay;
+pub mod rollup;
 pub mod rows;
 pub mod shard;
 pub mod stats;

@@ -303,7 +303,13 @@ pub async fn start(
     };
     tokio::spawn(ingest::run(session, shards.clone(), acks_rx, keys.clone(), cfg.node_id.clone(), stats.clone()));
 
+    let rollup = Arc::new(crate::rollup::RollupJob::new(store.clone(), &cfg.rollup));
+    if cfg.rollup.enabled {
+        // Single node: the job runs here (a cluster elects one node for it).
+        tokio::spawn(rollup.clone().periodic(cfg.rollup.interval));
+    }
     let ops = Ops {
+        rollup,
         store: store.clone(),
         registry,
         node_id: cfg.node_id.clone(),

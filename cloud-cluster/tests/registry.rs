@@ -150,6 +150,7 @@ async fn the_rest_api_is_shaped_like_confluents() {
     let store = Store::memory();
     let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
     let ops = fleetline_cloud::http::Ops {
+        rollup: Arc::new(fleetline_cloud::rollup::RollupJob::new(store.clone(), &Default::default())),
         store,
         node_id: "t".into(),
         shard_count: 1,
