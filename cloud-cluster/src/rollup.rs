@@ -235,7 +235,10 @@ fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 fn daily_rows(day_start: i64, aggregates: &[RecordBatch], events: &[RecordBatch]) -> anyhow::Result<RecordBatch> {
     let mut days: BTreeMap<(String, String), Day> = BTreeMap::new();
     let f64s = |b: &RecordBatch, c: &str| -> anyhow::Result<arrow_array::Float64Array> {
-        Ok(b.column_by_name(c).ok_or_else(|| anyhow::anyhow!("aggregates without {c}"))?.as_primitive::<Float64Type>().clone())
+        Ok(b.column_by_name(c)
+            .ok_or_else(|| anyhow::anyhow!("aggregates without {c}"))?
+            .as_primitive::<Float64Type>()
+            .clone())
     };
     let opt = |a: &arrow_array::Float64Array, i: usize| (!a.is_null(i)).then(|| a.value(i));
     for b in aggregates {
@@ -330,9 +333,8 @@ impl RollupJob {
     /// Runs once now (waits for a run in progress first).
     pub async fn run(&self) -> anyhow::Result<RollupReport> {
         let _one = self.lock.lock().await;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let r = run_once(&self.store, self.grace, now).await?;
         metrics::counter!("fleetline_cloud_rollup_outputs_written_total").increment(r.hours_written + r.days_written);
         if let Ok(mut l) = self.last.lock() {
