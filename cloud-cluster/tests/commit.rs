@@ -393,3 +393,29 @@ async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
     let o = shard.replay(&read_candidates(&store).await.unwrap(), "fleetline.readings.eu");
     assert_eq!(o.replayed, 0);
 }
+
+#[tokio::test]
+async fn the_alerts_of_the_last_commit_are_sent_again_after_a_restart() {
+    let store = Store::memory();
+    let prov = fleet(200, 1);
+    let dev = devices_of_shard0(1)[0];
+    let name = device_id(dev);
+    let mut shard = open(&store).await.unwrap();
+    // Speeds from 50 to 94.9 km/h: one overspeed.
+    let fast = sealed_batch(name.as_str(), &device_key(dev), 1, 0, BASE_MS, 450, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[fast], BASE_MS + 450_000), &prov);
+    let committed = shard.commit().await.unwrap();
+    assert_eq!(committed.alerts.len(), 1);
+    assert_eq!(committed.alerts[0].kind, "overspeed");
+    drop(shard);
+    let mut shard = open(&store).await.unwrap();
+    let again = shard.take_resend();
+    assert_eq!(again, committed.alerts, "same event, same id");
+    assert!(shard.take_resend().is_empty());
+    // A later commit without events supersedes them.
+    let slow = sealed_batch(name.as_str(), &device_key(dev), 1, 1, BASE_MS + 450_000, 5, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 2, 0, &[slow], BASE_MS + 460_000), &prov);
+    assert!(shard.commit().await.unwrap().alerts.is_empty());
+    drop(shard);
+    assert!(open(&store).await.unwrap().take_resend().is_empty());
+}

@@ -537,3 +537,53 @@ print(json.dumps(duckdb.connect().execute(f"SELECT count(*), min(value), max(val
     assert_eq!(gw.terminate().await.code(), Some(0));
     assert_eq!(cloud.terminate().await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_are_published_as_alerts_with_ids() {
+    use fleetline_testkit::Sub;
+    let env = Env::new(2, |lake| {
+        (
+            format!(
+                "[broker]\nlisten = \"127.0.0.1:0\"\nsubscribers = [{{ username = \"ops.alerts\", password = \"alerts-password-1\" }}]\n[storage]\nurl = \"{}\"\n",
+                lake.display()
+            ),
+            1,
+        )
+    });
+    let cloud = env.cloud(None).await;
+    let port = cloud.addr("broker").port();
+    let ops = ["-i", "ops.alerts-1", "-u", "ops.alerts", "-P", "alerts-password-1"];
+    let mut sub = Sub::start_with(port, "fleetline/v1/alerts/#", &ops).await;
+    // The subscriber login is checked like any other.
+    assert!(!publish(port, "x", b"x", &["-i", "ops.alerts-2", "-u", "ops.alerts", "-P", "wrong-password"]).await);
+
+    // 450 s of speeds from 50 km/h up to 94.9 km/h: over the limit from the 401st second.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let base = now - 600_000;
+    let name = "dev-0000";
+    let batch = sealed_batch(name, &device_key(0), 1, 0, base, 450, None);
+    let shard = fleetline_wire::shard::shard_of("acme", name, 8).0;
+    let payload = bundle(&gateway_key(1), "gw-1", 1, shard, &[batch], now);
+    let pass = String::from_utf8(gateway_key(1).mqtt_password("gw-1").to_vec()).unwrap();
+    let login = ["-i", "gw-1", "-u", "gw-1", "-P", pass.as_str()];
+    assert!(publish(port, &format!("fleetline/v1/ingest/{shard}"), &payload, &login).await);
+
+    let (topic, body) = sub.next().await;
+    assert_eq!(topic, "fleetline/v1/alerts/acme/dev-0000");
+    let alert: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(alert["kind"], "overspeed", "{alert}");
+    assert_eq!(alert["ts_ms"].as_u64(), Some(base + 401_000), "{alert}");
+    let id = alert["id"].as_str().unwrap();
+    assert_eq!(id.len(), 16);
+    // The same id as the stored event.
+    let code = r#"
+import duckdb, json, sys
+print(json.dumps(duckdb.connect().execute(f"SELECT id, kind FROM read_parquet('{sys.argv[1]}/events/**/*.parquet', hive_partitioning = true)").fetchall()))
+"#;
+    let v = py(code, &[env.lake.to_str().unwrap()]).await;
+    assert_eq!(v, serde_json::json!([[id, "overspeed"]]));
+    let status = cloud.status().await;
+    assert_eq!(status["events"]["overspeed"], 1, "{status}");
+    assert_eq!(status["alerts_sent"], 1, "{status}");
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+}
