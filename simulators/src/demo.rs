@@ -215,7 +215,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         connection_errors += s.connection_errors;
         resends += s.core.resends;
     }
-    let stored = read_readings(&lake.join("readings"))?;
+    // Latency is measured on the wall clock: a reading's simulated time maps back to
+    // when the model produced it (the same instant when the time scale is 1).
+    let wall_start = (t0_ms + drive.sim_secs * 1000) as i64 - opts.duration.as_millis() as i64;
+    let to_wall = |ts: i64| wall_start + ((ts - t0_ms as i64) as f64 / scale) as i64;
+    let stored = read_readings(&lake.join("readings"), &to_wall)?;
     let samples_acked: u64 = acked.values().sum();
     let kind_name = |k: IncidentKind| match k {
         IncidentKind::SlowLeak => "slow_leak",

@@ -67,8 +67,9 @@ fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads every file under `readings` (what a reader globbing the dataset sees).
-pub fn read_readings(readings: &Path) -> anyhow::Result<Stored> {
+/// Reads every file under `readings` (what a reader globbing the dataset sees);
+/// `to_wall` maps a reading time to the wall-clock instant it was taken.
+pub fn read_readings(readings: &Path, to_wall: &dyn Fn(i64) -> i64) -> anyhow::Result<Stored> {
     let mut files = Vec::new();
     parquet_files(readings, &mut files)?;
     let mut seen: HashSet<(String, u32, u32, String, i64)> = HashSet::new();
@@ -95,7 +96,7 @@ pub fn read_readings(readings: &Path) -> anyhow::Result<Stored> {
                 s.latency_by_second
                     .entry(stored.value(i).div_euclid(1000))
                     .or_default()
-                    .push(stored.value(i) - ts.value(i));
+                    .push(stored.value(i) - to_wall(ts.value(i)));
                 ingest.push(stored.value(i) - recv.value(i));
             }
         }
