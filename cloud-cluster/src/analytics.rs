@@ -18,9 +18,14 @@
 //!
 //! Because the prefix grows in seq order whatever order batches arrive in, a
 //! gateway backlog released hours later gives exactly the rows the same batches give
-//! in order. A batch that never comes (a unit that lost it) holds the prefix until
-//! the held batches reach `analytics.gap_timeout` of event time past it; then the
-//! gap is skipped and counted. Seq 0 of a device's first epoch likewise.
+//! in order — gateways send fresh data first and drain a backlog beside it, so the
+//! fresh batches wait, held, until the backlog before them has come. A batch that
+//! never comes (a unit that lost it) holds the prefix until the unbroken run of held
+//! batches right after it spans `analytics.gap_timeout` of event time, or the held
+//! batches number `analytics.max_held`; then the gap is skipped and counted. A new boot epoch is treated the same way (the old
+//! epoch's last batches may still be in a backlog; not counted as a gap), and so is
+//! a device's first batch when it is not seq 0. So the equivalence holds for backlogs drained
+//! within `gap_timeout` of fresh data; after that, what comes is counted late.
 //!
 //! Device silence is the one thing judged against another clock: a unit is silent
 //! when its gateway, as this shard hears it, has received other units' data for
@@ -40,6 +45,10 @@ pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MS: i64 = 3_600_000;
 /// Wheel positions the signal table has (four axle rows, left and right).
 pub const WHEELS: usize = 8;
+/// Standard atmosphere, kPa (tire pressures are gauge pressures).
+pub const ATMOSPHERE_KPA: f64 = 101.325;
+/// Most points the slow-leak slope is taken over.
+const LEAK_POINTS: usize = 40;
 /// Window lengths, with their names in the `window` column.
 pub const WINDOWS: [(&str, i64); 2] = [("1m", MINUTE_MS), ("1h", HOUR_MS)];
 
@@ -68,9 +77,11 @@ pub struct AnalyticsConfig {
     /// How far readings may cross batch boundaries out of time order.
     #[serde(with = "humantime_serde")]
     pub reorder: Duration,
-    /// Event time the held batches must reach past a missing batch before it is skipped.
+    /// Event time the batches held behind a missing one must span before it is skipped.
     #[serde(with = "humantime_serde")]
     pub gap_timeout: Duration,
+    /// Batches held behind a missing one before it is skipped regardless.
+    pub max_held: usize,
     /// Overspeed above this, km/h.
     pub speed_limit_kmh: f64,
     /// ... held this long.
@@ -101,7 +112,8 @@ impl Default for AnalyticsConfig {
     fn default() -> Self {
         Self {
             reorder: Duration::from_secs(5),
-            gap_timeout: Duration::from_secs(300),
+            gap_timeout: Duration::from_secs(900),
+            max_held: 4096,
             speed_limit_kmh: 90.0,
             overspeed_hold: Duration::from_secs(5),
             low_pressure_ratio: 0.85,
@@ -358,6 +370,8 @@ pub struct DeviceAnalytics {
     track: Track,
     /// Gateway receipt time of the batch that made the unit silent, while it is.
     silent_since: Option<i64>,
+    /// Newest reading time of any batch taken (held or not).
+    newest: i64,
     /// Counts.
     pub counts: Counts,
 }
@@ -373,6 +387,7 @@ impl Default for DeviceAnalytics {
             windows: [None, None],
             track: Track::default(),
             silent_since: None,
+            newest: i64::MIN,
             counts: Counts::default(),
         }
     }
@@ -455,6 +470,7 @@ impl DeviceAnalytics {
     /// Takes one new batch of the device (each (epoch, seq) exactly once; `pts` may
     /// be empty) and processes whatever that makes ready.
     pub fn offer(&mut self, who: &Who<'_>, key: (u32, u32), pts: Vec<Pt>, cfg: &AnalyticsConfig, out: &mut Output) {
+        self.newest = pts.iter().map(|p| p.ts).fold(self.newest, i64::max);
         match self.cursor {
             Some(c) if key <= c => {
                 // Behind the prefix: its place was skipped as a gap.
@@ -479,9 +495,12 @@ impl DeviceAnalytics {
         self.held.len()
     }
 
-    /// The unit was heard again (a batch its gateway received at `received_ms`).
-    pub fn heard(&mut self, received_ms: i64) {
-        if self.silent_since.is_some_and(|s| received_ms > s) {
+    /// A new batch of the unit, received at `received_ms` by the gateway that
+    /// found it silent (`moved`: a newer batch through another gateway). Only
+    /// a receipt after the silence began ends it: older batches drained from a
+    /// backlog do not.
+    pub fn heard(&mut self, received_ms: i64, moved: bool) {
+        if moved || self.silent_since.is_some_and(|s| received_ms > s) {
             self.silent_since = None;
         }
     }
@@ -501,8 +520,9 @@ impl DeviceAnalytics {
         let after = cfg.silent_after.as_millis() as i64;
         if self.silent_since.is_none() && gateway_now_ms - counted_from_ms > after {
             self.silent_since = Some(last_received_ms);
-            // Dated by the unit's last reading (its clock), else by its last receipt.
-            let ts = if self.frontier == i64::MIN { last_received_ms } else { self.frontier };
+            // Dated by the unit's newest reading taken so far (its clock; whether or
+            // not analytics has processed it yet), else by its last receipt.
+            let ts = if self.newest == i64::MIN { last_received_ms } else { self.newest };
             who.event(
                 out,
                 event::SILENT,
@@ -512,6 +532,11 @@ impl DeviceAnalytics {
                 None,
                 format!("its gateway heard others but not this unit for {} s", after / 1000),
             );
+            // One silence, one id: keyed by the receipt it began after (the unit's
+            // last reading may be the same across two silences).
+            if let Some(e) = out.events.last_mut() {
+                e.id = event_id(who.fleet, who.device, event::SILENT, None, last_received_ms);
+            }
         }
     }
 
@@ -519,20 +544,35 @@ impl DeviceAnalytics {
         let gap = cfg.gap_timeout.as_millis() as i64;
         while let Some((&first, _)) = self.held.first_key_value() {
             let next = match self.cursor {
+                // A device's first batch: seq 0 of an epoch starts it.
                 None => first.1 == 0,
-                Some((e, s)) => first == (e, s.wrapping_add(1)) || (first.0 > e && first.1 == 0),
+                Some((e, s)) => first == (e, s.wrapping_add(1)),
             };
             if !next {
-                // A missing batch: skip it once the held batches are far enough past it.
-                let newest = self.held.values().flatten().map(|p| p.ts).max().unwrap_or(i64::MIN);
-                let oldest = match self.frontier {
-                    i64::MIN => self.held.values().flatten().map(|p| p.ts).min().unwrap_or(i64::MIN),
-                    f => f,
-                };
-                if newest == i64::MIN || oldest == i64::MIN || newest.saturating_sub(oldest) <= gap {
+                // A missing batch (or a new epoch, or a first batch after seq 0): skip
+                // once the unbroken run of held batches right after it spans the gap
+                // timeout (a batch that is coming would have come within it; fresh data
+                // held further ahead while a backlog drains does not count), or the
+                // held batches are too many.
+                let mut run = self.held.iter();
+                let (mut lo, mut hi, mut prev) = (i64::MAX, i64::MIN, None::<(u32, u32)>);
+                for (k, pts) in run.by_ref() {
+                    if prev.is_some_and(|(e, s)| *k != (e, s.wrapping_add(1))) {
+                        break;
+                    }
+                    prev = Some(*k);
+                    for p in pts {
+                        (lo, hi) = (lo.min(p.ts), hi.max(p.ts));
+                    }
+                }
+                let spanned = hi != i64::MIN && hi.saturating_sub(lo) > gap;
+                if !spanned && self.held.len() <= cfg.max_held {
                     break;
                 }
-                self.counts.gaps_skipped += 1;
+                let new_epoch = self.cursor.is_some_and(|(e, _)| first.0 > e && first.1 == 0);
+                if !new_epoch {
+                    self.counts.gaps_skipped += 1;
+                }
             }
             let pts = self.held.remove(&first).unwrap_or_default();
             self.cursor = Some(first);
@@ -690,8 +730,9 @@ impl DeviceAnalytics {
             return;
         }
         if t.parked_fuel.last().is_some_and(|(_, prev)| v > *prev) {
-            // Refuelled while standing: a new baseline.
+            // Refuelled while standing: a new baseline, and a new theft can be told.
             t.parked_fuel.clear();
+            t.theft_raised = false;
         }
         let window = cfg.theft_window.as_millis() as i64;
         t.parked_fuel.retain(|(at, _)| ts - *at <= window);
@@ -718,8 +759,9 @@ impl DeviceAnalytics {
         for (i, p) in pressures.iter().enumerate() {
             let Some(p) = *p else { continue };
             let tire = &mut self.track.tires[i];
+            // Gauge pressure to 20 °C by the gas law on absolute pressure.
             let temp = tire.temp.unwrap_or(20.0);
-            let comp = p * 293.15 / (temp + 273.15);
+            let comp = (p + ATMOSPHERE_KPA) * 293.15 / (temp + 273.15) - ATMOSPHERE_KPA;
             tire.comp = Some(comp);
             for w in self.windows.iter_mut().flatten() {
                 w.tire_n += 1;
@@ -736,7 +778,10 @@ impl DeviceAnalytics {
             let tire = &mut self.track.tires[i];
             let Some(comp) = tire.comp else { continue };
             tire.recent.retain(|(t, _)| ts - *t <= window);
-            tire.recent.push((ts, comp));
+            // At most LEAK_POINTS points over the window (the slope's cost is quadratic).
+            if tire.recent.last().is_none_or(|(t, _)| ts - *t >= window / LEAK_POINTS as i64) {
+                tire.recent.push((ts, comp));
+            }
             let Some(mean) = (!others.is_empty()).then(|| others.iter().sum::<f64>() / others.len() as f64) else {
                 continue;
             };
@@ -856,14 +901,15 @@ mod tests {
 
     #[test]
     fn a_missing_batch_holds_analytics_until_the_gap_timeout() {
-        let batches = drive(900, |_| 50.0);
+        let batches = drive(1200, |_| 50.0);
         let n = batches.len();
         let cfg = AnalyticsConfig::default();
         let mut a = DeviceAnalytics::default();
         let mut out = Output::default();
         for i in (0..n).filter(|i| *i != 3) {
             a.offer(&who(), (1, i as u32), batches[i].clone(), &cfg, &mut out);
-            if (i as i64) * 10 < 30 + 300 {
+            // Held from batch 4 (40 s): skipped once they span more than 900 s.
+            if (i as i64) * 10 < 40 + 900 {
                 assert!(out.aggregates.is_empty(), "closed a window across a gap at batch {i}");
             }
         }

@@ -65,6 +65,8 @@ pub struct DeviceState {
     pub last_gateway: String,
     /// When that gateway received it, Unix ms.
     pub last_received_ms: i64,
+    /// The newest (epoch, seq) stored: a newer batch through another gateway moves the unit there.
+    pub last_batch: (u32, u32),
     /// Windows, detectors and held batches.
     pub analytics: DeviceAnalytics,
     /// Dead letters taken in again (`POST /deadletter/replay`), by
@@ -181,6 +183,7 @@ mod v1 {
                         latest: d.latest,
                         last_gateway: d.last_gateway,
                         last_received_ms: d.last_received_ms,
+                        last_batch: (0, 0),
                         analytics: Default::default(),
                         replayed: Default::default(),
                     })
@@ -261,6 +264,7 @@ mod tests {
                 latest: vec![Latest { kind: 3, ts_ms: 5, value: 1.5 }],
                 last_gateway: "gw-1".into(),
                 last_received_ms: 6,
+                last_batch: (1, 1),
                 analytics: Default::default(),
                 replayed: [(1, 2, 3, i64::MIN)].into(),
             }],

@@ -175,6 +175,8 @@ pub struct Shard {
     waiting: HashMap<String, BTreeSet<(i64, String)>>,
     /// Alerts of the newest commit, to publish again after a restart.
     resend: Vec<Event>,
+    /// State changed since the last commit (a commit without rows still checkpoints it).
+    dirty: bool,
 }
 
 fn now_ms() -> i64 {
@@ -219,6 +221,7 @@ impl Shard {
             clocks: HashMap::new(),
             waiting: HashMap::new(),
             resend: Vec::new(),
+            dirty: false,
         };
         shard.recover().await?;
         Ok(shard)
@@ -227,6 +230,7 @@ impl Shard {
     /// Drops everything in memory and reloads from the store (after a failed commit).
     pub async fn recover(&mut self) -> Result<(), ShardError> {
         self.rows = Rows::default();
+        self.dirty = false;
         self.open_batches = 0;
         self.opened_at = None;
         self.acks.clear();
@@ -511,15 +515,21 @@ impl Shard {
         };
         // Authentic from here on: (device, epoch, seq) identifies the batch.
         let dkey = device_key(header.fleet, header.device);
-        self.heard(&dkey, header.fleet, header.device, gateway, received_at_ms);
-        let Some(state) = self.devices.get_mut(&dkey) else { return };
+        let state = self.devices.entry(dkey.clone()).or_insert_with(|| DeviceState {
+            fleet: header.fleet.into(),
+            device: header.device.into(),
+            ..Default::default()
+        });
         if !state.seen.insert(header.epoch, header.seq) {
             self.stats.count(&self.stats.duplicates, 1);
             return;
         }
         state.seen.retain_epochs(self.cfg.dedupe_epochs);
         self.open_batches += 1;
+        self.dirty = true;
         let batch_key = (header.epoch, header.seq);
+        self.heard(&dkey, gateway, received_at_ms, batch_key);
+        let Some(state) = self.devices.get_mut(&dkey) else { return };
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
@@ -639,24 +649,32 @@ impl Shard {
     }
 
     /// An authentic batch of a device came through `gateway`, received at `received_ms`.
-    fn heard(&mut self, dkey: &str, fleet: &str, device: &str, gateway: &Arc<str>, received_ms: i64) {
-        let state = self.devices.entry(dkey.to_string()).or_insert_with(|| DeviceState {
-            fleet: fleet.into(),
-            device: device.into(),
-            ..Default::default()
-        });
+    /// A new batch (`key`) of a device came through `gateway`, received at
+    /// `received_ms` by that gateway's clock. The unit is heard (not silent); it
+    /// belongs to the gateway of its newest batch, and receipt times are only ever
+    /// compared within one gateway's clock.
+    fn heard(&mut self, dkey: &str, gateway: &Arc<str>, received_ms: i64, key: (u32, u32)) {
+        let Some(state) = self.devices.get_mut(dkey) else { return };
         if !state.analytics.is_silent()
             && let Some(w) = self.waiting.get_mut(&state.last_gateway)
         {
             w.remove(&(state.last_received_ms, dkey.to_string()));
         }
-        if received_ms >= state.last_received_ms || state.last_gateway.is_empty() {
-            state.last_received_ms = received_ms;
-            if *state.last_gateway != **gateway {
-                state.last_gateway = gateway.to_string();
-            }
+        let newer = state.last_gateway.is_empty() || key > state.last_batch;
+        let moved = *state.last_gateway != **gateway && newer;
+        if !moved {
+            state.analytics.heard(received_ms, false);
         }
-        state.analytics.heard(received_ms);
+        if *state.last_gateway == **gateway {
+            state.last_received_ms = state.last_received_ms.max(received_ms);
+        } else if newer {
+            state.last_gateway = gateway.to_string();
+            state.last_received_ms = received_ms;
+            state.analytics.heard(received_ms, true);
+        }
+        if newer {
+            state.last_batch = key;
+        }
         if !state.analytics.is_silent() {
             self.waiting
                 .entry(state.last_gateway.clone())
@@ -679,6 +697,7 @@ impl Shard {
             *since = received_ms;
         }
         *last = received_ms;
+        self.dirty = true;
         let (now, since) = (*last, *since);
         if now - since <= after {
             return;
@@ -756,7 +775,7 @@ impl Shard {
         let acks: Acks =
             std::mem::take(&mut self.acks).into_iter().map(|(g, ids)| (g, ids.into_iter().collect())).collect();
         self.opened_at = None;
-        if self.rows.is_empty() {
+        if self.rows.is_empty() && !self.dirty {
             return Ok(Committed { acks, alerts: Vec::new() });
         }
         let started = Instant::now();
@@ -824,6 +843,7 @@ impl Shard {
         self.last_commit_ms = Some(stored_at);
         self.totals = totals;
         self.open_batches = 0;
+        self.dirty = false;
         let s = &self.stats;
         s.count(&s.commits, 1);
         s.count(&s.readings_stored, new_readings);

@@ -337,7 +337,9 @@ impl Vehicle {
         }
         if t.is_multiple_of(30) {
             for (w, wheel) in WHEELS.iter().enumerate() {
-                let hot = (s.cold_kpa * (self.tire_c[w] + 273.15) / (s.ambient_c + 273.15) - self.lost_kpa[w]).max(0.0);
+                // Gauge pressure: the gas law holds for the absolute pressure.
+                let abs = (s.cold_kpa + 101.325) * (self.tire_c[w] + 273.15) / (s.ambient_c + 273.15);
+                let hot = (abs - 101.325 - self.lost_kpa[w]).max(0.0);
                 if let (Some(p), Some(c)) = (kind::tire_pressure(*wheel), kind::tire_temperature(*wheel)) {
                     out.push(at(p, (hot * 10.0).round() / 10.0));
                     out.push(at(c, (self.tire_c[w] * 10.0).round() / 10.0));
