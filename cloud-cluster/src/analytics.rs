@@ -485,6 +485,12 @@ impl DeviceAnalytics {
         self.advance(who, cfg, out);
     }
 
+    /// State for a device whose batches up to `key` were stored before analytics
+    /// existed for it (an upgrade): analytics continue from the next batch.
+    pub fn resume_after(key: (u32, u32)) -> Self {
+        Self { cursor: Some(key), ..Self::default() }
+    }
+
     /// Whether the unit is currently flagged silent.
     pub fn is_silent(&self) -> bool {
         self.silent_since.is_some()

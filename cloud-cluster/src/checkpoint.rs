@@ -139,10 +139,10 @@ pub struct GatewayClock {
 
 /// Format 1, read for upgrades.
 mod v1 {
-    use super::{Latest, Publish, SeqSet, Totals};
-    use serde::Deserialize;
+    use super::{DeviceAnalytics, Latest, Publish, SeqSet, Totals};
+    use serde::{Deserialize, Serialize};
 
-    #[derive(Deserialize)]
+    #[derive(Serialize, Deserialize)]
     pub struct DeviceState {
         pub fleet: String,
         pub device: String,
@@ -152,7 +152,7 @@ mod v1 {
         pub last_received_ms: i64,
     }
 
-    #[derive(Deserialize)]
+    #[derive(Serialize, Deserialize)]
     pub struct Checkpoint {
         pub shard: u16,
         pub shard_count: u16,
@@ -177,14 +177,14 @@ mod v1 {
                     .devices
                     .into_iter()
                     .map(|d| super::DeviceState {
+                        last_batch: d.seen.newest().unwrap_or_default(),
+                        analytics: d.seen.newest().map(DeviceAnalytics::resume_after).unwrap_or_default(),
                         fleet: d.fleet,
                         device: d.device,
                         seen: d.seen,
                         latest: d.latest,
                         last_gateway: d.last_gateway,
                         last_received_ms: d.last_received_ms,
-                        last_batch: (0, 0),
-                        analytics: Default::default(),
                         replayed: Default::default(),
                     })
                     .collect(),
@@ -245,6 +245,41 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn format_1_checkpoints_load_and_analytics_resume_after_the_stored_batches() {
+        let mut seen = SeqSet::default();
+        for q in 0..10 {
+            seen.insert(4, q);
+        }
+        let old = v1::Checkpoint {
+            shard: 1,
+            shard_count: 8,
+            generation: 3,
+            committed_at_ms: 7,
+            node: "cloud-1".into(),
+            devices: vec![v1::DeviceState {
+                fleet: "f".into(),
+                device: "d".into(),
+                seen,
+                latest: vec![],
+                last_gateway: "gw-1".into(),
+                last_received_ms: 6,
+            }],
+            deadletter_seen: vec![],
+            publish: vec![],
+            totals: Totals::default(),
+        };
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&postcard::to_allocvec(&old).unwrap());
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let c = Checkpoint::from_bytes(&bytes).unwrap();
+        assert_eq!((c.shard, c.generation, c.devices.len()), (1, 3, 1));
+        assert_eq!(c.devices[0].last_batch, (4, 9));
+        assert_eq!(c.devices[0].analytics, DeviceAnalytics::resume_after((4, 9)));
+    }
 
     #[test]
     fn round_trips_and_detects_damage() {

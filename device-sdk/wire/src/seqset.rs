@@ -65,6 +65,12 @@ impl SeqSet {
         self.epochs.values().flatten().map(|(s, e)| u64::from(e - s)).sum()
     }
 
+    /// The highest (epoch, seq) held.
+    pub fn newest(&self) -> Option<(u32, u32)> {
+        let (epoch, ranges) = self.epochs.iter().rev().find(|(_, r)| !r.is_empty())?;
+        Some((*epoch, ranges.last()?.1 - 1))
+    }
+
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.epochs.values().all(Vec::is_empty)
@@ -75,6 +81,16 @@ impl SeqSet {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn newest_is_the_end_of_the_last_range_of_the_newest_epoch() {
+        let mut s = SeqSet::default();
+        assert_eq!(s.newest(), None);
+        for (e, q) in [(1, 0), (1, 1), (2, 5), (2, 3), (1, 9)] {
+            s.insert(e, q);
+        }
+        assert_eq!(s.newest(), Some((2, 5)));
+    }
 
     #[test]
     fn ranges_merge() {
