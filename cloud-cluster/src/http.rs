@@ -206,37 +206,48 @@ async fn replay(State(ops): State<Ops>, headers: HeaderMap, body: axum::body::By
     if ops.registry.latest(&subject).is_none() {
         return (StatusCode::NOT_FOUND, format!("subject {subject} has no schema")).into_response();
     }
-    let items = match crate::replay::read_candidates(&ops.store).await {
-        Ok(i) => i,
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("reading dead letters: {e}")).into_response(),
+    let files = match crate::replay::candidate_files(&ops.store).await {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("listing dead letters: {e}")).into_response(),
     };
-    let mut per_shard: Vec<Vec<crate::replay::ReplayItem>> = vec![Vec::new(); ops.shard_count as usize];
-    for item in items {
-        let s = fleetline_wire::shard::shard_of(&item.fleet, &item.device, ops.shard_count).0 as usize;
-        per_shard[s].push(item);
-    }
-    let mut waits = Vec::new();
-    let mut not_owned = 0u64;
-    for (s, items) in per_shard.into_iter().enumerate() {
-        if items.is_empty() {
-            continue;
-        }
-        let Some(Some(inbox)) = ops.shards.get(s) else {
-            not_owned += items.len() as u64;
-            continue;
-        };
-        let (tx, rx) = oneshot::channel();
-        if inbox.send(ShardMsg::Replay(items, subject.clone(), tx)).await.is_ok() {
-            waits.push(rx);
-        }
-    }
     let mut total = crate::replay::ReplayOutcome::default();
     let mut errors = Vec::new();
-    for w in waits {
-        match w.await {
-            Ok(Ok(o)) => total += o,
-            Ok(Err(e)) => errors.push(e),
-            Err(_) => errors.push("shard task gone".into()),
+    let mut not_owned = 0u64;
+    // In steps: a step's dead letters go to their shards, which commit before the next.
+    let mut items = Vec::new();
+    let mut files = files.into_iter().peekable();
+    while let Some(path) = files.next() {
+        if let Err(e) = crate::replay::read_file(&ops.store, &path, &mut items).await {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("reading dead letters: {e}")).into_response();
+        }
+        if items.len() < crate::replay::REPLAY_STEP && files.peek().is_some() {
+            continue;
+        }
+        let mut per_shard: Vec<Vec<crate::replay::ReplayItem>> = vec![Vec::new(); ops.shard_count as usize];
+        for item in items.drain(..) {
+            let s = fleetline_wire::shard::shard_of(&item.fleet, &item.device, ops.shard_count).0 as usize;
+            per_shard[s].push(item);
+        }
+        let mut waits = Vec::new();
+        for (s, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let Some(Some(inbox)) = ops.shards.get(s) else {
+                not_owned += items.len() as u64;
+                continue;
+            };
+            let (tx, rx) = oneshot::channel();
+            if inbox.send(ShardMsg::Replay(items, subject.clone(), tx)).await.is_ok() {
+                waits.push(rx);
+            }
+        }
+        for w in waits {
+            match w.await {
+                Ok(Ok(o)) => total += o,
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push("shard task gone".into()),
+            }
         }
     }
     let body = json!({"subject": subject, "outcome": total, "not_owned_here": not_owned, "errors": errors});

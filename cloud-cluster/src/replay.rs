@@ -111,17 +111,29 @@ impl std::ops::AddAssign for ReplayOutcome {
     }
 }
 
-/// Reads every replayable dead letter of the dataset.
+/// Most dead letters a replay holds in memory at once (it works through the
+/// dataset in steps of about this many).
+pub const REPLAY_STEP: usize = 50_000;
+
+/// The files of the `deadletter` dataset.
+pub async fn candidate_files(store: &Store) -> anyhow::Result<Vec<String>> {
+    Ok(store.list("deadletter").await?.into_iter().filter(|p| p.ends_with(".parquet")).collect())
+}
+
+/// Appends the replayable dead letters of one file to `out`.
+pub async fn read_file(store: &Store, path: &str, out: &mut Vec<ReplayItem>) -> anyhow::Result<()> {
+    let Some(bytes) = store.get(path).await? else { return Ok(()) };
+    for b in ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
+        collect(&b?, out).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Reads every replayable dead letter of the dataset (tests; the endpoint goes in steps).
 pub async fn read_candidates(store: &Store) -> anyhow::Result<Vec<ReplayItem>> {
     let mut out = Vec::new();
-    for path in store.list("deadletter").await? {
-        if !path.ends_with(".parquet") {
-            continue;
-        }
-        let Some(bytes) = store.get(&path).await? else { continue };
-        for b in ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
-            collect(&b?, &mut out).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
-        }
+    for path in candidate_files(store).await? {
+        read_file(store, &path, &mut out).await?;
     }
     Ok(out)
 }
