@@ -93,7 +93,7 @@ async fn shard_task(
                 let _ = reply.send(shard.vehicle(&fleet, &device));
             }
             ShardMsg::Replay(items, subject, reply) => {
-                let outcome = shard.replay(&items, &subject);
+                let outcome = shard.replay(&items, &subject, Some(&keys.snapshot()));
                 let r = commit(&mut shard, &acks, &stats).await.map(|()| outcome);
                 let _ = reply.send(r);
             }

@@ -1,7 +1,9 @@
 //! `POST /deadletter/replay`: dead letters taken in again after a schema fix.
 //!
 //! Rows of the `deadletter` dataset that hold readings (`unknown_kind`: a raw
-//! series; `not_in_schema`, `out_of_range`: one reading) are read back, sent to
+//! series; `not_in_schema`, `out_of_range`: one reading; `unknown_schema`: a whole
+//! sealed batch, opened again and judged by the schema its id names now — every
+//! reading must pass) are read back, sent to
 //! their device's shard, and checked against the newest schema of the subject their
 //! batch's schema id belongs to (the request's subject when the id is in several,
 //! or for rows written before the id was recorded). What
@@ -24,7 +26,8 @@ use crate::stats::reason;
 use crate::store::Store;
 
 /// Dead-letter reasons that hold readings a schema fix can make valid.
-pub const REPLAYABLE: [&str; 3] = [reason::UNKNOWN_KIND, reason::NOT_IN_SCHEMA, reason::OUT_OF_RANGE];
+pub const REPLAYABLE: [&str; 4] =
+    [reason::UNKNOWN_KIND, reason::NOT_IN_SCHEMA, reason::OUT_OF_RANGE, reason::UNKNOWN_SCHEMA];
 
 /// One dead letter to take in again.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,8 +59,11 @@ pub struct ReplayItem {
 impl ReplayItem {
     /// What marks it as replayed in its device's state.
     pub fn key(&self) -> (u32, u32, u16, i64) {
-        let ts = if self.reason == reason::UNKNOWN_KIND { i64::MIN } else { self.ts_ms };
-        (self.epoch, self.seq, self.kind, ts)
+        match self.reason.as_str() {
+            reason::UNKNOWN_SCHEMA => (self.epoch, self.seq, u16::MAX, i64::MIN),
+            reason::UNKNOWN_KIND => (self.epoch, self.seq, self.kind, i64::MIN),
+            _ => (self.epoch, self.seq, self.kind, self.ts_ms),
+        }
     }
 
     /// Its readings `(ts, value)` under `def`; `Err` when they do not decode.
@@ -156,8 +162,10 @@ fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> Result<(), String> {
         if !REPLAYABLE.contains(&r) {
             continue;
         }
-        let known = [fleet.is_null(i), device.is_null(i), epoch.is_null(i), seq.is_null(i), kind.is_null(i)];
-        if known.iter().any(|n| *n) || ts.is_null(i) {
+        // A whole batch (unknown_schema) has no kind.
+        let no_kind = kind.is_null(i) && r != reason::UNKNOWN_SCHEMA;
+        let unknown = [fleet.is_null(i), device.is_null(i), epoch.is_null(i), seq.is_null(i), no_kind];
+        if unknown.iter().any(|n| *n) || ts.is_null(i) {
             continue;
         }
         out.push(ReplayItem {
@@ -166,7 +174,7 @@ fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> Result<(), String> {
             epoch: epoch.value(i) as u32,
             seq: seq.value(i) as u32,
             reason: r.into(),
-            kind: kind.value(i) as u16,
+            kind: if kind.is_null(i) { u16::MAX } else { kind.value(i) as u16 },
             ts_ms: ts.value(i),
             gateway: if gateway.is_null(i) { String::new() } else { gateway.value(i).into() },
             received_at_ms: if received.is_null(i) { ts.value(i) } else { received.value(i) },

@@ -179,6 +179,20 @@ pub struct Shard {
     dirty: bool,
 }
 
+/// Opens a sealed batch of a dead letter again with its device's current keys.
+fn reopen(sealed: &[u8], prov: &Provisioning) -> Option<fleetline_wire::decode::DecodedBatch> {
+    let header = peek_header(sealed).ok()?;
+    let entry = prov.device(&FleetId::new(header.fleet).ok()?, &DeviceId::new(header.device).ok()?)?;
+    let mut buf = sealed.to_vec();
+    for key in entry.keys_at(SystemTime::now()) {
+        buf.copy_from_slice(sealed);
+        if let Ok(b) = open_batch(&mut buf, key) {
+            return b.decode().ok();
+        }
+    }
+    None
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -327,7 +341,12 @@ impl Shard {
 
     /// Takes dead letters in again, checked against the newest schema of `subject`
     /// (see [`crate::replay`]); the rows and the replay marks commit together.
-    pub fn replay(&mut self, items: &[crate::replay::ReplayItem], subject: &str) -> crate::replay::ReplayOutcome {
+    pub fn replay(
+        &mut self,
+        items: &[crate::replay::ReplayItem],
+        subject: &str,
+        prov: Option<&Provisioning>,
+    ) -> crate::replay::ReplayOutcome {
         let mut out = crate::replay::ReplayOutcome::default();
         let latest_ok = self.validation.max_future_skew.as_millis() as i64;
         let floor = self.validation.floor_ms();
@@ -342,24 +361,42 @@ impl Shard {
                 out.already_replayed += 1;
                 continue;
             }
-            // Judged by the newest schema of the subject its batch's schema belongs to.
-            let schema = self.registry.as_ref().and_then(|r| {
-                let s = match item.schema {
-                    Some(id) => r.subject_of(id, Some(subject))?,
-                    None => subject.to_string(),
-                };
-                r.latest(&s)
-            });
-            let Some(def) = schema.as_ref().and_then(|s| s.signal(item.kind)) else {
-                out.still_invalid += 1;
-                continue;
+            let valid = |def: &crate::registry::SignalDef, ts: i64, v: f64| {
+                v >= def.min && v <= def.max && ts >= floor && ts <= item.received_at_ms + latest_ok
             };
-            let ok = item.readings(def).ok().filter(|rs| {
-                rs.iter().all(|(ts, v)| {
-                    *v >= def.min && *v <= def.max && *ts >= floor && *ts <= item.received_at_ms + latest_ok
+            let readings: Option<Vec<(i64, f64, &'static str)>> = if item.reason == reason::UNKNOWN_SCHEMA {
+                // A whole batch under a schema id registered since: opened again with
+                // the device's keys, every reading judged by that schema.
+                let schema = self.registry.as_ref().and_then(|r| r.schema(item.schema?));
+                prov.zip(schema).and_then(|(prov, schema)| {
+                    let decoded = reopen(&item.raw, prov)?;
+                    decoded
+                        .samples
+                        .iter()
+                        .map(|s| {
+                            let def = schema.signal(s.kind.0)?;
+                            valid(def, s.ts_ms, s.value).then(|| (s.ts_ms, s.value, crate::replay::intern(&def.path)))
+                        })
+                        .collect()
                 })
-            });
-            let Some(readings) = ok else {
+            } else {
+                // Judged by the newest schema of the subject its batch's schema belongs to.
+                let schema = self.registry.as_ref().and_then(|r| {
+                    let s = match item.schema {
+                        Some(id) => r.subject_of(id, Some(subject))?,
+                        None => subject.to_string(),
+                    };
+                    r.latest(&s)
+                });
+                schema.as_ref().and_then(|s| s.signal(item.kind)).and_then(|def| {
+                    let path = crate::replay::intern(&def.path);
+                    let rs = item.readings(def).ok()?;
+                    rs.iter()
+                        .all(|(ts, v)| valid(def, *ts, *v))
+                        .then(|| rs.into_iter().map(|(ts, v)| (ts, v, path)).collect())
+                })
+            };
+            let Some(readings) = readings else {
                 out.still_invalid += 1;
                 continue;
             };
@@ -372,8 +409,7 @@ impl Shard {
                 gateway: item.gateway.as_str().into(),
                 received_at_ms: item.received_at_ms,
             });
-            let path = crate::replay::intern(&def.path);
-            for (ts, v) in &readings {
+            for (ts, v, path) in &readings {
                 self.rows.push_reading(&meta, *ts, path, *v);
             }
             out.replayed += 1;

@@ -353,7 +353,7 @@ async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
     // Before any fix nothing passes.
     let items = read_candidates(&store).await.unwrap();
     assert_eq!(items.len(), 40);
-    let o = shard.replay(&items, READINGS_SUBJECT);
+    let o = shard.replay(&items, READINGS_SUBJECT, Some(&prov));
     assert_eq!((o.candidates, o.replayed, o.still_invalid), (40, 0, 40));
 
     // The fix: kind 200 added to fleetline.readings (backward compatible).
@@ -363,34 +363,34 @@ async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
     (cabin.encoding, cabin.scale_exp, cabin.min, cabin.max) = ("delta".into(), -1, -40.0, 90.0);
     with_cabin.signals.push(cabin);
     registry.register(READINGS_SUBJECT, &with_cabin.canonical()).await.unwrap();
-    let o = shard.replay(&items, READINGS_SUBJECT);
+    let o = shard.replay(&items, READINGS_SUBJECT, Some(&prov));
     assert_eq!((o.replayed, o.readings, o.still_invalid), (1, 2, 39));
     // A crash before the commit loses the replay with everything else; run again.
     drop(shard);
     let mut shard = open(&store).await.unwrap();
     shard.set_registry(registry.clone());
     assert_eq!(signal_rows(&store, "Vehicle.Cabin.Temperature").await, 0);
-    assert_eq!(shard.replay(&items, READINGS_SUBJECT).replayed, 1);
+    assert_eq!(shard.replay(&items, READINGS_SUBJECT, Some(&prov)).replayed, 1);
     shard.commit().await.unwrap();
     assert_eq!(signal_rows(&store, "Vehicle.Cabin.Temperature").await, 2);
     // Again, and again after a restart: nothing more.
-    assert_eq!(shard.replay(&items, READINGS_SUBJECT).already_replayed, 1);
+    assert_eq!(shard.replay(&items, READINGS_SUBJECT, Some(&prov)).already_replayed, 1);
     drop(shard);
     let mut shard = open(&store).await.unwrap();
     shard.set_registry(registry.clone());
-    let o = shard.replay(&items, READINGS_SUBJECT);
+    let o = shard.replay(&items, READINGS_SUBJECT, Some(&prov));
     assert_eq!((o.replayed, o.already_replayed), (0, 1));
 
     // Widening schema 2's speed range lets the 39 in, under that subject.
     let mut wide = narrow.clone();
     wide.signals.iter_mut().find(|s| s.kind == 3).unwrap().max = 90.0;
     registry.register("fleetline.readings.eu", &wide.canonical()).await.unwrap();
-    let o = shard.replay(&items, "fleetline.readings.eu");
+    let o = shard.replay(&items, "fleetline.readings.eu", Some(&prov));
     assert_eq!((o.replayed, o.readings), (39, 39), "{o:?}");
     shard.commit().await.unwrap();
     let key = (name.as_str().to_string(), 1i64, 300i64);
     assert_eq!(readings(&store).await.get(&key), Some(&40), "the batch whole, each reading once");
-    let o = shard.replay(&read_candidates(&store).await.unwrap(), "fleetline.readings.eu");
+    let o = shard.replay(&read_candidates(&store).await.unwrap(), "fleetline.readings.eu", Some(&prov));
     assert_eq!(o.replayed, 0);
 }
 
@@ -418,4 +418,37 @@ async fn the_alerts_of_the_last_commit_are_sent_again_after_a_restart() {
     assert!(shard.commit().await.unwrap().alerts.is_empty());
     drop(shard);
     assert!(open(&store).await.unwrap().take_resend().is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_under_an_unregistered_schema_is_replayed_once_its_id_exists() {
+    use fleetline_cloud::registry::{Registry, Schema};
+    use fleetline_cloud::replay::read_candidates;
+    use fleetline_testkit::batches::sealed_batch_with_schema;
+    let store = Store::memory();
+    let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
+    let prov = fleet(200, 1);
+    let dev = devices_of_shard0(1)[0];
+    let name = device_id(dev);
+    let mut shard = open(&store).await.unwrap();
+    shard.set_registry(registry.clone());
+    // Schema id 3 does not exist yet (the registry holds only id 1).
+    let early = sealed_batch_with_schema(3, name.as_str(), &device_key(dev), 1, 0, BASE_MS, 40, None);
+    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[early], BASE_MS + 60_000), &prov);
+    shard.commit().await.unwrap();
+    assert_eq!(deadletter_reasons(&store).await.get("unknown_schema"), Some(&1));
+    let items = read_candidates(&store).await.unwrap();
+    assert_eq!(shard.replay(&items, "any", Some(&prov)).still_invalid, 1);
+    // Ids 2 and 3 registered (two distinct schemas); id 3 allows speeds to 250 km/h.
+    for max in [300.0, 250.0] {
+        let mut s = Schema::signal_table();
+        s.signals.iter_mut().find(|d| d.kind == 3).unwrap().max = max;
+        registry.register(&format!("fleetline.readings.max{max}"), &s.canonical()).await.unwrap();
+    }
+    let o = shard.replay(&items, "any", Some(&prov));
+    assert_eq!((o.replayed, o.readings), (1, 40), "{o:?}");
+    shard.commit().await.unwrap();
+    let key = (name.as_str().to_string(), 1i64, 0i64);
+    assert_eq!(readings(&store).await.get(&key), Some(&40));
+    assert_eq!(shard.replay(&items, "any", Some(&prov)).already_replayed, 1);
 }
