@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use crate::config::CloudConfig;
 use crate::node;
-use anyhow::Context;
 use clap::Parser;
 
 /// Fleetline cloud node: takes gateway bundles from the ingest broker, stores
@@ -47,13 +46,7 @@ struct Args {
 }
 
 fn load(args: &Args) -> anyhow::Result<CloudConfig> {
-    let mut cfg = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => CloudConfig::default(),
-    };
+    let mut cfg: CloudConfig = fleetline_broker::service::read_config(args.config.as_deref())?;
     if let Some(v) = &args.node_id {
         cfg.node_id = v.clone();
     }

@@ -712,10 +712,15 @@ impl Shard {
             state.last_batch = key;
         }
         if !state.analytics.is_silent() {
-            self.waiting
-                .entry(state.last_gateway.clone())
-                .or_default()
-                .insert((state.last_received_ms, dkey.to_string()));
+            let entry = (state.last_received_ms, dkey.to_string());
+            match self.waiting.get_mut(&state.last_gateway) {
+                Some(w) => {
+                    w.insert(entry);
+                }
+                None => {
+                    self.waiting.insert(state.last_gateway.clone(), [entry].into());
+                }
+            }
         }
     }
 

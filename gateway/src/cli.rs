@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use crate::app;
 use crate::config::GatewayConfig;
-use anyhow::Context;
 use clap::Parser;
 
 /// Fleetline edge gateway: an MQTT broker for vehicle units, a crash-safe disk queue,
@@ -44,13 +43,7 @@ struct Args {
 }
 
 fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
-    let mut cfg = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => GatewayConfig::default(),
-    };
+    let mut cfg: GatewayConfig = fleetline_broker::service::read_config(args.config.as_deref())?;
     if let Some(v) = &args.id {
         cfg.id = v.clone();
     }

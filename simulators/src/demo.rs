@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
 use crate::drive::{Drive, DriveParams, Unit};
 use crate::html::{Tick, Window};
-use crate::model::{IncidentKind, Profile};
+use crate::model::Profile;
 use crate::report::{Injected, Latency, Report, lost, read_events, read_readings, score};
 
 /// What to run.
@@ -221,23 +221,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let to_wall = |ts: i64| wall_start + ((ts - t0_ms as i64) as f64 / scale) as i64;
     let stored = read_readings(&lake.join("readings"), &to_wall)?;
     let samples_acked: u64 = acked.values().sum();
-    let kind_name = |k: IncidentKind| match k {
-        IncidentKind::SlowLeak => "slow_leak",
-        IncidentKind::Puncture => "puncture",
-        IncidentKind::FuelTheft => "fuel_theft",
-        IncidentKind::Refuel => "refuel",
-        IncidentKind::Overspeed => "overspeed",
-        IncidentKind::Silent => "silent",
-    };
     let injected: Vec<Injected> = incidents
         .iter()
         .chain(refuels.iter())
         .map(|i| Injected {
             device: vehicle_id(i.vehicle),
-            kind: kind_name(i.kind),
+            kind: i.kind.name(),
             wheel: i.wheel.map(|w| {
                 let wh = crate::model::WHEELS[w];
-                format!("row{}.{}", wh.row, if wh.right { "right" } else { "left" })
+                fleetline_cloud::analytics::wheel_name(usize::from(wh.row - 1) * 2 + usize::from(wh.right))
             }),
             start_ms: (t0_ms + i.start_s * 1000) as i64,
             end_ms: (t0_ms + i.end_s * 1000) as i64,

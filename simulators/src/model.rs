@@ -40,6 +40,20 @@ pub enum IncidentKind {
     Silent,
 }
 
+impl IncidentKind {
+    /// Its name: in `ground-truth.json`, and the cloud's event kind that finds it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SlowLeak => "slow_leak",
+            Self::Puncture => "puncture",
+            Self::FuelTheft => "fuel_theft",
+            Self::Refuel => "refuel",
+            Self::Overspeed => "overspeed",
+            Self::Silent => "silent",
+        }
+    }
+}
+
 /// How the fleet's activity varies over the run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]

@@ -292,14 +292,7 @@ async fn a_two_hour_backlog_gives_the_same_aggregates_and_events() {
     for e in &ev_a {
         println!("{e}");
     }
-    let name = |k: IncidentKind| match k {
-        IncidentKind::SlowLeak => "slow_leak",
-        IncidentKind::Puncture => "puncture",
-        IncidentKind::FuelTheft => "fuel_theft",
-        IncidentKind::Refuel => "refuel",
-        IncidentKind::Overspeed => "overspeed",
-        IncidentKind::Silent => "silent",
-    };
+    let name = IncidentKind::name;
     for inc in &truth {
         assert!(found.contains(&(inc.vehicle, name(inc.kind).to_string())), "missed {inc:?}");
     }

@@ -12,6 +12,14 @@ use tokio::sync::watch;
 /// Renders the Prometheus exposition text.
 pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// A TOML configuration file, or the defaults when there is none. Checking the
+/// values is the caller's (after its flags are applied).
+pub fn read_config<C: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> anyhow::Result<C> {
+    let Some(path) = path else { return Ok(C::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default: info, the MQTT crates at warn).
 pub fn init_tracing() {
     tracing_subscriber::fmt()
