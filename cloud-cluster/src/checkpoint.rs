@@ -7,7 +7,10 @@
 //! ```
 //!
 //! Format 2 added each device's analytics state and the commit's alert outbox;
-//! format 1 checkpoints are still read (their devices start analytics afresh).
+//! format 3 each device's epoch floor (batches from boot epochs below it are
+//! refused: their dedupe state was forgotten). Formats 1 and 2 are still read
+//! (format-1 devices start analytics afresh; older devices' floors start at the
+//! oldest epoch their dedupe state holds, which is what format 2 could still tell).
 
 use fleetline_wire::seqset::SeqSet;
 use serde::{Deserialize, Serialize};
@@ -15,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::analytics::{DeviceAnalytics, Event};
 
 /// Version of the layout in this module.
-pub const CHECKPOINT_FORMAT: u16 = 2;
+pub const CHECKPOINT_FORMAT: u16 = 3;
 
 const MAGIC: &[u8; 6] = b"FLCKPT";
 
@@ -72,6 +75,10 @@ pub struct DeviceState {
     /// Dead letters taken in again (`POST /deadletter/replay`), by
     /// (epoch, seq, kind, reading time; `i64::MIN` for a whole raw series).
     pub replayed: std::collections::BTreeSet<(u32, u32, u16, i64)>,
+    /// Batches from boot epochs below this are refused (dead letter `stale_epoch`):
+    /// the dedupe state of those epochs was forgotten, so storing one could store
+    /// it twice.
+    pub epoch_floor: u32,
 }
 
 /// A file staged by a commit and published once its checkpoint is written.
@@ -186,6 +193,7 @@ mod v1 {
                         last_gateway: d.last_gateway,
                         last_received_ms: d.last_received_ms,
                         replayed: Default::default(),
+                        epoch_floor: 0,
                     })
                     .collect(),
                 deadletter_seen: c.deadletter_seen,
@@ -193,6 +201,75 @@ mod v1 {
                 totals: c.totals,
                 clocks: Vec::new(),
                 outbox: Vec::new(),
+            }
+        }
+    }
+}
+
+/// Format 2, read for upgrades.
+mod v2 {
+    use super::{DeviceAnalytics, Event, GatewayClock, Latest, Publish, SeqSet, Totals};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct DeviceState {
+        pub fleet: String,
+        pub device: String,
+        pub seen: SeqSet,
+        pub latest: Vec<Latest>,
+        pub last_gateway: String,
+        pub last_received_ms: i64,
+        pub last_batch: (u32, u32),
+        pub analytics: DeviceAnalytics,
+        pub replayed: std::collections::BTreeSet<(u32, u32, u16, i64)>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Checkpoint {
+        pub shard: u16,
+        pub shard_count: u16,
+        pub generation: u64,
+        pub committed_at_ms: i64,
+        pub node: String,
+        pub devices: Vec<DeviceState>,
+        pub deadletter_seen: Vec<u64>,
+        pub publish: Vec<Publish>,
+        pub totals: Totals,
+        pub clocks: Vec<GatewayClock>,
+        pub outbox: Vec<Event>,
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            Self {
+                shard: c.shard,
+                shard_count: c.shard_count,
+                generation: c.generation,
+                committed_at_ms: c.committed_at_ms,
+                node: c.node,
+                devices: c
+                    .devices
+                    .into_iter()
+                    .map(|d| super::DeviceState {
+                        // Format 2 kept the newest epochs and forgot older ones
+                        // without a trace: its memory starts at the oldest epoch held.
+                        epoch_floor: d.seen.oldest_epoch().unwrap_or(0),
+                        fleet: d.fleet,
+                        device: d.device,
+                        seen: d.seen,
+                        latest: d.latest,
+                        last_gateway: d.last_gateway,
+                        last_received_ms: d.last_received_ms,
+                        last_batch: d.last_batch,
+                        analytics: d.analytics,
+                        replayed: d.replayed,
+                    })
+                    .collect(),
+                deadletter_seen: c.deadletter_seen,
+                publish: c.publish,
+                totals: c.totals,
+                clocks: c.clocks,
+                outbox: c.outbox,
             }
         }
     }
@@ -236,6 +313,7 @@ impl Checkpoint {
         let damaged = |_| CheckpointError::Damaged("body does not parse");
         match format {
             1 => postcard::from_bytes::<v1::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
+            2 => postcard::from_bytes::<v2::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
             CHECKPOINT_FORMAT => postcard::from_bytes(&body[8..]).map_err(damaged),
             _ => Err(CheckpointError::Format(format)),
         }
@@ -302,6 +380,7 @@ mod tests {
                 last_batch: (1, 1),
                 analytics: Default::default(),
                 replayed: [(1, 2, 3, i64::MIN)].into(),
+                epoch_floor: 7,
             }],
             deadletter_seen: vec![42],
             publish: vec![Publish { staged: "a".into(), published: "b".into() }],

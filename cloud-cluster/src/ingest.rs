@@ -3,7 +3,7 @@
 //! acks the shards release after their commits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -77,6 +77,7 @@ pub async fn run(
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
+    counter: AckCounter,
 ) {
     let mut opts = MqttOptions::new(session.client_id.clone(), session.host.clone(), session.port);
     if let Some((u, p)) = &session.login {
@@ -90,7 +91,7 @@ pub async fn run(
         opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.clone())));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-    tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone()));
+    tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone(), counter));
     let owned: Vec<u16> = shards.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u16).collect();
     let mut delay = Duration::from_millis(100);
     loop {
@@ -142,17 +143,48 @@ pub async fn run(
     }
 }
 
-/// Ack counters: microseconds since the epoch, strictly increasing within the
-/// process, so a restarted node continues above what gateways saw before.
-fn next_counter(last: &AtomicU64) -> u64 {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-    let mut cur = last.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(cur + 1);
-        match last.compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(c) => cur = c,
+/// Counters of this node's bundle acks, with their high-water mark in the object
+/// store (`_fleetline/ack-counters/{node}`), so a node restarted with its clock
+/// stepped back continues above what gateways saw before
+/// (`fleetline_wire::control::CounterCore`).
+pub struct AckCounter {
+    core: fleetline_wire::control::CounterCore,
+    store: crate::store::Store,
+    path: String,
+}
+
+impl AckCounter {
+    /// Where a node's mark lives.
+    pub fn path(node: &str) -> String {
+        format!("_fleetline/ack-counters/{node}")
+    }
+
+    /// Loads the node's mark; a damaged one is an error naming it.
+    pub async fn open(store: crate::store::Store, node: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let path = Self::path(node);
+        let mark = match store.get(&path).await.with_context(|| format!("reading {path}"))? {
+            None => 0,
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .with_context(|| format!("ack counter {path} does not hold a number"))?,
+        };
+        Ok(Self { core: fleetline_wire::control::CounterCore::resume(mark), store, path })
+    }
+
+    /// The next counter; a raised mark is stored before the counter is returned.
+    pub async fn next(&mut self) -> Result<u64, object_store::Error> {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let before = self.core;
+        let (value, mark) = self.core.next(now);
+        if let Some(mark) = mark
+            && let Err(e) = self.store.put(&self.path, Bytes::from(format!("{mark}\n"))).await
+        {
+            self.core = before;
+            return Err(e);
         }
+        Ok(value)
     }
 }
 
@@ -179,8 +211,8 @@ async fn publish_acks(
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
+    mut counter: AckCounter,
 ) {
-    let counter = AtomicU64::new(0);
     while let Some(out) = acks.recv().await {
         let (gateway, ids) = match out {
             Outgoing::Acks(g, ids) => (g, ids),
@@ -203,7 +235,15 @@ async fn publish_acks(
             continue;
         };
         for chunk in ids.chunks(IDS_PER_ACK) {
-            let sealed = match seal_bundle_ack(&gw.key, &sender, next_counter(&counter), chunk) {
+            let c = match counter.next().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // The gateway re-sends the bundle; it is acked again once the mark is stored.
+                    tracing::error!(gateway, error = %e, "cannot store the ack counter's mark; acks withheld");
+                    continue;
+                }
+            };
+            let sealed = match seal_bundle_ack(&gw.key, &sender, c, chunk) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(gateway, error = %e, "cannot seal a bundle ack");
@@ -230,12 +270,5 @@ mod tests {
         assert!(parse_broker_url("tcp://h:1").is_err());
         assert!(parse_broker_url("mqtt://:1").is_err());
         assert!(parse_broker_url("mqtt://h:x").is_err());
-    }
-
-    #[test]
-    fn ack_counters_increase() {
-        let c = AtomicU64::new(u64::MAX / 2);
-        let a = next_counter(&c);
-        assert!(next_counter(&c) > a);
     }
 }

@@ -268,14 +268,12 @@ pub async fn start(
                 let _idle = (link_tx, link_rx);
                 std::future::pending::<()>().await;
             });
-            let front = Front {
-                logins: Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() }),
-                events: stats.clone(),
-                broker: broker.addr,
-                secret: secret.clone(),
-                active: Default::default(),
-                max_sessions: cfg.broker.max_connections,
-            };
+            let front = Front::new(
+                Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() }),
+                stats.clone(),
+                &broker,
+                cfg.broker.max_connections,
+            );
             let (plain_addr, plain) = front.clone().bind(cfg.broker.listen, None).await?;
             tokio::spawn(plain);
             let tls_addr = match &cfg.broker.tls {
@@ -301,7 +299,16 @@ pub async fn start(
             (session, Some(plain_addr), tls_addr)
         }
     };
-    tokio::spawn(ingest::run(session, shards.clone(), acks_rx, keys.clone(), cfg.node_id.clone(), stats.clone()));
+    let counter = ingest::AckCounter::open(store.clone(), &cfg.node_id).await?;
+    tokio::spawn(ingest::run(
+        session,
+        shards.clone(),
+        acks_rx,
+        keys.clone(),
+        cfg.node_id.clone(),
+        stats.clone(),
+        counter,
+    ));
 
     let rollup = Arc::new(crate::rollup::RollupJob::new(store.clone(), &cfg.rollup));
     if cfg.rollup.enabled {

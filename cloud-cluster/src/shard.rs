@@ -551,6 +551,14 @@ impl Shard {
         };
         // Authentic from here on: (device, epoch, seq) identifies the batch.
         let dkey = device_key(header.fleet, header.device);
+        let floor = self.devices.get(&dkey).map_or(0, |d| d.epoch_floor);
+        if header.epoch < floor {
+            // Authentic, but from a boot epoch whose dedupe state is forgotten: a
+            // replay of a captured batch, or a backlog older than anything kept.
+            // Kept as a dead letter (once per distinct batch), never stored again.
+            let detail = format!("boot epoch {} is below the device's epoch floor {}", header.epoch, floor);
+            return self.hashed_deadletter(dl(reason::STALE_EPOCH, detail, Some(&header), sealed.to_vec()));
+        }
         let state = self.devices.entry(dkey.clone()).or_insert_with(|| DeviceState {
             fleet: header.fleet.into(),
             device: header.device.into(),
@@ -560,7 +568,9 @@ impl Shard {
             self.stats.count(&self.stats.duplicates, 1);
             return;
         }
-        state.seen.retain_epochs(self.cfg.dedupe_epochs);
+        if let Some(forgot) = state.seen.retain_epochs(self.cfg.dedupe_epochs) {
+            state.epoch_floor = state.epoch_floor.max(forgot.saturating_add(1));
+        }
         self.open_batches += 1;
         self.dirty = true;
         let batch_key = (header.epoch, header.seq);

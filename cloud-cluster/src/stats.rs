@@ -34,6 +34,9 @@ pub mod reason {
     pub const FUTURE_TIMESTAMP: &str = "future_timestamp";
     /// A reading dated before the epoch floor (a unit whose clock is not set).
     pub const BEFORE_EPOCH_FLOOR: &str = "before_epoch_floor";
+    /// An authentic batch from a boot epoch below its device's epoch floor
+    /// (dedupe state of that epoch forgotten): a replay, never stored again.
+    pub const STALE_EPOCH: &str = "stale_epoch";
 }
 
 /// Counters, shared by every task of the node.

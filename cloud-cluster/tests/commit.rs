@@ -452,3 +452,41 @@ async fn a_batch_under_an_unregistered_schema_is_replayed_once_its_id_exists() {
     assert_eq!(readings(&store).await.get(&key), Some(&40));
     assert_eq!(shard.replay(&items, "any", Some(&prov)).already_replayed, 1);
 }
+
+/// A captured batch from a boot epoch the shard has since forgotten (it keeps the
+/// newest `dedupe_epochs`) must never be stored again: before the epoch floor it
+/// was taken for new, stored, its epoch forgotten again, and so on per replay.
+#[tokio::test]
+async fn a_replayed_batch_from_a_forgotten_epoch_is_stored_once_ever() {
+    let store = Store::memory();
+    let prov: Provisioning = fleet(200, 1);
+    let i = devices_of_shard0(1)[0];
+    let dev = device_id(i);
+    let batch = |epoch: u32| sealed_batch(dev.as_str(), &device_key(i), epoch, 0, BASE_MS, SAMPLES, None);
+    let captured = batch(1);
+    let mut shard = open(&store).await.unwrap();
+    let mut id = 0;
+    let mut send = |shard: &mut Shard, b: &[u8]| {
+        id += 1;
+        shard.ingest(&bundle(&gateway_key(0), "gw-0", id, 0, &[b.to_vec()], BASE_MS), &prov);
+    };
+    send(&mut shard, &captured);
+    // Sixteen reboots later, epoch 1 is out of the dedupe window.
+    for epoch in 2..=17 {
+        send(&mut shard, &batch(epoch));
+    }
+    shard.commit().await.unwrap();
+    // The replay, three times, and once more after a restart.
+    for _ in 0..3 {
+        send(&mut shard, &captured);
+    }
+    shard.commit().await.unwrap();
+    let mut shard = open(&store).await.unwrap();
+    send(&mut shard, &captured);
+    let committed = shard.commit().await.unwrap();
+    assert_eq!(committed.acks.get("gw-0").map(Vec::len), Some(1), "the replay's bundle is acked (it is dead-lettered)");
+    let rows = readings(&store).await;
+    assert_eq!(rows.get(&(dev.as_str().to_string(), 1, 0)), Some(&SAMPLES), "stored once, at first sight");
+    assert_eq!(rows.len(), 17);
+    assert_eq!(deadletter_reasons(&store).await.get("stale_epoch"), Some(&1), "the replay is a dead letter, once");
+}

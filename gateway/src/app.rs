@@ -20,6 +20,9 @@ use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
 use fleetline_broker::{BrokerSettings, Front};
 
+/// File descriptors kept free of device sessions: queue segments, the uplink, HTTP.
+const FD_HEADROOM: u64 = 1024;
+
 /// Filter the ingest link subscribes to.
 pub const UP_FILTER: &str = "fleetline/v1/+/+/up";
 
@@ -97,15 +100,21 @@ pub async fn run(
         link_id: "fleetline-gateway-ingest".into(),
         link_filters: vec![UP_FILTER.into()],
     };
-    let (device_broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret.clone()).await?;
-    let front = Front {
-        logins: registry.clone(),
-        events: stats.clone(),
-        broker: device_broker.addr,
-        secret,
-        active: Default::default(),
-        max_sessions: cfg.devices.max_connections,
-    };
+    let (device_broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret).await?;
+    // Sessions the file table can hold: three descriptors each, with headroom for
+    // queue segments, the uplink and HTTP. Past that, units are refused at once
+    // ("server busy", counted) instead of failing accepts for everyone.
+    let (max_sessions, lowered) = fleetline_broker::service::session_cap(cfg.devices.max_connections, FD_HEADROOM);
+    if lowered {
+        tracing::warn!(
+            configured = cfg.devices.max_connections,
+            max_sessions,
+            limit = fleetline_broker::service::open_files_limit(),
+            "devices.max_connections is more than this process's open-file limit holds; capped"
+        );
+    }
+    stats.session_cap.store(max_sessions as u64, Ordering::Relaxed);
+    let front = Front::new(registry.clone(), stats.clone(), &device_broker, max_sessions);
     let (devices_addr, plain) = front.clone().bind(cfg.devices.listen, None).await?;
     let mut front_tasks = vec![tokio::spawn(plain)];
     let tls_addr = match &cfg.devices.tls {
@@ -132,7 +141,8 @@ pub async fn run(
         dropped: dropped_tx,
     });
     let ingest_task = tokio::spawn(ingest.clone().run(link_rx));
-    let acker_task = tokio::spawn(run_acker(link_tx, acks_rx, cfg.id.clone(), stats.clone()));
+    let counter = Arc::new(fleetline_broker::counter::PersistentCounter::open(&cfg.data_dir.join("ack-counter"))?);
+    let acker_task = tokio::spawn(run_acker(link_tx, acks_rx, cfg.id.clone(), stats.clone(), counter));
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
     let uplink = Uplink {
@@ -147,7 +157,7 @@ pub async fn run(
 
     // Provisioning reloads: revoked devices are disconnected.
     let reload_registry = registry.clone();
-    let kick = device_broker.kick.clone();
+    let sessions = device_broker.sessions.clone();
     let reload_stats = stats.clone();
     let period = cfg.provisioning_reload;
     let reload_task = tokio::spawn(async move {
@@ -159,7 +169,7 @@ pub async fn run(
                     tracing::info!(revoked = diff.revoked.len(), "provisioning reloaded");
                     for (fleet, device) in diff.revoked {
                         GatewayStats::add(&reload_stats.revocations, 1);
-                        kick(device_username(&fleet, &device).as_str().to_string());
+                        sessions.kick(device_username(&fleet, &device).as_str());
                     }
                 }
                 Ok(None) => {}
@@ -168,8 +178,15 @@ pub async fn run(
         }
     });
 
-    let ops =
-        http::Ops { id: cfg.id.clone(), stats: stats.clone(), queue: queue.clone(), metrics, devices_addr, tls_addr };
+    let ops = http::Ops {
+        id: cfg.id.clone(),
+        stats: stats.clone(),
+        queue: queue.clone(),
+        metrics,
+        devices_addr,
+        tls_addr,
+        broker: Some(device_broker.health.clone()),
+    };
     let (http_addr, http_server) = http::bind(cfg.http.listen, ops).await?;
     let http_task = tokio::spawn(http_server);
     stats.ready.store(true, Ordering::Relaxed);

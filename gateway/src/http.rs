@@ -32,6 +32,8 @@ pub struct Ops {
     pub devices_addr: SocketAddr,
     /// TLS device listener.
     pub tls_addr: Option<SocketAddr>,
+    /// The device broker's health.
+    pub broker: Option<Arc<fleetline_broker::BrokerHealth>>,
 }
 
 /// Binds the endpoint; returns its address and the server future.
@@ -51,12 +53,20 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
     }))
 }
 
+/// Ready while started, the disk queue can append, and the device broker answers.
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
-    if ops.stats.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    if !ops.stats.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting");
     }
+    if ops.queue.stats().failing {
+        return (StatusCode::SERVICE_UNAVAILABLE, "disk queue cannot append");
+    }
+    if let Some(health) = &ops.broker
+        && !health.healthy()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "device broker not answering");
+    }
+    (StatusCode::OK, "ready")
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
@@ -89,6 +99,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
             "acked": q.acked,
             "refused_full": q.refused_full,
             "io_errors": q.io_errors,
+            "failing": q.failing,
         },
         "upstream": uplink,
         "accepted": {
@@ -111,6 +122,8 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
             "handshake_timeout": GatewayStats::get(&s.tls_handshake_timeout),
         },
         "revocations": GatewayStats::get(&s.revocations),
+        "broker": ops.broker.as_ref().map(|b| b.status()),
+        "session_cap": GatewayStats::get(&s.session_cap),
         "devices": s.devices(),
     }))
 }

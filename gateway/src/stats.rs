@@ -26,6 +26,9 @@ pub mod reason {
     pub const AUTH_FAILED: &str = "auth_failed";
     /// The body does not decode.
     pub const UNDECODABLE: &str = "undecodable";
+    /// An authentic batch from a boot epoch older than every epoch remembered for
+    /// its device: a replay, refused.
+    pub const STALE_EPOCH: &str = "stale_epoch";
     /// The disk queue is full under back-pressure (the device keeps the batch).
     pub const QUEUE_FULL: &str = "queue_full";
     /// The disk queue could not write (the device keeps the batch).
@@ -101,6 +104,8 @@ pub struct GatewayStats {
     pub unknown_kinds: AtomicU64,
     /// Whether the gateway is ready to take data.
     pub ready: AtomicBool,
+    /// Most device sessions at once (configured, or lowered to fit the file limit).
+    pub session_cap: AtomicU64,
     devices: Mutex<HashMap<String, DeviceSeen>>,
     /// The uplink's state.
     pub uplink: Mutex<UplinkStatus>,

@@ -631,3 +631,46 @@ async fn the_uplink_uses_mutual_tls_when_configured() {
     assert_eq!(gw.status().await["upstream"]["connected"], true);
     gw.terminate().await;
 }
+
+/// A unit on a flapping link (or anyone holding one unit's credentials) in a loop of
+/// connect → CONNECT → CONNACK → close must not take the device broker down for
+/// everyone: every later login still gets its CONNACK, honest units keep delivering,
+/// and readiness stays true because nothing is wedged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_reconnecting_in_a_tight_loop_does_not_take_the_broker_down() {
+    use fleetline_testkit::raw::{connect_once, connect_packet, reconnect_storm};
+    let env = Env::new(4).await;
+    let port = free_port();
+    let gw = Gateway::start(&env.config(0, port, "")).await;
+    let mut honest = Fleet::start(1, port, Duration::from_millis(20), OutboxFull::Block);
+
+    let cycles = if full_size() { 2_000 } else { 400 };
+    let user = format!("acme.{}", device_id(1));
+    let pass = device_key(1).mqtt_password(&user);
+    // Two loops at once with the same id, as a unit with two stale sockets would.
+    let (a, b) = tokio::join!(
+        reconnect_storm(gw.devices, &user, &user, &pass, cycles),
+        reconnect_storm(gw.devices, &user, &user, &pass, cycles),
+    );
+    let status = gw.status().await;
+    eprintln!("reconnect storm: {a} + {b} of {} CONNACKs accepted; refused: {}", 2 * cycles, status["logins_rejected"]);
+
+    // Another unit still gets in, and so does the stormy one after it.
+    for i in [2, 3, 1] {
+        let user = format!("acme.{}", device_id(i));
+        let pass = device_key(i).mqtt_password(&user);
+        let outcome =
+            connect_once(gw.devices, &connect_packet(4, &user, Some((&user, &pass)), 30), Duration::from_secs(5)).await;
+        assert_eq!(outcome.code(), Some(0), "device {i} after the storm: {outcome:?}");
+    }
+    let ready = http_get(gw.http, "/health/ready").await;
+    assert_eq!(ready, "ready");
+    let status = gw.status().await;
+    assert_eq!(status["broker"]["panics"], 0, "{status}");
+
+    honest.stop().await;
+    let acked = honest.drain(Duration::from_secs(30)).await;
+    assert!(!acked.is_empty());
+    assert_delivered(&env.cloud, &acked).await;
+    gw.terminate().await;
+}

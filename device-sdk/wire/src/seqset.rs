@@ -47,12 +47,24 @@ impl SeqSet {
         true
     }
 
-    /// Keeps only the `n` newest epochs (older boots do not send any more).
-    pub fn retain_epochs(&mut self, n: usize) {
+    /// Keeps only the `n` newest epochs (older boots do not send any more) and
+    /// returns the newest epoch it forgot, if any. A receiver must refuse every
+    /// batch at or below that epoch from then on (its *epoch floor*): the set can
+    /// no longer tell whether such a batch was stored, and storing it again is
+    /// exactly what a replay of a captured batch aims at.
+    pub fn retain_epochs(&mut self, n: usize) -> Option<u32> {
+        let mut forgot = None;
         while self.epochs.len() > n {
             let Some(oldest) = self.epochs.keys().next().copied() else { break };
             self.epochs.remove(&oldest);
+            forgot = Some(oldest);
         }
+        forgot
+    }
+
+    /// The oldest epoch held.
+    pub fn oldest_epoch(&self) -> Option<u32> {
+        self.epochs.keys().next().copied()
     }
 
     /// Number of ranges held (memory is proportional to it).
@@ -104,8 +116,10 @@ mod tests {
         assert!(s.contains(1, 5) && !s.contains(1, 6) && !s.contains(2, 0));
         s.insert(2, 0);
         s.insert(3, 0);
-        s.retain_epochs(2);
+        assert_eq!(s.retain_epochs(2), Some(1));
+        assert_eq!(s.retain_epochs(2), None);
         assert!(!s.contains(1, 0) && s.contains(3, 0));
+        assert_eq!(s.oldest_epoch(), Some(2));
     }
 
     proptest! {

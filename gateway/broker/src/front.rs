@@ -32,6 +32,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECT: usize = 8 * 1024;
 /// Keep-alive given to clients that ask for none (rumqttd refuses zero).
 const DEFAULT_KEEP_ALIVE: u16 = 3600;
+/// Back-off of an accept loop after a failed accept (a full file table), doubling.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A repeated error is logged at most once per this interval.
+pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Checks a login (client id, username, password); the error is a reason to count.
 pub trait Logins: Send + Sync + 'static {
@@ -67,6 +72,10 @@ pub struct Front {
     /// Most sessions; more get CONNACK "server unavailable" here, before the
     /// broker's router would refuse them (which rumqttd handles badly, see above).
     pub max_sessions: usize,
+    /// One session per client id (take-overs and revocation happen here).
+    pub sessions: Arc<crate::sessions::Sessions>,
+    /// Failed accepts make the broker unhealthy for a while.
+    pub health: Arc<crate::BrokerHealth>,
 }
 
 /// Loads a PEM certificate chain and key into a rustls server config (ring provider).
@@ -84,6 +93,25 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<rustls:
 }
 
 impl Front {
+    /// A front for `broker`, checking logins with `logins`.
+    pub fn new(
+        logins: Arc<dyn Logins>,
+        events: Arc<dyn FrontEvents>,
+        broker: &crate::Broker,
+        max_sessions: usize,
+    ) -> Self {
+        Self {
+            logins,
+            events,
+            broker: broker.addr,
+            secret: broker.secret.clone(),
+            active: Default::default(),
+            max_sessions,
+            sessions: broker.sessions.clone(),
+            health: broker.health.clone(),
+        }
+    }
+
     /// Binds a listener, plain or TLS; returns its address and the accept loop.
     pub async fn bind(
         self,
@@ -94,13 +122,22 @@ impl Front {
         let addr = listener.local_addr()?;
         let acceptor = tls.map(|(cfg, timeout)| (TlsAcceptor::from(cfg), timeout));
         let run = async move {
+            let mut backoff = ACCEPT_BACKOFF_MIN;
+            let mut failures = RepeatedError::default();
             loop {
                 let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        backoff = ACCEPT_BACKOFF_MIN;
+                        c
+                    }
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors and the like: back off (up to a second)
+                        // instead of spinning, and log once per interval with a count.
+                        self.events.login_refused(reason::ACCEPT_FAILED);
+                        self.health.accept_failed();
+                        failures.note("accept failed", &e);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                         continue;
                     }
                 };
@@ -136,9 +173,19 @@ impl Front {
         let mut buf = BytesMut::with_capacity(512);
         let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut client, &mut buf)).await {
             Ok(Ok(c)) => c,
-            Ok(Err(why)) => {
+            Ok(Err(ConnectError::Refused(why))) => {
                 self.events.login_refused(why);
                 tracing::debug!(%peer, reason = why, "connection refused before login");
+                return;
+            }
+            Ok(Err(ConnectError::Version(level))) => {
+                // MQTT 3.1 and 5 get an answer they understand, then the door.
+                self.events.login_refused(reason::PROTOCOL_VERSION);
+                tracing::debug!(%peer, level, "MQTT protocol level not supported");
+                let answer: &[u8] =
+                    if level == 5 { &[0x20, 0x03, 0x00, 0x84, 0x00] } else { &[0x20, 0x02, 0x00, 0x01] };
+                let _ = client.write_all(answer).await;
+                let _ = client.shutdown().await;
                 return;
             }
             Err(_) => {
@@ -151,9 +198,10 @@ impl Front {
         if let Err(why) = self.logins.check_login(&connect.client_id, user, pass) {
             self.events.login_refused(why);
             tracing::info!(%peer, client_id = connect.client_id, reason = why, "login refused");
-            // CONNACK: 4 = bad user name or password, 5 = not authorized.
-            let code = if why == reason::BAD_PASSWORD || why == reason::BAD_USERNAME { 4 } else { 5 };
-            let _ = client.write_all(&[0x20, 0x02, 0x00, code]).await;
+            // One answer for every failed login, whatever the reason (counted above):
+            // 4 = bad user name or password. A stranger learns nothing about which
+            // ids exist, are revoked, or have which key.
+            let _ = client.write_all(&[0x20, 0x02, 0x00, 4]).await;
             let _ = client.shutdown().await;
             return;
         }
@@ -165,18 +213,37 @@ impl Front {
             let _ = client.shutdown().await;
             return;
         }
-        struct Session(Arc<std::sync::atomic::AtomicUsize>);
-        impl Drop for Session {
+        struct Active(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Active {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        let _session = Session(self.active.clone());
+        let _active = Active(self.active.clone());
+        // One session per id: the previous one is closed before this one reaches the broker.
+        let mut session = match self.sessions.begin(&connect.client_id).await {
+            Ok(g) => g,
+            Err(refused) => {
+                let why = match refused {
+                    crate::sessions::Refused::TooFast => reason::RECONNECT_RATE,
+                    crate::sessions::Refused::TakeoverStuck => reason::TAKEOVER_STUCK,
+                };
+                self.events.login_refused(why);
+                tracing::debug!(%peer, client_id = connect.client_id, reason = why, "session refused");
+                let _ = client.write_all(&[0x20, 0x02, 0x00, 3]).await;
+                let _ = client.shutdown().await;
+                return;
+            }
+        };
         let username = connect.client_id.clone();
         connect.set_login(username, self.secret.to_string());
         if connect.keep_alive == 0 {
             connect.keep_alive = DEFAULT_KEEP_ALIVE;
         }
+        // What the system does not use is not passed on: wills (a unit could
+        // publish anywhere on disconnect) and persistent sessions.
+        connect.last_will = None;
+        connect.clean_session = true;
         let mut out = BytesMut::new();
         if Packet::Connect(connect).write(&mut out, MAX_CONNECT * 2).is_err() {
             return;
@@ -191,7 +258,100 @@ impl Front {
         if broker.write_all(&out).await.is_err() {
             return;
         }
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+        // The broker's CONNACK is awaited here, whatever the client or a take-over
+        // does meanwhile: rumqttd 0.20 leaves a stale will handler behind when a
+        // connection closes between its CONNECT and its CONNACK, and the next
+        // login of that id then panics its accept path (see `sessions.rs`). So a
+        // broker connection is never closed before its CONNACK has come back.
+        let mut connack = [0u8; 4];
+        match tokio::time::timeout(CONNECT_TIMEOUT, broker.read_exact(&mut connack)).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                tracing::warn!(broker = %self.broker, "broker sent no CONNACK");
+                return;
+            }
+        }
+        if client.write_all(&connack).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+            _ = session.stop.wait_for(|s| *s) => {}
+        }
+        drop(client);
+        // The session is over for the broker only once rumqttd has closed its end:
+        // it does that after queueing the disconnect for its router, so the next
+        // session of this id reaches the router after that disconnect. (A CONNECT
+        // of an id the router still holds makes it take the old connection over,
+        // which in rumqttd 0.20 can fail the new link and, on the login after it,
+        // panic the accept path.)
+        close_broker_side(&mut broker).await;
+        drop(session);
+    }
+}
+
+/// Half-closes the front's connection to the broker and waits (bounded) until the
+/// broker closes its end.
+async fn close_broker_side(broker: &mut TcpStream) {
+    let _ = broker.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drained = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match broker.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("broker did not close a finished session in time");
+    }
+}
+
+/// Why a connection ended before its CONNECT could be checked.
+enum ConnectError {
+    /// Not a usable MQTT 3.1.1 CONNECT (reason to count).
+    Refused(&'static str),
+    /// A CONNECT of another protocol level (3 = MQTT 3.1, 5 = MQTT 5).
+    Version(u8),
+}
+
+/// The protocol level of a buffered CONNECT, if its variable header is there.
+fn protocol_level(buf: &[u8]) -> Option<u8> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    // Skip the remaining length (1–4 bytes).
+    let mut i = 1;
+    while *buf.get(i)? & 0x80 != 0 {
+        i += 1;
+        if i > 4 {
+            return None;
+        }
+    }
+    i += 1;
+    let name_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+    buf.get(i + 2 + name_len).copied()
+}
+
+/// Logs an error that repeats (a full file table, say) once per interval with how
+/// many times it happened, instead of once per occurrence.
+#[derive(Default)]
+pub struct RepeatedError {
+    count: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl RepeatedError {
+    /// Counts one occurrence; logs if the interval since the last log has passed.
+    pub fn note(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        self.count += 1;
+        if self.last_log.is_none_or(|t| t.elapsed() >= REPEAT_LOG_INTERVAL) {
+            tracing::warn!(error = %error, times = self.count, "{what}");
+            self.count = 0;
+            self.last_log = Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -199,19 +359,27 @@ impl Front {
 async fn read_connect<S: AsyncRead + Unpin>(
     client: &mut S,
     buf: &mut BytesMut,
-) -> Result<rumqttc::mqttbytes::v4::Connect, &'static str> {
+) -> Result<rumqttc::mqttbytes::v4::Connect, ConnectError> {
     loop {
         match Packet::read(buf, MAX_CONNECT) {
             Ok(Packet::Connect(c)) => return Ok(c),
-            Ok(_) => return Err(reason::PROTOCOL),
+            Ok(_) => return Err(ConnectError::Refused(reason::PROTOCOL)),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(_) => return Err(reason::PROTOCOL),
+            Err(_) => {
+                return Err(match protocol_level(buf) {
+                    Some(level @ (3 | 5)) => ConnectError::Version(level),
+                    _ => ConnectError::Refused(reason::PROTOCOL),
+                });
+            }
+        }
+        if let Some(level @ (3 | 5)) = protocol_level(buf) {
+            return Err(ConnectError::Version(level));
         }
         if buf.len() > MAX_CONNECT {
-            return Err(reason::PROTOCOL);
+            return Err(ConnectError::Refused(reason::PROTOCOL));
         }
         match client.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(reason::PROTOCOL),
+            Ok(0) | Err(_) => return Err(ConnectError::Refused(reason::PROTOCOL)),
             Ok(_) => {}
         }
     }

@@ -9,11 +9,13 @@
 //! password rewritten to the secret.
 
 pub mod broker;
+pub mod counter;
 pub mod front;
 pub mod service;
+pub mod sessions;
 mod size;
 
-pub use broker::{Broker, BrokerSettings, KickFn, free_port, start};
+pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
 pub use front::{Front, FrontEvents, Logins, tls_config};
 pub use size::ByteSize;
 
@@ -29,6 +31,14 @@ pub mod reason {
     pub const SERVER_BUSY: &str = "server_busy";
     /// Connection: no CONNECT within the timeout.
     pub const CONNECT_TIMEOUT: &str = "connect_timeout";
+    /// Connection: an MQTT 3.1 or 5 CONNECT (answered with its CONNACK code).
+    pub const PROTOCOL_VERSION: &str = "protocol_version";
+    /// Session: the client id reconnects faster than the front allows.
+    pub const RECONNECT_RATE: &str = "reconnect_rate";
+    /// Session: the previous session of the client id did not close in time.
+    pub const TAKEOVER_STUCK: &str = "takeover_stuck";
+    /// A listener could not accept a connection (out of file descriptors and the like).
+    pub const ACCEPT_FAILED: &str = "accept_failed";
 }
 
 /// A random secret, hex, for the broker's loopback listener.

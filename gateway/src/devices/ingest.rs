@@ -108,25 +108,48 @@ pub struct Durable {
     pub key: DeviceKey,
 }
 
-/// What every device has durable here, for dedupe.
+/// Boot epochs per device the gateway remembers for dedupe.
+const DEDUPE_EPOCHS: usize = 16;
+
+/// Whether a device's batch is new here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Not durable here yet.
+    New,
+    /// Durable already: ack it again, store nothing.
+    Durable,
+    /// From a boot epoch older than every epoch remembered: a replay of a captured
+    /// batch (units do not go back to old epochs), refused.
+    BelowFloor,
+}
+
+/// What every device has durable here, for dedupe: its (epoch, seq) set and its
+/// epoch floor (every epoch below it was forgotten, so batches from it are refused).
 #[derive(Default)]
 pub struct Durables {
-    by_device: Mutex<HashMap<(FleetId, DeviceId), SeqSet>>,
+    by_device: Mutex<HashMap<(FleetId, DeviceId), (SeqSet, u32)>>,
 }
 
 impl Durables {
     /// Records (epoch, seq) of a device as durable.
     pub fn insert(&self, fleet: FleetId, device: DeviceId, epoch: u32, seq: u32) {
         if let Ok(mut m) = self.by_device.lock() {
-            let set = m.entry((fleet, device)).or_default();
+            let (set, floor) = m.entry((fleet, device)).or_default();
             set.insert(epoch, seq);
-            set.retain_epochs(4);
+            if let Some(forgot) = set.retain_epochs(DEDUPE_EPOCHS) {
+                *floor = (*floor).max(forgot.saturating_add(1));
+            }
         }
     }
 
-    /// Whether it is durable already.
-    pub fn contains(&self, fleet: FleetId, device: DeviceId, epoch: u32, seq: u32) -> bool {
-        self.by_device.lock().is_ok_and(|m| m.get(&(fleet, device)).is_some_and(|s| s.contains(epoch, seq)))
+    /// Whether a batch is new, durable already, or below the device's epoch floor.
+    pub fn seen(&self, fleet: FleetId, device: DeviceId, epoch: u32, seq: u32) -> Seen {
+        let Ok(m) = self.by_device.lock() else { return Seen::New };
+        match m.get(&(fleet, device)) {
+            Some((_, floor)) if epoch < *floor => Seen::BelowFloor,
+            Some((set, _)) if set.contains(epoch, seq) => Seen::Durable,
+            _ => Seen::New,
+        }
     }
 }
 
@@ -182,10 +205,18 @@ impl Ingest {
         };
         let Checked { fleet, device, epoch, seq, samples, unknown_series, key } = checked;
         let durable = Durable { fleet, device, epoch, seq, key };
-        if self.durables.contains(fleet, device, epoch, seq) {
-            GatewayStats::add(&self.stats.duplicates, 1);
-            let _ = self.acks.send(durable);
-            return;
+        match self.durables.seen(fleet, device, epoch, seq) {
+            Seen::New => {}
+            Seen::Durable => {
+                GatewayStats::add(&self.stats.duplicates, 1);
+                let _ = self.acks.send(durable);
+                return;
+            }
+            Seen::BelowFloor => {
+                self.stats.reject(reason::STALE_EPOCH);
+                tracing::warn!(%fleet, %device, epoch, seq, "batch from a forgotten boot epoch refused (a replay?)");
+                return;
+            }
         }
         GatewayStats::add(&self.stats.unknown_kinds, u64::from(unknown_series));
         let now = unix_ms();
@@ -242,33 +273,6 @@ impl Ingest {
     }
 }
 
-/// Counter for acks: above every earlier one, across restarts, as long as the wall
-/// clock does not step back by more than the gateway's downtime.
-pub struct AckCounter {
-    last: Mutex<u64>,
-}
-
-impl AckCounter {
-    /// Starts from the clock.
-    pub fn new() -> Self {
-        Self { last: Mutex::new(0) }
-    }
-
-    /// The next counter: microseconds since the Unix epoch, or one more than the last.
-    pub fn next(&self) -> u64 {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0);
-        let Ok(mut last) = self.last.lock() else { return now };
-        *last = (*last + 1).max(now);
-        *last
-    }
-}
-
-impl Default for AckCounter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Durable (epoch, seq) pairs per device, with the key to seal their ack.
 type AcksByDevice = HashMap<(FleetId, DeviceId), (DeviceKey, Vec<(u32, u32)>)>;
 
@@ -279,8 +283,8 @@ pub async fn run_acker(
     mut rx: mpsc::UnboundedReceiver<Durable>,
     gateway_id: String,
     stats: Arc<GatewayStats>,
+    counter: Arc<fleetline_broker::counter::PersistentCounter>,
 ) {
-    let counter = AckCounter::new();
     let mut buf = vec![0u8; MAX_ACK_LEN];
     while let Some(first) = rx.recv().await {
         let mut group: AcksByDevice = HashMap::new();
@@ -295,7 +299,15 @@ pub async fn run_acker(
             let topic = topics::device_topic(&fleet, &device, Channel::Ack);
             for chunk in ranges_from(seqs).chunks(fleetline_wire::control::MAX_ACK_RANGES) {
                 let Ok(nonce) = random_nonce() else { continue };
-                let Ok(n) = seal_ack(&mut buf, &key, &gateway_id, counter.next(), nonce, chunk) else { continue };
+                let c = match counter.next() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The device re-sends and is acked once the mark can be written.
+                        tracing::error!(error = %e, "cannot raise the ack counter's mark; ack withheld");
+                        continue;
+                    }
+                };
+                let Ok(n) = seal_ack(&mut buf, &key, &gateway_id, c, nonce, chunk) else { continue };
                 let mut tries = 0;
                 while let Err(e) = link.try_publish(topic.as_str().to_string(), buf[..n].to_vec()) {
                     tries += 1;

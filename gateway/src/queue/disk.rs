@@ -223,15 +223,46 @@ impl DiskQueue {
         }
         let first = self.index.next_id().0;
         let path = file::segment_path(&self.dir, first);
-        let mut f =
-            OpenOptions::new().create_new(true).read(true).append(true).open(&path).map_err(|e| self.io_err(e))?;
-        f.write_all(&file::header(first)).and_then(|()| f.sync_data()).map_err(|e| self.io_err(e))?;
-        file::sync_dir(&self.dir).map_err(|e| self.io_err(e))?;
+        // A file of this name can only be left by a roll that failed before the
+        // index took it (a full disk while writing its header): it holds nothing
+        // anyone was told is durable, so it is replaced, not an obstacle.
+        let made = match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => OpenOptions::new().create_new(true).read(true).append(true).open(&path),
+        }
+        .and_then(|mut f| {
+            f.write_all(&file::header(first))?;
+            f.sync_data()?;
+            file::sync_dir(&self.dir)?;
+            Ok(f)
+        });
+        let f = match made {
+            Ok(f) => f,
+            Err(e) => {
+                // Leave no stub behind; if even that fails, the next roll replaces it.
+                let _ = std::fs::remove_file(&path);
+                return Err(self.io_err(e));
+            }
+        };
         if let Some((old_first, old, _)) = self.active.take() {
             self.readers.insert(old_first, old);
         }
         self.index.push_segment(first);
         self.active = Some((first, f, HEADER_LEN));
+        Ok(())
+    }
+
+    /// After a failed write: tries to get the queue appending again (starts the
+    /// fresh segment the next append would need, or writes the pending acks).
+    /// `Ok` once the queue can append; the caller retries until then.
+    pub(crate) fn probe(&mut self) -> Result<(), QueueError> {
+        if self.roll_next && self.index.segment_count() > 0 {
+            self.roll()?;
+            self.roll_next = false;
+        }
+        if self.has_pending() {
+            self.commit()?;
+        }
         Ok(())
     }
 

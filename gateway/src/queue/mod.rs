@@ -127,6 +127,9 @@ pub struct QueueStats {
     pub dropped_records: u64,
     /// Samples in them.
     pub dropped_samples: u64,
+    /// The last write failed and no write has worked since (a full disk, an I/O
+    /// error): the queue cannot take records now. It retries by itself.
+    pub failing: bool,
 }
 
 enum Cmd {
@@ -220,6 +223,10 @@ impl QueueHandle {
     }
 }
 
+/// How often a failing queue tries to write again, and how often it looks for work meanwhile.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_POLL: Duration = Duration::from_millis(50);
+
 type Waiter = (oneshot::Sender<Result<Appended, QueueError>>, Appended, RecordMeta, Vec<u8>);
 
 fn run(
@@ -233,6 +240,7 @@ fn run(
     let mut syncs: Vec<oneshot::Sender<()>> = Vec::new();
     let mut local = QueueStats::default();
     let mut last_commit = Instant::now() - interval;
+    let mut last_probe = Instant::now();
     loop {
         let cmd = if q.has_pending() || !syncs.is_empty() {
             match rx.try_recv() {
@@ -247,6 +255,25 @@ fn run(
                     None
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
+            }
+        } else if local.failing {
+            // Nothing to do but find out when writes work again (space freed):
+            // probe now and then, so readiness recovers without waiting for traffic.
+            match rx.try_recv() {
+                Ok(cmd) => Some(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(PROBE_POLL);
+                    if last_probe.elapsed() >= PROBE_INTERVAL {
+                        last_probe = Instant::now();
+                        if q.probe().is_ok() {
+                            tracing::info!("disk queue writes work again");
+                            local.failing = false;
+                            publish(&q, &mut local, &stats);
+                        }
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         } else {
             match rx.blocking_recv() {
@@ -263,8 +290,18 @@ fn run(
                     waiting.push((reply, Appended { id, dropped }, meta, batch));
                 }
                 Err(e) => {
-                    if e == QueueError::Full {
-                        local.refused_full += 1;
+                    match &e {
+                        QueueError::Full => local.refused_full += 1,
+                        QueueError::Io { .. } => {
+                            local.io_errors += 1;
+                            if !local.failing {
+                                tracing::error!(error = %e, "disk queue cannot append; retrying until writes work again");
+                            }
+                            local.failing = true;
+                            last_probe = Instant::now();
+                            publish(&q, &mut local, &stats);
+                        }
+                        _ => {}
                     }
                     let _ = reply.send(Err(e));
                 }
@@ -279,10 +316,18 @@ fn run(
                 last_commit = Instant::now();
                 let result = q.commit();
                 match &result {
-                    Ok(_) => local.commits += 1,
+                    Ok(_) => {
+                        local.commits += 1;
+                        if local.failing {
+                            tracing::info!("disk queue writes work again");
+                        }
+                        local.failing = false;
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "disk queue commit failed; appends in this group are refused");
                         local.io_errors += waiting.len() as u64;
+                        local.failing = true;
+                        last_probe = Instant::now();
                     }
                 }
                 // Counters first, so whoever sees a durable append or a sync also sees it counted.

@@ -8,6 +8,7 @@
 //!   records what arrived and acks bundles (tests of the gateway alone).
 //! - [`fleet`]: real device clients recording against a gateway.
 //! - [`batches`]: sealed batches and bundles built directly with the wire format.
+//! - [`raw`]: hand-made MQTT CONNECTs and reconnect loops for attack tests.
 
 pub mod batches;
 pub mod cloud;
@@ -16,6 +17,7 @@ mod mosquitto;
 mod pki;
 pub mod provisioning;
 mod proxy;
+pub mod raw;
 
 pub use mosquitto::{Mosquitto, Sub, free_port, publish};
 pub use pki::Pki;
