@@ -252,3 +252,27 @@ async fn the_actor_group_commits_and_reads_back() {
     let (_, report, _) = reopen(&c);
     assert_eq!(report.unacked, 150);
 }
+
+/// A roll that failed on a full disk left a stub segment file (a header or less)
+/// under the next segment's name; before, every later roll failed with "File
+/// exists" until the gateway restarted. Now the stub is replaced and appends go on.
+#[test]
+fn a_stub_segment_left_by_a_failed_roll_does_not_block_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path(), 1 << 30, 200, FullPolicy::Backpressure);
+    let (mut q, _, _) = reopen(&c);
+    q.append(meta(0), &batch(0)).unwrap();
+    q.commit().unwrap();
+    // What ENOSPC during the next roll left behind: the file, 16 bytes of nothing.
+    let next = q.index().next_id().0;
+    std::fs::write(file::segment_path(dir.path(), next), [0u8; 16]).unwrap();
+    for i in 1..10 {
+        q.append(meta(i), &batch(i)).unwrap();
+        q.commit().unwrap();
+    }
+    assert!(q.index().segment_count() > 1, "rolled past the stub");
+    q.probe().unwrap();
+    drop(q);
+    let (_, report, seen) = reopen(&c);
+    assert_eq!((report.unacked, seen.len()), (10, 10));
+}
