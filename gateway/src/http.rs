@@ -73,6 +73,7 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
     let q = ops.queue.stats();
     metrics::gauge!("fleetline_gateway_queue_records").set(q.records as f64);
     metrics::gauge!("fleetline_gateway_queue_bytes").set(q.bytes as f64);
+    metrics::gauge!("fleetline_gateway_queue_lost_records").set(q.lost_records as f64);
     let age = q.oldest_received_at_ms.map_or(0.0, |t| unix_ms().saturating_sub(t) as f64 / 1000.0);
     metrics::gauge!("fleetline_gateway_queue_oldest_age_seconds").set(age);
     match &ops.metrics {
@@ -99,6 +100,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
             "acked": q.acked,
             "refused_full": q.refused_full,
             "io_errors": q.io_errors,
+            "lost_records": q.lost_records,
             "failing": q.failing,
         },
         "upstream": uplink,

@@ -24,7 +24,10 @@ struct Slot {
     offset: u32,
     len: u32,
     meta: RecordMeta,
+    /// Done with: acknowledged upstream, or lost.
     acked: bool,
+    /// Damaged on disk; never sent.
+    lost: bool,
 }
 
 /// One segment file's records.
@@ -133,13 +136,37 @@ impl QueueIndex {
     pub(super) fn push_record(&mut self, offset: u32, len: u32, meta: RecordMeta) -> RecordId {
         let id = self.next_id;
         if let Some(seg) = self.segments.back_mut() {
-            seg.slots.push(Slot { offset, len, meta, acked: false });
+            seg.slots.push(Slot { offset, len, meta, acked: false, lost: false });
             seg.unacked += 1;
             seg.bytes += u64::from(len);
             self.total_bytes += u64::from(len);
         }
         self.next_id += 1;
         RecordId(id)
+    }
+
+    /// Registers the id of a record that recovery found damaged beyond reading: it
+    /// keeps its place (ids stay dense) but is never read or sent.
+    pub(super) fn push_lost(&mut self) -> RecordId {
+        let id = self.next_id;
+        if let Some(seg) = self.segments.back_mut() {
+            seg.slots.push(Slot { offset: 0, len: 0, meta: RecordMeta::default(), acked: true, lost: true });
+        }
+        self.next_id += 1;
+        RecordId(id)
+    }
+
+    /// Marks a live record lost (its bytes no longer check out); `false` if unknown or done.
+    pub(super) fn mark_lost(&mut self, id: RecordId) -> bool {
+        match self.slot_mut(id) {
+            Some((seg, i)) if !seg.slots[i].acked => {
+                seg.slots[i].acked = true;
+                seg.slots[i].lost = true;
+                seg.unacked -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Decides how a record of `len` framed bytes gets in.
@@ -256,10 +283,19 @@ impl QueueIndex {
 
     /// Acked ranges of live segments, for compacting the ack ledger.
     pub(super) fn acked_ranges(&self) -> Vec<(u64, u32)> {
+        self.ranges(|s| s.acked && !s.lost)
+    }
+
+    /// Lost ranges of live segments, for compacting the loss ledger.
+    pub(super) fn lost_ranges(&self) -> Vec<(u64, u32)> {
+        self.ranges(|s| s.lost)
+    }
+
+    fn ranges(&self, pick: impl Fn(&Slot) -> bool) -> Vec<(u64, u32)> {
         let mut out: Vec<(u64, u32)> = Vec::new();
         for seg in &self.segments {
             for (i, s) in seg.slots.iter().enumerate() {
-                if !s.acked {
+                if !pick(s) {
                     continue;
                 }
                 let id = seg.first + i as u64;

@@ -127,6 +127,10 @@ pub struct QueueStats {
     pub dropped_records: u64,
     /// Samples in them.
     pub dropped_samples: u64,
+    /// Records found damaged on disk before they were delivered upstream (a
+    /// flipped bit, a bad block): lost, each logged with its device and seq where
+    /// readable. Counted since start, recovery included.
+    pub lost_records: u64,
     /// The last write failed and no write has worked since (a full disk, an I/O
     /// error): the queue cannot take records now. It retries by itself.
     pub failing: bool,
@@ -171,6 +175,7 @@ pub fn open(
     let handle = QueueHandle { tx, stats };
     if let Ok(mut s) = handle.stats.lock() {
         s.records = report.unacked as u64;
+        s.lost_records = report.lost as u64;
     }
     Ok((handle, report, thread))
 }
@@ -363,6 +368,7 @@ fn publish(q: &DiskQueue, local: &mut QueueStats, stats: &Mutex<QueueStats>) {
     local.records = index.unacked() as u64;
     local.bytes = index.total_bytes();
     local.segments = index.segment_count() as u64;
+    local.lost_records = q.lost();
     local.oldest_received_at_ms =
         index.first_unacked().and_then(|id| index.locate(id)).map(|(_, _, _, meta, _)| meta.received_at_ms);
     if let Ok(mut s) = stats.lock() {

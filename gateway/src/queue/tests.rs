@@ -105,25 +105,211 @@ fn a_torn_tail_at_any_byte_keeps_every_record_before_it() {
     assert_eq!(reopen(&c).2.len(), 6);
 }
 
+/// Framed records of a segment file: (offset, framed length).
+fn records_of(seg: &Path) -> Vec<(usize, usize)> {
+    let scan = file::scan_records(seg, file::HEADER_LEN).unwrap();
+    assert!(scan.holes.is_empty() && scan.torn_bytes == 0);
+    scan.records.iter().map(|(off, len, _)| (*off as usize, *len as usize)).collect()
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x10;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+fn segments(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| file::parse_segment_name(&e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// 60 records in segments of about 8; `acked` acknowledged upstream.
+fn filled(dir: &Path, acked: &[u64]) -> QueueConfig {
+    let c = cfg(dir, 1 << 30, 600, FullPolicy::Backpressure);
+    let (mut q, _, _) = reopen(&c);
+    for i in 0..60 {
+        q.append(meta(i), &batch(i)).unwrap();
+        q.commit().unwrap();
+    }
+    q.ack(&acked.iter().map(|i| RecordId(*i)).collect::<Vec<_>>());
+    q.commit().unwrap();
+    c
+}
+
+fn ids(seen: &[Seen]) -> Vec<u64> {
+    seen.iter().map(|s| s.0).collect()
+}
+
+/// Before: recovery stopped at the first record that did not check out and cut
+/// the rest of the segment (every later record lost, and in the active segment
+/// without a word). Now only the damaged record is lost, counted once, and every
+/// record after it keeps its id and its ack.
 #[test]
-fn a_corrupted_byte_stops_recovery_at_that_record() {
+fn a_flipped_bit_in_a_sealed_segment_loses_only_that_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = filled(dir.path(), &[0, 5]);
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 5, "{segs:?}");
+    // The middle record of the first segment, which also holds acked records.
+    let seg = file::segment_path(dir.path(), segs[0]);
+    let recs = records_of(&seg);
+    assert!(recs.len() >= 5, "{recs:?}");
+    let victim = recs.len() / 2;
+    let (off, len) = recs[victim];
+    flip(&seg, off + len / 2);
+    let (mut q, report, seen) = reopen(&c);
+    assert_eq!((report.lost, report.damaged_acked, report.truncated_bytes), (1, 0, 0), "{report:?}");
+    assert_eq!(report.damaged_bytes, len as u64);
+    let expected: Vec<u64> = (0..60).filter(|i| ![0, 5, victim as u64].contains(i)).collect();
+    assert_eq!(ids(&seen), expected);
+    for (id, m, b) in &seen {
+        assert_eq!((m, b), (&meta(*id), &batch(*id)));
+    }
+    assert_eq!(q.lost(), 1);
+    // Appends continue with the next id.
+    assert_eq!(q.append(meta(60), &batch(60)).unwrap().0, RecordId(60));
+    q.commit().unwrap();
+    drop(q);
+    // Reported once: the loss ledger remembers it.
+    let (mut q, report, seen) = reopen(&c);
+    assert_eq!((report.lost, report.damaged_bytes), (0, len as u64));
+    assert_eq!(seen.len(), expected.len() + 1);
+    // Once the rest of that segment is acked it is deleted like any other.
+    let first_seg: Vec<RecordId> = (segs[0]..segs[1]).map(RecordId).collect();
+    q.ack(&first_seg);
+    q.commit().unwrap();
+    assert!(!seg.exists());
+    drop(q);
+    let (_, report, _) = reopen(&c);
+    assert_eq!((report.lost, report.damaged_bytes), (0, 0));
+    assert!(!dir.path().join("lost.log").exists(), "the loss ledger holds only live segments' ids");
+}
+
+#[test]
+fn a_flipped_bit_in_the_active_segment_is_damage_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(dir.path(), 1 << 30, 1 << 20, FullPolicy::Backpressure);
     let (mut q, _, _) = reopen(&c);
-    for i in 0..3 {
+    for i in 0..200 {
         q.append(meta(i), &batch(i)).unwrap();
     }
     q.commit().unwrap();
     drop(q);
     let seg = file::segment_path(dir.path(), 0);
-    let mut bytes = std::fs::read(&seg).unwrap();
-    let scan = file::scan_records(&seg, file::HEADER_LEN).unwrap();
-    let second = scan.records[1].0 as usize;
-    bytes[second + 12] ^= 0x40;
-    std::fs::write(&seg, &bytes).unwrap();
+    let recs = records_of(&seg);
+    // The length field of record 100: the frame no longer even says where it ends.
+    flip(&seg, recs[100].0 + 1);
+    let (mut q, report, seen) = reopen(&c);
+    assert_eq!((report.lost, report.truncated_bytes), (1, 0), "{report:?}");
+    assert_eq!(ids(&seen), (0..200).filter(|i| *i != 100).collect::<Vec<_>>());
+    // The hole stays where it is; new records go after the last good one.
+    assert_eq!(q.append(meta(200), &batch(200)).unwrap().0, RecordId(200));
+    q.commit().unwrap();
+    drop(q);
     let (_, report, seen) = reopen(&c);
-    assert_eq!(seen.len(), 1);
-    assert!(report.truncated_bytes > 0);
+    assert_eq!((report.lost, seen.len()), (0, 200));
+    assert_eq!(seen.last().unwrap().2, batch(200));
+}
+
+#[test]
+fn damage_at_the_end_of_a_sealed_segment_is_counted_from_the_next_segments_first_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = filled(dir.path(), &[]);
+    let segs = segments(dir.path());
+    let seg = file::segment_path(dir.path(), segs[1]);
+    let recs = records_of(&seg);
+    let (off, len) = *recs.last().unwrap();
+    flip(&seg, off + len - 3);
+    let (_, report, seen) = reopen(&c);
+    let last = segs[2] - 1;
+    assert_eq!((report.lost, report.truncated_bytes), (1, len as u64), "{report:?}");
+    assert_eq!(ids(&seen), (0..60).filter(|i| *i != last).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_damaged_record_that_was_already_delivered_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = filled(dir.path(), &[2, 3]);
+    let seg = file::segment_path(dir.path(), 0);
+    let recs = records_of(&seg);
+    flip(&seg, recs[3].0 + 20);
+    let (_, report, seen) = reopen(&c);
+    assert_eq!((report.lost, report.damaged_acked), (0, 1), "{report:?}");
+    assert_eq!(ids(&seen), (0..60).filter(|i| ![2, 3].contains(i)).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_damaged_segment_header_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = filled(dir.path(), &[]);
+    let segs = segments(dir.path());
+    flip(&file::segment_path(dir.path(), segs[1]), 9);
+    let (_, report, seen) = reopen(&c);
+    assert_eq!((report.lost, report.removed_empty, seen.len()), (0, 0, 60), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_damaged_after_recovery_is_skipped_and_counted_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = filled(dir.path(), &[]);
+    let (q, _, thread) = open(c.clone(), |_, _, _| {}, None).unwrap();
+    let seg = file::segment_path(dir.path(), 0);
+    let recs = records_of(&seg);
+    flip(&seg, recs[1].0 + 30);
+    let (records, next) = q.read_unacked(RecordId(0), 10, usize::MAX).await.unwrap();
+    let read: Vec<u64> = records.iter().map(|r| r.id.0).collect();
+    assert_eq!((read, next), ((0..10).filter(|i| *i != 1).collect(), RecordId(10)));
+    let (records, _) = q.read_unacked(RecordId(0), 10, usize::MAX).await.unwrap();
+    assert_eq!(records.iter().map(|r| r.id.0).collect::<Vec<_>>(), [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    q.sync().await.unwrap();
+    assert_eq!(q.stats().lost_records, 1);
+    drop(q);
+    thread.join().unwrap();
+    // Recovery finds the same hole and does not count it again.
+    let (_, report, seen) = reopen(&c);
+    assert_eq!((report.lost, seen.len()), (0, 59));
+}
+
+/// A segment of the first format (records without ids), as gateways wrote them
+/// before: records keep their ids where the count says so, and new records go to
+/// a segment of the current format.
+#[test]
+fn first_format_segments_are_read_and_their_damage_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path(), 1 << 30, 1 << 20, FullPolicy::Backpressure);
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let v1 = |first: u64, ids: std::ops::Range<u64>| {
+        let mut bytes = file::header(first).to_vec();
+        bytes[4..6].copy_from_slice(&file::VERSION_1.to_le_bytes());
+        let mut offsets = vec![];
+        for i in ids {
+            offsets.push(bytes.len());
+            let body = file::record_body(i, &meta(i), &batch(i));
+            file::frame(&mut bytes, &body[file::ID_LEN..]);
+        }
+        std::fs::write(file::segment_path(dir.path(), first), &bytes).unwrap();
+        offsets
+    };
+    let sealed = v1(0, 0..10);
+    v1(10, 10..15);
+    flip(&file::segment_path(dir.path(), 0), sealed[4] + 25);
+    let (mut q, report, seen) = reopen(&c);
+    assert_eq!(report.lost, 1, "{report:?}");
+    assert_eq!(ids(&seen), (0..15).filter(|i| *i != 4).collect::<Vec<_>>());
+    for (id, m, b) in &seen {
+        assert_eq!((m, b), (&meta(*id), &batch(*id)));
+    }
+    assert_eq!(q.append(meta(15), &batch(15)).unwrap().0, RecordId(15));
+    q.commit().unwrap();
+    drop(q);
+    assert_eq!(segments(dir.path()), [0, 10, 15], "new records in a new segment");
+    assert_eq!(file::read_header(&file::segment_path(dir.path(), 15)).unwrap(), Some((15, file::VERSION)));
+    let (_, _, seen) = reopen(&c);
+    assert_eq!(seen.len(), 15);
 }
 
 #[test]
