@@ -37,6 +37,27 @@ pub fn generation_of(path: &str) -> Option<u64> {
     path.rsplit('/').next()?.strip_suffix(".ckpt")?.parse().ok()
 }
 
+/// The datasets a shard publishes files into.
+pub const DATASETS: [&str; 4] = ["readings", "aggregates", "events", "deadletter"];
+
+/// A published file's object name: `{dataset}/{partition}/shard-NNN-GGGGGGGGGGGG.parquet`.
+pub fn published_path(dataset: &str, partition: &str, shard: u16, generation: u64) -> String {
+    format!("{dataset}/{partition}/shard-{shard:03}-{generation:012}.parquet")
+}
+
+/// The shard and generation a published file's name carries.
+pub fn published_of(path: &str) -> Option<(u16, u64)> {
+    let name = path.rsplit('/').next()?.strip_prefix("shard-")?.strip_suffix(".parquet")?;
+    let (shard, generation) = name.split_once('-')?;
+    (shard.len() == 3 && generation.len() == 12).then_some(())?;
+    Some((shard.parse().ok()?, generation.parse().ok()?))
+}
+
+/// Where damaged checkpoints are moved by a repair, kept for inspection.
+pub fn damaged_dir(shard: u16) -> String {
+    format!("_fleetline/damaged/shard-{shard:03}")
+}
+
 /// Where a shard stages files before they are published.
 pub fn staging_dir(shard: u16) -> String {
     format!("_fleetline/staging/shard-{shard:03}")

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use crate::config::CloudConfig;
 use crate::node;
+use anyhow::Context;
 use clap::Parser;
 
 /// Fleetline cloud node: takes gateway bundles from the ingest broker, stores
@@ -43,6 +44,20 @@ struct Args {
     /// Prints the effective configuration and exits.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Rebuilds a shard's checkpoint from its datasets (after its checkpoint was
+    /// lost, damaged or restored from an older copy; the node then keeps the
+    /// shard down and says so). Prints what it found and did as JSON.
+    Repair {
+        /// The shard to repair.
+        #[arg(long)]
+        shard: u16,
+    },
 }
 
 fn load(args: &Args) -> anyhow::Result<CloudConfig> {
@@ -83,7 +98,44 @@ where
 {
     fleetline_broker::service::init_tracing();
     let args = Args::parse_from(args);
+    if let Some(Command::Repair { shard }) = args.command {
+        return repair(load(&args), shard);
+    }
     fleetline_broker::service::run("fleetline-cloud", load(&args), args.check_config, |cfg, render, stop| {
         node::run(cfg, Some(render), stop, fleetline_broker::service::print_listening)
     })
+}
+
+/// `repair --shard N`: exit 0 with a JSON report, 2 on a bad configuration, 1 on failure.
+fn repair(cfg: anyhow::Result<CloudConfig>, shard: u16) -> ExitCode {
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fleetline-cloud repair: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = async {
+        let spec = crate::store::StoreSpec::parse(&cfg.storage).map_err(anyhow::Error::msg)?;
+        let store = spec.open(&cfg.storage).context("opening the object store")?;
+        crate::repair::repair(&store, shard, cfg.shard_count, &cfg.node_id, &cfg.segment).await
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run));
+    match result {
+        Ok(report) => {
+            #[allow(clippy::print_stdout)] // The command's output.
+            {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetline-cloud repair --shard {shard}: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

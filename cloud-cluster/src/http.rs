@@ -72,7 +72,7 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
-    if ops.stats.ready.load(Ordering::Relaxed) {
+    if ops.stats.is_ready() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
@@ -106,7 +106,9 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
     let last = s.last_commit_ms.load(Ordering::Relaxed);
     Json(json!({
         "node_id": ops.node_id,
-        "ready": s.ready.load(Ordering::Relaxed),
+        "ready": s.is_ready(),
+        "shards_down": s.shards_down(),
+        "bundles_shard_down": g(&s.bundles_shard_down),
         "broker_connected": s.broker_connected.load(Ordering::Relaxed),
         "shard_count": ops.shard_count,
         "shards_owned": shards.len(),

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod keys;
 pub mod node;
 pub mod registry;
+pub mod repair;
 pub mod replay;
 pub mod rollup;
 pub mod rows;

@@ -129,6 +129,89 @@ async fn commit(shard: &mut Shard, acks: &mpsc::UnboundedSender<Outgoing>, stats
     }
 }
 
+/// What a shard task needs to open its shard (again) and run it.
+#[derive(Clone)]
+struct ShardSetup {
+    store: Store,
+    shard_count: u16,
+    node: String,
+    segment: crate::config::SegmentConfig,
+    registry: Arc<crate::registry::Registry>,
+    validation: crate::config::ValidationConfig,
+    analytics: crate::analytics::AnalyticsConfig,
+    keys: Arc<Keys>,
+    acks: mpsc::UnboundedSender<Outgoing>,
+    stats: Arc<CloudStats>,
+}
+
+/// How often a shard that is down tries to open again (after a repair, or once
+/// the store answers), at most.
+const SHARD_RETRY_MAX: Duration = Duration::from_secs(30);
+
+impl ShardSetup {
+    /// Runs shard `id`. While it cannot be opened it is down: listed in
+    /// `/status`, readiness false, its bundles left unacked (gateways keep and
+    /// resend them), every request answered with why; it tries again now and then.
+    async fn run(self, id: u16, mut opened: Result<Shard, String>, mut inbox: mpsc::Receiver<ShardMsg>) {
+        let mut delay = Duration::from_secs(1);
+        let shard = loop {
+            let why = match opened {
+                Ok(shard) => break shard,
+                Err(why) => why,
+            };
+            if let Ok(mut down) = self.stats.shards_down.lock() {
+                down.insert(id, why.clone());
+            }
+            tracing::error!(shard = id, error = %why, "shard is down");
+            let retry = tokio::time::sleep(delay);
+            tokio::pin!(retry);
+            loop {
+                tokio::select! {
+                    _ = &mut retry => break,
+                    msg = inbox.recv() => match msg {
+                        None => return,
+                        Some(ShardMsg::Bundle(_)) => self.stats.count(&self.stats.bundles_shard_down, 1),
+                        Some(ShardMsg::Flush(reply)) => { let _ = reply.send(Err(format!("shard {id} is down: {why}"))); }
+                        Some(ShardMsg::Status(_)) => {}
+                        Some(ShardMsg::Vehicle(_, _, reply)) => { let _ = reply.send(None); }
+                        Some(ShardMsg::Replay(_, _, reply)) => { let _ = reply.send(Err(format!("shard {id} is down: {why}"))); }
+                    },
+                }
+            }
+            delay = (delay * 2).min(SHARD_RETRY_MAX);
+            opened = match crate::shard::Published::list(&self.store).await {
+                Ok(published) => Shard::open_with(
+                    self.store.clone(),
+                    id,
+                    self.shard_count,
+                    &self.node,
+                    self.segment.clone(),
+                    self.stats.clone(),
+                    &published,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("listing the datasets: {e}")),
+            };
+            if opened.is_ok() {
+                tracing::info!(shard = id, "shard is up again");
+            }
+        };
+        if let Ok(mut down) = self.stats.shards_down.lock() {
+            down.remove(&id);
+        }
+        let mut shard = shard;
+        shard.set_registry(self.registry.clone());
+        shard.set_validation(self.validation.clone());
+        shard.set_analytics(self.analytics.clone());
+        // Alerts of the last commit before a restart may not have left: again, same ids.
+        for e in shard.take_resend() {
+            let _ = self.acks.send(Outgoing::Alert(e));
+        }
+        shard_task(shard, inbox, self.keys, self.acks, self.stats).await;
+    }
+}
+
 /// Handles of a running node, for tests and embedding.
 pub struct Running {
     /// What it listens on.
@@ -203,27 +286,41 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let registry =
         Arc::new(crate::registry::Registry::open(store.clone()).await.context("opening the schema registry")?);
-    // Single node: every shard is owned here.
+    // Single node: every shard is owned here. The datasets are listed once, so
+    // each shard can tell whether they hold files beyond its checkpoint.
     let owned: Vec<u16> = (0..cfg.shard_count).collect();
-    let opened =
-        futures::future::try_join_all(owned.iter().map(|id| {
-            Shard::open(store.clone(), *id, cfg.shard_count, &cfg.node_id, cfg.segment.clone(), stats.clone())
-        }))
-        .await
-        .context("recovering shards")?;
+    let published = crate::shard::Published::list(&store).await.context("listing the datasets")?;
+    let opened = futures::future::join_all(owned.iter().map(|id| {
+        Shard::open_with(
+            store.clone(),
+            *id,
+            cfg.shard_count,
+            &cfg.node_id,
+            cfg.segment.clone(),
+            stats.clone(),
+            &published,
+        )
+    }))
+    .await;
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     let mut inboxes: Vec<Option<mpsc::Sender<ShardMsg>>> = vec![None; cfg.shard_count as usize];
-    for mut shard in opened {
-        shard.set_registry(registry.clone());
-        shard.set_validation(cfg.validation.clone());
-        shard.set_analytics(cfg.analytics.clone());
-        // Alerts of the last commit before a restart may not have left: again, same ids.
-        for e in shard.take_resend() {
-            let _ = acks_tx.send(Outgoing::Alert(e));
-        }
+    let setup = ShardSetup {
+        store: store.clone(),
+        shard_count: cfg.shard_count,
+        node: cfg.node_id.clone(),
+        segment: cfg.segment.clone(),
+        registry: registry.clone(),
+        validation: cfg.validation.clone(),
+        analytics: cfg.analytics.clone(),
+        keys: keys.clone(),
+        acks: acks_tx.clone(),
+        stats: stats.clone(),
+    };
+    for (id, opened) in owned.iter().copied().zip(opened) {
         let (tx, rx) = mpsc::channel(64);
-        inboxes[shard.id() as usize] = Some(tx);
-        tokio::spawn(shard_task(shard, rx, keys.clone(), acks_tx.clone(), stats.clone()));
+        inboxes[id as usize] = Some(tx);
+        let opened = opened.map_err(|e| e.to_string());
+        tokio::spawn(setup.clone().run(id, opened, rx));
     }
     let shards = Arc::new(inboxes);
 

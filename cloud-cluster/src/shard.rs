@@ -34,7 +34,8 @@ use fleetline_wire::{DeviceId, FleetId, GatewayId, WireError, open_batch, peek_h
 
 use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
 use crate::checkpoint::{
-    Checkpoint, DeviceState, Latest, Publish, Totals, checkpoint_dir, checkpoint_path, generation_of, staging_dir,
+    Checkpoint, DATASETS, DeviceState, Latest, Publish, Totals, checkpoint_dir, checkpoint_path, generation_of,
+    published_of, published_path, staging_dir,
 };
 use crate::config::SegmentConfig;
 use crate::rows::{BatchMeta, DeadLetter, Rows};
@@ -42,7 +43,7 @@ use crate::stats::{CloudStats, reason};
 use crate::store::Store;
 
 /// Most hashes of unauthenticated dead letters remembered for dedupe.
-const DEADLETTER_SEEN_MAX: usize = 65_536;
+pub const DEADLETTER_SEEN_MAX: usize = 65_536;
 
 /// Bundle acks a commit released: gateway → bundle ids.
 pub type Acks = BTreeMap<String, Vec<BundleId>>;
@@ -71,6 +72,61 @@ pub enum ShardError {
     /// Stored state contradicts itself; refusing to guess.
     #[error("inconsistent shard state: {0}")]
     Inconsistent(String),
+    /// The newest checkpoint does not load.
+    #[error(
+        "checkpoint {path} of shard {shard} is damaged ({error}); the shard stays down. \
+         `fleetline-cloud repair --shard {shard}` rebuilds its state from the datasets"
+    )]
+    DamagedCheckpoint {
+        /// Shard.
+        shard: u16,
+        /// The checkpoint object.
+        path: String,
+        /// What is wrong with it.
+        error: crate::checkpoint::CheckpointError,
+    },
+    /// The datasets hold files of generations the newest checkpoint does not
+    /// account for: the checkpoint was lost or restored from an older copy.
+    /// Starting would number new files from that checkpoint and meet those.
+    #[error(
+        "shard {shard}: {count} dataset files are newer than its checkpoint ({checkpoint}), newest {examples}; \
+         the checkpoint was lost or restored from an older copy. The shard stays down rather than write \
+         past them: `fleetline-cloud repair --shard {shard}` rebuilds its state from the datasets",
+        count = files.len(),
+        examples = files.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+    )]
+    AheadOfCheckpoint {
+        /// Shard.
+        shard: u16,
+        /// The newest checkpoint, or that there is none.
+        checkpoint: String,
+        /// The files beyond it.
+        files: Vec<String>,
+    },
+}
+
+/// Files every shard has published, by shard: (generation, object name).
+#[derive(Debug, Default)]
+pub struct Published(BTreeMap<u16, Vec<(u64, String)>>);
+
+impl Published {
+    /// Lists the datasets once (a node lists for all its shards together).
+    pub async fn list(store: &Store) -> object_store::Result<Self> {
+        let mut by_shard: BTreeMap<u16, Vec<(u64, String)>> = BTreeMap::new();
+        for dataset in DATASETS {
+            for path in store.list(dataset).await? {
+                if let Some((shard, generation)) = published_of(&path) {
+                    by_shard.entry(shard).or_default().push((generation, path));
+                }
+            }
+        }
+        Ok(Self(by_shard))
+    }
+
+    /// One shard's files.
+    pub fn of(&self, shard: u16) -> &[(u64, String)] {
+        self.0.get(&shard).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// Where a test may stop the process to play a crash (`FLEETLINE_CLOUD_FAULT`).
@@ -203,7 +259,8 @@ fn device_key(fleet: &str, device: &str) -> String {
 
 impl Shard {
     /// Recovers shard `id` from the store: loads the newest checkpoint, finishes its
-    /// publishing, and removes staged files no checkpoint names.
+    /// publishing, and removes staged files no checkpoint names. Refuses a shard
+    /// whose datasets hold files beyond its checkpoint.
     pub async fn open(
         store: Store,
         id: u16,
@@ -211,6 +268,20 @@ impl Shard {
         node: &str,
         cfg: SegmentConfig,
         stats: Arc<CloudStats>,
+    ) -> Result<Self, ShardError> {
+        let published = Published::list(&store).await?;
+        Self::open_with(store, id, shard_count, node, cfg, stats, &published).await
+    }
+
+    /// [`Shard::open`] with the datasets already listed.
+    pub async fn open_with(
+        store: Store,
+        id: u16,
+        shard_count: u16,
+        node: &str,
+        cfg: SegmentConfig,
+        stats: Arc<CloudStats>,
+        published: &Published,
     ) -> Result<Self, ShardError> {
         let mut shard = Self {
             id,
@@ -238,6 +309,17 @@ impl Shard {
             dirty: false,
         };
         shard.recover().await?;
+        // Newest first: the message names the files furthest beyond.
+        let mut beyond: Vec<&(u64, String)> = published.of(id).iter().filter(|(g, _)| *g > shard.generation).collect();
+        beyond.sort_by(|a, b| b.cmp(a));
+        let beyond: Vec<String> = beyond.into_iter().map(|(_, p)| p.clone()).collect();
+        if !beyond.is_empty() {
+            let checkpoint = match shard.generation {
+                0 => "none found".to_string(),
+                g => format!("{}, generation {g}", checkpoint_path(id, g)),
+            };
+            return Err(ShardError::AheadOfCheckpoint { shard: id, checkpoint, files: beyond });
+        }
         Ok(shard)
     }
 
@@ -258,7 +340,12 @@ impl Shard {
                     .get(path)
                     .await?
                     .ok_or_else(|| ShardError::Inconsistent(format!("checkpoint {path} vanished while loading")))?;
-                Some(Checkpoint::from_bytes(&bytes)?)
+                let c = Checkpoint::from_bytes(&bytes).map_err(|error| ShardError::DamagedCheckpoint {
+                    shard: self.id,
+                    path: path.clone(),
+                    error,
+                })?;
+                Some(c)
             }
         };
         let publish = ckpt.as_ref().map(|c| c.publish.clone()).unwrap_or_default();
@@ -273,10 +360,22 @@ impl Shard {
         // Finish publishing what the newest commit staged.
         for p in &publish {
             if self.store.exists(&p.published).await? {
-                // A move that copied and crashed before its delete (S3).
-                self.store.delete(&p.staged).await?;
+                match self.store.get(&p.staged).await? {
+                    // A move that copied and crashed before its delete: the same bytes twice.
+                    Some(staged) if self.store.get(&p.published).await?.is_some_and(|b| b == staged) => {
+                        self.store.delete(&p.staged).await?;
+                    }
+                    Some(_) => {
+                        return Err(ShardError::Inconsistent(format!(
+                            "shard {}: committed file {} is staged, but another file of that name is already \
+                             published; refusing to replace it",
+                            self.id, p.published
+                        )));
+                    }
+                    None => {}
+                }
             } else if self.store.exists(&p.staged).await? {
-                self.store.rename(&p.staged, &p.published).await?;
+                self.store.rename_new(&p.staged, &p.published).await?;
                 tracing::info!(shard = self.id, file = p.published, "published a committed file after restart");
             } else {
                 return Err(ShardError::Inconsistent(format!(
@@ -844,7 +943,7 @@ impl Shard {
         let mut written = 0u64;
         for (i, f) in files.into_iter().enumerate() {
             let staged = format!("{}/{generation:012}-{i:03}.parquet", staging_dir(self.id));
-            let published = format!("{}/{}/shard-{:03}-{generation:012}.parquet", f.dataset, f.partition, self.id);
+            let published = published_path(f.dataset, &f.partition, self.id, generation);
             written += f.bytes.len() as u64;
             self.store.put(&staged, Bytes::from(f.bytes)).await?;
             publish.push(Publish { staged, published });
@@ -876,10 +975,11 @@ impl Shard {
                 .collect(),
             outbox: rows.events().cloned().collect(),
         };
-        self.store.put(&checkpoint_path(self.id, generation), Bytes::from(ckpt.to_bytes())).await?;
+        // Create-only: a checkpoint or a dataset file is never replaced.
+        self.store.put_new(&checkpoint_path(self.id, generation), Bytes::from(ckpt.to_bytes())).await?;
         fault_point(CommitStep::Checkpointed);
         for p in &publish {
-            self.store.rename(&p.staged, &p.published).await?;
+            self.store.rename_new(&p.staged, &p.published).await?;
         }
         fault_point(CommitStep::Published);
         // Committed. The previous checkpoint is superseded; failing to delete it is harmless.

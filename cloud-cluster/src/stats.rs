@@ -37,6 +37,14 @@ pub mod reason {
     /// An authentic batch from a boot epoch below its device's epoch floor
     /// (dedupe state of that epoch forgotten): a replay, never stored again.
     pub const STALE_EPOCH: &str = "stale_epoch";
+
+    /// Whether a dead letter of this reason is an authentic batch, deduped by its
+    /// (device, epoch, seq) like stored batches; the others are deduped by a hash
+    /// of their bytes, since their sender is unproven.
+    pub fn is_authentic(reason: &str) -> bool {
+        [UNDECODABLE, UNKNOWN_KIND, UNKNOWN_SCHEMA, NOT_IN_SCHEMA, OUT_OF_RANGE, FUTURE_TIMESTAMP, BEFORE_EPOCH_FLOOR]
+            .contains(&reason)
+    }
 }
 
 /// Counters, shared by every task of the node.
@@ -82,6 +90,12 @@ pub struct CloudStats {
     pub alerts_sent: AtomicU64,
     /// Alerts that could not be published (broker gone); they stay in `events`.
     pub alerts_failed: AtomicU64,
+    /// Shards owned here that are down, and why (a damaged checkpoint, files
+    /// beyond the checkpoint, a store that cannot be read). Readiness is false
+    /// while any is.
+    pub shards_down: Mutex<BTreeMap<u16, String>>,
+    /// Bundles for a shard that is down, left unacked (the gateway sends them again).
+    pub bundles_shard_down: AtomicU64,
     /// Refused gateway logins (embedded broker), by reason.
     pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
     deadletters: Mutex<BTreeMap<&'static str, u64>>,
@@ -125,9 +139,20 @@ impl CloudStats {
         self.deadletters.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// Owned shards that are down, and why.
+    pub fn shards_down(&self) -> BTreeMap<u16, String> {
+        self.shards_down.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Ready: recovered, subscribed, and no owned shard down.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.shards_down().is_empty()
+    }
+
     /// Sets the Prometheus gauges and counters from the atomics (before a scrape).
     pub fn export(&self) {
-        let pairs: [(&str, &AtomicU64); 17] = [
+        let pairs: [(&str, &AtomicU64); 18] = [
+            ("fleetline_cloud_bundles_shard_down_total", &self.bundles_shard_down),
             ("fleetline_cloud_deadletters_replayed_total", &self.replayed),
             ("fleetline_cloud_late_samples_total", &self.late_samples),
             ("fleetline_cloud_analytics_gaps_skipped_total", &self.gaps_skipped),
@@ -149,6 +174,7 @@ impl CloudStats {
         for (name, c) in pairs {
             metrics::counter!(name).absolute(Self::get(c));
         }
+        metrics::gauge!("fleetline_cloud_shards_down").set(self.shards_down().len() as f64);
         metrics::gauge!("fleetline_cloud_broker_connected")
             .set(f64::from(u8::from(self.broker_connected.load(Ordering::Relaxed))));
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::config::StorageConfig;
 
@@ -78,7 +78,12 @@ impl StoreSpec {
                 if let Some(k) = &cfg.secret_access_key {
                     b = b.with_secret_access_key(k);
                 }
-                Ok(Store::new(Arc::new(b.build()?), Path::from(prefix.as_str())))
+                let mut store = Store::new(Arc::new(b.build()?), Path::from(prefix.as_str()));
+                // S3 has no create-only copy without extra configuration: a move
+                // onto an existing object is refused after a look (one writer
+                // per shard makes the look enough).
+                store.create_only_moves = false;
+                Ok(store)
             }
         }
     }
@@ -135,12 +140,15 @@ pub struct Store {
     root: Path,
     /// Injected failures (tests).
     pub faults: Arc<FaultPlan>,
+    /// The store refuses a move onto an existing object by itself (local: a hard
+    /// link; memory). Otherwise [`Store::rename_new`] looks first.
+    create_only_moves: bool,
 }
 
 impl Store {
     /// Wraps a store; every path is taken relative to `root`.
     pub fn new(inner: Arc<dyn ObjectStore>, root: Path) -> Self {
-        Self { inner, root, faults: Arc::default() }
+        Self { inner, root, faults: Arc::default(), create_only_moves: true }
     }
 
     /// An in-memory store (tests, benchmarks).
@@ -168,6 +176,32 @@ impl Store {
         let path = self.full(rel);
         self.faults.check("put", &path)?;
         self.inner.put(&path, PutPayload::from_bytes(data)).await.map(|_| ())
+    }
+
+    /// Writes an object that must not exist yet: never replaces a visible object
+    /// (`AlreadyExists` instead).
+    pub async fn put_new(&self, rel: &str, data: Bytes) -> object_store::Result<()> {
+        let path = self.full(rel);
+        self.faults.check("put", &path)?;
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.inner.put_opts(&path, PutPayload::from_bytes(data), opts).await.map(|_| ())
+    }
+
+    /// Moves an object to a name that must not exist yet (`AlreadyExists` instead).
+    pub async fn rename_new(&self, from: &str, to: &str) -> object_store::Result<()> {
+        let (from, to) = (self.full(from), self.full(to));
+        self.faults.check("rename", &to)?;
+        if self.create_only_moves {
+            return self.inner.rename_if_not_exists(&from, &to).await;
+        }
+        match self.inner.head(&to).await {
+            Ok(_) => Err(object_store::Error::AlreadyExists {
+                path: to.to_string(),
+                source: "refusing to replace a published object".into(),
+            }),
+            Err(object_store::Error::NotFound { .. }) => self.inner.rename(&from, &to).await,
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads an object; `None` if it does not exist.
@@ -245,6 +279,16 @@ mod tests {
         assert_eq!(s.get("e/d.bin").await.unwrap().unwrap(), Bytes::from_static(b"2"));
         assert!(s.get("a/d.bin").await.unwrap().is_none());
         s.delete("nothing").await.unwrap();
+        // Create-only writes never replace what is there.
+        assert!(matches!(
+            s.put_new("e/d.bin", Bytes::from_static(b"3")).await,
+            Err(object_store::Error::AlreadyExists { .. })
+        ));
+        s.put("a/f.bin", Bytes::from_static(b"4")).await.unwrap();
+        assert!(matches!(s.rename_new("a/f.bin", "e/d.bin").await, Err(object_store::Error::AlreadyExists { .. })));
+        assert_eq!(s.get("e/d.bin").await.unwrap().unwrap(), Bytes::from_static(b"2"));
+        s.rename_new("a/f.bin", "e/f.bin").await.unwrap();
+        s.delete("e/f.bin").await.unwrap();
         s.faults.fail_write(2, false);
         s.put("x", Bytes::new()).await.unwrap();
         assert!(s.put("y", Bytes::new()).await.is_err());

@@ -490,3 +490,136 @@ async fn a_replayed_batch_from_a_forgotten_epoch_is_stored_once_ever() {
     assert_eq!(rows.len(), 17);
     assert_eq!(deadletter_reasons(&store).await.get("stale_epoch"), Some(&1), "the replay is a dead letter, once");
 }
+
+/// Every dataset file of the store and its bytes.
+async fn dataset_files(store: &Store) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for dataset in fleetline_cloud::checkpoint::DATASETS {
+        for path in store.list(dataset).await.unwrap() {
+            out.insert(path.clone(), store.get(&path).await.unwrap().unwrap().to_vec());
+        }
+    }
+    out
+}
+
+/// A partial restore of the lake on a real directory. Before: with one shard's
+/// checkpoint deleted, the shard started at generation 0 and its next commit
+/// renamed a new file onto a published `readings` file (869 acked readings
+/// replaced by 10). Now the shard refuses to start, naming itself and the files;
+/// `repair` rebuilds its dedupe state from the datasets; replays are refused and
+/// new files come after every existing one; no published byte ever changes.
+/// The same for a checkpoint restored from an older copy, and a damaged one.
+#[tokio::test]
+async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothing_is_overwritten() {
+    use fleetline_cloud::checkpoint::{checkpoint_dir, checkpoint_path};
+    use fleetline_cloud::shard::ShardError;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = fleetline_cloud::config::StorageConfig {
+        url: format!("file://{}", dir.path().display()),
+        ..Default::default()
+    };
+    let store = fleetline_cloud::store::StoreSpec::parse(&storage).unwrap().open(&storage).unwrap();
+    let prov: Provisioning = fleet(200, 1);
+    let devs = devices_of_shard0(3);
+    let mut next_bundle = 0;
+    let mut bundle_of = |seqs: std::ops::Range<u32>| {
+        next_bundle += 1;
+        let sealed: Vec<Vec<u8>> = devs
+            .iter()
+            .flat_map(|i| {
+                seqs.clone().map(move |q| {
+                    sealed_batch(device_id(*i).as_str(), &device_key(*i), 3, q, BASE_MS + u64::from(q) * 1000, SAMPLES, None)
+                })
+            })
+            .collect();
+        bundle(&gateway_key(0), "gw-0", next_bundle, 0, &sealed, BASE_MS)
+    };
+    let mut sent = Vec::new();
+    let mut shard = open(&store).await.unwrap();
+    let mut old_checkpoint = None;
+    for g in 0..5u32 {
+        let b = bundle_of(g * 4..g * 4 + 4);
+        shard.ingest(&b, &prov);
+        sent.push(b);
+        shard.commit().await.unwrap();
+        if g == 1 {
+            old_checkpoint = Some(store.get(&checkpoint_path(0, 2)).await.unwrap().unwrap());
+        }
+    }
+    assert_eq!(shard.status().generation, 5);
+    drop(shard);
+    let files = dataset_files(&store).await;
+    let stored = readings(&store).await;
+    assert_eq!(stored.len(), 3 * 20);
+
+    // 1. The checkpoint is lost.
+    for p in store.list(&checkpoint_dir(0)).await.unwrap() {
+        store.delete(&p).await.unwrap();
+    }
+    let err = open(&store).await.err().expect("a shard with files beyond its checkpoint must not start");
+    assert!(matches!(err, ShardError::AheadOfCheckpoint { shard: 0, .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("shard 0") && msg.contains("shard-000-000000000005.parquet") && msg.contains("repair"), "{msg}");
+    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    assert_eq!((report.from_generation, report.generation, report.written), (0, 5, true), "{report:?}");
+    assert_eq!(report.batches_added, 60);
+    let mut shard = open(&store).await.unwrap();
+    assert_eq!(shard.status().generation, 5);
+    // Every earlier bundle again (a gateway re-sending), and one new one.
+    for b in &sent {
+        shard.ingest(b, &prov);
+    }
+    shard.ingest(&bundle_of(20..22), &prov);
+    let committed = shard.commit().await.unwrap();
+    assert_eq!(committed.acks.get("gw-0").map(Vec::len), Some(6), "replays acked, not stored");
+    drop(shard);
+    let after = readings(&store).await;
+    assert_eq!(after.len(), 3 * 22);
+    assert!(after.values().all(|n| *n == SAMPLES), "every batch stored once");
+    let now = dataset_files(&store).await;
+    for (path, bytes) in &files {
+        assert_eq!(now.get(path), Some(bytes), "{path} is unchanged");
+    }
+    assert!(now.keys().any(|p| p.ends_with("shard-000-000000000006.parquet")));
+
+    // 2. A checkpoint restored from an older copy (generation 2 of 6).
+    for p in store.list(&checkpoint_dir(0)).await.unwrap() {
+        store.delete(&p).await.unwrap();
+    }
+    store.put(&checkpoint_path(0, 2), old_checkpoint.unwrap()).await.unwrap();
+    let err = open(&store).await.err().expect("an old checkpoint must not start the shard");
+    assert!(err.to_string().contains("000000000002.ckpt, generation 2"), "{err}");
+    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    assert_eq!((report.from_generation, report.generation, report.batches_added), (2, 6, 3 * 14), "{report:?}");
+    let mut shard = open(&store).await.unwrap();
+    for b in &sent {
+        shard.ingest(b, &prov);
+    }
+    shard.commit().await.unwrap();
+    assert_eq!(shard.status().generation, 6, "nothing new to store");
+    drop(shard);
+
+    // 3. The checkpoint is damaged: named, and moved aside by the repair.
+    let path = checkpoint_path(0, 6);
+    let mut bytes = store.get(&path).await.unwrap().unwrap().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    store.delete(&path).await.unwrap();
+    store.put(&path, bytes.into()).await.unwrap();
+    let err = open(&store).await.err().expect("a damaged checkpoint must not start the shard");
+    assert!(matches!(err, ShardError::DamagedCheckpoint { .. }), "{err}");
+    assert!(err.to_string().contains(&path) && err.to_string().contains("shard 0"), "{err}");
+    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    assert_eq!((report.from_generation, report.generation, report.damaged_checkpoints.len()), (0, 6, 1));
+    assert_eq!(store.list("_fleetline/damaged/shard-000").await.unwrap().len(), 1, "kept for inspection");
+    let mut shard = open(&store).await.unwrap();
+    for b in &sent {
+        shard.ingest(b, &prov);
+    }
+    shard.commit().await.unwrap();
+    drop(shard);
+    assert_eq!(readings(&store).await, after, "nothing stored twice");
+    // A second repair has nothing to do.
+    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    assert!(!report.written, "{report:?}");
+}

@@ -1,0 +1,261 @@
+//! `fleetline-cloud repair --shard N`: rebuilds a shard's dedupe state from its
+//! datasets when its checkpoint is lost, damaged or older than its files.
+//!
+//! Every batch a shard stored left rows in `readings` (its samples) or
+//! `deadletter` (an authentic batch that could not be used), each carrying the
+//! batch's (fleet, device, epoch, seq). Reading the shard's files beyond its
+//! newest loadable checkpoint gives back the set of batches it stored; the
+//! repair writes a checkpoint of the newest generation found, so the shard
+//! numbers its next files after every existing one and refuses every batch it
+//! already holds. Damaged checkpoints are moved to `_fleetline/damaged/` first,
+//! not deleted.
+//!
+//! Not rebuilt (they fill again from new data): latest values per signal,
+//! analytics windows and detectors, gateway clocks, and the hashes of dead
+//! letters older than the loaded checkpoint.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int64Type, TimestampMillisecondType};
+use arrow_array::{Array, RecordBatch};
+use bytes::Bytes;
+use fleetline_wire::shard::fnv1a64;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::checkpoint::{
+    Checkpoint, DeviceState, checkpoint_dir, checkpoint_path, damaged_dir, generation_of, published_of,
+};
+use crate::config::SegmentConfig;
+use crate::shard::{DEADLETTER_SEEN_MAX, Published};
+use crate::stats::reason;
+use crate::store::Store;
+
+/// What a repair found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RepairReport {
+    /// Shard.
+    pub shard: u16,
+    /// Generation of the checkpoint it started from (0: none loadable).
+    pub from_generation: u64,
+    /// Checkpoints that did not load, moved aside.
+    pub damaged_checkpoints: Vec<String>,
+    /// Dataset files beyond that checkpoint, read.
+    pub files_read: usize,
+    /// Generation of the checkpoint written (the newest found).
+    pub generation: u64,
+    /// Whether a checkpoint was written (false: nothing to repair).
+    pub written: bool,
+    /// Devices in the rebuilt state.
+    pub devices: usize,
+    /// Batches added to the dedupe state from the files read.
+    pub batches_added: u64,
+    /// Readings rows in the files read.
+    pub readings: u64,
+    /// Dead-letter rows in the files read.
+    pub deadletters: u64,
+}
+
+/// Rebuilds shard `shard`'s checkpoint from its datasets; see the module docs.
+/// Run it while the shard is down (a node keeps a shard down while its files are
+/// beyond its checkpoint, and picks up the repaired checkpoint by itself).
+pub async fn repair(
+    store: &Store,
+    shard: u16,
+    shard_count: u16,
+    node: &str,
+    segment: &SegmentConfig,
+) -> anyhow::Result<RepairReport> {
+    anyhow::ensure!(shard < shard_count, "shard {shard} does not exist with shard_count {shard_count}");
+    let mut report = RepairReport { shard, ..Default::default() };
+    // The newest checkpoint that loads; newer ones that do not are damaged.
+    let mut checkpoints: Vec<(u64, String)> = store
+        .list(&checkpoint_dir(shard))
+        .await?
+        .into_iter()
+        .filter_map(|p| generation_of(&p).map(|g| (g, p)))
+        .collect();
+    checkpoints.sort();
+    let mut base: Option<Checkpoint> = None;
+    let mut damaged = Vec::new();
+    while let Some((_, path)) = checkpoints.pop() {
+        let Some(bytes) = store.get(&path).await? else { continue };
+        match Checkpoint::from_bytes(&bytes) {
+            Ok(c) if c.shard == shard && c.shard_count == shard_count => {
+                base = Some(c);
+                break;
+            }
+            Ok(c) => anyhow::bail!(
+                "checkpoint {path} belongs to shard {}/{}, not {shard}/{shard_count}: is shard_count right?",
+                c.shard,
+                c.shard_count
+            ),
+            Err(e) => {
+                tracing::warn!(checkpoint = path, error = %e, "damaged checkpoint; repairing past it");
+                damaged.push(path);
+            }
+        }
+    }
+    report.from_generation = base.as_ref().map_or(0, |c| c.generation);
+    let mut ckpt = base.unwrap_or_else(|| Checkpoint {
+        shard,
+        shard_count,
+        generation: 0,
+        committed_at_ms: 0,
+        node: node.into(),
+        devices: Vec::new(),
+        deadletter_seen: Vec::new(),
+        publish: Vec::new(),
+        totals: Default::default(),
+        clocks: Vec::new(),
+        outbox: Vec::new(),
+    });
+
+    let published = Published::list(store).await?;
+    let mut beyond: Vec<(u64, String)> =
+        published.of(shard).iter().filter(|(g, _)| *g > report.from_generation).cloned().collect();
+    beyond.sort();
+    let newest = beyond.last().map_or(report.from_generation, |(g, _)| *g);
+    if beyond.is_empty() && damaged.is_empty() {
+        report.generation = report.from_generation;
+        report.devices = ckpt.devices.len();
+        return Ok(report);
+    }
+
+    let mut devices: BTreeMap<(String, String), DeviceState> =
+        ckpt.devices.drain(..).map(|d| ((d.fleet.clone(), d.device.clone()), d)).collect();
+    let mut hashes: VecDeque<u64> = ckpt.deadletter_seen.drain(..).collect();
+    for (generation, path) in &beyond {
+        let dataset = path.split('/').next().unwrap_or_default();
+        if dataset != "readings" && dataset != "deadletter" {
+            continue;
+        }
+        let bytes = store.get(path).await?.ok_or_else(|| anyhow::anyhow!("{path} vanished while repairing"))?;
+        let batches = read_parquet(bytes).map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
+        report.files_read += 1;
+        debug_assert_eq!(published_of(path).map(|(_, g)| g), Some(*generation));
+        for batch in &batches {
+            let rows = Rows::of(batch);
+            for i in 0..batch.num_rows() {
+                if dataset == "readings" {
+                    report.readings += 1;
+                } else {
+                    report.deadletters += 1;
+                    let why = rows.text("reason", i).unwrap_or_default();
+                    if !reason::is_authentic(why) {
+                        // Deduped by its bytes, as the shard does.
+                        if let Some(raw) = rows.binary("raw", i) {
+                            hashes.push_back(fnv1a64(raw) ^ fnv1a64(why.as_bytes()).rotate_left(1));
+                        }
+                        continue;
+                    }
+                }
+                let (Some(fleet), Some(device), Some(epoch), Some(seq)) =
+                    (rows.text("fleet", i), rows.text("device_id", i), rows.int("epoch", i), rows.int("seq", i))
+                else {
+                    continue;
+                };
+                let (Ok(epoch), Ok(seq)) = (u32::try_from(epoch), u32::try_from(seq)) else { continue };
+                let state = devices.entry((fleet.to_string(), device.to_string())).or_insert_with(|| DeviceState {
+                    fleet: fleet.into(),
+                    device: device.into(),
+                    ..Default::default()
+                });
+                if state.seen.insert(epoch, seq) {
+                    report.batches_added += 1;
+                    ckpt.totals.batches += 1;
+                    if state.last_batch < (epoch, seq) {
+                        state.last_batch = (epoch, seq);
+                        if let (Some(gw), Some(at)) = (rows.text("gateway_id", i), rows.time("received_at", i)) {
+                            state.last_gateway = gw.into();
+                            state.last_received_ms = at;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for state in devices.values_mut() {
+        if let Some(forgot) = state.seen.retain_epochs(segment.dedupe_epochs) {
+            state.epoch_floor = state.epoch_floor.max(forgot.saturating_add(1));
+        }
+    }
+    while hashes.len() > DEADLETTER_SEEN_MAX {
+        hashes.pop_front();
+    }
+    ckpt.devices = devices.into_values().collect();
+    ckpt.deadletter_seen = hashes.into();
+    ckpt.totals.readings += report.readings;
+    ckpt.totals.deadletters += report.deadletters;
+    ckpt.totals.files += beyond.len() as u64;
+    ckpt.generation = newest;
+    ckpt.committed_at_ms = now_ms();
+    ckpt.node = node.into();
+    ckpt.publish.clear();
+    ckpt.outbox.clear();
+
+    // Damaged checkpoints go aside (kept), so the new one can take the newest name.
+    for path in &damaged {
+        let name = path.rsplit('/').next().unwrap_or("checkpoint");
+        let aside = format!("{}/{}-{name}", damaged_dir(shard), now_ms());
+        store.rename(path, &aside).await?;
+        tracing::warn!(from = path, to = aside, "damaged checkpoint moved aside");
+    }
+    let path = checkpoint_path(shard, newest);
+    if report.from_generation == newest {
+        // Only a damaged newer checkpoint was in the way: the loaded one stays.
+        report.generation = newest;
+        report.devices = ckpt.devices.len();
+        report.damaged_checkpoints = damaged;
+        return Ok(report);
+    }
+    store.put_new(&path, Bytes::from(ckpt.to_bytes())).await?;
+    report.written = true;
+    report.generation = newest;
+    report.devices = ckpt.devices.len();
+    report.damaged_checkpoints = damaged;
+    tracing::info!(shard, checkpoint = path, ?report, "shard state rebuilt from its datasets");
+    Ok(report)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn read_parquet(bytes: Bytes) -> Result<Vec<RecordBatch>, parquet::errors::ParquetError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+    reader.collect::<Result<Vec<_>, _>>().map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+}
+
+/// Typed access to a record batch's columns by name; a missing or null value is `None`.
+struct Rows<'a>(&'a RecordBatch);
+
+impl<'a> Rows<'a> {
+    fn of(batch: &'a RecordBatch) -> Self {
+        Self(batch)
+    }
+
+    fn column(&self, name: &str) -> Option<&'a dyn Array> {
+        self.0.column_by_name(name).map(|c| c.as_ref())
+    }
+
+    fn text(&self, name: &str, i: usize) -> Option<&'a str> {
+        let c = self.column(name)?.as_string_opt::<i32>()?;
+        c.is_valid(i).then(|| c.value(i))
+    }
+
+    fn int(&self, name: &str, i: usize) -> Option<i64> {
+        let c = self.column(name)?.as_primitive_opt::<Int64Type>()?;
+        c.is_valid(i).then(|| c.value(i))
+    }
+
+    fn time(&self, name: &str, i: usize) -> Option<i64> {
+        let c = self.column(name)?.as_primitive_opt::<TimestampMillisecondType>()?;
+        c.is_valid(i).then(|| c.value(i))
+    }
+
+    fn binary(&self, name: &str, i: usize) -> Option<&'a [u8]> {
+        let c = self.column(name)?.as_binary_opt::<i32>()?;
+        c.is_valid(i).then(|| c.value(i))
+    }
+}
