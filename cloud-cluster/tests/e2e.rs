@@ -330,6 +330,87 @@ async fn every_acked_reading_is_stored_once_through_sigkills_of_the_cloud_node()
     assert_eq!(cloud.terminate().await.code(), Some(0));
 }
 
+/// A damaged checkpoint found at start. Before: the node failed to start at all
+/// (or, with the checkpoint gone, overwrote published files). Now that shard
+/// alone stays down, named with its checkpoint in `/status`, readiness false, its
+/// bundles left with the gateway; `fleetline-cloud repair --shard N` rebuilds it
+/// and the running node takes the shard up by itself, storing everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_with_a_damaged_checkpoint_stays_down_alone_until_repaired() {
+    let broker_port = free_port();
+    let env = Env::new(4, |lake| {
+        (
+            format!("[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n", lake.display()),
+            broker_port,
+        )
+    });
+    let cloud = env.cloud(None).await;
+    let gw = env.gateway().await;
+    let mut fleet = Fleet::start(4, gw.addr("devices").port(), Duration::from_millis(20), OutboxFull::Block);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut acked = fleet.acked();
+    env.wait_cloud_acked_everything(&gw, Duration::from_secs(30)).await;
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+
+    // Damage the checkpoint of one shard that has data.
+    let ckpts = env.lake.join("_fleetline/checkpoints");
+    let mut shard_dirs: Vec<PathBuf> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().path()).collect();
+    shard_dirs.sort();
+    let dir = &shard_dirs[0];
+    let shard: u16 = dir.file_name().unwrap().to_str().unwrap().trim_start_matches("shard-").parse().unwrap();
+    let ckpt = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&ckpt, &bytes).unwrap();
+
+    let cloud = env.cloud(None).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = cloud.status().await;
+    let why = s["shards_down"][shard.to_string()].as_str().unwrap_or_else(|| panic!("shard {shard} down: {s}"));
+    assert!(why.contains(ckpt.file_name().unwrap().to_str().unwrap()) && why.contains("repair"), "{why}");
+    assert_eq!(s["shards_down"].as_object().unwrap().len(), 1, "only that shard: {s}");
+    assert_eq!(http_get(cloud.addr("http"), "/health/ready").await, "not ready");
+    // The other shards take data meanwhile; the down shard's wait at the gateway.
+    acked.extend(fleet.acked());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(cloud.status().await["commits"].as_u64().unwrap() > 0, "the other shards commit");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetline-cloud"))
+        .arg("--config")
+        .arg(&env.cloud_cfg)
+        .arg("repair")
+        .arg("--shard")
+        .arg(shard.to_string())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "repair: {}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["written"], true, "{report}");
+    assert_eq!(report["damaged_checkpoints"].as_array().unwrap().len(), 1, "{report}");
+
+    // The node takes the shard up by itself.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(cloud.addr("http"), "/health/ready").await != "ready" {
+        assert!(Instant::now() < deadline, "ready again after the repair: {}", cloud.status().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    fleet.stop().await;
+    acked.extend(fleet.drain(Duration::from_secs(60)).await);
+    let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(90)).await;
+    assert_eq!(gw_status["queue"]["records"].as_u64(), Some(0), "cloud acked everything: {gw_status}");
+    let (rows, dups) = duckdb_readings(&env.lake).await;
+    assert_exactly_once(&acked, &rows, dups);
+    eprintln!(
+        "damaged checkpoint of shard {shard}: down while {} bundles waited, repaired ({report}), {} batches stored once",
+        cloud.status().await["bundles_shard_down"],
+        rows.len()
+    );
+    assert_eq!(gw.terminate().await.code(), Some(0));
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_external_broker_and_an_s3_bucket_work_the_same() {
     let devices = if full_size() { 10 } else { 3 };
