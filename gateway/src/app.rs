@@ -115,6 +115,7 @@ pub async fn run(
     }
     stats.session_cap.store(max_sessions as u64, Ordering::Relaxed);
     let front = Front::new(registry.clone(), stats.clone(), &device_broker, max_sessions);
+    let sessions_active = front.active.clone();
     let (devices_addr, plain) = front.clone().bind(cfg.devices.listen, None).await?;
     let mut front_tasks = vec![tokio::spawn(plain)];
     let tls_addr = match &cfg.devices.tls {
@@ -186,6 +187,7 @@ pub async fn run(
         devices_addr,
         tls_addr,
         broker: Some(device_broker.health.clone()),
+        sessions: sessions_active,
     };
     let (http_addr, http_server) = http::bind(cfg.http.listen, ops).await?;
     let http_task = tokio::spawn(http_server);

@@ -34,6 +34,8 @@ pub struct Ops {
     pub tls_addr: Option<SocketAddr>,
     /// The device broker's health.
     pub broker: Option<Arc<fleetline_broker::BrokerHealth>>,
+    /// Device sessions open now (both listeners).
+    pub sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Binds the endpoint; returns its address and the server future.
@@ -65,6 +67,10 @@ async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
         && !health.healthy()
     {
         return (StatusCode::SERVICE_UNAVAILABLE, "device broker not answering");
+    }
+    if ops.sessions.load(Ordering::Relaxed) as u64 >= GatewayStats::get(&ops.stats.session_cap) {
+        // Full: a balancer should send new units elsewhere (more are refused, counted).
+        return (StatusCode::SERVICE_UNAVAILABLE, "device sessions at capacity");
     }
     (StatusCode::OK, "ready")
 }
@@ -126,6 +132,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "revocations": GatewayStats::get(&s.revocations),
         "broker": ops.broker.as_ref().map(|b| b.status()),
         "session_cap": GatewayStats::get(&s.session_cap),
+        "sessions": ops.sessions.load(Ordering::Relaxed),
         "devices": s.devices(),
     }))
 }

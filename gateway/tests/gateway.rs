@@ -397,6 +397,40 @@ async fn a_full_budget_under_drop_oldest_drops_oldest_first_and_counts_exactly()
     gw.terminate().await;
 }
 
+/// A gateway at its device session cap says so: readiness false (a balancer sends
+/// new units elsewhere), the extra unit refused at once and counted; ready again
+/// once sessions end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_is_false_while_device_sessions_are_at_the_cap() {
+    let env = Env::new(3).await;
+    let port = free_port();
+    let cfg = env.config(0, port, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[devices]\n", "[devices]\nmax_connections = 2\n");
+    std::fs::write(&cfg, text).unwrap();
+    let gw = Gateway::start(&cfg).await;
+    assert_eq!(http_get(gw.http, "/health/ready").await, "ready");
+    let mut fleet = Fleet::start(3, port, Duration::from_millis(50), OutboxFull::Block);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = gw.status().await;
+        if s["logins_rejected"]["server_busy"].as_u64().unwrap_or(0) > 0 && s["sessions"] == 2 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(s["session_cap"], 2, "{s}");
+    assert_eq!(http_get(gw.http, "/health/ready").await, "device sessions at capacity");
+    fleet.stop().await;
+    drop(fleet);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(gw.http, "/health/ready").await != "ready" {
+        assert!(Instant::now() < deadline, "ready again once sessions end: {}", gw.status().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
 /// A flipped bit in a sealed queue segment, found at restart. Before: recovery cut
 /// the segment at the damaged record and every later record in it was lost (103 of
 /// 200 acked batches in the first report), without a counter. Now exactly the

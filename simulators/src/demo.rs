@@ -22,7 +22,7 @@ use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
 use crate::drive::{Drive, DriveParams, Unit};
 use crate::html::{Tick, Window};
 use crate::model::Profile;
-use crate::report::{Injected, Latency, Report, lost, read_events, read_readings, score};
+use crate::report::{Injected, Latency, Report, lost, missing_but_queued, read_events, read_readings, score};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -215,6 +215,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         connection_errors += s.connection_errors;
         resends += s.core.resends;
     }
+    // Stop: units, gateway (commits its queue), cloud shards (commit; nothing is open).
+    let drained = services.gateway_status().await["queue"]["records"].as_u64() == Some(0);
+    for c in std::mem::take(&mut drive.clients) {
+        if let Ok(c) = Arc::try_unwrap(c) {
+            c.shutdown(Duration::from_millis(100)).await;
+        }
+    }
+    services.stop().await;
+    // What the gateway still held when it stopped: acked to its unit, not yet to the cloud.
+    let queued = if drained { HashMap::new() } else { still_queued(&dir.join("gw-1").join("queue"))? };
+
     // Latency is measured on the wall clock: a reading's simulated time maps back to
     // when the model produced it (the same instant when the time scale is 1).
     let wall_start = (t0_ms + drive.sim_secs * 1000) as i64 - opts.duration.as_millis() as i64;
@@ -263,7 +274,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         samples_sent: recorded,
         samples_acked,
         samples_stored: stored.distinct,
-        samples_lost: lost(&acked, &stored),
+        samples_lost: lost(&acked, &stored, &queued),
+        samples_still_queued: missing_but_queued(&acked, &stored, &queued),
         samples_duplicated: stored.rows - stored.distinct,
         throughput_samples_per_s: stored.distinct as f64 / run_wall.as_secs_f64(),
         e2e_latency_ms: stored.e2e,
@@ -303,14 +315,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
 
-    // Stop: units, gateway (commits its queue), cloud shards (commit; nothing is open).
-    for c in drive.clients {
-        if let Ok(c) = Arc::try_unwrap(c) {
-            c.shutdown(Duration::from_millis(100)).await;
-        }
-    }
-    services.stop().await;
     Ok(report)
+}
+
+/// Samples per batch (device, epoch, seq) in a stopped gateway's queue, unacked.
+fn still_queued(dir: &std::path::Path) -> anyhow::Result<HashMap<(String, u32, u32), u64>> {
+    let mut out = HashMap::new();
+    let cfg = fleetline_gateway::queue::QueueConfig {
+        dir: dir.to_path_buf(),
+        budget_bytes: u64::MAX,
+        segment_bytes: 16 << 20,
+        commit_interval: Duration::from_millis(10),
+        policy: fleetline_gateway::queue::FullPolicy::Backpressure,
+    };
+    let (handle, _, thread) = fleetline_gateway::queue::open(
+        cfg,
+        |_, meta, batch| {
+            if let Ok(h) = fleetline_wire::peek_header(batch) {
+                out.insert((h.device.to_string(), h.epoch, h.seq), u64::from(meta.samples));
+            }
+        },
+        None,
+    )
+    .with_context(|| format!("reading the gateway's queue in {}", dir.display()))?;
+    drop(handle);
+    let _ = thread.join();
+    Ok(out)
 }
 
 /// The gateway and the cloud node: in this process, or child processes of this

@@ -206,7 +206,10 @@ pub fn page(report: &Report, ticks: &[Tick], latency: &[(f64, f64, f64)], window
         "samples sent / acked / stored",
         format!("{} / {} / {}", report.samples_sent, report.samples_acked, report.samples_stored),
     );
-    rows += &row("samples lost / duplicated", format!("{} / {}", report.samples_lost, report.samples_duplicated));
+    rows += &row(
+        "samples lost / still queued / duplicated",
+        format!("{} / {} / {}", report.samples_lost, report.samples_still_queued, report.samples_duplicated),
+    );
     rows += &row("throughput", format!("{:.0} samples/s", report.throughput_samples_per_s));
     let l = report.e2e_latency_ms;
     rows += &row("end-to-end latency", format!("p50 {} ms · p99 {} ms · max {} ms", l.p50, l.p99, l.max));

@@ -224,8 +224,8 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 eprintln!(
-                    "fleetline-sim: {} acked samples lost, {} duplicated",
-                    report.samples_lost, report.samples_duplicated
+                    "fleetline-sim: {} acked samples lost, {} still queued at the gateway when the drain ended, {} duplicated",
+                    report.samples_lost, report.samples_still_queued, report.samples_duplicated
                 );
                 ExitCode::from(3)
             }

@@ -229,8 +229,12 @@ pub struct Report {
     pub samples_acked: u64,
     /// Distinct (device_id, epoch, seq, signal, ts) rows of `readings`.
     pub samples_stored: u64,
-    /// Acked samples missing from `readings`.
+    /// Acked samples neither in `readings` nor in the gateway's queue when it
+    /// stopped: lost.
     pub samples_lost: u64,
+    /// Acked samples not in `readings` but still in the gateway's queue when the
+    /// drain ended (the drain timed out): not lost, not delivered either.
+    pub samples_still_queued: u64,
     /// Rows beyond the distinct ones.
     pub samples_duplicated: u64,
     /// Samples stored per wall second of the run (generation and drain).
@@ -260,15 +264,27 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether nothing acked was lost and nothing stored twice.
+    /// Whether everything acked reached `readings`, once.
     pub fn ok(&self) -> bool {
-        self.samples_lost == 0 && self.samples_duplicated == 0 && self.samples_acked > 0
+        self.samples_lost == 0 && self.samples_still_queued == 0 && self.samples_duplicated == 0 && self.samples_acked > 0
     }
 }
 
-/// Acked samples per batch against what is stored: the samples of acked batches missing.
-pub fn lost(acked: &HashMap<(String, u32, u32), u64>, stored: &Stored) -> u64 {
-    acked.iter().map(|(k, n)| n.saturating_sub(stored.per_batch.get(k).copied().unwrap_or(0))).sum()
+type Batches = HashMap<(String, u32, u32), u64>;
+
+/// Samples of acked batches missing from `readings`, per batch.
+fn missing<'a>(acked: &'a Batches, stored: &'a Stored) -> impl Iterator<Item = (&'a (String, u32, u32), u64)> + 'a {
+    acked.iter().map(|(k, n)| (k, n.saturating_sub(stored.per_batch.get(k).copied().unwrap_or(0)))).filter(|(_, m)| *m > 0)
+}
+
+/// Samples of acked batches missing from `readings` and not held in the gateway's queue.
+pub fn lost(acked: &Batches, stored: &Stored, queued: &Batches) -> u64 {
+    missing(acked, stored).filter(|(k, _)| !queued.contains_key(*k)).map(|(_, m)| m).sum()
+}
+
+/// Samples of acked batches missing from `readings` that the gateway still held.
+pub fn missing_but_queued(acked: &Batches, stored: &Stored, queued: &Batches) -> u64 {
+    missing(acked, stored).filter(|(k, _)| queued.contains_key(*k)).map(|(_, m)| m).sum()
 }
 
 #[cfg(test)]
