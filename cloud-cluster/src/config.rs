@@ -23,6 +23,9 @@ pub struct CloudConfig {
     /// How often the provisioning file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub provisioning_reload: Duration,
+    /// Largest share of entries one reload may drop from the file (see the gateway's
+    /// setting of the same name); more is refused and the loaded file stays.
+    pub provisioning_max_removal: f64,
     /// Where bundles come from.
     pub broker: BrokerConfig,
     /// Where the datasets go.
@@ -77,6 +80,7 @@ impl Default for CloudConfig {
             shard_count: 64,
             provisioning: "provisioning.toml".into(),
             provisioning_reload: Duration::from_secs(5),
+            provisioning_max_removal: 0.25,
             broker: BrokerConfig::default(),
             storage: StorageConfig::default(),
             segment: SegmentConfig::default(),
@@ -225,13 +229,17 @@ impl Default for SegmentConfig {
 pub struct HttpConfig {
     /// Listen address; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Bearer token required on anything that writes (unset: no token needed).
+    /// Bearer token required on anything that writes, and on reads of vehicle
+    /// data unless `read_token` is set (unset: no token needed).
     pub token: Option<String>,
+    /// Bearer token for reads of vehicle data (`GET /vehicles/...`) only, for
+    /// dashboards that must not write. Needs `token`.
+    pub read_token: Option<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9580)), token: None }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9580)), token: None, read_token: None }
     }
 }
 
@@ -250,6 +258,20 @@ impl CloudConfig {
         if self.shard_count == 0 {
             return Err("shard_count must be at least 1".into());
         }
+        if !(0.0..=1.0).contains(&self.provisioning_max_removal) {
+            return Err("provisioning_max_removal must be between 0 and 1".into());
+        }
+        if self.broker.max_connections == 0 {
+            return Err("broker.max_connections must be at least 1".into());
+        }
+        for (name, t) in [("http.token", &self.http.token), ("http.read_token", &self.http.read_token)] {
+            if t.as_ref().is_some_and(|t| t.trim().len() < 12) {
+                return Err(format!("{name} must be 12 characters or more (an empty token would let anyone in)"));
+            }
+        }
+        if self.http.read_token.is_some() && self.http.token.is_none() {
+            return Err("http.read_token needs http.token (without it nothing is protected)".into());
+        }
         if self.segment.max_rows == 0 || self.segment.dedupe_epochs == 0 {
             return Err("segment.max_rows and segment.dedupe_epochs must be positive".into());
         }
@@ -257,7 +279,10 @@ impl CloudConfig {
             return Err("broker.max_packet must be at least 64 KiB".into());
         }
         if let Some(url) = &self.broker.url {
-            crate::ingest::parse_broker_url(url)?;
+            let (tls, _, _) = crate::ingest::parse_broker_url(url)?;
+            if tls && self.broker.ca.is_none() {
+                return Err(format!("broker.url {url:?} is mqtts:// but broker.ca is not set"));
+            }
         }
         crate::store::StoreSpec::parse(&self.storage)?;
         self.analytics.check()?;
@@ -296,5 +321,16 @@ mod tests {
         assert!(CloudConfig::from_toml("node_id = \"C\"").is_err());
         assert!(CloudConfig::from_toml("[broker]\nurl = \"http://x\"").is_err());
         assert!(CloudConfig::from_toml("[storage]\nurl = \"gs://x\"").is_err());
+        // Values that parse but cannot work.
+        for bad in [
+            "[http]\ntoken = \"\"",
+            "[http]\ntoken = \"short\"",
+            "[http]\nread_token = \"only-a-read-token\"",
+            "[broker]\nmax_connections = 0",
+            "[broker]\nurl = \"mqtts://broker:8883\"",
+            "provisioning_max_removal = -0.1",
+        ] {
+            assert!(CloudConfig::from_toml(bad).is_err(), "{bad} accepted");
+        }
     }
 }

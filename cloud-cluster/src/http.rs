@@ -33,8 +33,10 @@ pub struct Ops {
     pub shards: Arc<Vec<Option<mpsc::Sender<ShardMsg>>>>,
     /// Prometheus rendering, when the binary installed a recorder.
     pub metrics: Option<RenderMetrics>,
-    /// Bearer token for writes.
+    /// Bearer token for writes (and vehicle reads).
     pub token: Option<String>,
+    /// Bearer token for vehicle reads only.
+    pub read_token: Option<String>,
     /// The schema registry.
     pub registry: Arc<crate::registry::Registry>,
     /// The object store (dead letters are read back from it).
@@ -109,6 +111,8 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "ready": s.is_ready(),
         "shards_down": s.shards_down(),
         "bundles_shard_down": g(&s.bundles_shard_down),
+        "provisioning_refused": g(&s.provisioning_refused),
+        "sessions_ended_by_keys": g(&s.sessions_ended_by_keys),
         "broker_connected": s.broker_connected.load(Ordering::Relaxed),
         "shard_count": ops.shard_count,
         "shards_owned": shards.len(),
@@ -138,7 +142,10 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn vehicle(State(ops): State<Ops>, Path((fleet, device)): Path<(String, String)>) -> Response {
+async fn vehicle(State(ops): State<Ops>, headers: HeaderMap, Path((fleet, device)): Path<(String, String)>) -> Response {
+    if !may_read(&ops, &headers) {
+        return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
+    }
     let shard = fleetline_wire::shard::shard_of(&fleet, &device, ops.shard_count).0 as usize;
     let Some(Some(inbox)) = ops.shards.get(shard) else {
         return (StatusCode::MISDIRECTED_REQUEST, "vehicle's shard is not owned by this node").into_response();
@@ -154,10 +161,26 @@ async fn vehicle(State(ops): State<Ops>, Path((fleet, device)): Path<(String, St
     }
 }
 
+/// The bearer token of a request; the scheme is case-insensitive (RFC 9110).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn token_is(given: Option<&str>, token: Option<&String>) -> bool {
+    matches!((given, token), (Some(g), Some(t)) if fleetline_broker::service::constant_time_eq(g.as_bytes(), t.as_bytes()))
+}
+
+/// May write: the admin token, when one is set.
 fn authorized(ops: &Ops, headers: &HeaderMap) -> bool {
-    let Some(token) = &ops.token else { return true };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    given.is_some_and(|g| fleetline_broker::service::constant_time_eq(g.as_bytes(), token.as_bytes()))
+    ops.token.is_none() || token_is(bearer(headers), ops.token.as_ref())
+}
+
+/// May read vehicle data: the admin or the read token, when a token is set.
+fn may_read(ops: &Ops, headers: &HeaderMap) -> bool {
+    let given = bearer(headers);
+    ops.token.is_none() || token_is(given, ops.token.as_ref()) || token_is(given, ops.read_token.as_ref())
 }
 
 async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {
@@ -324,7 +347,10 @@ async fn register(
     if !authorized(&ops, &headers) {
         return unauthorized();
     }
-    let Ok(Json(body)) = body else { return reg_error(422, "body must be {\"schema\": \"...\"}".into()) };
+    let body = match schema_body(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match ops.registry.register(&subject, &body.schema).await {
         Ok(v) => Json(json!({"id": v.id, "version": v.version})).into_response(),
         Err(RegistryError::Invalid(m)) => reg_error(422, m),
@@ -333,12 +359,24 @@ async fn register(
     }
 }
 
+/// A schema body, or the answer to a bad one: 413 over the size limit, 422 otherwise.
+fn schema_body(body: Result<Json<SchemaBody>, axum::extract::rejection::JsonRejection>) -> Result<SchemaBody, Response> {
+    match body {
+        Ok(Json(b)) => Ok(b),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(reg_error(413, e.body_text())),
+        Err(_) => Err(reg_error(422, "body must be {\"schema\": \"...\"}".into())),
+    }
+}
+
 async fn test_compatibility(
     State(ops): State<Ops>,
     Path(subject): Path<String>,
     body: Result<Json<SchemaBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Ok(Json(body)) = body else { return reg_error(422, "body must be {\"schema\": \"...\"}".into()) };
+    let body = match schema_body(body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match ops.registry.test(&subject, &body.schema) {
         Ok(problems) => Json(json!({"is_compatible": problems.is_empty(), "messages": problems})).into_response(),
         Err(e) => reg_error(422, e.to_string()),
@@ -379,8 +417,10 @@ async fn set_config(
     if !authorized(&ops, &headers) {
         return unauthorized();
     }
-    let Ok(Json(body)) = body else {
-        return reg_error(422, "body must be {\"compatibility\": \"BACKWARD|FORWARD|FULL|…|NONE\"}".into());
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return reg_error(413, e.body_text()),
+        Err(_) => return reg_error(422, "body must be {\"compatibility\": \"BACKWARD|FORWARD|FULL|…|NONE\"}".into()),
     };
     match ops.registry.set_compatibility(subject.as_deref(), body.compatibility).await {
         Ok(()) => Json(json!({"compatibility": body.compatibility})).into_response(),

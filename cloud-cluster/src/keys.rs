@@ -36,7 +36,8 @@ impl Keys {
     }
 
     /// Reloads if the file changed; a broken file keeps the previous keys.
-    pub fn reload_if_changed(&self) -> Result<bool, ProvisioningError> {
+    /// A file that drops more than `max_removal` of the entries at once is refused.
+    pub fn reload_if_changed(&self, max_removal: f64) -> Result<bool, ProvisioningError> {
         if self.path.as_os_str().is_empty() {
             return Ok(false);
         }
@@ -45,10 +46,15 @@ impl Keys {
             return Ok(false);
         }
         let p = Provisioning::load(&self.path)?;
+        let refused = self.snapshot().check_removal(&p, max_removal);
         if let Ok(mut c) = self.current.write() {
-            *c = (Arc::new(p), stamp);
+            // A refused file is remembered as seen (refused once per change), not loaded.
+            *c = match refused {
+                Ok(()) => (Arc::new(p), stamp),
+                Err(_) => (c.0.clone(), stamp),
+            };
         }
-        Ok(true)
+        refused.map(|()| true)
     }
 }
 

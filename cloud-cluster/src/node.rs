@@ -220,6 +220,9 @@ pub struct Running {
     pub shards: Arc<Vec<Option<mpsc::Sender<ShardMsg>>>>,
     /// Counters.
     pub stats: Arc<CloudStats>,
+    /// The embedded broker's sessions and the login check they passed, to end
+    /// sessions whose key is no longer accepted.
+    pub broker_sessions: Option<(Arc<fleetline_broker::sessions::Sessions>, Arc<dyn fleetline_broker::Logins>)>,
 }
 
 /// Runs a node until `stop` turns true.
@@ -240,11 +243,23 @@ pub async fn run(
     let mut reload = tokio::time::interval(cfg.provisioning_reload.max(Duration::from_millis(100)));
     loop {
         tokio::select! {
-            _ = reload.tick() => match keys.reload_if_changed() {
-                Ok(true) => tracing::info!("provisioning reloaded"),
-                Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "provisioning file unreadable; keeping the previous keys"),
-            },
+            _ = reload.tick() => {
+                match keys.reload_if_changed(cfg.provisioning_max_removal) {
+                    Ok(true) => tracing::info!("provisioning reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        stats.count(&stats.provisioning_refused, 1);
+                        tracing::error!(error = %e, "provisioning file rejected; keeping the previous keys");
+                    }
+                }
+                // Gateway sessions opened with a key no longer accepted end now.
+                if let Some((sessions, logins)) = &running.broker_sessions {
+                    for id in sessions.recheck(|c, u, p| logins.check_login(c, u, p)) {
+                        stats.count(&stats.sessions_ended_by_keys, 1);
+                        tracing::info!(client_id = id, "session ended: its login is no longer accepted");
+                    }
+                }
+            }
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() {
                     break;
@@ -324,6 +339,7 @@ pub async fn start(
     }
     let shards = Arc::new(inboxes);
 
+    let mut broker_sessions = None;
     let (session, broker_addr, broker_tls) = match &cfg.broker.url {
         Some(url) => {
             let (tls, host, port) = ingest::parse_broker_url(url).map_err(anyhow::Error::msg)?;
@@ -365,8 +381,11 @@ pub async fn start(
                 let _idle = (link_tx, link_rx);
                 std::future::pending::<()>().await;
             });
+            let logins: Arc<dyn fleetline_broker::Logins> =
+                Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() });
+            broker_sessions = Some((broker.sessions.clone(), logins.clone()));
             let front = Front::new(
-                Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() }),
+                logins,
                 stats.clone(),
                 &broker,
                 cfg.broker.max_connections,
@@ -422,6 +441,7 @@ pub async fn start(
         shards: shards.clone(),
         metrics: render,
         token: cfg.http.token.clone(),
+        read_token: cfg.http.read_token.clone(),
     };
     let (http_addr, server) = http::bind(cfg.http.listen, ops).await?;
     tokio::spawn(server);
@@ -443,6 +463,7 @@ pub async fn start(
         },
         shards,
         stats,
+        broker_sessions,
     })
 }
 

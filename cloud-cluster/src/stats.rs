@@ -96,6 +96,10 @@ pub struct CloudStats {
     pub shards_down: Mutex<BTreeMap<u16, String>>,
     /// Bundles for a shard that is down, left unacked (the gateway sends them again).
     pub bundles_shard_down: AtomicU64,
+    /// Provisioning reloads refused (unparsable, or dropping too many entries).
+    pub provisioning_refused: AtomicU64,
+    /// Broker sessions ended because the key they opened with is no longer accepted.
+    pub sessions_ended_by_keys: AtomicU64,
     /// Refused gateway logins (embedded broker), by reason.
     pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
     deadletters: Mutex<BTreeMap<&'static str, u64>>,
@@ -151,7 +155,9 @@ impl CloudStats {
 
     /// Sets the Prometheus gauges and counters from the atomics (before a scrape).
     pub fn export(&self) {
-        let pairs: [(&str, &AtomicU64); 18] = [
+        let pairs: [(&str, &AtomicU64); 20] = [
+            ("fleetline_cloud_provisioning_reloads_refused_total", &self.provisioning_refused),
+            ("fleetline_cloud_sessions_ended_by_keys_total", &self.sessions_ended_by_keys),
             ("fleetline_cloud_bundles_shard_down_total", &self.bundles_shard_down),
             ("fleetline_cloud_deadletters_replayed_total", &self.replayed),
             ("fleetline_cloud_late_samples_total", &self.late_samples),

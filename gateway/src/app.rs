@@ -161,11 +161,12 @@ pub async fn run(
     let sessions = device_broker.sessions.clone();
     let reload_stats = stats.clone();
     let period = cfg.provisioning_reload;
+    let max_removal = cfg.provisioning_max_removal;
     let reload_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            match reload_registry.reload_if_changed() {
+            match reload_registry.reload_if_changed(max_removal) {
                 Ok(Some(diff)) => {
                     tracing::info!(revoked = diff.revoked.len(), "provisioning reloaded");
                     for (fleet, device) in diff.revoked {
@@ -174,7 +175,16 @@ pub async fn run(
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "provisioning file rejected; keeping the loaded one"),
+                Err(e) => {
+                    GatewayStats::add(&reload_stats.provisioning_refused, 1);
+                    tracing::error!(error = %e, "provisioning file rejected; keeping the loaded one");
+                }
+            }
+            // Sessions opened with a key that is no longer accepted (rotated past its
+            // window, or the unit revoked) end now; the unit reconnects with its new key.
+            for id in sessions.recheck(|c, u, p| reload_registry.check_login(c, u, p)) {
+                GatewayStats::add(&reload_stats.sessions_ended_by_keys, 1);
+                tracing::info!(client_id = id, "session ended: its login is no longer accepted");
             }
         }
     });

@@ -24,6 +24,11 @@ pub struct GatewayConfig {
     /// How often the provisioning file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub provisioning_reload: Duration,
+    /// Largest share of entries (units and gateways) one reload may drop from the
+    /// file; a file that drops more (cut short while being copied) is refused and
+    /// the loaded one stays. Revoking entries (`revoked = true`) is not dropping
+    /// them. One entry may always go; 1.0 turns the guard off.
+    pub provisioning_max_removal: f64,
     /// Number of shards; must match the cloud's.
     pub shard_count: u16,
     /// The MQTT side facing devices.
@@ -43,6 +48,7 @@ impl Default for GatewayConfig {
             data_dir: PathBuf::from("./fleetline-gateway-data"),
             provisioning: PathBuf::from("./provisioning.toml"),
             provisioning_reload: Duration::from_secs(5),
+            provisioning_max_removal: 0.25,
             shard_count: 64,
             devices: DevicesConfig::default(),
             queue: QueueSection::default(),
@@ -226,6 +232,18 @@ impl GatewayConfig {
         if self.shard_count == 0 {
             return Err("shard_count must be at least 1".into());
         }
+        if self.provisioning_reload < Duration::from_millis(10) {
+            return Err("provisioning_reload must be at least 10ms (revocations depend on it)".into());
+        }
+        if !(0.0..=1.0).contains(&self.provisioning_max_removal) {
+            return Err("provisioning_max_removal must be between 0 and 1".into());
+        }
+        if self.devices.max_connections == 0 {
+            return Err("devices.max_connections must be at least 1".into());
+        }
+        if self.uplink.backlog_rate.0 == 0 {
+            return Err("uplink.backlog_rate must be positive (0 would never send a backlog)".into());
+        }
         if self.queue.segment.0 < 64 << 10 {
             return Err("queue.segment must be at least 64 KiB".into());
         }
@@ -259,5 +277,14 @@ mod tests {
         assert!(GatewayConfig::from_toml("idd = \"x\"").unwrap_err().contains("unknown field"));
         assert!(GatewayConfig::from_toml("id = \"GW\"").is_err());
         assert!(GatewayConfig::from_toml("[queue]\ncommit_interval = \"soon\"").is_err());
+        // Values that parse but cannot work.
+        for bad in [
+            "provisioning_reload = \"0s\"",
+            "provisioning_max_removal = 1.5",
+            "[devices]\nmax_connections = 0",
+            "[uplink]\nbacklog_rate = \"0 B\"",
+        ] {
+            assert!(GatewayConfig::from_toml(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -130,6 +130,8 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
             "handshake_timeout": GatewayStats::get(&s.tls_handshake_timeout),
         },
         "revocations": GatewayStats::get(&s.revocations),
+        "sessions_ended_by_keys": GatewayStats::get(&s.sessions_ended_by_keys),
+        "provisioning_refused": GatewayStats::get(&s.provisioning_refused),
         "broker": ops.broker.as_ref().map(|b| b.status()),
         "session_cap": GatewayStats::get(&s.session_cap),
         "sessions": ops.sessions.load(Ordering::Relaxed),

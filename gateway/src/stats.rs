@@ -94,6 +94,10 @@ pub struct GatewayStats {
     pub dropped_then_delivered: AtomicU64,
     /// Devices disconnected after revocation.
     pub revocations: AtomicU64,
+    /// Sessions ended because the key they opened with is no longer accepted.
+    pub sessions_ended_by_keys: AtomicU64,
+    /// Provisioning reloads refused (unparsable, or dropping too many entries).
+    pub provisioning_refused: AtomicU64,
     /// TLS handshakes that failed.
     pub tls_handshake_failed: AtomicU64,
     /// TLS clients dropped for not finishing the handshake in time.

@@ -397,6 +397,72 @@ async fn a_full_budget_under_drop_oldest_drops_oldest_first_and_counts_exactly()
     gw.terminate().await;
 }
 
+/// Operator faults on the provisioning file. Before: a file cut at an entry
+/// boundary (valid TOML, 10 of 42 units) revoked the 32 missing units on reload,
+/// and a rotated key left sessions opened with the old key running. Now the cut
+/// file is refused (logged, counted) and every unit keeps working; a rotation
+/// without a grace window ends the sessions opened with the old key, and the old
+/// key no longer gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_provisioning_file_is_refused_and_a_rotated_key_ends_old_sessions() {
+    let env = Env::new(40).await;
+    let port = free_port();
+    let gw = Gateway::start(&env.config(0, port, "")).await;
+    let a = DeviceClient::spawn(device_config(0, port, OutboxFull::Block), SystemClock::new()).unwrap();
+    let b = DeviceClient::spawn(device_config(30, port, OutboxFull::Block), SystemClock::new()).unwrap();
+    for c in [&a, &b] {
+        assert!(c.wait_for(Duration::from_secs(10), |s| s.connected).await.connected);
+    }
+    // The file cut short while being copied: 10 of 40 units (and the gateways).
+    let full = std::fs::read_to_string(&env.prov_path).unwrap();
+    let mut cut = env.prov.clone();
+    let keep: Vec<_> = env.prov.devices().take(10).cloned().collect();
+    cut = {
+        let mut p = Provisioning::default();
+        for g in cut.gateways() {
+            p.upsert_gateway(g.clone());
+        }
+        for d in keep {
+            p.upsert_device(d);
+        }
+        p
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cut.save(&env.prov_path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.status().await["provisioning_refused"] != 1 {
+        assert!(Instant::now() < deadline, "{}", gw.status().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = gw.status().await;
+    assert_eq!((s["revocations"].as_u64(), s["sessions_ended_by_keys"].as_u64()), (Some(0), Some(0)), "{s}");
+    assert!(a.stats().connected && b.stats().connected, "every unit still in");
+    let log = std::fs::read_to_string(env.dir.path().join("gw-0.log")).unwrap();
+    assert!(log.contains("drops 30 of 42 entries"), "the log says what was refused");
+
+    // The whole file back, with unit 30's key rotated and no grace window.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(&env.prov_path, full).unwrap();
+    let mut rotated = env.prov.clone();
+    let mut entry = rotated.device(&FleetId::new("acme").unwrap(), &device_id(30)).unwrap().clone();
+    entry.key = fleetline_device::wire::DeviceKey::from_bytes([0x5a; 32]);
+    entry.previous = None;
+    rotated.upsert_device(entry);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    rotated.save(&env.prov_path).unwrap();
+    let s = b.wait_for(Duration::from_secs(10), |s| !s.connected).await;
+    assert!(!s.connected, "the session opened with the old key ended");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = gw.status().await;
+    assert!(s["sessions_ended_by_keys"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["logins_rejected"]["bad_password"].as_u64().unwrap_or(0) >= 1, "the old key is refused: {s}");
+    assert!(a.stats().connected, "other units unaffected");
+    a.shutdown(Duration::from_millis(100)).await;
+    b.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
 /// A gateway at its device session cap says so: readiness false (a balancer sends
 /// new units elsewhere), the extra unit refused at once and counted; ready again
 /// once sessions end.

@@ -53,6 +53,21 @@ pub enum ProvisioningError {
     /// A format this build does not read.
     #[error("provisioning format {0} is not supported (expected {PROVISIONING_FORMAT})")]
     UnsupportedFormat(u32),
+    /// A reload would drop more entries than allowed at once (a file cut short
+    /// at an entry boundary is valid TOML): refused, the loaded file stays.
+    #[error(
+        "provisioning file drops {missing} of {total} entries at once (more than the {allowed} allowed); \
+         refused, the loaded one stays. Replace the file atomically (write, then rename), revoke \
+         entries instead of deleting them, or raise provisioning_max_removal"
+    )]
+    TooManyRemoved {
+        /// Entries (devices and gateways) loaded now but missing from the file.
+        missing: usize,
+        /// Entries loaded now.
+        total: usize,
+        /// Most that may go in one reload.
+        allowed: usize,
+    },
     /// An entry is invalid.
     #[error("provisioning entry {entry}: {reason}")]
     Entry {
@@ -250,11 +265,45 @@ impl Provisioning {
     pub fn gateways(&self) -> impl Iterator<Item = &GatewayEntry> {
         self.gateways.values()
     }
+
+    /// Checks that replacing `self` by `new` drops at most `max_share` of the
+    /// entries (devices and gateways) at once, and always allows dropping one.
+    /// Revocations are not drops: they are explicit.
+    pub fn check_removal(&self, new: &Provisioning, max_share: f64) -> Result<(), ProvisioningError> {
+        let missing = self.devices.keys().filter(|k| !new.devices.contains_key(*k)).count()
+            + self.gateways.keys().filter(|k| !new.gateways.contains_key(*k)).count();
+        let total = self.devices.len() + self.gateways.len();
+        let allowed = ((total as f64 * max_share.clamp(0.0, 1.0)).floor() as usize).max(1);
+        if missing > allowed {
+            return Err(ProvisioningError::TooManyRemoved { missing, total, allowed });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_dropping_too_many_entries_is_refused() {
+        let entry = |i: usize| {
+            format!("[[devices]]\nfleet = \"acme\"\nid = \"d-{i}\"\nkey = \"{}\"\n", "1".repeat(64))
+        };
+        let file = |n: usize| {
+            let body: String = (0..n).map(entry).collect();
+            Provisioning::from_toml_str(&format!("format = {PROVISIONING_FORMAT}\n{body}")).unwrap()
+        };
+        let full = file(42);
+        // Cut at an entry boundary: valid TOML, 10 of 42 units.
+        assert!(matches!(
+            full.check_removal(&file(10), 0.25),
+            Err(ProvisioningError::TooManyRemoved { missing: 32, total: 42, allowed: 10 })
+        ));
+        assert!(full.check_removal(&file(32), 0.25).is_ok(), "a quarter may go");
+        assert!(file(3).check_removal(&file(2), 0.0).is_ok(), "one always may");
+        assert!(full.check_removal(&file(0), 1.0).is_ok(), "1.0 allows anything");
+    }
 
     const K1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const K2: &str = "2222222222222222222222222222222222222222222222222222222222222222";

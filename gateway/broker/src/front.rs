@@ -235,6 +235,9 @@ impl Front {
                 return;
             }
         };
+        if let Some(l) = &connect.login {
+            session.remember_login(&l.username, &l.password);
+        }
         let username = connect.client_id.clone();
         connect.set_login(username, self.secret.to_string());
         if connect.keep_alive == 0 {

@@ -38,6 +38,9 @@ struct Slot {
     closed: watch::Receiver<bool>,
     tokens: f64,
     refilled: Instant,
+    /// The login (username, password) the holding session opened with, so it can
+    /// be checked again when keys change.
+    login: Option<(String, String)>,
 }
 
 /// Why a session was not started.
@@ -67,6 +70,19 @@ impl Drop for SessionGuard<'_> {
             && slot.serial == Some(self.serial)
         {
             slot.serial = None;
+            slot.login = None;
+        }
+    }
+}
+
+impl SessionGuard<'_> {
+    /// Remembers the login this session opened with (see [`Sessions::recheck`]).
+    pub fn remember_login(&self, username: &str, password: &str) {
+        if let Ok(mut map) = self.registry.map.lock()
+            && let Some(slot) = map.get_mut(&self.id)
+            && slot.serial == Some(self.serial)
+        {
+            slot.login = Some((username.to_string(), password.to_string()));
         }
     }
 }
@@ -105,7 +121,7 @@ impl Sessions {
             let slot = map.entry(id.to_string()).or_insert_with(|| {
                 let (stop, _) = watch::channel(false);
                 let (_, closed) = watch::channel(true);
-                Slot { serial: None, stop, closed, tokens: self.burst, refilled: now }
+                Slot { serial: None, stop, closed, tokens: self.burst, refilled: now, login: None }
             });
             slot.tokens = (slot.tokens + now.duration_since(slot.refilled).as_secs_f64() * self.rate).min(self.burst);
             slot.refilled = now;
@@ -119,6 +135,7 @@ impl Sessions {
             let (stop, stop_rx) = watch::channel(false);
             let (closed_tx, closed_rx) = watch::channel(false);
             slot.serial = Some(serial);
+            slot.login = None;
             slot.stop = stop;
             slot.closed = closed_rx;
             (previous, stop_rx, closed_tx)
@@ -142,6 +159,23 @@ impl Sessions {
             }
             _ => false,
         }
+    }
+
+    /// Checks every live session's login again (after keys changed: a rotation
+    /// past the old key's window, a revocation) and closes those that no longer
+    /// pass; returns their ids.
+    pub fn recheck(&self, check: impl Fn(&str, &str, &str) -> Result<(), &'static str>) -> Vec<String> {
+        let Ok(map) = self.map.lock() else { return Vec::new() };
+        let mut closed = Vec::new();
+        for (id, slot) in map.iter() {
+            if let (Some(_), Some((user, pass))) = (slot.serial, &slot.login)
+                && check(id, user, pass).is_err()
+            {
+                let _ = slot.stop.send(true);
+                closed.push(id.clone());
+            }
+        }
+        closed
     }
 
     /// Sessions holding an id now.
@@ -185,6 +219,19 @@ mod tests {
         assert_eq!(ok, BURST as usize);
         assert_eq!(s.begin("x").await.err(), Some(Refused::TooFast));
         assert!(s.begin("y").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_recheck_closes_sessions_whose_login_no_longer_passes() {
+        let s = Sessions::default();
+        let mut a = s.begin("a").await.unwrap();
+        a.remember_login("a", "old");
+        let mut b = s.begin("b").await.unwrap();
+        b.remember_login("b", "new");
+        let closed = s.recheck(|_, _, pass| if pass == "new" { Ok(()) } else { Err("bad_password") });
+        assert_eq!(closed, ["a"]);
+        assert!(*a.stop.borrow_and_update());
+        assert!(!*b.stop.borrow_and_update());
     }
 
     #[tokio::test]

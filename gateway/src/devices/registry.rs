@@ -41,8 +41,10 @@ impl Registry {
         self.current.read().map(|p| p.clone()).unwrap_or_default()
     }
 
-    /// Reloads if the file changed; returns what needs action.
-    pub fn reload_if_changed(&self) -> Result<Option<ReloadDiff>, ProvisioningError> {
+    /// Reloads if the file changed; returns what needs action. A file that drops
+    /// more than `max_removal` of the entries at once is refused (once per change
+    /// of the file), like one that does not parse.
+    pub fn reload_if_changed(&self, max_removal: f64) -> Result<Option<ReloadDiff>, ProvisioningError> {
         let now = modified(&self.path);
         {
             let Ok(last) = self.modified.lock() else { return Ok(None) };
@@ -52,6 +54,12 @@ impl Registry {
         }
         let new = Provisioning::load(&self.path)?;
         let old = self.snapshot();
+        if let Err(e) = old.check_removal(&new, max_removal) {
+            if let Ok(mut m) = self.modified.lock() {
+                *m = now;
+            }
+            return Err(e);
+        }
         let revoked = old
             .devices()
             .filter(|d| !d.revoked)
