@@ -64,7 +64,9 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .route("/config", get(get_config).put(put_config))
         .route("/config/{subject}", get(get_subject_config).put(put_subject_config))
         .with_state(ops);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the HTTP listener {listen}: {e}"))?;
     let addr = listener.local_addr()?;
     Ok((addr, async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -58,7 +58,8 @@ impl StoreSpec {
     pub fn open(&self, cfg: &StorageConfig) -> anyhow::Result<Store> {
         match self {
             Self::Local(dir) => {
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| anyhow::anyhow!("creating the storage directory {}: {e}", dir.display()))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?.with_fsync(true);
                 Ok(Store::new(Arc::new(fs), Path::default()))
             }

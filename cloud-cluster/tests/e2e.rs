@@ -68,6 +68,17 @@ fn gateway_binary() -> PathBuf {
 /// The cloud's bearer token in these tests.
 const TOKEN: &str = "s3cr3t-t0ken";
 
+/// A plain HTTP/1.1 GET with a bearer token; returns the body.
+async fn http_get_auth(addr: SocketAddr, path: &str, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
 /// A plain HTTP/1.1 POST; returns the whole response (status line first).
 async fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
     http_post_json(addr, path, token, "").await
@@ -324,7 +335,9 @@ async fn every_acked_reading_is_stored_once_through_sigkills_of_the_cloud_node()
     }
     let fleet_ids: Vec<_> = fleet.clients.iter().collect();
     assert!(!fleet_ids.is_empty());
-    let v = http_get(cloud.addr("http"), "/vehicles/acme/dev-0000").await;
+    // Vehicle data needs the token.
+    assert_eq!(http_get(cloud.addr("http"), "/vehicles/acme/dev-0000").await, "bearer token required");
+    let v = http_get_auth(cloud.addr("http"), "/vehicles/acme/dev-0000", TOKEN).await;
     assert!(v.contains("Vehicle.Speed"), "latest state of a vehicle: {v}");
     assert_eq!(gw.terminate().await.code(), Some(0));
     assert_eq!(cloud.terminate().await.code(), Some(0));

@@ -129,9 +129,20 @@ async fn http(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (u16, Value) {
+    http_auth(addr, method, path, body, token.map(|t| format!("Bearer {t}"))).await
+}
+
+/// With the whole `Authorization` value.
+async fn http_auth(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    authorization: Option<String>,
+) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -158,6 +169,7 @@ async fn the_rest_api_is_shaped_like_confluents() {
         shards: Arc::new(vec![]),
         metrics: None,
         token: Some("tok".into()),
+        read_token: Some("read-only".into()),
         registry,
     };
     let (addr, server) = fleetline_cloud::http::bind("127.0.0.1:0".parse().unwrap(), ops).await.unwrap();
@@ -199,5 +211,19 @@ async fn the_rest_api_is_shaped_like_confluents() {
         http(addr, "POST", "/subjects/trucks/versions", Some(narrow), t).await,
         (200, json!({"id": 3, "version": 2}))
     );
+    // The scheme is case-insensitive; a body over the limit is 413, not 422.
+    let lower = Some("bearer tok".to_string());
+    assert_eq!(http_auth(addr, "PUT", "/config", Some(json!({"compatibility": "NONE"})), lower).await.0, 200);
+    let huge = json!({"schema": "x".repeat(3 << 20)});
+    assert_eq!(http(addr, "POST", "/subjects/trucks/versions", Some(huge), t).await.0, 413);
+    // Vehicle data needs a token: the read token or the admin one (then 421 here:
+    // this node owns no shard, which proves the token passed).
+    assert_eq!(http(addr, "GET", "/vehicles/acme/v-1", None, None).await.0, 401);
+    assert_eq!(http(addr, "GET", "/vehicles/acme/v-1", None, Some("wrong")).await.0, 401);
+    assert_eq!(http(addr, "GET", "/vehicles/acme/v-1", None, Some("read-only")).await.0, 421);
+    assert_eq!(http(addr, "GET", "/vehicles/acme/v-1", None, t).await.0, 421);
+    // The read token does not write.
+    let s2 = json!({"schema": schema(&base())});
+    assert_eq!(http(addr, "POST", "/subjects/other/versions", Some(s2), Some("read-only")).await.0, 401);
     server.abort();
 }

@@ -67,20 +67,42 @@ fn key(seed: u64, domain: u8, i: usize) -> DeviceKey {
     DeviceKey::from_bytes(k)
 }
 
+/// Where a demo fleet's keys come from.
+#[derive(Clone, Copy, Debug)]
+pub enum KeySource {
+    /// From the OS's random source.
+    Random,
+    /// Derived from a seed: repeatable, and known to anyone who knows the seed.
+    Seeded(u64),
+}
+
+impl KeySource {
+    fn key(self, domain: u8, i: usize) -> DeviceKey {
+        match self {
+            Self::Seeded(seed) => key(seed, domain, i),
+            Self::Random => {
+                let mut k = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+                DeviceKey::from_bytes(k)
+            }
+        }
+    }
+}
+
 /// The provisioning of a demo fleet: `vehicles` units and one gateway `gw-1`.
-pub fn provisioning(seed: u64, vehicles: usize) -> anyhow::Result<Provisioning> {
+pub fn provisioning(keys: KeySource, vehicles: usize) -> anyhow::Result<Provisioning> {
     let mut p = Provisioning::default();
     let fleet = FleetId::new(FLEET)?;
     for i in 0..vehicles {
         p.upsert_device(DeviceEntry {
             fleet,
             device: DeviceId::new(&vehicle_id(i))?,
-            key: key(seed, 1, i),
+            key: keys.key(1, i),
             previous: None,
             revoked: false,
         });
     }
-    p.upsert_gateway(GatewayEntry { id: GatewayId::new("gw-1")?, key: key(seed, 2, 1) });
+    p.upsert_gateway(GatewayEntry { id: GatewayId::new("gw-1")?, key: keys.key(2, 1) });
     Ok(p)
 }
 
@@ -108,7 +130,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     };
     let lake = dir.join("lake");
     let prov_path = dir.join("provisioning.toml");
-    let prov = provisioning(opts.seed, opts.vehicles)?;
+    let prov = provisioning(KeySource::Random, opts.vehicles)?;
     prov.save(&prov_path)?;
     let shard_count = 16;
     let silent_after = silent_after(&opts);

@@ -91,14 +91,16 @@ enum Cmd {
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         drain_timeout: Duration,
     },
-    /// Writes the provisioning file of a demo fleet (units and gateway `gw-1`).
+    /// Writes the provisioning file of a demo fleet (units and gateway `gw-1`)
+    /// with random keys.
     Provision {
         /// Vehicles.
         #[arg(long, default_value_t = 1000)]
         vehicles: usize,
-        /// Seed the keys derive from.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// Derive the keys from this seed instead (repeatable test fleets only:
+        /// anyone who knows the seed knows every key).
+        #[arg(long)]
+        insecure_seed: Option<u64>,
         /// Output file.
         #[arg(long, default_value = "provisioning.toml")]
         out: PathBuf,
@@ -134,8 +136,19 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     match args.command {
-        Cmd::Provision { vehicles, seed, out } => {
-            match demo::provisioning(seed, vehicles).and_then(|p| Ok(p.save(&out)?)) {
+        Cmd::Provision { vehicles, insecure_seed, out } => {
+            let keys = match insecure_seed {
+                Some(seed) => {
+                    eprintln!(
+                        "fleetline-sim: WARNING: keys derived from seed {seed}: anyone who knows the seed knows \
+                         every key in {}. For test fleets only; leave out --insecure-seed for random keys.",
+                        out.display()
+                    );
+                    demo::KeySource::Seeded(seed)
+                }
+                None => demo::KeySource::Random,
+            };
+            match demo::provisioning(keys, vehicles).and_then(|p| Ok(p.save(&out)?)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("fleetline-sim: {e:#}");

@@ -147,12 +147,18 @@ fn the_fleet_command_drives_a_real_gateway_with_a_provisioned_fleet() {
     let dir = tempfile::Builder::new().prefix("fleetline-sim-fleet-").tempdir().unwrap();
     let d = dir.path();
     let prov = d.join("provisioning.toml");
-    let ok = Command::new(env!("CARGO_BIN_EXE_fleetline-sim"))
-        .args(["provision", "--vehicles", "30", "--seed", "5", "--out"])
-        .arg(&prov)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let provision = |args: &[&str], out: &std::path::Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_fleetline-sim")).args(args).arg("--out").arg(out).output().unwrap();
+        assert!(o.status.success());
+        (std::fs::read_to_string(out).unwrap(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // Random keys unless asked; derived ones repeat and say so loudly.
+    let (a, quiet) = provision(&["provision", "--vehicles", "30"], &prov);
+    let (b, _) = provision(&["provision", "--vehicles", "30"], &d.join("other.toml"));
+    assert!(a != b && quiet.is_empty(), "random keys differ per run");
+    let (c, warning) = provision(&["provision", "--vehicles", "3", "--insecure-seed", "5"], &d.join("s1.toml"));
+    let (e, _) = provision(&["provision", "--vehicles", "3", "--insecure-seed", "5"], &d.join("s2.toml"));
+    assert!(c == e && warning.contains("WARNING"), "{warning}");
     std::fs::write(
         d.join("cloud.toml"),
         format!(
