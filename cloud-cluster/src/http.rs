@@ -76,11 +76,7 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
-    if ops.stats.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    if ops.stats.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
@@ -144,7 +140,11 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn vehicle(State(ops): State<Ops>, headers: HeaderMap, Path((fleet, device)): Path<(String, String)>) -> Response {
+async fn vehicle(
+    State(ops): State<Ops>,
+    headers: HeaderMap,
+    Path((fleet, device)): Path<(String, String)>,
+) -> Response {
     if !may_read(&ops, &headers) {
         return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
     }
@@ -351,7 +351,7 @@ async fn register(
     }
     let body = match schema_body(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err((code, message)) => return reg_error(code, message),
     };
     match ops.registry.register(&subject, &body.schema).await {
         Ok(v) => Json(json!({"id": v.id, "version": v.version})).into_response(),
@@ -362,11 +362,13 @@ async fn register(
 }
 
 /// A schema body, or the answer to a bad one: 413 over the size limit, 422 otherwise.
-fn schema_body(body: Result<Json<SchemaBody>, axum::extract::rejection::JsonRejection>) -> Result<SchemaBody, Response> {
+fn schema_body(
+    body: Result<Json<SchemaBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<SchemaBody, (u16, String)> {
     match body {
         Ok(Json(b)) => Ok(b),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(reg_error(413, e.body_text())),
-        Err(_) => Err(reg_error(422, "body must be {\"schema\": \"...\"}".into())),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err((413, e.body_text())),
+        Err(_) => Err((422, "body must be {\"schema\": \"...\"}".into())),
     }
 }
 
@@ -377,7 +379,7 @@ async fn test_compatibility(
 ) -> Response {
     let body = match schema_body(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err((code, message)) => return reg_error(code, message),
     };
     match ops.registry.test(&subject, &body.schema) {
         Ok(problems) => Json(json!({"is_compatible": problems.is_empty(), "messages": problems})).into_response(),

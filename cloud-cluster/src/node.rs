@@ -384,12 +384,7 @@ pub async fn start(
             let logins: Arc<dyn fleetline_broker::Logins> =
                 Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() });
             broker_sessions = Some((broker.sessions.clone(), logins.clone()));
-            let front = Front::new(
-                logins,
-                stats.clone(),
-                &broker,
-                cfg.broker.max_connections,
-            );
+            let front = Front::new(logins, stats.clone(), &broker, cfg.broker.max_connections);
             let (plain_addr, plain) = front.clone().bind(cfg.broker.listen, None).await?;
             tokio::spawn(plain);
             let tls_addr = match &cfg.broker.tls {

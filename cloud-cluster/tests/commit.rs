@@ -528,7 +528,15 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
             .iter()
             .flat_map(|i| {
                 seqs.clone().map(move |q| {
-                    sealed_batch(device_id(*i).as_str(), &device_key(*i), 3, q, BASE_MS + u64::from(q) * 1000, SAMPLES, None)
+                    sealed_batch(
+                        device_id(*i).as_str(),
+                        &device_key(*i),
+                        3,
+                        q,
+                        BASE_MS + u64::from(q) * 1000,
+                        SAMPLES,
+                        None,
+                    )
                 })
             })
             .collect();
@@ -559,7 +567,10 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
     let err = open(&store).await.err().expect("a shard with files beyond its checkpoint must not start");
     assert!(matches!(err, ShardError::AheadOfCheckpoint { shard: 0, .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("shard 0") && msg.contains("shard-000-000000000005.parquet") && msg.contains("repair"), "{msg}");
+    assert!(
+        msg.contains("shard 0") && msg.contains("shard-000-000000000005.parquet") && msg.contains("repair"),
+        "{msg}"
+    );
     let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
     assert_eq!((report.from_generation, report.generation, report.written), (0, 5, true), "{report:?}");
     assert_eq!(report.batches_added, 60);

@@ -266,7 +266,10 @@ pub struct Report {
 impl Report {
     /// Whether everything acked reached `readings`, once.
     pub fn ok(&self) -> bool {
-        self.samples_lost == 0 && self.samples_still_queued == 0 && self.samples_duplicated == 0 && self.samples_acked > 0
+        self.samples_lost == 0
+            && self.samples_still_queued == 0
+            && self.samples_duplicated == 0
+            && self.samples_acked > 0
     }
 }
 
@@ -274,7 +277,10 @@ type Batches = HashMap<(String, u32, u32), u64>;
 
 /// Samples of acked batches missing from `readings`, per batch.
 fn missing<'a>(acked: &'a Batches, stored: &'a Stored) -> impl Iterator<Item = (&'a (String, u32, u32), u64)> + 'a {
-    acked.iter().map(|(k, n)| (k, n.saturating_sub(stored.per_batch.get(k).copied().unwrap_or(0)))).filter(|(_, m)| *m > 0)
+    acked
+        .iter()
+        .map(|(k, n)| (k, n.saturating_sub(stored.per_batch.get(k).copied().unwrap_or(0))))
+        .filter(|(_, m)| *m > 0)
 }
 
 /// Samples of acked batches missing from `readings` and not held in the gateway's queue.

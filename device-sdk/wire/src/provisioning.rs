@@ -287,9 +287,7 @@ mod tests {
 
     #[test]
     fn a_reload_dropping_too_many_entries_is_refused() {
-        let entry = |i: usize| {
-            format!("[[devices]]\nfleet = \"acme\"\nid = \"d-{i}\"\nkey = \"{}\"\n", "1".repeat(64))
-        };
+        let entry = |i: usize| format!("[[devices]]\nfleet = \"acme\"\nid = \"d-{i}\"\nkey = \"{}\"\n", "1".repeat(64));
         let file = |n: usize| {
             let body: String = (0..n).map(entry).collect();
             Provisioning::from_toml_str(&format!("format = {PROVISIONING_FORMAT}\n{body}")).unwrap()

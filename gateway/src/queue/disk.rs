@@ -281,9 +281,8 @@ impl DiskQueue {
             for (k, (offset, len, body)) in scan.records.iter().enumerate() {
                 let hole = holes.next_if(|(at, _)| *at == k).map(|(_, hole)| hole);
                 let next_id = index.next_id().0;
-                let parsed = file::parse_body(body, version).filter(|p| {
-                    p.id.is_none_or(|id| id >= next_id && next_first.is_none_or(|next| id < next))
-                });
+                let parsed = file::parse_body(body, version)
+                    .filter(|p| p.id.is_none_or(|id| id >= next_id && next_first.is_none_or(|next| id < next)));
                 let Some(parsed) = parsed else {
                     // Checks out but cannot be here: bytes that happen to frame.
                     tracing::warn!(segment = %path.display(), offset, "record with an impossible id skipped");
