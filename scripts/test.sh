@@ -18,6 +18,8 @@ as_root() {
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# libfaketime: a gateway restarted with its clock stepped back.
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need_apt+=(libfaketime)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     step "installing ${need_apt[*]}"
     as_root apt-get update -qq

@@ -125,8 +125,17 @@ impl Gateway {
         Self::start_limited(config, None).await
     }
 
+    /// Starts with extra environment variables.
+    async fn start_with_env(config: &Path, vars: &[(&str, &str)]) -> Self {
+        Self::spawn(config, None, vars).await
+    }
+
     /// Starts with a file-size limit (in KiB) on everything the gateway writes.
     async fn start_limited(config: &Path, file_kib: Option<u32>) -> Self {
+        Self::spawn(config, file_kib, &[]).await
+    }
+
+    async fn spawn(config: &Path, file_kib: Option<u32>, vars: &[(&str, &str)]) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log")).unwrap();
         let mut cmd = match file_kib {
             None => Command::new(env!("CARGO_BIN_EXE_fleetline-gateway")),
@@ -138,6 +147,7 @@ impl Gateway {
                 c
             }
         };
+        cmd.envs(vars.iter().copied());
         let mut child = cmd
             .arg("--config")
             .arg(config)
@@ -461,6 +471,60 @@ async fn a_cut_provisioning_file_is_refused_and_a_rotated_key_ends_old_sessions(
     a.shutdown(Duration::from_millis(100)).await;
     b.shutdown(Duration::from_millis(100)).await;
     assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// The gateway restarted with its clock two hours back (an NTP step at boot, a
+/// dead RTC battery). Before: its ack counters were wall-clock microseconds, units
+/// remember the highest they saw, and every ack after the restart was refused as a
+/// replay (40 of 150 batches acked, 614 re-sends in 90 s). Now the counter continues
+/// above the mark kept in `data_dir/ack-counter` and units take the acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_restarted_with_its_clock_two_hours_back_keeps_acking() {
+    let Some(lib) = faketime_lib() else {
+        panic!("libfaketime is missing: scripts/test.sh installs it (Debian package libfaketime)");
+    };
+    let env = Env::new(4).await;
+    let port = free_port();
+    let cfg = env.config(0, port, "");
+    let gw = Gateway::start(&cfg).await;
+    let mut fleet = Fleet::start(4, port, Duration::from_millis(15), OutboxFull::Block);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    gw.kill9().await;
+    let mut acked = fleet.acked();
+    assert!(!acked.is_empty(), "acks flowed before the restart");
+    let before = acked.len();
+    let gw = Gateway::start_with_env(
+        &cfg,
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME", "-2h"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_DONT_RESET", "1"),
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.stop().await;
+    acked.extend(fleet.drain(Duration::from_secs(30)).await);
+    let rejected: u64 = fleet.clients.iter().map(|c| c.stats().core.acks_replayed).sum();
+    assert!(acked.len() > before + 20, "acks after the restart: {} before, {} in all", before, acked.len());
+    assert_eq!(rejected, 0, "no ack refused as a replay");
+    assert_delivered(&env.cloud, &acked).await;
+    let counter: u64 = std::fs::read_to_string(env.dir.path().join("gw-0-data/ack-counter"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(counter > 0);
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}
+
+/// Debian's libfaketime, if installed.
+fn faketime_lib() -> Option<String> {
+    ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .map(String::from)
 }
 
 /// A gateway at its device session cap says so: readiness false (a balancer sends

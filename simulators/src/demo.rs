@@ -146,7 +146,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     // The fleet.
     let fleet = FleetId::new(FLEET)?;
     let units = (0..opts.vehicles)
-        .map(|i| Ok(Unit { index: i, fleet, device: DeviceId::new(&vehicle_id(i))?, key: key(opts.seed, 1, i) }))
+        .map(|i| {
+            let device = DeviceId::new(&vehicle_id(i))?;
+            let key = prov.device(&fleet, &device).map(|d| d.key.clone()).context("unit missing from provisioning")?;
+            Ok(Unit { index: i, fleet, device, key })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut drive = Drive::start(DriveParams {
         host: "127.0.0.1".into(),
