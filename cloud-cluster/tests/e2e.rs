@@ -343,6 +343,33 @@ async fn every_acked_reading_is_stored_once_through_sigkills_of_the_cloud_node()
     assert_eq!(cloud.terminate().await.code(), Some(0));
 }
 
+/// Start-up errors name what is wrong: a storage directory that cannot be made
+/// names the directory (exit 1); `mqtts://` without a CA, an empty token or no
+/// connections allowed are refused as configuration (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_errors_name_the_directory_and_unworkable_settings_exit_2() {
+    let env = Env::new(1, |_| ("[storage]\nurl = \"/proc/fleetline-no-lake\"\n".to_string(), 1883));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetline-cloud"))
+            .arg("--config")
+            .arg(&env.cloud_cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/proc/fleetline-no-lake"), "the directory is named: {err}");
+    for (args, says) in
+        [(&["--broker-url", "mqtts://broker.example:8883"][..], "broker.ca"), (&["--http-token", ""][..], "http.token")]
+    {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 /// A damaged checkpoint found at start. Before: the node failed to start at all
 /// (or, with the checkpoint gone, overwrote published files). Now that shard
 /// alone stays down, named with its checkpoint in `/status`, readiness false, its

@@ -510,11 +510,8 @@ async fn a_gateway_restarted_with_its_clock_two_hours_back_keeps_acking() {
     assert!(acked.len() > before + 20, "acks after the restart: {} before, {} in all", before, acked.len());
     assert_eq!(rejected, 0, "no ack refused as a replay");
     assert_delivered(&env.cloud, &acked).await;
-    let counter: u64 = std::fs::read_to_string(env.dir.path().join("gw-0-data/ack-counter"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let counter: u64 =
+        std::fs::read_to_string(env.dir.path().join("gw-0-data/ack-counter")).unwrap().trim().parse().unwrap();
     assert!(counter > 0);
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
@@ -525,6 +522,52 @@ fn faketime_lib() -> Option<String> {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .map(String::from)
+}
+
+/// Operator mistakes get an answer that names what is wrong: a taken port names
+/// its address (exit 1), settings that parse but cannot work are refused at start
+/// (exit 2) instead of failing later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_and_unworkable_settings_get_clear_errors() {
+    let env = Env::new(1).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let run = |extra: &str, devices_port: u16| {
+        let cfg = env.config(0, devices_port, extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetline-gateway"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run("", port);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "the taken address is named: {err}");
+    let free = free_port();
+    for (extra, says) in [
+        ("budget = \"1 MiB\"\nsegment = \"1 MiB\"", "queue.budget"),
+        (
+            "when_full = \"drop-oldest\"\n[devices.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"",
+            "/nonexistent.pem",
+        ),
+    ] {
+        let (code, err) = run(extra, free);
+        assert!(code == Some(1) || code == Some(2), "{extra}: {code:?} {err}");
+        assert!(err.contains(says), "{extra}: {err}");
+    }
+    // Unworkable values: checked at start (exit 2), not when they bite.
+    let cfg = env.config(0, free, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("provisioning_reload = \"100ms\"", "provisioning_reload = \"0s\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetline-gateway")).arg("--config").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("provisioning_reload"));
+    drop(taken);
 }
 
 /// A gateway at its device session cap says so: readiness false (a balancer sends

@@ -632,3 +632,52 @@ async fn restart(p: &mut ChildProc) -> String {
     }
     "restart FAILED".into()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::report::Stored;
+
+    /// The report's split of acked samples missing from `readings`: those a stopped
+    /// gateway still holds in its queue (the drain ended first) are "still queued",
+    /// the rest "lost". Read from a real queue directory.
+    #[test]
+    fn missing_samples_are_split_into_still_queued_and_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fleetline_gateway::queue::QueueConfig {
+            dir: dir.path().to_path_buf(),
+            budget_bytes: 1 << 30,
+            segment_bytes: 1 << 20,
+            commit_interval: Duration::from_millis(1),
+            policy: fleetline_gateway::queue::FullPolicy::Backpressure,
+        };
+        let key = DeviceKey::from_bytes([7; 32]);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (q, _, thread) = fleetline_gateway::queue::open(cfg, |_, _, _| {}, None).unwrap();
+            for seq in [1, 2] {
+                let batch = fleetline_testkit::batches::sealed_batch("v-00002", &key, 4, seq, 1_000, 10, None);
+                let meta = fleetline_gateway::queue::RecordMeta { shard: 0, samples: 10, received_at_ms: 1 };
+                q.append(meta, batch).await.unwrap();
+            }
+            // Seq 1 was delivered upstream; seq 2 is still held.
+            q.ack(vec![fleetline_gateway::queue::RecordId(0)]).await.unwrap();
+            q.sync().await.unwrap();
+            drop(q);
+            thread.join().unwrap();
+        });
+        let queued = still_queued(dir.path()).unwrap();
+        assert_eq!(queued.keys().collect::<Vec<_>>(), [&("v-00002".to_string(), 4, 2)]);
+        let mut acked = HashMap::new();
+        for (device, seq) in [("v-00001", 1), ("v-00002", 1), ("v-00002", 2), ("v-00003", 9)] {
+            acked.insert((device.to_string(), 4, seq), 10);
+        }
+        let mut stored = Stored::default();
+        stored.per_batch.insert(("v-00001".to_string(), 4, 1), 10);
+        stored.per_batch.insert(("v-00002".to_string(), 4, 1), 10);
+        // v-00002/2 is held at the gateway; v-00003/9 is nowhere: lost.
+        assert_eq!(crate::report::missing_but_queued(&acked, &stored, &queued), 10);
+        assert_eq!(crate::report::lost(&acked, &stored, &queued), 10);
+    }
+}
