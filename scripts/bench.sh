@@ -8,9 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 runs="${1:-5}"
-# Both packages name their example `bench`: run each through cargo (built once).
-cargo build --locked --release -p fleetline-gateway --bins
-bench() { cargo run --locked --release -q -p "$1" --example bench; }
+
+# Both packages name their example `bench`: take each one's path from cargo.
+paths=$(cargo build --locked --release -p fleetline-cloud -p fleetline-gateway --bins --examples \
+    --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bench" and m.get("executable"):
+        pkg = "cloud" if "cloud-cluster" in m["manifest_path"] else "gateway"
+        print(pkg, m["executable"])
+')
+cloud=$(awk '$1 == "cloud" {print $2}' <<<"$paths")
+gateway=$(awk '$1 == "gateway" {print $2}' <<<"$paths")
 
 summarize() {
     python3 -c '
@@ -23,5 +33,5 @@ print(json.dumps({"bench": name, "runs": len(r), "ratios": r,
 ' "$1"
 }
 
-for _ in $(seq "$runs"); do bench fleetline-cloud; done | summarize cloud
-for _ in $(seq "$runs"); do bench fleetline-gateway; done | summarize gateway
+for _ in $(seq "$runs"); do "$cloud"; done | summarize cloud
+for _ in $(seq "$runs"); do "$gateway"; done | summarize gateway
