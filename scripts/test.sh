@@ -52,6 +52,9 @@ step "clippy (all targets, std) and the no_std library build"
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
 cargo clippy --locked --workspace --lib -- -D warnings
 
+step "docs (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace --all-features
+
 step "tests"
 cargo test --locked --workspace --all-features
 

@@ -61,7 +61,7 @@ enum Command {
 }
 
 fn load(args: &Args) -> anyhow::Result<CloudConfig> {
-    let mut cfg: CloudConfig = fleetline_broker::service::read_config(args.config.as_deref())?;
+    let mut cfg: CloudConfig = fleetline_service::read_config(args.config.as_deref())?;
     if let Some(v) = &args.node_id {
         cfg.node_id = v.clone();
     }
@@ -96,13 +96,13 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    fleetline_broker::service::init_tracing();
+    fleetline_service::init_tracing();
     let args = Args::parse_from(args);
     if let Some(Command::Repair { shard }) = args.command {
         return repair(load(&args), shard);
     }
-    fleetline_broker::service::run("fleetline-cloud", load(&args), args.check_config, |cfg, render, stop| {
-        node::run(cfg, Some(render), stop, fleetline_broker::service::print_listening)
+    fleetline_service::run("fleetline-cloud", load(&args), args.check_config, |cfg, render, stop| {
+        node::run(cfg, Some(render), stop, fleetline_service::print_listening)
     })
 }
 

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use fleetline_broker::ByteSize;
+pub use crate::shard::{SegmentConfig, ValidationConfig};
+pub use crate::store::StorageConfig;
+pub use fleetline_service::ByteSize;
 use serde::Deserialize;
 
 /// The whole file.
@@ -40,37 +42,6 @@ pub struct CloudConfig {
     pub analytics: crate::analytics::AnalyticsConfig,
     /// Hourly compacted readings and daily per-vehicle rollups.
     pub rollup: crate::rollup::RollupConfig,
-}
-
-/// Clock sanity: readings dated too far after their gateway received them, or
-/// before a floor (units whose clocks read 1970), go to dead letters. Late data is
-/// never refused: backlogs are normal.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValidationConfig {
-    /// Largest allowed `ts − received_at`.
-    #[serde(with = "humantime_serde")]
-    pub max_future_skew: Duration,
-    /// Earliest allowed reading time (RFC 3339).
-    #[serde(with = "humantime_serde")]
-    pub epoch_floor: std::time::SystemTime,
-}
-
-impl Default for ValidationConfig {
-    fn default() -> Self {
-        Self {
-            max_future_skew: Duration::from_secs(300),
-            // 2020-01-01T00:00:00Z
-            epoch_floor: std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800),
-        }
-    }
-}
-
-impl ValidationConfig {
-    /// The floor in Unix ms.
-    pub fn floor_ms(&self) -> i64 {
-        self.epoch_floor.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-    }
 }
 
 impl Default for CloudConfig {
@@ -171,56 +142,6 @@ pub struct ListenerTls {
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
-}
-
-/// The object store holding the datasets.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// `file:///absolute/dir`, a plain directory path, or `s3://bucket/optional/prefix`.
-    pub url: String,
-    /// S3: endpoint of an S3-compatible service (unset: AWS).
-    pub endpoint: Option<String>,
-    /// S3: region.
-    pub region: String,
-    /// S3: access key id (unset: from the environment, `AWS_ACCESS_KEY_ID`).
-    pub access_key_id: Option<String>,
-    /// S3: secret key (unset: from the environment, `AWS_SECRET_ACCESS_KEY`).
-    pub secret_access_key: Option<String>,
-    /// S3: allow plain HTTP to the endpoint (loopback test servers).
-    pub allow_http: bool,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self {
-            url: "fleetline-data".into(),
-            endpoint: None,
-            region: "us-east-1".into(),
-            access_key_id: None,
-            secret_access_key: None,
-            allow_http: false,
-        }
-    }
-}
-
-/// When a shard commits its open segment.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SegmentConfig {
-    /// Longest data waits in an open segment (also the ack latency towards gateways).
-    #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
-    /// Most rows in an open segment.
-    pub max_rows: usize,
-    /// Boot epochs remembered per device for dedupe (older boots do not send any more).
-    pub dedupe_epochs: usize,
-}
-
-impl Default for SegmentConfig {
-    fn default() -> Self {
-        Self { max_age: Duration::from_secs(2), max_rows: 500_000, dedupe_epochs: 16 }
-    }
 }
 
 /// The operations endpoint.

@@ -1,6 +1,8 @@
 //! The operations endpoint: liveness, readiness, Prometheus metrics, status JSON,
-//! a vehicle's latest state, and a flush (the only write, behind the bearer token
-//! when one is configured).
+//! a vehicle's latest state (behind a token when one is configured), the schema
+//! registry's REST API, and the writes — flush, rollup, dead-letter replay, schema
+//! registration and compatibility modes — behind the bearer token when one is
+//! configured.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,11 +16,11 @@ use axum::routing::{get, post};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::node::ShardMsg;
+use crate::shard::ShardMsg;
 use crate::stats::CloudStats;
 
 /// Renders the Prometheus exposition text (installed by the binary).
-pub use fleetline_broker::service::RenderMetrics;
+pub use fleetline_service::RenderMetrics;
 
 /// What the endpoint reports on.
 #[derive(Clone)]
@@ -171,7 +173,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn token_is(given: Option<&str>, token: Option<&String>) -> bool {
-    matches!((given, token), (Some(g), Some(t)) if fleetline_broker::service::constant_time_eq(g.as_bytes(), t.as_bytes()))
+    matches!((given, token), (Some(g), Some(t)) if fleetline_service::constant_time_eq(g.as_bytes(), t.as_bytes()))
 }
 
 /// May write: the admin token, when one is set.
@@ -189,7 +191,7 @@ async fn flush(State(ops): State<Ops>, headers: HeaderMap) -> Response {
     if !authorized(&ops, &headers) {
         return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
     }
-    let results = crate::node::flush_all(&ops.shards).await;
+    let results = crate::shard::flush_all(&ops.shards).await;
     let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if failed.is_empty() {
         Json(json!({"flushed": true})).into_response()

@@ -65,7 +65,7 @@ pub struct Session {
 }
 
 /// A message for the shard tasks.
-pub type ShardInbox = mpsc::Sender<crate::node::ShardMsg>;
+pub type ShardInbox = mpsc::Sender<crate::shard::ShardMsg>;
 
 /// Runs the session until the process stops: (re)connects with backoff,
 /// resubscribes on every ConnAck, routes bundles to `shards` (index = shard id;
@@ -117,7 +117,7 @@ pub async fn run(
                 match shard.and_then(|s| shards.get(s)).and_then(Option::as_ref) {
                     Some(inbox) => {
                         // Waiting here is the back-pressure: the broker holds the rest.
-                        let _ = inbox.send(crate::node::ShardMsg::Bundle(Bytes::from(p.payload.to_vec()))).await;
+                        let _ = inbox.send(crate::shard::ShardMsg::Bundle(Bytes::from(p.payload.to_vec()))).await;
                     }
                     None => {
                         stats.count(&stats.misrouted, 1);

@@ -69,7 +69,7 @@ impl fleetline_broker::Logins for Keys {
         let p = self.snapshot();
         let gw = p.gateway(&id).ok_or("unknown_gateway")?;
         let expected = gw.key.mqtt_password(username);
-        if fleetline_broker::service::constant_time_eq(&expected, password.as_bytes()) {
+        if fleetline_service::constant_time_eq(&expected, password.as_bytes()) {
             Ok(())
         } else {
             Err(fleetline_broker::reason::BAD_PASSWORD)

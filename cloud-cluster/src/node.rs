@@ -9,32 +9,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
 use fleetline_broker::{BrokerSettings, Front};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::CloudConfig;
 use crate::http::{self, Ops, RenderMetrics};
 use crate::ingest::{self, Outgoing, Session};
 use crate::keys::Keys;
-use crate::shard::{Shard, ShardStatus, VehicleState};
+use crate::shard::Shard;
+pub use crate::shard::{ShardMsg, flush_all};
 use crate::stats::CloudStats;
 use crate::store::{Store, StoreSpec};
-
-/// What a shard task is asked.
-pub enum ShardMsg {
-    /// A bundle from the shard's topic.
-    Bundle(Bytes),
-    /// Commit now; answers when done.
-    Flush(oneshot::Sender<Result<(), String>>),
-    /// Current status.
-    Status(oneshot::Sender<ShardStatus>),
-    /// A vehicle's latest state.
-    Vehicle(String, String, oneshot::Sender<Option<VehicleState>>),
-    /// Dead letters to take in again under the newest schema of a subject; answers
-    /// once what was taken in is committed.
-    Replay(Vec<crate::replay::ReplayItem>, String, oneshot::Sender<Result<crate::replay::ReplayOutcome, String>>),
-}
 
 /// Addresses the node listens on, printed at start-up as one JSON line.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -275,22 +260,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Commits every shard now.
-pub async fn flush_all(shards: &[Option<mpsc::Sender<ShardMsg>>]) -> Vec<Result<(), String>> {
-    let mut waits = Vec::new();
-    for s in shards.iter().flatten() {
-        let (tx, rx) = oneshot::channel();
-        if s.send(ShardMsg::Flush(tx)).await.is_ok() {
-            waits.push(rx);
-        }
-    }
-    let mut out = Vec::new();
-    for w in waits {
-        out.push(w.await.unwrap_or_else(|_| Err("shard task gone".into())));
-    }
-    out
-}
-
 /// Recovers the shards and starts every task; returns once the node takes data.
 pub async fn start(
     cfg: &CloudConfig,
@@ -345,9 +314,11 @@ pub async fn start(
             let (tls, host, port) = ingest::parse_broker_url(url).map_err(anyhow::Error::msg)?;
             let tls = match (tls, &cfg.broker.ca) {
                 (false, _) => None,
-                (true, Some(ca)) => {
-                    Some(fleetline_broker::client_tls(ca, cfg.broker.cert.as_deref(), cfg.broker.key.as_deref())?)
-                }
+                (true, Some(ca)) => Some(fleetline_service::tls::client_config(
+                    ca,
+                    cfg.broker.cert.as_deref(),
+                    cfg.broker.key.as_deref(),
+                )?),
                 (true, None) => anyhow::bail!("broker.url is mqtts:// but broker.ca is not set"),
             };
             let login = cfg.broker.username.clone().map(|u| (u, cfg.broker.password.clone().unwrap_or_default()));
@@ -391,7 +362,7 @@ pub async fn start(
                 Some(t) => {
                     let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
                     let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
-                    let server = fleetline_broker::tls_config(&cert, &key)?;
+                    let server = fleetline_service::tls::server_config(&cert, &key)?;
                     let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
                     tokio::spawn(accept);
                     Some(addr)
@@ -475,7 +446,7 @@ impl fleetline_broker::Logins for NodeLogins {
             if !client_id.starts_with(username) {
                 return Err(fleetline_broker::reason::BAD_USERNAME);
             }
-            return if fleetline_broker::service::constant_time_eq(s.password.as_bytes(), password.as_bytes()) {
+            return if fleetline_service::constant_time_eq(s.password.as_bytes(), password.as_bytes()) {
                 Ok(())
             } else {
                 Err(fleetline_broker::reason::BAD_PASSWORD)

@@ -26,8 +26,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::checkpoint::{
     Checkpoint, DeviceState, checkpoint_dir, checkpoint_path, damaged_dir, generation_of, published_of,
 };
-use crate::config::SegmentConfig;
-use crate::shard::{DEADLETTER_SEEN_MAX, Published};
+
+use crate::shard::{DEADLETTER_SEEN_MAX, Published, SegmentConfig};
 use crate::stats::reason;
 use crate::store::Store;
 

@@ -31,13 +31,13 @@ use fleetline_wire::provisioning::Provisioning;
 use fleetline_wire::shard::{fnv1a64, shard_of};
 use fleetline_wire::signals;
 use fleetline_wire::{DeviceId, FleetId, GatewayId, WireError, open_batch, peek_header};
+use serde::Deserialize;
 
 use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
 use crate::checkpoint::{
     Checkpoint, DATASETS, DeviceState, Latest, Publish, Totals, checkpoint_dir, checkpoint_path, generation_of,
     published_of, published_path, staging_dir,
 };
-use crate::config::SegmentConfig;
 use crate::rows::{BatchMeta, DeadLetter, Rows};
 use crate::stats::{CloudStats, reason};
 use crate::store::Store;
@@ -103,6 +103,91 @@ pub enum ShardError {
         /// The files beyond it.
         files: Vec<String>,
     },
+}
+
+/// When a shard commits its open segment.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// Longest data waits in an open segment (also the ack latency towards gateways).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Most rows in an open segment.
+    pub max_rows: usize,
+    /// Boot epochs remembered per device for dedupe (older boots do not send any more).
+    pub dedupe_epochs: usize,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        Self { max_age: Duration::from_secs(2), max_rows: 500_000, dedupe_epochs: 16 }
+    }
+}
+
+/// Clock sanity: readings dated too far after their gateway received them, or
+/// before a floor (units whose clocks read 1970), go to dead letters. Late data is
+/// never refused: backlogs are normal.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Largest allowed `ts − received_at`.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// Earliest allowed reading time (RFC 3339).
+    #[serde(with = "humantime_serde")]
+    pub epoch_floor: std::time::SystemTime,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            max_future_skew: Duration::from_secs(300),
+            // 2020-01-01T00:00:00Z
+            epoch_floor: std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800),
+        }
+    }
+}
+
+impl ValidationConfig {
+    /// The floor in Unix ms.
+    pub fn floor_ms(&self) -> i64 {
+        self.epoch_floor.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+/// What a shard task is asked (its mailbox).
+pub enum ShardMsg {
+    /// A bundle from the shard's topic.
+    Bundle(Bytes),
+    /// Commit now; answers when done.
+    Flush(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Current status.
+    Status(tokio::sync::oneshot::Sender<ShardStatus>),
+    /// A vehicle's latest state.
+    Vehicle(String, String, tokio::sync::oneshot::Sender<Option<VehicleState>>),
+    /// Dead letters to take in again under the newest schema of a subject; answers
+    /// once what was taken in is committed.
+    Replay(
+        Vec<crate::replay::ReplayItem>,
+        String,
+        tokio::sync::oneshot::Sender<Result<crate::replay::ReplayOutcome, String>>,
+    ),
+}
+
+/// Commits every shard now.
+pub async fn flush_all(shards: &[Option<tokio::sync::mpsc::Sender<ShardMsg>>]) -> Vec<Result<(), String>> {
+    let mut waits = Vec::new();
+    for s in shards.iter().flatten() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if s.send(ShardMsg::Flush(tx)).await.is_ok() {
+            waits.push(rx);
+        }
+    }
+    let mut out = Vec::new();
+    for w in waits {
+        out.push(w.await.unwrap_or_else(|_| Err("shard task gone".into())));
+    }
+    out
 }
 
 /// Files every shard has published, by shard: (generation, object name).
@@ -224,7 +309,7 @@ pub struct Shard {
     opened_at: Option<Instant>,
     acks: BTreeMap<String, BTreeSet<BundleId>>,
     registry: Option<Arc<crate::registry::Registry>>,
-    validation: crate::config::ValidationConfig,
+    validation: ValidationConfig,
     analytics: AnalyticsConfig,
     /// Per gateway: its clock, and its units not flagged silent by last receipt.
     clocks: HashMap<Arc<str>, (i64, i64)>,
@@ -534,7 +619,7 @@ impl Shard {
     }
 
     /// Clock sanity limits.
-    pub fn set_validation(&mut self, v: crate::config::ValidationConfig) {
+    pub fn set_validation(&mut self, v: ValidationConfig) {
         self.validation = v;
     }
 

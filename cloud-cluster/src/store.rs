@@ -12,7 +12,38 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-use crate::config::StorageConfig;
+use serde::Deserialize;
+
+/// The object store holding the datasets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `file:///absolute/dir`, a plain directory path, or `s3://bucket/optional/prefix`.
+    pub url: String,
+    /// S3: endpoint of an S3-compatible service (unset: AWS).
+    pub endpoint: Option<String>,
+    /// S3: region.
+    pub region: String,
+    /// S3: access key id (unset: from the environment, `AWS_ACCESS_KEY_ID`).
+    pub access_key_id: Option<String>,
+    /// S3: secret key (unset: from the environment, `AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: Option<String>,
+    /// S3: allow plain HTTP to the endpoint (loopback test servers).
+    pub allow_http: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: "fleetline-data".into(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+        }
+    }
+}
 
 /// Where the datasets live, parsed from `storage.url`.
 #[derive(Clone, Debug, PartialEq, Eq)]

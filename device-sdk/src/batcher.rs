@@ -1,5 +1,7 @@
 //! The open batch: readings collected since the last seal, with an exact upper bound
 //! on the sealed size so a batch never outgrows its buffer or the packet limit.
+//!
+//! Pure: no I/O, no clock, no runtime.
 
 use fleetline_wire::batch::{MAX_SEALED_LEN, SERIES_OVERHEAD_BOUND, SampleCodec};
 use fleetline_wire::key::TAG_LEN;

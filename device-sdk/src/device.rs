@@ -4,6 +4,8 @@
 //! clock (`now_ms`, milliseconds from any origin, never going backwards) and the
 //! transport does the I/O: it publishes what [`Device::poll_transmit`] returns and
 //! feeds in what arrives on the ack and command topics.
+//!
+//! Pure: no I/O, no clock, no runtime.
 
 use fleetline_wire::control::{self, AckRange, Command, ControlKind};
 use fleetline_wire::ids::ShortId;

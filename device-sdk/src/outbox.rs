@@ -4,6 +4,8 @@
 //! policy, when room is needed and the oldest is evicted and counted. Acks may name
 //! entries in any order, so slots are freed out of order; the oldest is always the
 //! lowest (epoch, seq).
+//!
+//! Pure: no I/O, no clock, no runtime.
 
 #[derive(Clone, Copy, Default)]
 struct Entry {

@@ -104,12 +104,12 @@ pub async fn run(
     // Sessions the file table can hold: three descriptors each, with headroom for
     // queue segments, the uplink and HTTP. Past that, units are refused at once
     // ("server busy", counted) instead of failing accepts for everyone.
-    let (max_sessions, lowered) = fleetline_broker::service::session_cap(cfg.devices.max_connections, FD_HEADROOM);
+    let (max_sessions, lowered) = fleetline_broker::session_cap(cfg.devices.max_connections, FD_HEADROOM);
     if lowered {
         tracing::warn!(
             configured = cfg.devices.max_connections,
             max_sessions,
-            limit = fleetline_broker::service::open_files_limit(),
+            limit = fleetline_service::open_files_limit(),
             "devices.max_connections is more than this process's open-file limit holds; capped"
         );
     }
@@ -122,7 +122,7 @@ pub async fn run(
         Some(t) => {
             let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
             let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
-            let server = fleetline_broker::tls_config(&cert, &key)?;
+            let server = fleetline_service::tls::server_config(&cert, &key)?;
             let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
             front_tasks.push(tokio::spawn(accept));
             Some(addr)
@@ -142,7 +142,7 @@ pub async fn run(
         dropped: dropped_tx,
     });
     let ingest_task = tokio::spawn(ingest.clone().run(link_rx));
-    let counter = Arc::new(fleetline_broker::counter::PersistentCounter::open(&cfg.data_dir.join("ack-counter"))?);
+    let counter = Arc::new(fleetline_service::counter::PersistentCounter::open(&cfg.data_dir.join("ack-counter"))?);
     let acker_task = tokio::spawn(run_acker(link_tx, acks_rx, cfg.id.clone(), stats.clone(), counter));
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);

@@ -43,7 +43,7 @@ struct Args {
 }
 
 fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
-    let mut cfg: GatewayConfig = fleetline_broker::service::read_config(args.config.as_deref())?;
+    let mut cfg: GatewayConfig = fleetline_service::read_config(args.config.as_deref())?;
     if let Some(v) = &args.id {
         cfg.id = v.clone();
     }
@@ -75,9 +75,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    fleetline_broker::service::init_tracing();
+    fleetline_service::init_tracing();
     let args = Args::parse_from(args);
-    fleetline_broker::service::run("fleetline-gateway", load(&args), args.check_config, |cfg, render, stop| {
-        app::run(cfg, Some(render), stop, fleetline_broker::service::print_listening)
+    fleetline_service::run("fleetline-gateway", load(&args), args.check_config, |cfg, render, stop| {
+        app::run(cfg, Some(render), stop, fleetline_service::print_listening)
     })
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::queue::FullPolicy;
 
-pub use fleetline_broker::ByteSize;
+pub use fleetline_service::ByteSize;
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]

@@ -15,7 +15,7 @@ use crate::queue::QueueHandle;
 use crate::stats::{GatewayStats, unix_ms};
 
 /// Renders the Prometheus exposition text (installed by the binary).
-pub use fleetline_broker::service::RenderMetrics;
+pub use fleetline_service::RenderMetrics;
 
 /// What the endpoint reports on.
 #[derive(Clone)]

@@ -40,9 +40,7 @@ pub enum Codec {
     Lz4 = 1,
 }
 
-/// A gateway's bundle id; unique per gateway.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct BundleId(pub u64);
+pub use crate::ids::BundleId;
 
 /// The cleartext, authenticated header of a bundle.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

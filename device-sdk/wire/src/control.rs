@@ -178,7 +178,7 @@ pub fn seal_bundle_ack_into(
     sender: &str,
     counter: u64,
     nonce: [u8; NONCE_LEN],
-    ids: &[crate::bundle::BundleId],
+    ids: &[crate::ids::BundleId],
 ) -> Result<usize, WireError> {
     let header = ControlHeader { format: CONTROL_FORMAT, kind: ControlKind::BundleAck as u8, sender, counter, nonce };
     seal_with(out, key, &header, |w| {
@@ -256,7 +256,7 @@ impl<'a> OpenControl<'a> {
 
     /// The bundle ids of a bundle ack.
     #[cfg(feature = "std")]
-    pub fn bundle_ids(&self) -> Result<std::vec::Vec<crate::bundle::BundleId>, WireError> {
+    pub fn bundle_ids(&self) -> Result<std::vec::Vec<crate::ids::BundleId>, WireError> {
         let mut r = Reader::new(self.body);
         let n = r.varint()?;
         if n > 100_000 {
@@ -264,7 +264,7 @@ impl<'a> OpenControl<'a> {
         }
         let mut ids = std::vec::Vec::with_capacity(n as usize);
         for _ in 0..n {
-            ids.push(crate::bundle::BundleId(r.varint()?));
+            ids.push(crate::ids::BundleId(r.varint()?));
         }
         if !r.is_empty() {
             return Err(WireError::Malformed("trailing bytes after bundle ids"));

@@ -105,6 +105,11 @@ id_newtype!(
     GatewayId
 );
 
+/// A gateway's bundle id; unique per gateway. Bundles carry it and bundle acks
+/// (control messages) name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct BundleId(pub u64);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,8 @@
 //! a device's set is usually one range per boot epoch however many batches it sent;
 //! gaps (a device that dropped its oldest batch, a broker that skipped a message)
 //! cost one range each until they fill.
+//!
+//! Pure: no I/O, no clock, no runtime.
 
 use std::collections::BTreeMap;
 use std::vec::Vec;

@@ -283,7 +283,7 @@ pub async fn run_acker(
     mut rx: mpsc::UnboundedReceiver<Durable>,
     gateway_id: String,
     stats: Arc<GatewayStats>,
-    counter: Arc<fleetline_broker::counter::PersistentCounter>,
+    counter: Arc<fleetline_service::counter::PersistentCounter>,
 ) {
     let mut buf = vec![0u8; MAX_ACK_LEN];
     while let Some(first) = rx.recv().await {

@@ -91,7 +91,7 @@ impl Registry {
         let now = SystemTime::now();
         if entry
             .keys_at(now)
-            .any(|k| fleetline_broker::service::constant_time_eq(&k.mqtt_password(username), password.as_bytes()))
+            .any(|k| fleetline_service::constant_time_eq(&k.mqtt_password(username), password.as_bytes()))
         {
             Ok(())
         } else {

@@ -1,6 +1,8 @@
 //! The queue's bookkeeping without any I/O: which records exist, where they are,
 //! which are acknowledged upstream, what the budget allows and which segment files
 //! can go. The file layer asks it what to do and carries it out.
+//!
+//! Pure: no I/O, no clock, no runtime.
 
 use std::collections::VecDeque;
 

@@ -9,6 +9,8 @@
 //! the in-flight window, so fresh readings are never stuck behind hours of backlog.
 //! A bundle stays in flight, in memory, until the cloud acks its id, and is re-sent
 //! after `resend_after` and after every reconnect.
+//!
+//! Pure: no I/O, no clock, no runtime.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 

@@ -43,8 +43,8 @@ enum Net {
 }
 
 fn tls(cfg: &crate::config::UplinkTls) -> anyhow::Result<TlsConfiguration> {
-    let config =
-        fleetline_broker::client_tls(&cfg.ca, cfg.cert.as_deref(), cfg.key.as_deref()).context("uplink.tls")?;
+    let config = fleetline_service::tls::client_config(&cfg.ca, cfg.cert.as_deref(), cfg.key.as_deref())
+        .context("uplink.tls")?;
     Ok(TlsConfiguration::Rustls(config))
 }
 

@@ -9,15 +9,11 @@
 //! password rewritten to the secret.
 
 pub mod broker;
-pub mod counter;
 pub mod front;
-pub mod service;
 pub mod sessions;
-mod size;
 
 pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
-pub use front::{Front, FrontEvents, Logins, tls_config};
-pub use size::ByteSize;
+pub use front::{Front, FrontEvents, Logins};
 
 /// Reasons a connection is refused before or at login.
 pub mod reason {
@@ -48,32 +44,19 @@ pub fn new_secret() -> std::sync::Arc<str> {
     raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()
 }
 
-/// A rustls client configuration (ring) trusting the CA bundle at `ca`, with a
-/// client certificate and key for mutual TLS when both are given.
-pub fn client_tls(
-    ca: &std::path::Path,
-    cert: Option<&std::path::Path>,
-    key: Option<&std::path::Path>,
-) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
-    use anyhow::Context;
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
-        roots.add(c?)?;
-    }
-    anyhow::ensure!(!roots.is_empty(), "no CA certificate in {}", ca.display());
-    let builder =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots);
-    let config = match (cert, key) {
-        (Some(cert), Some(key)) => {
-            let chain = rustls_pemfile::certs(&mut read(cert)?.as_slice()).collect::<Result<Vec<_>, _>>()?;
-            let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())?.context("no private key")?;
-            builder.with_client_auth_cert(chain, key)?
+/// File descriptors each spliced MQTT session holds in this process: the client's
+/// socket, the front's socket to the broker, and the broker's end of it.
+pub const FDS_PER_SESSION: u64 = 3;
+
+/// The most sessions a listener may take: the configured number, or fewer when the
+/// process's file limit (less `headroom` for files, upstream sockets and HTTP)
+/// cannot hold that many. Returns (sessions, whether the limit lowered it).
+pub fn session_cap(configured: usize, headroom: u64) -> (usize, bool) {
+    match fleetline_service::open_files_limit() {
+        Some(limit) => {
+            let fits = (limit.saturating_sub(headroom) / FDS_PER_SESSION) as usize;
+            if fits < configured { (fits.max(1), true) } else { (configured, false) }
         }
-        (None, None) => builder.with_no_client_auth(),
-        _ => anyhow::bail!("a client certificate and its key go together"),
-    };
-    Ok(std::sync::Arc::new(config))
+        None => (configured, false),
+    }
 }

@@ -78,20 +78,6 @@ pub struct Front {
     pub health: Arc<crate::BrokerHealth>,
 }
 
-/// Loads a PEM certificate chain and key into a rustls server config (ring provider).
-pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs = rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<Vec<_>, _>>().context("certificate PEM")?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate in the certificate PEM");
-    let key =
-        rustls_pemfile::private_key(&mut &key_pem[..]).context("key PEM")?.context("no private key in the key PEM")?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("certificate and key do not match")?;
-    Ok(Arc::new(cfg))
-}
-
 impl Front {
     /// A front for `broker`, checking logins with `logins`.
     pub fn new(

@@ -100,33 +100,3 @@ pub fn print_listening(line: &impl serde::Serialize) {
         println!("{}", serde_json::to_string(line).unwrap_or_default());
     }
 }
-
-/// Compares secrets in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// This process's limit on open files (the soft limit), from `/proc/self/limits`;
-/// `None` where that cannot be read.
-pub fn open_files_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// File descriptors each spliced MQTT session holds in this process: the client's
-/// socket, the front's socket to the broker, and the broker's end of it.
-pub const FDS_PER_SESSION: u64 = 3;
-
-/// The most sessions a listener may take: the configured number, or fewer when the
-/// process's file limit (less `headroom` for files, upstream sockets and HTTP)
-/// cannot hold that many. Returns (sessions, whether the limit lowered it).
-pub fn session_cap(configured: usize, headroom: u64) -> (usize, bool) {
-    match open_files_limit() {
-        Some(limit) => {
-            let fits = (limit.saturating_sub(headroom) / FDS_PER_SESSION) as usize;
-            if fits < configured { (fits.max(1), true) } else { (configured, false) }
-        }
-        None => (configured, false),
-    }
-}

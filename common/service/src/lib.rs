@@ -1,0 +1,20 @@
+//! What every Fleetline server process needs around its own work, shared by the
+//! gateway and the cloud node: the process lifecycle (logging, `--check-config`,
+//! the runtime, the metrics recorder, stop signals, exit codes), configuration
+//! files, byte sizes in settings, TLS configurations from PEM files, counters that
+//! survive restarts, and the process's own limits. Nothing here knows MQTT.
+
+pub mod counter;
+pub mod limits;
+pub mod process;
+mod size;
+pub mod tls;
+
+pub use limits::open_files_limit;
+pub use process::{RenderMetrics, init_tracing, print_listening, read_config, run};
+pub use size::ByteSize;
+
+/// Compares secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
