@@ -15,7 +15,7 @@ cargo run --locked --release -p fleetline-device --example wire_size
 echo "==> gateway throughput against a Mosquitto bridge"
 scripts/bench-gateway.sh
 echo "==> cloud figures at full size (SIGKILLs and crashes inside commits, external broker + S3)"
-cargo test --locked -p fleetline-cloud --test e2e -- --nocapture --test-threads 1 2>&1 \
+cargo test --locked -p fleetline-cloud --test it e2e:: -- --nocapture --test-threads 1 2>&1 \
     | grep -oE '(cloud crash test|external broker|TLS \+ bad input).*' || true
 echo "==> cloud ingest against writing the same rows straight to Parquet (one core)"
 cargo run --locked --release -p fleetline-cloud --example bench
@@ -24,7 +24,7 @@ cargo run --locked --release -p fleetline-sim -- demo --report-json target/demo-
 python3 -c "import json; r = json.load(open('target/demo-report.json')); print({k: r[k] for k in ('vehicles', 'samples_sent', 'samples_acked', 'samples_stored', 'samples_lost', 'samples_duplicated', 'throughput_samples_per_s', 'e2e_latency_ms', 'ingest_latency_ms')})"
 python3 -c "import json; r = json.load(open('target/demo-report.json')); print('events', json.dumps(r['events']))"
 echo "==> late data: a two-hour backlog gives the same aggregates and events"
-cargo test --locked -p fleetline-sim --test late_data -- --nocapture 2>&1 | grep -E 'identical|test result' || true
+cargo test --locked -p fleetline-sim --test it late_data:: -- --nocapture 2>&1 | grep -E 'identical|test result' || true
 echo "==> event scores on a seed the thresholds were not tuned on (300 vehicles, 20 simulated minutes)"
 cargo run --locked --release -p fleetline-sim -- demo --vehicles 300 --time-scale 10 --duration 120s --seed 2027 \
     --report-json target/demo-events.json > /dev/null

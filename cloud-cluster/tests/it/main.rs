@@ -1,0 +1,9 @@
+//! The cloud node's integration tests in one binary, so arrow, parquet and
+//! object_store are linked once: the commit protocol (`commit`), real processes end
+//! to end (`e2e`), the schema registry (`registry`) and the rollup job (`rollup`).
+//! Run one group with `cargo test -p fleetline-cloud --test it e2e::`.
+
+mod commit;
+mod e2e;
+mod registry;
+mod rollup;
