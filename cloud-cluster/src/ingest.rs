@@ -12,18 +12,10 @@ use fleetline_wire::bundle::{BundleId, seal_bundle_ack};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
+use fleetline_wire::topics;
+
 use crate::keys::Keys;
 use crate::stats::CloudStats;
-
-/// Topic of a shard's bundles.
-pub fn shard_topic(shard: u16) -> String {
-    format!("fleetline/v1/ingest/{shard}")
-}
-
-/// Topic a gateway takes its bundle acks from.
-pub fn ack_topic(gateway: &str) -> String {
-    format!("fleetline/v1/gw/{gateway}/ack")
-}
 
 /// `(tls, host, port)` of `mqtt://host:port` or `mqtts://host:port`.
 pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
@@ -105,7 +97,9 @@ pub async fn run(
                     shards = owned.len(),
                     "connected to the ingest broker"
                 );
-                let filters = owned.iter().map(|s| rumqttc::SubscribeFilter::new(shard_topic(*s), QoS::AtLeastOnce));
+                let filters = owned.iter().map(|s| {
+                    rumqttc::SubscribeFilter::new(topics::ingest_topic(*s).as_str().to_string(), QoS::AtLeastOnce)
+                });
                 for chunk in filters.collect::<Vec<_>>().chunks(32) {
                     if let Err(e) = client.subscribe_many(chunk.to_vec()).await {
                         tracing::warn!(error = %e, "subscribing failed");
@@ -113,7 +107,7 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let shard = p.topic.strip_prefix("fleetline/v1/ingest/").and_then(|s| s.parse::<usize>().ok());
+                let shard = topics::parse_ingest_topic(&p.topic).map(usize::from);
                 match shard.and_then(|s| shards.get(s)).and_then(Option::as_ref) {
                     Some(inbox) => {
                         // Waiting here is the back-pressure: the broker holds the rest.
@@ -200,11 +194,6 @@ pub enum Outgoing {
     Alert(crate::analytics::Event),
 }
 
-/// Topic of a vehicle's alerts.
-pub fn alert_topic(fleet: &str, device: &str) -> String {
-    format!("fleetline/v1/alerts/{fleet}/{device}")
-}
-
 async fn publish_acks(
     client: AsyncClient,
     mut acks: mpsc::UnboundedReceiver<Outgoing>,
@@ -219,7 +208,10 @@ async fn publish_acks(
             Outgoing::Alert(e) => {
                 // JSON with the event's id: a repeat after a restart is recognizable.
                 let body = serde_json::to_vec(&e).unwrap_or_default();
-                match client.publish(alert_topic(&e.fleet, &e.device), QoS::AtLeastOnce, false, body).await {
+                match client
+                    .publish(topics::alert_topic(&e.fleet, &e.device).as_str(), QoS::AtLeastOnce, false, body)
+                    .await
+                {
                     Ok(()) => stats.count(&stats.alerts_sent, 1),
                     Err(_) => {
                         stats.count(&stats.alerts_failed, 1);
@@ -250,7 +242,11 @@ async fn publish_acks(
                     continue;
                 }
             };
-            if client.publish(ack_topic(&gateway), QoS::AtLeastOnce, false, sealed).await.is_err() {
+            if client
+                .publish(topics::bundle_ack_topic(&gateway).as_str(), QoS::AtLeastOnce, false, sealed)
+                .await
+                .is_err()
+            {
                 return;
             }
             stats.count(&stats.acks_sent, chunk.len() as u64);

@@ -342,7 +342,7 @@ pub async fn start(
                 max_connections: cfg.broker.max_connections,
                 max_packet: cfg.broker.max_packet.0 as usize,
                 log_bytes: 256 << 20,
-                small_logs: vec![("fleetline/v1/gw/+/ack".into(), 256 * 1024)],
+                small_logs: vec![(fleetline_wire::topics::BUNDLE_ACK_FILTER.into(), 256 * 1024)],
                 link_id: format!("cloud.{}.link", cfg.node_id),
                 link_filters: Vec::new(),
             };

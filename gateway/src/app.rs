@@ -24,7 +24,7 @@ use fleetline_broker::{BrokerSettings, Front};
 const FD_HEADROOM: u64 = 1024;
 
 /// Filter the ingest link subscribes to.
-pub const UP_FILTER: &str = "fleetline/v1/+/+/up";
+pub use fleetline_wire::topics::UP_FILTER;
 
 /// Addresses the gateway listens on, printed at start-up as one JSON line.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -95,7 +95,9 @@ pub async fn run(
         // small (32 KiB, about 300 acks), or memory grows with every device ever
         // connected. A device that falls that far behind on acks just re-sends
         // and is acked again.
-        small_logs: ["fleetline/v1/+/+/ack", "fleetline/v1/+/+/cmd"].map(|f| (f.to_string(), 32 * 1024)).to_vec(),
+        small_logs: [fleetline_wire::topics::ACK_FILTER, fleetline_wire::topics::CMD_FILTER]
+            .map(|f| (f.to_string(), 32 * 1024))
+            .to_vec(),
         // Devices' client ids are `{fleet}.{device}`: no clash possible.
         link_id: "fleetline-gateway-ingest".into(),
         link_filters: vec![UP_FILTER.into()],

@@ -26,16 +26,6 @@ use crate::stats::GatewayStats;
 
 use self::core::{Limits, UplinkCore};
 
-/// Topic the cloud acks this gateway's bundles on.
-pub fn ack_topic(gateway: &str) -> String {
-    format!("fleetline/v1/gw/{gateway}/ack")
-}
-
-/// Topic of a shard's bundles.
-pub fn ingest_topic(shard: u16) -> String {
-    format!("fleetline/v1/ingest/{shard}")
-}
-
 enum Net {
     Connected,
     Disconnected(String),
@@ -132,7 +122,7 @@ impl Uplink {
         let mut core = UplinkCore::new(limits, self.gateway.clone(), self.key.clone(), self.first_unacked, base);
         let start = Instant::now();
         let now_ms = || start.elapsed().as_millis() as u64;
-        let ack_topic = ack_topic(&self.gateway);
+        let ack_topic = fleetline_wire::topics::bundle_ack_topic(&self.gateway).as_str().to_string();
         let mut counters: HashMap<String, u64> = HashMap::new();
         let (backlog_tx, mut backlog_rx) = mpsc::channel(1);
         let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -195,7 +185,7 @@ impl Uplink {
                 });
             }
             while let Some(p) = core.poll_publish(now_ms()) {
-                let topic = ingest_topic(p.shard);
+                let topic = fleetline_wire::topics::ingest_topic(p.shard).as_str().to_string();
                 if client.try_publish(topic, QoS::AtLeastOnce, false, p.payload).is_err() {
                     // rumqttc's queue is full; the bundle stays in flight and is re-sent.
                     break;

@@ -84,7 +84,7 @@ impl FakeCloud {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.try_subscribe("fleetline/v1/ingest/+", QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(fleetline_wire::topics::INGEST_FILTER, QoS::AtLeastOnce);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Some((gateway, id, key)) = consume(&st, &provisioning, &p.payload)
@@ -92,7 +92,7 @@ impl FakeCloud {
                         {
                             counter += 1;
                             if let Ok(ack) = seal_bundle_ack(&key, "fake-cloud", counter, &[id]) {
-                                let topic = format!("fleetline/v1/gw/{gateway}/ack");
+                                let topic = fleetline_wire::topics::bundle_ack_topic(&gateway).as_str().to_string();
                                 if client.try_publish(topic, QoS::AtLeastOnce, false, ack).is_ok()
                                     && let Ok(mut s) = st.lock()
                                 {
