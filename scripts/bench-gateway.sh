@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 cargo build --locked --release -p fleetline-gateway --bins --examples
-"${CARGO_TARGET_DIR:-target}/release/examples/bench"
+"${CARGO_TARGET_DIR:-target}/release/examples/bench-gateway"

@@ -8,30 +8,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 runs="${1:-5}"
-
-# Both packages name their example `bench`: take each one's path from cargo.
-paths=$(cargo build --locked --release -p fleetline-cloud -p fleetline-gateway --bins --examples \
-    --message-format=json | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bench" and m.get("executable"):
-        pkg = "cloud" if "cloud-cluster" in m["manifest_path"] else "gateway"
-        print(pkg, m["executable"])
-')
-cloud=$(awk '$1 == "cloud" {print $2}' <<<"$paths")
-gateway=$(awk '$1 == "gateway" {print $2}' <<<"$paths")
+target="${CARGO_TARGET_DIR:-target}"
+cargo build --locked --release -p fleetline-cloud -p fleetline-gateway --bins --examples
 
 summarize() {
     python3 -c '
 import json, statistics, sys
 name = sys.argv[1]
 rows = [json.loads(l) for l in sys.stdin if l.startswith("{")]
+if not rows:
+    sys.exit(f"no results from the {name} benchmark")
 r = sorted(x["ratio"] for x in rows)
 print(json.dumps({"bench": name, "runs": len(r), "ratios": r,
                   "median": statistics.median(r), "min": r[0], "max": r[-1]}))
 ' "$1"
 }
 
-for _ in $(seq "$runs"); do "$cloud"; done | summarize cloud
-for _ in $(seq "$runs"); do "$gateway"; done | summarize gateway
+# Every run must print its line: a failed run stops the script rather than
+# shrinking the sample.
+for _ in $(seq "$runs"); do "$target/release/examples/bench-cloud" || exit 1; done | summarize cloud
+for _ in $(seq "$runs"); do "$target/release/examples/bench-gateway" || exit 1; done | summarize gateway

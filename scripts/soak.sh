@@ -18,7 +18,7 @@ echo "==> cloud figures at full size (SIGKILLs and crashes inside commits, exter
 cargo test --locked -p fleetline-cloud --test it e2e:: -- --nocapture --test-threads 1 2>&1 \
     | grep -oE '(cloud crash test|external broker|TLS \+ bad input).*' || true
 echo "==> cloud ingest against writing the same rows straight to Parquet (one core)"
-cargo run --locked --release -p fleetline-cloud --example bench
+cargo run --locked --release -p fleetline-cloud --example bench-cloud
 echo "==> the demo at its default size (1,000 vehicles, 60 s)"
 cargo run --locked --release -p fleetline-sim -- demo --report-json target/demo-report.json > /dev/null
 python3 -c "import json; r = json.load(open('target/demo-report.json')); print({k: r[k] for k in ('vehicles', 'samples_sent', 'samples_acked', 'samples_stored', 'samples_lost', 'samples_duplicated', 'throughput_samples_per_s', 'e2e_latency_ms', 'ingest_latency_ms')})"

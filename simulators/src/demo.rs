@@ -467,35 +467,56 @@ impl Services {
         silent_after: Duration,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
-        let (broker_port, devices_port) = (free_port()?, free_port()?);
         let prov = dir.join("provisioning.toml");
-        let cloud_cfg = dir.join("cloud.toml");
-        std::fs::write(
-            &cloud_cfg,
-            format!(
-                "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-                prov.display(),
-                dir.join("lake").display(),
-                silent_after.as_millis()
-            ),
-        )?;
         let arg = |p: &std::path::Path| vec!["--config".to_string(), p.display().to_string()];
-        let cloud =
-            ChildProc::start(&exe, [vec!["__cloud".into()], arg(&cloud_cfg)].concat(), &dir.join("cloud.log")).await?;
+        // A port picked free can be taken before the child binds it (other
+        // processes' outgoing connections use the same range): pick again and retry.
+        const ATTEMPTS: usize = 5;
+        let cloud_cfg = dir.join("cloud.toml");
+        let mut attempt = 0;
+        let (cloud, broker_port) = loop {
+            attempt += 1;
+            let broker_port = free_port()?;
+            std::fs::write(
+                &cloud_cfg,
+                format!(
+                    "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                    prov.display(),
+                    dir.join("lake").display(),
+                    silent_after.as_millis()
+                ),
+            )?;
+            match ChildProc::start(&exe, [vec!["__cloud".into()], arg(&cloud_cfg)].concat(), &dir.join("cloud.log"))
+                .await
+            {
+                Ok(c) => break (c, broker_port),
+                Err(e) if attempt >= ATTEMPTS => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "cloud node did not start; retrying on another port"),
+            }
+        };
         let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{broker_port}").parse()?).await?;
         let gw_cfg = dir.join("gw-1.toml");
-        std::fs::write(
-            &gw_cfg,
-            format!(
-                "id = \"gw-1\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = {shard_count}\n[devices]\nlisten = \"127.0.0.1:{devices_port}\"\nmax_connections = {}\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nresend_after = \"3s\"\nbackoff_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-                dir.join("gw-1").display(),
-                prov.display(),
-                vehicles + 64,
-                proxy.addr.port()
-            ),
-        )?;
-        let gateway =
-            ChildProc::start(&exe, [vec!["__gateway".into()], arg(&gw_cfg)].concat(), &dir.join("gw-1.log")).await?;
+        let mut attempt = 0;
+        let (gateway, devices_port) = loop {
+            attempt += 1;
+            let devices_port = free_port()?;
+            std::fs::write(
+                &gw_cfg,
+                format!(
+                    "id = \"gw-1\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = {shard_count}\n[devices]\nlisten = \"127.0.0.1:{devices_port}\"\nmax_connections = {}\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nresend_after = \"3s\"\nbackoff_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                    dir.join("gw-1").display(),
+                    prov.display(),
+                    vehicles + 64,
+                    proxy.addr.port()
+                ),
+            )?;
+            match ChildProc::start(&exe, [vec!["__gateway".into()], arg(&gw_cfg)].concat(), &dir.join("gw-1.log")).await
+            {
+                Ok(g) => break (g, devices_port),
+                Err(e) if attempt >= ATTEMPTS => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "gateway did not start; retrying on another port"),
+            }
+        };
         Ok(Self {
             devices_port,
             inner: Inner::Children {

@@ -3,7 +3,7 @@
 //! against the limit: the same rows written straight to Parquet with the
 //! `parquet` crate (same writer settings, same file count, fsync). Prints JSON.
 //!
-//! `cargo run --release -p fleetline-cloud --example bench`
+//! `cargo run --release -p fleetline-cloud --example bench-cloud`
 //! (BENCH_DEVICES, BENCH_BATCHES per device, BENCH_SAMPLES per batch).
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // A benchmark: a panic is the report; stdout carries it.
 
