@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use fleetline_device::OutboxFull;
 use fleetline_testkit::batches::{bundle, sealed_batch};
 use fleetline_testkit::fleet::{Fleet, Lcg, http_get};
+use fleetline_testkit::http::request;
 use fleetline_testkit::provisioning::fleet;
 use fleetline_testkit::provisioning::{device_key, gateway_key};
 use fleetline_testkit::{Mosquitto, Pki, free_port, publish, python};
@@ -67,37 +68,6 @@ fn gateway_binary() -> PathBuf {
 
 /// The cloud's bearer token in these tests.
 const TOKEN: &str = "s3cr3t-t0ken";
-
-/// A plain HTTP/1.1 GET with a bearer token; returns the body.
-async fn http_get_auth(addr: SocketAddr, path: &str, token: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
-
-/// A plain HTTP/1.1 POST; returns the whole response (status line first).
-async fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> String {
-    http_post_json(addr, path, token, "").await
-}
-
-/// A plain HTTP/1.1 POST of a JSON body.
-async fn http_post_json(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 /// A process printing one JSON "listening" line on start.
 struct Proc {
@@ -337,7 +307,7 @@ async fn every_acked_reading_is_stored_once_through_sigkills_of_the_cloud_node()
     assert!(!fleet_ids.is_empty());
     // Vehicle data needs the token.
     assert_eq!(http_get(cloud.addr("http"), "/vehicles/acme/dev-0000").await, "bearer token required");
-    let v = http_get_auth(cloud.addr("http"), "/vehicles/acme/dev-0000", TOKEN).await;
+    let v = request(cloud.addr("http"), "GET", "/vehicles/acme/dev-0000", Some(TOKEN), None).await.body;
     assert!(v.contains("Vehicle.Speed"), "latest state of a vehicle: {v}");
     assert_eq!(gw.terminate().await.code(), Some(0));
     assert_eq!(cloud.terminate().await.code(), Some(0));
@@ -501,10 +471,10 @@ async fn an_external_broker_and_an_s3_bucket_work_the_same() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The only write endpoint wants the token.
     let http = cloud.addr("http");
-    assert!(http_post(http, "/admin/flush", None).await.starts_with("HTTP/1.1 401"));
-    assert!(http_post(http, "/admin/flush", Some("wrong")).await.starts_with("HTTP/1.1 401"));
-    let ok = http_post(http, "/admin/flush", Some(TOKEN)).await;
-    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("\"flushed\":true"), "{ok}");
+    assert_eq!(request(http, "POST", "/admin/flush", None, None).await.status, 401);
+    assert_eq!(request(http, "POST", "/admin/flush", Some("wrong"), None).await.status, 401);
+    let ok = request(http, "POST", "/admin/flush", Some(TOKEN), None).await;
+    assert!(ok.status == 200 && ok.body.contains("\"flushed\":true"), "{ok:?}");
     fleet.stop().await;
     let acked = fleet.drain(Duration::from_secs(60)).await;
     let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(60)).await;
@@ -629,9 +599,9 @@ print(json.dumps(rows))
     // The schema fix: kind 4242 registered over REST; the dead letter replayed once.
     let http = cloud.addr("http");
     let replay = async || {
-        let r = http_post_json(http, "/deadletter/replay", Some(TOKEN), "{}").await;
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        serde_json::from_str::<Value>(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()["outcome"].clone()
+        let r = request(http, "POST", "/deadletter/replay", Some(TOKEN), Some("{}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        serde_json::from_str::<Value>(&r.body).unwrap()["outcome"].clone()
     };
     assert_eq!(replay().await["still_invalid"], 1);
     let mut table: Value =
@@ -639,8 +609,8 @@ print(json.dumps(rows))
     table["signals"].as_array_mut().unwrap().push(serde_json::json!({"path": "Vehicle.Body.Custom", "kind": 4242,
         "encoding": "delta", "scale_exp": 0, "unit": "count", "min": 0.0, "max": 100.0}));
     let body = serde_json::json!({ "schema": table.to_string() }).to_string();
-    let r = http_post_json(http, "/subjects/fleetline.readings/versions", Some(TOKEN), &body).await;
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = request(http, "POST", "/subjects/fleetline.readings/versions", Some(TOKEN), Some(&body)).await;
+    assert_eq!(r.status, 200, "{r:?}");
     let o = replay().await;
     assert_eq!((o["replayed"].as_u64(), o["readings"].as_u64()), (Some(1), Some(2)), "{o}");
     assert_eq!(replay().await["already_replayed"], 1);

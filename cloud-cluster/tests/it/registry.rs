@@ -122,6 +122,7 @@ async fn ids_versions_modes_and_restarts() {
     assert_eq!(again.compatibility(Some("other")), Compatibility::None);
 }
 
+/// (status, JSON body or null).
 async fn http(
     addr: std::net::SocketAddr,
     method: &str,
@@ -140,20 +141,10 @@ async fn http_auth(
     body: Option<Value>,
     authorization: Option<String>,
 ) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    let body = body.map(|b| b.to_string());
+    let r =
+        fleetline_testkit::http::request_with_auth(addr, method, path, authorization.as_deref(), body.as_deref()).await;
+    (r.status, serde_json::from_str(&r.body).unwrap_or(Value::Null))
 }
 
 #[tokio::test]

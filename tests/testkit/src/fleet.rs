@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used)] // Test support: a failed unwrap is a failed test.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,18 +11,10 @@ use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
 use fleetline_device::wire::FleetId;
 use fleetline_device::wire::signals::kind;
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::provisioning::{device_id, device_key};
 
-/// A plain HTTP/1.1 GET on loopback; returns the body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
-}
+pub use crate::http::get as http_get;
 
 /// Client settings of device `i` against a gateway on `port`: small, quick batches.
 pub fn device_config(i: usize, port: u16, when_full: OutboxFull) -> ClientConfig {

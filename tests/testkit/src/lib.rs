@@ -13,6 +13,7 @@
 pub mod batches;
 pub mod cloud;
 pub mod fleet;
+pub mod http;
 mod mosquitto;
 mod pki;
 pub mod provisioning;
