@@ -344,6 +344,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// Starts `role` (a child of this binary) with the config `config(port)` for a
+/// freshly picked port. A port picked free can be taken before the child binds it
+/// (other processes' outgoing connections use the same range): then it picks again,
+/// up to five times.
+async fn start_on_free_port(
+    exe: &std::path::Path,
+    role: &str,
+    cfg_path: &std::path::Path,
+    log: &std::path::Path,
+    config: impl Fn(u16) -> String,
+) -> anyhow::Result<(ChildProc, u16)> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = free_port()?;
+        std::fs::write(cfg_path, config(port))?;
+        let args = vec![role.to_string(), "--config".to_string(), cfg_path.display().to_string()];
+        match ChildProc::start(exe, args, log).await {
+            Ok(child) => return Ok((child, port)),
+            Err(e) if attempt >= ATTEMPTS => return Err(e),
+            Err(e) => tracing::warn!(role, error = %e, "child did not start; retrying on another port"),
+        }
+    }
+}
+
 /// Samples per batch (device, epoch, seq) in a stopped gateway's queue, unacked.
 fn still_queued(dir: &std::path::Path) -> anyhow::Result<HashMap<(String, u32, u32), u64>> {
     let mut out = HashMap::new();
@@ -468,55 +494,28 @@ impl Services {
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let prov = dir.join("provisioning.toml");
-        let arg = |p: &std::path::Path| vec!["--config".to_string(), p.display().to_string()];
-        // A port picked free can be taken before the child binds it (other
-        // processes' outgoing connections use the same range): pick again and retry.
-        const ATTEMPTS: usize = 5;
         let cloud_cfg = dir.join("cloud.toml");
-        let mut attempt = 0;
-        let (cloud, broker_port) = loop {
-            attempt += 1;
-            let broker_port = free_port()?;
-            std::fs::write(
-                &cloud_cfg,
-                format!(
-                    "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-                    prov.display(),
-                    dir.join("lake").display(),
-                    silent_after.as_millis()
-                ),
-            )?;
-            match ChildProc::start(&exe, [vec!["__cloud".into()], arg(&cloud_cfg)].concat(), &dir.join("cloud.log"))
-                .await
-            {
-                Ok(c) => break (c, broker_port),
-                Err(e) if attempt >= ATTEMPTS => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "cloud node did not start; retrying on another port"),
-            }
-        };
+        let (cloud, broker_port) = start_on_free_port(&exe, "__cloud", &cloud_cfg, &dir.join("cloud.log"), |port| {
+            format!(
+                "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                prov.display(),
+                dir.join("lake").display(),
+                silent_after.as_millis()
+            )
+        })
+        .await?;
         let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{broker_port}").parse()?).await?;
         let gw_cfg = dir.join("gw-1.toml");
-        let mut attempt = 0;
-        let (gateway, devices_port) = loop {
-            attempt += 1;
-            let devices_port = free_port()?;
-            std::fs::write(
-                &gw_cfg,
-                format!(
-                    "id = \"gw-1\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = {shard_count}\n[devices]\nlisten = \"127.0.0.1:{devices_port}\"\nmax_connections = {}\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nresend_after = \"3s\"\nbackoff_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-                    dir.join("gw-1").display(),
-                    prov.display(),
-                    vehicles + 64,
-                    proxy.addr.port()
-                ),
-            )?;
-            match ChildProc::start(&exe, [vec!["__gateway".into()], arg(&gw_cfg)].concat(), &dir.join("gw-1.log")).await
-            {
-                Ok(g) => break (g, devices_port),
-                Err(e) if attempt >= ATTEMPTS => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "gateway did not start; retrying on another port"),
-            }
-        };
+        let (gateway, devices_port) = start_on_free_port(&exe, "__gateway", &gw_cfg, &dir.join("gw-1.log"), |port| {
+            format!(
+                "id = \"gw-1\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = {shard_count}\n[devices]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = {}\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\nresend_after = \"3s\"\nbackoff_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                dir.join("gw-1").display(),
+                prov.display(),
+                vehicles + 64,
+                proxy.addr.port()
+            )
+        })
+        .await?;
         Ok(Self {
             devices_port,
             inner: Inner::Children {

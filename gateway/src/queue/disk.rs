@@ -89,11 +89,6 @@ fn guess_version(path: &Path, first: u64) -> io::Result<u16> {
     Ok(if v2 { file::VERSION } else { file::VERSION_1 })
 }
 
-fn read_range(path: &Path, from: u64) -> io::Result<Vec<u8>> {
-    let data = std::fs::read(path)?;
-    Ok(data.get(from as usize..).unwrap_or_default().to_vec())
-}
-
 /// What recovery found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -324,7 +319,6 @@ impl DiskQueue {
             }
             if scan.torn_bytes > 0 {
                 let torn_at = scan.valid_len;
-                let tail = read_range(&path, torn_at).map_err(io)?;
                 match next_first {
                     // A sealed segment was whole when the next one began: its tail is damage.
                     Some(next) => {
@@ -332,7 +326,7 @@ impl DiskQueue {
                             Some(left) if version == file::VERSION_1 => std::mem::take(left),
                             _ => next.saturating_sub(index.next_id().0),
                         };
-                        recovery.damage(&mut index, torn_at, &tail, lost_ids);
+                        recovery.damage(&mut index, torn_at, &scan.tail, lost_ids);
                     }
                     None => tracing::info!(
                         segment = %path.display(),

@@ -136,6 +136,8 @@ pub(crate) struct Scan {
     pub(crate) valid_len: u64,
     /// Bytes after the last valid record.
     pub(crate) torn_bytes: u64,
+    /// Those bytes (a torn tail, or the damaged end of a sealed segment).
+    pub(crate) tail: Vec<u8>,
 }
 
 /// Reads framed records from `start` to the end of the file, resynchronising after
@@ -166,6 +168,7 @@ pub(crate) fn scan_bytes(data: &[u8], start: usize) -> Scan {
     }
     scan.valid_len = valid_end as u64;
     scan.torn_bytes = (data.len() - valid_end) as u64;
+    scan.tail = data[valid_end..].to_vec();
     scan
 }
 
