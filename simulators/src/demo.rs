@@ -270,6 +270,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             }),
             start_ms: (t0_ms + i.start_s * 1000) as i64,
             end_ms: (t0_ms + i.end_s * 1000) as i64,
+            matures: i.matures,
         })
         .collect();
     let detected = read_events(&lake.join("events"))?;
@@ -287,6 +288,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
                 "wheel": i.wheel,
                 "start_ms": t0_ms + i.start_s * 1000,
                 "end_ms": t0_ms + i.end_s * 1000,
+                "matures": i.matures,
             })
         })
         .collect();

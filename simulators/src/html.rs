@@ -221,8 +221,13 @@ pub fn page(report: &Report, ticks: &[Tick], latency: &[(f64, f64, f64)], window
         rows += &row(
             &format!("events: {}", kind.replace('_', " ")),
             format!(
-                "injected {} · detected {} · precision {} · recall {}",
+                "injected {}{} · detected {} · precision {} · recall {}",
                 e.expected,
+                if e.unmatured > 0 {
+                    format!(" (+{} too late in the run to be seen, not scored)", e.unmatured)
+                } else {
+                    String::new()
+                },
                 e.detected.map_or("n/a".to_string(), |d| d.to_string()),
                 pct(e.precision),
                 pct(e.recall)

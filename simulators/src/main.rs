@@ -33,8 +33,10 @@ enum Cmd {
         /// Data directory (default: a new one under the system's temp dir, kept).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Simulated seconds per wall-clock second.
-        #[arg(long, default_value_t = 1.0)]
+        /// Simulated seconds per wall-clock second. The default 10 gives 60 s of
+        /// driving ten simulated minutes: long enough for every detector, a slow
+        /// leak's included.
+        #[arg(long, default_value_t = 10.0)]
         time_scale: f64,
         /// Also write the report (JSON) here.
         #[arg(long)]

@@ -52,6 +52,22 @@ impl IncidentKind {
             Self::Silent => "silent",
         }
     }
+
+    /// Simulated seconds from its start before the cloud's default detectors can
+    /// see an incident lasting `len_s`. A slow leak loses 1.5 kPa a minute and the
+    /// slow-leak detector wants a falling trend over 60 % of its 10-minute window
+    /// (tire readings every 30 s): about 8 minutes. A puncture, a theft (15 l/min
+    /// once the vehicle stands, fuel read every 10 s) and overspeed show within a
+    /// minute; a silence is judged once it has lasted most of its length (the demo
+    /// sets `silent_after` from it).
+    pub fn maturity_s(self, len_s: u64) -> u64 {
+        match self {
+            Self::SlowLeak => 480,
+            Self::Puncture | Self::FuelTheft | Self::Overspeed => 60,
+            Self::Silent => len_s,
+            Self::Refuel => 0,
+        }
+    }
 }
 
 /// How the fleet's activity varies over the run.
@@ -81,6 +97,10 @@ pub struct Incident {
     pub start_s: u64,
     /// End, simulated seconds from the run's start.
     pub end_s: u64,
+    /// Whether the run lasts long enough after its start for the detectors to see
+    /// it ([`IncidentKind::maturity_s`]); one that cannot is still injected and
+    /// listed, but not scored as a miss.
+    pub matures: bool,
 }
 
 /// A vehicle's fixed traits.
@@ -142,10 +162,20 @@ impl VehicleSpec {
         let d = duration_s.max(60);
         let mut maybe = |r: &mut Rng, kind: IncidentKind, p: f64, len: u64| {
             if r.chance(p) {
-                let start = r.range(d as f64 * 0.1, d as f64 * 0.6) as u64;
+                // Early enough to mature within the run where the run is long enough.
+                let latest = (d as f64 * 0.6).min(d.saturating_sub(kind.maturity_s(len)) as f64).max(d as f64 * 0.1);
+                let start = r.range(d as f64 * 0.1, latest) as u64;
                 let wheel =
                     matches!(kind, IncidentKind::SlowLeak | IncidentKind::Puncture).then(|| (r.unit() * 4.0) as usize);
-                incidents.push(Incident { kind, vehicle: index, wheel, start_s: start, end_s: (start + len).min(d) });
+                let matures = start + kind.maturity_s(len) <= duration_s;
+                incidents.push(Incident {
+                    kind,
+                    vehicle: index,
+                    wheel,
+                    start_s: start,
+                    end_s: (start + len).min(d),
+                    matures,
+                });
             }
         };
         maybe(&mut r, IncidentKind::SlowLeak, 0.02, d);
@@ -296,6 +326,7 @@ impl Vehicle {
                     wheel: None,
                     start_s: t,
                     end_s: t + 1,
+                    matures: true,
                 });
                 self.fuel_l = s.tank_l * self.rng.range(0.9, 1.0);
             }

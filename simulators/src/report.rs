@@ -161,6 +161,8 @@ pub struct Injected {
     pub start_ms: i64,
     /// End.
     pub end_ms: i64,
+    /// Whether the run was long enough after its start for it to be detectable.
+    pub matures: bool,
 }
 
 /// How far outside an incident's time an event still counts as finding it
@@ -183,13 +185,17 @@ pub fn score(detected: &[Detected], injected: &[Injected], kinds: &[&str]) -> BT
     let mut out = BTreeMap::new();
     for kind in kinds.iter().copied().chain(["low_pressure"]) {
         let ds: Vec<&Detected> = detected.iter().filter(|d| d.kind == kind).collect();
-        let is: Vec<&Injected> = injected.iter().filter(|i| i.kind == kind).collect();
+        let all: Vec<&Injected> = injected.iter().filter(|i| i.kind == kind).collect();
+        // Recall is over the incidents that could be seen within the run; one that
+        // started too late is counted apart, and found only as a bonus.
+        let is: Vec<&Injected> = all.iter().copied().filter(|i| i.matures).collect();
         let true_pos = ds.iter().filter(|d| injected.iter().any(|i| matches(d, i))).count();
         let found = is.iter().filter(|i| ds.iter().any(|d| matches(d, i))).count();
         out.insert(
             kind.to_string(),
             EventScore {
                 expected: is.len() as u64,
+                unmatured: (all.len() - is.len()) as u64,
                 detected: Some(ds.len() as u64),
                 precision: (!ds.is_empty()).then(|| true_pos as f64 / ds.len() as f64),
                 recall: (kind != "low_pressure" && !is.is_empty()).then(|| found as f64 / is.len() as f64),
@@ -202,8 +208,10 @@ pub fn score(detected: &[Detected], injected: &[Injected], kinds: &[&str]) -> BT
 /// Expected and detected events of one kind, scored against the ground truth.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EventScore {
-    /// Injected (ground truth).
+    /// Injected (ground truth) early enough in the run to be detectable: recall is over these.
     pub expected: u64,
+    /// Injected too late in the run for the detectors to see them: listed, not scored.
+    pub unmatured: u64,
     /// Detected by the cloud.
     pub detected: Option<u64>,
     /// Of the detected, the share that were real.
@@ -302,5 +310,25 @@ mod tests {
         let l = Latency::of((1..=100).collect());
         assert_eq!((l.p50, l.p99, l.max), (51, 99, 100));
         assert_eq!(Latency::of(vec![]).max, 0);
+    }
+
+    fn incident(kind: &'static str, device: &str, start_ms: i64, matures: bool) -> Injected {
+        Injected { device: device.into(), kind, wheel: None, start_ms, end_ms: start_ms + 60_000, matures }
+    }
+
+    #[test]
+    fn an_incident_too_late_to_mature_is_listed_but_not_scored_as_a_miss() {
+        let injected = [incident("overspeed", "v-1", 0, true), incident("overspeed", "v-2", 0, false)];
+        let detected = [Detected { device: "v-1".into(), kind: "overspeed".into(), wheel: None, ts_ms: 10_000 }];
+        let s = &score(&detected, &injected, &["overspeed"])["overspeed"];
+        assert_eq!((s.expected, s.unmatured, s.detected), (1, 1, Some(1)));
+        assert_eq!(s.recall, Some(1.0));
+        assert_eq!(s.precision, Some(1.0));
+        // A matured incident that is missed still counts against recall.
+        let s = &score(&[], &injected, &["overspeed"])["overspeed"];
+        assert_eq!(s.recall, Some(0.0));
+        // Only unmatured ones: no recall to speak of, not a zero.
+        let s = &score(&[], &injected[1..], &["overspeed"])["overspeed"];
+        assert_eq!((s.expected, s.unmatured, s.recall), (0, 1, None));
     }
 }

@@ -34,7 +34,7 @@ fn drive() -> (Vec<(u64, Vec<u8>)>, Vec<Incident>) {
     let mut per_vehicle = Vec::new();
     for i in 0..VEHICLES {
         let mut spec = VehicleSpec::generate(7, i, VEHICLES, SECS, Profile::Steady);
-        let inc = |kind, wheel, start_s, end_s| Incident { kind, vehicle: i, wheel, start_s, end_s };
+        let inc = |kind, wheel, start_s, end_s| Incident { kind, vehicle: i, wheel, start_s, end_s, matures: true };
         spec.incidents = match i {
             0 => vec![inc(IncidentKind::SlowLeak, Some(1), 1_500, SECS)],
             1 => vec![inc(IncidentKind::Puncture, Some(2), 5_400, 5_460)],
