@@ -8,14 +8,14 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)] // A benchmark: a panic is the report; stdout carries it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use fleetline_cloud::config::SegmentConfig;
-use fleetline_cloud::rows::{READINGS_SCHEMA, write_parquet};
+use fleetline_cloud::lake::rows::{READINGS_SCHEMA, write_parquet};
+use fleetline_cloud::lake::store::StoreSpec;
 use fleetline_cloud::shard::Shard;
-use fleetline_cloud::stats::CloudStats;
-use fleetline_cloud::store::StoreSpec;
+use fleetline_cloud::telemetry::CloudStats;
 use fleetline_testkit::batches::{bundle, sealed_batch};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
 use fleetline_wire::shard::shard_of;
@@ -71,13 +71,13 @@ async fn run() {
     let mut files = 0;
     for chunk in bundles.chunks(per_commit) {
         for b in chunk {
-            shard.ingest(b, &prov);
+            shard.state.ingest(b, &prov, Instant::now(), SystemTime::now());
         }
         shard.commit().await.unwrap();
         files += 1;
     }
     let pipeline_s = t.elapsed().as_secs_f64();
-    let stored = shard.status().totals.readings as f64;
+    let stored = shard.state.status().totals.readings as f64;
     assert_eq!(stored, total, "every sample stored");
 
     // The limit: the same rows, already decoded into columns, straight to Parquet files.

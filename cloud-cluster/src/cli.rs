@@ -116,9 +116,9 @@ fn repair(cfg: anyhow::Result<CloudConfig>, shard: u16) -> ExitCode {
         }
     };
     let run = async {
-        let spec = crate::store::StoreSpec::parse(&cfg.storage).map_err(anyhow::Error::msg)?;
+        let spec = crate::lake::store::StoreSpec::parse(&cfg.storage).map_err(anyhow::Error::msg)?;
         let store = spec.open(&cfg.storage).context("opening the object store")?;
-        crate::repair::repair(&store, shard, cfg.shard_count, &cfg.node_id, &cfg.segment).await
+        crate::jobs::repair::repair(&store, shard, cfg.shard_count, &cfg.node_id, &cfg.segment).await
     };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()

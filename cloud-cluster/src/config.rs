@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::lake::store::StorageConfig;
 pub use crate::shard::{SegmentConfig, ValidationConfig};
-pub use crate::store::StorageConfig;
 pub use fleetline_service::ByteSize;
 use serde::Deserialize;
 
@@ -41,7 +41,7 @@ pub struct CloudConfig {
     /// Per-vehicle windows and event detection.
     pub analytics: crate::analytics::AnalyticsConfig,
     /// Hourly compacted readings and daily per-vehicle rollups.
-    pub rollup: crate::rollup::RollupConfig,
+    pub rollup: crate::jobs::rollup::RollupConfig,
 }
 
 impl Default for CloudConfig {
@@ -205,7 +205,7 @@ impl CloudConfig {
                 return Err(format!("broker.url {url:?} is mqtts:// but broker.ca is not set"));
             }
         }
-        crate::store::StoreSpec::parse(&self.storage)?;
+        crate::lake::store::StoreSpec::parse(&self.storage)?;
         self.analytics.check()?;
         if self.rollup.interval.is_zero() {
             return Err("rollup.interval must be positive".into());

@@ -9,18 +9,14 @@
 //! single node owns every shard, the cluster adds owners on the same design.
 
 pub mod analytics;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod jobs;
 pub mod keys;
+pub mod lake;
 pub mod node;
 pub mod registry;
-pub mod repair;
-pub mod replay;
-pub mod rollup;
-pub mod rows;
 pub mod shard;
-pub mod stats;
-pub mod store;
+pub mod telemetry;

@@ -488,7 +488,12 @@ async fn a_gateway_restarted_with_its_clock_two_hours_back_keeps_acking() {
     let cfg = env.config(0, port, "");
     let gw = Gateway::start(&cfg).await;
     let mut fleet = Fleet::start(4, port, Duration::from_millis(15), OutboxFull::Block);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Until acks flow (other tests may load the machine), then a little more.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fleet.acked().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gw.kill9().await;
     let mut acked = fleet.acked();
     assert!(!acked.is_empty(), "acks flowed before the restart");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use fleetline_cloud::config::CloudConfig;
 use fleetline_cloud::keys::Keys;
-use fleetline_cloud::stats::CloudStats;
+use fleetline_cloud::telemetry::CloudStats;
 use fleetline_gateway::config::GatewayConfig;
 use fleetline_wire::provisioning::{DeviceEntry, GatewayEntry, Provisioning};
 use fleetline_wire::{DeviceId, DeviceKey, FleetId, GatewayId};
@@ -406,7 +406,7 @@ struct Services {
 
 enum Inner {
     InProcess {
-        shards: Arc<Vec<Option<tokio::sync::mpsc::Sender<fleetline_cloud::node::ShardMsg>>>>,
+        shards: fleetline_cloud::shard::ShardDirectory,
         cloud_stats: Arc<CloudStats>,
         gw_http: String,
         gw_stop: watch::Sender<bool>,
@@ -455,7 +455,7 @@ impl Services {
         cloud_cfg.analytics.silent_after = silent_after;
         cloud_cfg.http.listen = "127.0.0.1:0".parse()?;
         cloud_cfg.validate().map_err(anyhow::Error::msg)?;
-        let spec = fleetline_cloud::store::StoreSpec::parse(&cloud_cfg.storage).map_err(anyhow::Error::msg)?;
+        let spec = fleetline_cloud::lake::store::StoreSpec::parse(&cloud_cfg.storage).map_err(anyhow::Error::msg)?;
         let store = spec.open(&cloud_cfg.storage)?;
         let cloud_stats = Arc::new(CloudStats::default());
         let keys = Arc::new(Keys::fixed(prov.clone()));
@@ -615,7 +615,7 @@ impl Services {
     async fn flush_cloud(&self) {
         match &self.inner {
             Inner::InProcess { shards, .. } => {
-                fleetline_cloud::node::flush_all(shards).await;
+                shards.flush_all().await;
             }
             Inner::Children { .. } => {
                 if let Some(h) = self.cloud_http().await

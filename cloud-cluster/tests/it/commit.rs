@@ -5,12 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use arrow_array::{Array, Int64Array, StringArray};
 use fleetline_cloud::config::SegmentConfig;
+use fleetline_cloud::lake::store::Store;
 use fleetline_cloud::shard::Shard;
-use fleetline_cloud::stats::CloudStats;
-use fleetline_cloud::store::Store;
+use fleetline_cloud::telemetry::CloudStats;
 use fleetline_testkit::batches::{bundle, sealed_batch};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
 use fleetline_wire::provisioning::Provisioning;
@@ -128,7 +129,7 @@ async fn run_with_failure(fail_at: u64, crash: bool) -> (bool, Store, BTreeSet<(
         }
         for chunk in pending.chunks(2) {
             for (_, payload, _) in chunk {
-                shard.ingest(payload, &prov);
+                shard.state.ingest(payload, &prov, Instant::now(), SystemTime::now());
             }
             match shard.commit().await {
                 Ok(acks) => {
@@ -212,15 +213,15 @@ async fn dedupes_in_any_order_and_dead_letters_what_it_cannot_use() {
     let n = b5.len();
     b5[n - 20] ^= 0xff;
     for p in [&b1, &b2, &b3, &b4, &b5, &b1, &b3, &b4] {
-        shard.ingest(p, &prov);
+        shard.state.ingest(p, &prov, Instant::now(), SystemTime::now());
     }
     let acks = shard.commit().await.unwrap();
     let ids = |g: &str| acks.acks.get(g).map(|v| v.iter().map(|i| i.0).collect::<Vec<_>>()).unwrap_or_default();
     assert_eq!(ids("gw-0"), vec![1, 2], "authentic bundles acked, forged ones not");
     assert_eq!(ids("gw-1"), vec![1]);
     // Re-sent after the commit: acked at once, nothing new stored.
-    shard.ingest(&b2, &prov);
-    assert!(shard.deadline().unwrap() <= std::time::Instant::now());
+    shard.state.ingest(&b2, &prov, Instant::now(), SystemTime::now());
+    assert!(shard.state.deadline().unwrap() <= std::time::Instant::now());
     assert_eq!(shard.commit().await.unwrap().acks.get("gw-1").unwrap().len(), 1);
     let rows = readings(&store).await;
     let seqs: Vec<i64> = rows.keys().filter(|k| k.0 == a.as_str()).map(|k| k.2).collect();
@@ -236,18 +237,23 @@ async fn dedupes_in_any_order_and_dead_letters_what_it_cannot_use() {
     assert_eq!(dl, expect);
     // An unknown device's batch is kept too, once provisioning no longer lists it.
     prov = fleet(0, 2);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 9, 0, &[batch(&a, devs[0], 20, None)], BASE_MS), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 9, 0, &[batch(&a, devs[0], 20, None)], BASE_MS),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     assert_eq!(deadletter_reasons(&store).await.get("unknown_device"), Some(&1));
     // The state survives a restart: the same batches are still duplicates.
     let mut again = open(&store).await.unwrap();
     let prov = fleet(200, 2);
-    again.ingest(&b1, &prov);
-    again.ingest(&b3, &prov);
+    again.state.ingest(&b1, &prov, Instant::now(), SystemTime::now());
+    again.state.ingest(&b3, &prov, Instant::now(), SystemTime::now());
     again.commit().await.unwrap();
     assert_eq!(readings(&store).await, rows);
-    assert_eq!(again.status().totals.batches, 5);
-    let v = again.vehicle("acme", a.as_str()).unwrap();
+    assert_eq!(again.state.status().totals.batches, 5);
+    let v = again.state.vehicle("acme", a.as_str()).unwrap();
     assert_eq!(v.last_gateway, "gw-0");
     assert!(v.signals.contains_key("Vehicle.Speed"));
 }
@@ -267,12 +273,17 @@ async fn readings_are_validated_against_the_batchs_registered_schema() {
     let dev = devices_of_shard0(1)[0];
     let name = device_id(dev);
     let mut shard = open(&store).await.unwrap();
-    shard.set_registry(registry);
+    shard.state.set_registry(registry);
     // 40 speeds from 50.0 km/h up: the ones above 80 are out of range under schema 2.
     let in_v1 = sealed_batch_with_schema(1, name.as_str(), &device_key(dev), 1, 0, BASE_MS, 40, None);
     let in_v2 = sealed_batch_with_schema(2, name.as_str(), &device_key(dev), 1, 1, BASE_MS, 40, None);
     let unknown = sealed_batch_with_schema(77, name.as_str(), &device_key(dev), 1, 2, BASE_MS, 40, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[in_v1, in_v2, unknown], BASE_MS), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 1, 0, &[in_v1, in_v2, unknown], BASE_MS),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     let rows = readings(&store).await;
     let key = |seq: i64| (name.as_str().to_string(), 1i64, seq);
@@ -284,7 +295,12 @@ async fn readings_are_validated_against_the_batchs_registered_schema() {
     assert_eq!(dl.get("unknown_schema"), Some(&1));
     // Now readings that break schema 2's range.
     let fast = sealed_batch_with_schema(2, name.as_str(), &device_key(dev), 1, 300, BASE_MS, 40, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 2, 0, &[fast], BASE_MS), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 2, 0, &[fast], BASE_MS),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     // seq 300: values 50.0 + 0.1·((300 + i) % 700) = 80.0 … 83.9: 80.0 passes, 39 do not.
     assert_eq!(readings(&store).await.get(&key(300)), Some(&1));
@@ -303,7 +319,12 @@ async fn clocks_far_ahead_or_unset_are_refused_but_late_data_is_not() {
     let ahead = sealed_batch(name.as_str(), &device_key(dev), 1, 0, received + 3_600_000, 5, None);
     let unset = sealed_batch(name.as_str(), &device_key(dev), 1, 1, 1_000, 5, None);
     let late = sealed_batch(name.as_str(), &device_key(dev), 1, 2, received - 2 * 86_400_000, 5, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[ahead, unset, late], received), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 1, 0, &[ahead, unset, late], received),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     let rows = readings(&store).await;
     assert_eq!(rows.get(&(name.as_str().to_string(), 1, 2)), Some(&SAMPLES), "late data is stored");
@@ -329,8 +350,8 @@ async fn signal_rows(store: &Store, signal: &str) -> usize {
 
 #[tokio::test]
 async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
+    use fleetline_cloud::jobs::replay::read_candidates;
     use fleetline_cloud::registry::{READINGS_SUBJECT, Registry, Schema};
-    use fleetline_cloud::replay::read_candidates;
     use fleetline_testkit::batches::sealed_batch_with_schema;
     let store = Store::memory();
     let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
@@ -341,11 +362,16 @@ async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
     let dev = devices_of_shard0(1)[0];
     let name = device_id(dev);
     let mut shard = open(&store).await.unwrap();
-    shard.set_registry(registry.clone());
+    shard.state.set_registry(registry.clone());
     // A kind no schema has yet (a raw series of two samples), and 39 speeds over schema 2's range.
     let unknown = sealed_batch(name.as_str(), &device_key(dev), 1, 0, BASE_MS, 3, Some(200));
     let fast = sealed_batch_with_schema(2, name.as_str(), &device_key(dev), 1, 300, BASE_MS, 40, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[unknown, fast], BASE_MS + 60_000), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 1, 0, &[unknown, fast], BASE_MS + 60_000),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     let dl = deadletter_reasons(&store).await;
     assert_eq!((dl.get("unknown_kind"), dl.get("out_of_range")), (Some(&1), Some(&39)));
@@ -353,7 +379,7 @@ async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
     // Before any fix nothing passes.
     let items = read_candidates(&store).await.unwrap();
     assert_eq!(items.len(), 40);
-    let o = shard.replay(&items, READINGS_SUBJECT, Some(&prov));
+    let o = shard.state.replay(&items, READINGS_SUBJECT, Some(&prov), Instant::now(), SystemTime::now());
     assert_eq!((o.candidates, o.replayed, o.still_invalid), (40, 0, 40));
 
     // The fix: kind 200 added to fleetline.readings (backward compatible).
@@ -363,34 +389,46 @@ async fn dead_letters_are_replayed_exactly_once_after_a_schema_fix() {
     (cabin.encoding, cabin.scale_exp, cabin.min, cabin.max) = ("delta".into(), -1, -40.0, 90.0);
     with_cabin.signals.push(cabin);
     registry.register(READINGS_SUBJECT, &with_cabin.canonical()).await.unwrap();
-    let o = shard.replay(&items, READINGS_SUBJECT, Some(&prov));
+    let o = shard.state.replay(&items, READINGS_SUBJECT, Some(&prov), Instant::now(), SystemTime::now());
     assert_eq!((o.replayed, o.readings, o.still_invalid), (1, 2, 39));
     // A crash before the commit loses the replay with everything else; run again.
     drop(shard);
     let mut shard = open(&store).await.unwrap();
-    shard.set_registry(registry.clone());
+    shard.state.set_registry(registry.clone());
     assert_eq!(signal_rows(&store, "Vehicle.Cabin.Temperature").await, 0);
-    assert_eq!(shard.replay(&items, READINGS_SUBJECT, Some(&prov)).replayed, 1);
+    assert_eq!(
+        shard.state.replay(&items, READINGS_SUBJECT, Some(&prov), Instant::now(), SystemTime::now()).replayed,
+        1
+    );
     shard.commit().await.unwrap();
     assert_eq!(signal_rows(&store, "Vehicle.Cabin.Temperature").await, 2);
     // Again, and again after a restart: nothing more.
-    assert_eq!(shard.replay(&items, READINGS_SUBJECT, Some(&prov)).already_replayed, 1);
+    assert_eq!(
+        shard.state.replay(&items, READINGS_SUBJECT, Some(&prov), Instant::now(), SystemTime::now()).already_replayed,
+        1
+    );
     drop(shard);
     let mut shard = open(&store).await.unwrap();
-    shard.set_registry(registry.clone());
-    let o = shard.replay(&items, READINGS_SUBJECT, Some(&prov));
+    shard.state.set_registry(registry.clone());
+    let o = shard.state.replay(&items, READINGS_SUBJECT, Some(&prov), Instant::now(), SystemTime::now());
     assert_eq!((o.replayed, o.already_replayed), (0, 1));
 
     // Widening schema 2's speed range lets the 39 in, under that subject.
     let mut wide = narrow.clone();
     wide.signals.iter_mut().find(|s| s.kind == 3).unwrap().max = 90.0;
     registry.register("fleetline.readings.eu", &wide.canonical()).await.unwrap();
-    let o = shard.replay(&items, "fleetline.readings.eu", Some(&prov));
+    let o = shard.state.replay(&items, "fleetline.readings.eu", Some(&prov), Instant::now(), SystemTime::now());
     assert_eq!((o.replayed, o.readings), (39, 39), "{o:?}");
     shard.commit().await.unwrap();
     let key = (name.as_str().to_string(), 1i64, 300i64);
     assert_eq!(readings(&store).await.get(&key), Some(&40), "the batch whole, each reading once");
-    let o = shard.replay(&read_candidates(&store).await.unwrap(), "fleetline.readings.eu", Some(&prov));
+    let o = shard.state.replay(
+        &read_candidates(&store).await.unwrap(),
+        "fleetline.readings.eu",
+        Some(&prov),
+        Instant::now(),
+        SystemTime::now(),
+    );
     assert_eq!(o.replayed, 0);
 }
 
@@ -403,27 +441,37 @@ async fn the_alerts_of_the_last_commit_are_sent_again_after_a_restart() {
     let mut shard = open(&store).await.unwrap();
     // Speeds from 50 to 94.9 km/h: one overspeed.
     let fast = sealed_batch(name.as_str(), &device_key(dev), 1, 0, BASE_MS, 450, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[fast], BASE_MS + 450_000), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 1, 0, &[fast], BASE_MS + 450_000),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     let committed = shard.commit().await.unwrap();
     assert_eq!(committed.alerts.len(), 1);
     assert_eq!(committed.alerts[0].kind, "overspeed");
     drop(shard);
     let mut shard = open(&store).await.unwrap();
-    let again = shard.take_resend();
+    let again = shard.state.take_resend();
     assert_eq!(again, committed.alerts, "same event, same id");
-    assert!(shard.take_resend().is_empty());
+    assert!(shard.state.take_resend().is_empty());
     // A later commit without events supersedes them.
     let slow = sealed_batch(name.as_str(), &device_key(dev), 1, 1, BASE_MS + 450_000, 5, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 2, 0, &[slow], BASE_MS + 460_000), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 2, 0, &[slow], BASE_MS + 460_000),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     assert!(shard.commit().await.unwrap().alerts.is_empty());
     drop(shard);
-    assert!(open(&store).await.unwrap().take_resend().is_empty());
+    assert!(open(&store).await.unwrap().state.take_resend().is_empty());
 }
 
 #[tokio::test]
 async fn a_batch_under_an_unregistered_schema_is_replayed_once_its_id_exists() {
+    use fleetline_cloud::jobs::replay::read_candidates;
     use fleetline_cloud::registry::{Registry, Schema};
-    use fleetline_cloud::replay::read_candidates;
     use fleetline_testkit::batches::sealed_batch_with_schema;
     let store = Store::memory();
     let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
@@ -431,26 +479,31 @@ async fn a_batch_under_an_unregistered_schema_is_replayed_once_its_id_exists() {
     let dev = devices_of_shard0(1)[0];
     let name = device_id(dev);
     let mut shard = open(&store).await.unwrap();
-    shard.set_registry(registry.clone());
+    shard.state.set_registry(registry.clone());
     // Schema id 3 does not exist yet (the registry holds only id 1).
     let early = sealed_batch_with_schema(3, name.as_str(), &device_key(dev), 1, 0, BASE_MS, 40, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 1, 0, &[early], BASE_MS + 60_000), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 1, 0, &[early], BASE_MS + 60_000),
+        &prov,
+        Instant::now(),
+        SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     assert_eq!(deadletter_reasons(&store).await.get("unknown_schema"), Some(&1));
     let items = read_candidates(&store).await.unwrap();
-    assert_eq!(shard.replay(&items, "any", Some(&prov)).still_invalid, 1);
+    assert_eq!(shard.state.replay(&items, "any", Some(&prov), Instant::now(), SystemTime::now()).still_invalid, 1);
     // Ids 2 and 3 registered (two distinct schemas); id 3 allows speeds to 250 km/h.
     for max in [300.0, 250.0] {
         let mut s = Schema::signal_table();
         s.signals.iter_mut().find(|d| d.kind == 3).unwrap().max = max;
         registry.register(&format!("fleetline.readings.max{max}"), &s.canonical()).await.unwrap();
     }
-    let o = shard.replay(&items, "any", Some(&prov));
+    let o = shard.state.replay(&items, "any", Some(&prov), Instant::now(), SystemTime::now());
     assert_eq!((o.replayed, o.readings), (1, 40), "{o:?}");
     shard.commit().await.unwrap();
     let key = (name.as_str().to_string(), 1i64, 0i64);
     assert_eq!(readings(&store).await.get(&key), Some(&40));
-    assert_eq!(shard.replay(&items, "any", Some(&prov)).already_replayed, 1);
+    assert_eq!(shard.state.replay(&items, "any", Some(&prov), Instant::now(), SystemTime::now()).already_replayed, 1);
 }
 
 /// A captured batch from a boot epoch the shard has since forgotten (it keeps the
@@ -468,7 +521,12 @@ async fn a_replayed_batch_from_a_forgotten_epoch_is_stored_once_ever() {
     let mut id = 0;
     let mut send = |shard: &mut Shard, b: &[u8]| {
         id += 1;
-        shard.ingest(&bundle(&gateway_key(0), "gw-0", id, 0, &[b.to_vec()], BASE_MS), &prov);
+        shard.state.ingest(
+            &bundle(&gateway_key(0), "gw-0", id, 0, &[b.to_vec()], BASE_MS),
+            &prov,
+            Instant::now(),
+            SystemTime::now(),
+        );
     };
     send(&mut shard, &captured);
     // Sixteen reboots later, epoch 1 is out of the dedupe window.
@@ -494,7 +552,7 @@ async fn a_replayed_batch_from_a_forgotten_epoch_is_stored_once_ever() {
 /// Every dataset file of the store and its bytes.
 async fn dataset_files(store: &Store) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
-    for dataset in fleetline_cloud::checkpoint::DATASETS {
+    for dataset in fleetline_cloud::shard::checkpoint::DATASETS {
         for path in store.list(dataset).await.unwrap() {
             out.insert(path.clone(), store.get(&path).await.unwrap().unwrap().to_vec());
         }
@@ -511,14 +569,14 @@ async fn dataset_files(store: &Store) -> BTreeMap<String, Vec<u8>> {
 /// The same for a checkpoint restored from an older copy, and a damaged one.
 #[tokio::test]
 async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothing_is_overwritten() {
-    use fleetline_cloud::checkpoint::{checkpoint_dir, checkpoint_path};
     use fleetline_cloud::shard::ShardError;
+    use fleetline_cloud::shard::checkpoint::{checkpoint_dir, checkpoint_path};
     let dir = tempfile::tempdir().unwrap();
     let storage = fleetline_cloud::config::StorageConfig {
         url: format!("file://{}", dir.path().display()),
         ..Default::default()
     };
-    let store = fleetline_cloud::store::StoreSpec::parse(&storage).unwrap().open(&storage).unwrap();
+    let store = fleetline_cloud::lake::store::StoreSpec::parse(&storage).unwrap().open(&storage).unwrap();
     let prov: Provisioning = fleet(200, 1);
     let devs = devices_of_shard0(3);
     let mut next_bundle = 0;
@@ -547,14 +605,14 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
     let mut old_checkpoint = None;
     for g in 0..5u32 {
         let b = bundle_of(g * 4..g * 4 + 4);
-        shard.ingest(&b, &prov);
+        shard.state.ingest(&b, &prov, Instant::now(), SystemTime::now());
         sent.push(b);
         shard.commit().await.unwrap();
         if g == 1 {
             old_checkpoint = Some(store.get(&checkpoint_path(0, 2)).await.unwrap().unwrap());
         }
     }
-    assert_eq!(shard.status().generation, 5);
+    assert_eq!(shard.state.status().generation, 5);
     drop(shard);
     let files = dataset_files(&store).await;
     let stored = readings(&store).await;
@@ -571,16 +629,16 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
         msg.contains("shard 0") && msg.contains("shard-000-000000000005.parquet") && msg.contains("repair"),
         "{msg}"
     );
-    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    let report = fleetline_cloud::jobs::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
     assert_eq!((report.from_generation, report.generation, report.written), (0, 5, true), "{report:?}");
     assert_eq!(report.batches_added, 60);
     let mut shard = open(&store).await.unwrap();
-    assert_eq!(shard.status().generation, 5);
+    assert_eq!(shard.state.status().generation, 5);
     // Every earlier bundle again (a gateway re-sending), and one new one.
     for b in &sent {
-        shard.ingest(b, &prov);
+        shard.state.ingest(b, &prov, Instant::now(), SystemTime::now());
     }
-    shard.ingest(&bundle_of(20..22), &prov);
+    shard.state.ingest(&bundle_of(20..22), &prov, Instant::now(), SystemTime::now());
     let committed = shard.commit().await.unwrap();
     assert_eq!(committed.acks.get("gw-0").map(Vec::len), Some(6), "replays acked, not stored");
     drop(shard);
@@ -600,14 +658,14 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
     store.put(&checkpoint_path(0, 2), old_checkpoint.unwrap()).await.unwrap();
     let err = open(&store).await.err().expect("an old checkpoint must not start the shard");
     assert!(err.to_string().contains("000000000002.ckpt, generation 2"), "{err}");
-    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    let report = fleetline_cloud::jobs::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
     assert_eq!((report.from_generation, report.generation, report.batches_added), (2, 6, 3 * 14), "{report:?}");
     let mut shard = open(&store).await.unwrap();
     for b in &sent {
-        shard.ingest(b, &prov);
+        shard.state.ingest(b, &prov, Instant::now(), SystemTime::now());
     }
     shard.commit().await.unwrap();
-    assert_eq!(shard.status().generation, 6, "nothing new to store");
+    assert_eq!(shard.state.status().generation, 6, "nothing new to store");
     drop(shard);
 
     // 3. The checkpoint is damaged: named, and moved aside by the repair.
@@ -620,17 +678,17 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
     let err = open(&store).await.err().expect("a damaged checkpoint must not start the shard");
     assert!(matches!(err, ShardError::DamagedCheckpoint { .. }), "{err}");
     assert!(err.to_string().contains(&path) && err.to_string().contains("shard 0"), "{err}");
-    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    let report = fleetline_cloud::jobs::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
     assert_eq!((report.from_generation, report.generation, report.damaged_checkpoints.len()), (0, 6, 1));
     assert_eq!(store.list("_fleetline/damaged/shard-000").await.unwrap().len(), 1, "kept for inspection");
     let mut shard = open(&store).await.unwrap();
     for b in &sent {
-        shard.ingest(b, &prov);
+        shard.state.ingest(b, &prov, Instant::now(), SystemTime::now());
     }
     shard.commit().await.unwrap();
     drop(shard);
     assert_eq!(readings(&store).await, after, "nothing stored twice");
     // A second repair has nothing to do.
-    let report = fleetline_cloud::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
+    let report = fleetline_cloud::jobs::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
     assert!(!report.written, "{report:?}");
 }

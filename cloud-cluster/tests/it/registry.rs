@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
+use fleetline_cloud::lake::store::Store;
 use fleetline_cloud::registry::{Compatibility, READINGS_SUBJECT, Registry, RegistryError, Schema, check};
-use fleetline_cloud::store::Store;
 use serde_json::{Value, json};
 
 fn sig(kind: u16, path: &str, unit: &str, min: f64, max: f64) -> Value {
@@ -152,12 +152,12 @@ async fn the_rest_api_is_shaped_like_confluents() {
     let store = Store::memory();
     let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
     let ops = fleetline_cloud::http::Ops {
-        rollup: Arc::new(fleetline_cloud::rollup::RollupJob::new(store.clone(), &Default::default())),
+        rollup: Arc::new(fleetline_cloud::jobs::rollup::RollupJob::new(store.clone(), &Default::default())),
         store,
         node_id: "t".into(),
         shard_count: 1,
         stats: Arc::default(),
-        shards: Arc::new(vec![]),
+        shards: fleetline_cloud::shard::ShardDirectory::new(0),
         metrics: None,
         token: Some("tok".into()),
         read_token: Some("read-only".into()),

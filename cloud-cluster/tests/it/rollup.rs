@@ -10,11 +10,11 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
 use fleetline_cloud::config::SegmentConfig;
-use fleetline_cloud::rollup::run_once;
-use fleetline_cloud::rows::{hour_of, partition_dir};
+use fleetline_cloud::jobs::rollup::run_once;
+use fleetline_cloud::lake::rows::{hour_of, partition_dir};
+use fleetline_cloud::lake::store::Store;
 use fleetline_cloud::shard::Shard;
-use fleetline_cloud::stats::CloudStats;
-use fleetline_cloud::store::Store;
+use fleetline_cloud::telemetry::CloudStats;
 use fleetline_testkit::batches::{bundle, sealed_batch};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -71,7 +71,12 @@ async fn rollups_are_idempotent_redone_for_late_data_and_leave_readings_alone() 
             sealed.push(sealed_batch(device_id(d).as_str(), &device_key(d), 1, seq, base, 60, None));
         }
         let received = DAY0 + u64::from(seq + 1) * 60_000;
-        shard.ingest(&bundle(&gateway_key(0), "gw-0", u64::from(seq) + 1, 0, &sealed, received), &prov);
+        shard.state.ingest(
+            &bundle(&gateway_key(0), "gw-0", u64::from(seq) + 1, 0, &sealed, received),
+            &prov,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        );
         if seq % 10 == 9 {
             shard.commit().await.unwrap();
         }
@@ -114,7 +119,12 @@ async fn rollups_are_idempotent_redone_for_late_data_and_leave_readings_alone() 
 
     // Late data for a closed hour (a third vehicle's backlog): that hour is redone.
     let late = sealed_batch(device_id(2).as_str(), &device_key(2), 1, 0, DAY0 + HOUR + 60_000, 30, None);
-    shard.ingest(&bundle(&gateway_key(0), "gw-0", 999, 0, &[late], DAY0 + 25 * HOUR), &prov);
+    shard.state.ingest(
+        &bundle(&gateway_key(0), "gw-0", 999, 0, &[late], DAY0 + 25 * HOUR),
+        &prov,
+        std::time::Instant::now(),
+        std::time::SystemTime::now(),
+    );
     shard.commit().await.unwrap();
     let r = run_once(&store, grace, later).await.unwrap();
     assert_eq!((r.hours_written, r.hours_unchanged), (1, 2), "{r:?}");
@@ -144,7 +154,7 @@ async fn every_dataset_reads_as_is_in_duckdb_and_pyarrow() {
     let dir = tempfile::tempdir().unwrap();
     let storage =
         fleetline_cloud::config::StorageConfig { url: dir.path().display().to_string(), ..Default::default() };
-    let store = fleetline_cloud::store::StoreSpec::parse(&storage).unwrap().open(&storage).unwrap();
+    let store = fleetline_cloud::lake::store::StoreSpec::parse(&storage).unwrap().open(&storage).unwrap();
     let prov = fleet(8, 1);
     let stats = Arc::new(CloudStats::default());
     let cfg = SegmentConfig { max_rows: 1_000_000, ..Default::default() };
@@ -157,12 +167,17 @@ async fn every_dataset_reads_as_is_in_duckdb_and_pyarrow() {
         // Speeds 50.0 + 0.1·((seq + i) mod 700): epoch 2 starts at seq 400, past 90 km/h.
         let (epoch, s) = if seq < 10 { (1, seq) } else { (2, seq - 10 + 400) };
         let b = sealed_batch(device_id(0).as_str(), &device_key(0), epoch, s, base, 60, unknown);
-        shard.ingest(&bundle(&gateway_key(0), "gw-0", u64::from(seq) + 1, 0, &[b], base + 60_000), &prov);
+        shard.state.ingest(
+            &bundle(&gateway_key(0), "gw-0", u64::from(seq) + 1, 0, &[b], base + 60_000),
+            &prov,
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        );
         if seq % 30 == 29 {
             shard.commit().await.unwrap();
         }
     }
-    shard.ingest(b"garbage", &prov);
+    shard.state.ingest(b"garbage", &prov, std::time::Instant::now(), std::time::SystemTime::now());
     shard.commit().await.unwrap();
     run_once(&store, Duration::ZERO, (DAY0 + 25 * HOUR) as i64).await.unwrap();
     let datasets = ["readings", "aggregates", "events", "deadletter", "readings_hourly", "vehicle_daily"];

@@ -130,6 +130,34 @@ impl DeviceEntry {
         let previous = self.previous.as_ref().filter(|(_, until)| now < *until).map(|(k, _)| k);
         std::iter::once(&self.key).chain(previous)
     }
+
+    /// Opens a sealed batch of this device under the first key accepted at `now`
+    /// that verifies it — the current key, then the previous one within its window —
+    /// and hands the opened batch and that key to `f`. Every party that opens a
+    /// device's batches (gateway, cloud, replay) goes through here, so a key
+    /// rotation is honoured the same way everywhere.
+    ///
+    /// # Errors
+    /// [`WireError::AuthenticationFailed`] when no accepted key verifies it, or the
+    /// error of a batch too damaged to try.
+    pub fn open_batch<R>(
+        &self,
+        sealed: &[u8],
+        now: SystemTime,
+        f: impl FnOnce(crate::batch::OpenBatch<'_>, &DeviceKey) -> R,
+    ) -> Result<R, crate::WireError> {
+        let mut buf = sealed.to_vec();
+        let mut last = crate::WireError::AuthenticationFailed;
+        for key in self.keys_at(now) {
+            buf.copy_from_slice(sealed);
+            match crate::batch::open_batch(&mut buf, key) {
+                Ok(opened) => return Ok(f(opened, key)),
+                Err(e @ crate::WireError::AuthenticationFailed) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
 }
 
 /// A provisioned gateway.

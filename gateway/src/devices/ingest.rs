@@ -15,7 +15,7 @@ use fleetline_wire::provisioning::Provisioning;
 use fleetline_wire::seqset::SeqSet;
 use fleetline_wire::shard::shard_of;
 use fleetline_wire::topics::{self, Channel};
-use fleetline_wire::{DeviceId, DeviceKey, FleetId, open_batch, peek_header};
+use fleetline_wire::{DeviceId, DeviceKey, FleetId, peek_header};
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::mpsc;
@@ -62,10 +62,7 @@ pub fn check(topic: &[u8], payload: &[u8], p: &Provisioning, now: SystemTime) ->
     if entry.revoked {
         return Err(reason::REVOKED);
     }
-    let mut buf = payload.to_vec();
-    for key in entry.keys_at(now) {
-        buf.copy_from_slice(payload);
-        let Ok(opened) = open_batch(&mut buf, key) else { continue };
+    let counted = entry.open_batch(payload, now, |opened, key| {
         let mut samples = 0u32;
         let mut unknown_series = 0u32;
         for series in opened.series() {
@@ -80,17 +77,10 @@ pub fn check(topic: &[u8], payload: &[u8], p: &Provisioning, now: SystemTime) ->
                 None => unknown_series += 1,
             }
         }
-        return Ok(Checked {
-            fleet,
-            device,
-            epoch: header.epoch,
-            seq: header.seq,
-            samples,
-            unknown_series,
-            key: key.clone(),
-        });
-    }
-    Err(reason::AUTH_FAILED)
+        Ok::<_, &'static str>((samples, unknown_series, key.clone()))
+    });
+    let (samples, unknown_series, key) = counted.map_err(|_| reason::AUTH_FAILED)??;
+    Ok(Checked { fleet, device, epoch: header.epoch, seq: header.seq, samples, unknown_series, key })
 }
 
 /// A batch that is durable and must be acked to its device.

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow_schema::DataType;
 use fleetline_cloud::config::SegmentConfig;
+use fleetline_cloud::lake::store::Store;
 use fleetline_cloud::shard::Shard;
-use fleetline_cloud::stats::CloudStats;
-use fleetline_cloud::store::Store;
+use fleetline_cloud::telemetry::CloudStats;
 use fleetline_sim::model::{Incident, IncidentKind, Profile, Vehicle, VehicleSpec};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet, gateway_key};
 use fleetline_wire::bundle::{BundleEntry, BundleId, Codec, seal_bundle};
@@ -120,7 +120,7 @@ async fn in_order(batches: &[(u64, Vec<u8>)], prov: &Provisioning) -> (Store, Ar
     let mut id = 0;
     for (n, chunk) in batches.chunk_by(|a, b| a.0 / 10_000 == b.0 / 10_000).enumerate() {
         id += 1;
-        shard.ingest(&bundle_of(id, chunk), prov);
+        shard.state.ingest(&bundle_of(id, chunk), prov, std::time::Instant::now(), std::time::SystemTime::now());
         if n % 6 == 5 {
             shard.commit().await.unwrap();
         }
@@ -143,7 +143,7 @@ async fn with_outage(batches: &[(u64, Vec<u8>)], prov: &Provisioning) -> (Store,
     let mut id = 1_000;
     for chunk in before.chunk_by(|a, b| a.0 / 10_000 == b.0 / 10_000) {
         id += 1;
-        shard.ingest(&bundle_of(id, chunk), prov);
+        shard.state.ingest(&bundle_of(id, chunk), prov, std::time::Instant::now(), std::time::SystemTime::now());
     }
     shard.commit().await.unwrap();
     let mut backlog: Vec<Vec<u8>> = backlog
@@ -171,18 +171,18 @@ async fn with_outage(batches: &[(u64, Vec<u8>)], prov: &Provisioning) -> (Store,
             break;
         }
         for (from_backlog, b) in round {
-            shard.ingest(&b, prov);
+            shard.state.ingest(&b, prov, std::time::Instant::now(), std::time::SystemTime::now());
             sent_since_commit.push(b.clone());
             if from_backlog {
                 if n % 7 == 0 {
-                    shard.ingest(&b, prov);
+                    shard.state.ingest(&b, prov, std::time::Instant::now(), std::time::SystemTime::now());
                 }
                 if n == crash_at {
                     // Crash: everything since the last commit is gone; the gateway sends it again.
                     drop(shard);
                     shard = open(&store, &stats).await;
                     for b in &sent_since_commit {
-                        shard.ingest(b, prov);
+                        shard.state.ingest(b, prov, std::time::Instant::now(), std::time::SystemTime::now());
                     }
                 }
                 n += 1;

@@ -2,7 +2,11 @@
 //! - no import cycle between the top-level modules of any crate (from `crate::`
 //!   paths in each module's non-test code);
 //! - modules whose doc says `Pure:` use no runtime, no object store, no file or
-//!   network I/O and read no clock.
+//!   network I/O and read no clock;
+//! - the cloud's layers (ARCHITECTURE.md): each top-level module of
+//!   `cloud-cluster` imports only the modules below it, nothing imports the
+//!   composition root `node`, and outside `shard/` a shard is reached through its
+//!   handle, never its state or task.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is the failure report.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -193,6 +197,56 @@ fn pure_modules_use_no_runtime_no_store_no_io_and_no_clock() {
             }
         }
     }
-    assert!(marked >= 3, "modules marked pure: {marked}");
+    assert!(marked >= 13, "modules marked pure: {marked}");
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// The cloud's dependency rule, as in ARCHITECTURE.md: module → what it may import.
+const CLOUD_LAYERS: &[(&str, &[&str])] = &[
+    ("analytics", &[]),
+    ("keys", &[]),
+    ("telemetry", &[]),
+    ("lake", &["analytics"]),
+    ("registry", &["lake"]),
+    ("shard", &["analytics", "keys", "lake", "registry", "telemetry"]),
+    ("ingest", &["analytics", "keys", "lake", "shard", "telemetry"]),
+    ("jobs", &["analytics", "lake", "registry", "shard", "telemetry"]),
+    ("http", &["jobs", "lake", "registry", "shard", "telemetry"]),
+    ("config", &["analytics", "ingest", "jobs", "lake", "shard"]),
+    ("node", &["config", "http", "ingest", "jobs", "keys", "lake", "registry", "shard", "telemetry"]),
+    ("cli", &["config", "jobs", "lake", "node"]),
+];
+
+#[test]
+fn the_cloud_keeps_its_layers() {
+    let src = root().join("cloud-cluster/src");
+    let g = graph(&src);
+    let mut bad = Vec::new();
+    for (module, imports) in &g {
+        let Some((_, allowed)) = CLOUD_LAYERS.iter().find(|(m, _)| m == module) else {
+            bad.push(format!("{module} is not in the layer table"));
+            continue;
+        };
+        for i in imports {
+            if !allowed.contains(&i.as_str()) {
+                bad.push(format!("{module} imports {i}"));
+            }
+        }
+    }
+    // Outside `shard/` (and the node that starts the tasks) a shard is its handle.
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    for f in files {
+        let top = top_module(&src, &f);
+        if matches!(top.as_deref(), Some("shard" | "node")) {
+            continue;
+        }
+        let code = non_test_code(&f);
+        for inner in ["shard::state", "shard::task", "ShardState"] {
+            if code.contains(inner) {
+                bad.push(format!("{} names {inner}", f.strip_prefix(&src).unwrap().display()));
+            }
+        }
+    }
     assert!(bad.is_empty(), "{bad:#?}");
 }

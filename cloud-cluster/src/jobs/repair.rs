@@ -23,13 +23,14 @@ use bytes::Bytes;
 use fleetline_wire::shard::fnv1a64;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::checkpoint::{
-    Checkpoint, DeviceState, checkpoint_dir, checkpoint_path, damaged_dir, generation_of, published_of,
+use crate::shard::checkpoint::{
+    Checkpoint, DEADLETTER_SEEN_MAX, DeviceState, checkpoint_dir, checkpoint_path, damaged_dir, generation_of,
+    published_of,
 };
 
-use crate::shard::{DEADLETTER_SEEN_MAX, Published, SegmentConfig};
-use crate::stats::reason;
-use crate::store::Store;
+use crate::lake::reason;
+use crate::lake::store::Store;
+use crate::shard::{Published, SegmentConfig};
 
 /// What a repair found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]

@@ -8,14 +8,16 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fleetline_wire::GatewayId;
-use fleetline_wire::bundle::{BundleId, seal_bundle_ack};
+use fleetline_wire::bundle::seal_bundle_ack;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
 use fleetline_wire::topics;
 
 use crate::keys::Keys;
-use crate::stats::CloudStats;
+
+use crate::shard::{Released, ShardDirectory, ShardHandle};
+use crate::telemetry::CloudStats;
 
 /// `(tls, host, port)` of `mqtt://host:port` or `mqtts://host:port`.
 pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
@@ -56,16 +58,13 @@ pub struct Session {
     pub keep_alive: Duration,
 }
 
-/// A message for the shard tasks.
-pub type ShardInbox = mpsc::Sender<crate::shard::ShardMsg>;
-
 /// Runs the session until the process stops: (re)connects with backoff,
 /// resubscribes on every ConnAck, routes bundles to `shards` (index = shard id;
 /// `None` = not owned here).
 pub async fn run(
     session: Session,
-    shards: Arc<Vec<Option<ShardInbox>>>,
-    acks: mpsc::UnboundedReceiver<Outgoing>,
+    shards: ShardDirectory,
+    acks: mpsc::UnboundedReceiver<Released>,
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
@@ -84,7 +83,7 @@ pub async fn run(
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
     tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone(), counter));
-    let owned: Vec<u16> = shards.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u16).collect();
+    let owned: Vec<u16> = shards.owned().map(ShardHandle::shard).collect();
     let mut delay = Duration::from_millis(100);
     loop {
         match eventloop.poll().await {
@@ -107,11 +106,10 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let shard = topics::parse_ingest_topic(&p.topic).map(usize::from);
-                match shard.and_then(|s| shards.get(s)).and_then(Option::as_ref) {
-                    Some(inbox) => {
+                match topics::parse_ingest_topic(&p.topic).and_then(|s| shards.get(s).ok()) {
+                    Some(shard) => {
                         // Waiting here is the back-pressure: the broker holds the rest.
-                        let _ = inbox.send(crate::shard::ShardMsg::Bundle(Bytes::from(p.payload.to_vec()))).await;
+                        let _ = shard.bundle(Bytes::from(p.payload.to_vec())).await;
                     }
                     None => {
                         stats.count(&stats.misrouted, 1);
@@ -143,7 +141,7 @@ pub async fn run(
 /// (`fleetline_wire::control::CounterCore`).
 pub struct AckCounter {
     core: fleetline_wire::control::CounterCore,
-    store: crate::store::Store,
+    store: crate::lake::store::Store,
     path: String,
 }
 
@@ -154,7 +152,7 @@ impl AckCounter {
     }
 
     /// Loads the node's mark; a damaged one is an error naming it.
-    pub async fn open(store: crate::store::Store, node: &str) -> anyhow::Result<Self> {
+    pub async fn open(store: crate::lake::store::Store, node: &str) -> anyhow::Result<Self> {
         use anyhow::Context;
         let path = Self::path(node);
         let mark = match store.get(&path).await.with_context(|| format!("reading {path}"))? {
@@ -185,18 +183,9 @@ impl AckCounter {
 /// Most bundle ids in one ack message.
 const IDS_PER_ACK: usize = 256;
 
-/// What the node publishes.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// Bundle acks for a gateway.
-    Acks(String, Vec<BundleId>),
-    /// An alert for a stored event.
-    Alert(crate::analytics::Event),
-}
-
 async fn publish_acks(
     client: AsyncClient,
-    mut acks: mpsc::UnboundedReceiver<Outgoing>,
+    mut acks: mpsc::UnboundedReceiver<Released>,
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
@@ -204,8 +193,8 @@ async fn publish_acks(
 ) {
     while let Some(out) = acks.recv().await {
         let (gateway, ids) = match out {
-            Outgoing::Acks(g, ids) => (g, ids),
-            Outgoing::Alert(e) => {
+            Released::Acks { gateway, ids } => (gateway, ids),
+            Released::Alert(e) => {
                 // JSON with the event's id: a repeat after a restart is recognizable.
                 let body = serde_json::to_vec(&e).unwrap_or_default();
                 match client

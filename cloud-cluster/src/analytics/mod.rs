@@ -31,6 +31,8 @@
 //! when its gateway, as this shard hears it, has received other units' data for
 //! `analytics.silent_after` since it last received this one's. A unit behind a
 //! disconnected gateway is not silent: the gateway's clock, as seen here, stops too.
+//!
+//! Pure: no I/O and no clock; time is the readings' own (event time).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

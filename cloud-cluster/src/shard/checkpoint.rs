@@ -11,6 +11,8 @@
 //! refused: their dedupe state was forgotten). Formats 1 and 2 are still read
 //! (format-1 devices start analytics afresh; older devices' floors start at the
 //! oldest epoch their dedupe state holds, which is what format 2 could still tell).
+//!
+//! Pure: the format and its checks, no I/O (the commit protocol stores it).
 
 use fleetline_wire::seqset::SeqSet;
 use serde::{Deserialize, Serialize};
@@ -101,6 +103,21 @@ pub struct DeviceState {
     /// it twice.
     pub epoch_floor: u32,
 }
+
+impl DeviceState {
+    /// A reading of `kind` at `ts_ms`: the latest value of that signal unless a
+    /// newer one is known.
+    pub fn note_latest(&mut self, kind: u16, ts_ms: i64, value: f64) {
+        match self.latest.iter_mut().find(|l| l.kind == kind) {
+            Some(l) if l.ts_ms <= ts_ms => *l = Latest { kind, ts_ms, value },
+            Some(_) => {}
+            None => self.latest.push(Latest { kind, ts_ms, value }),
+        }
+    }
+}
+
+/// Most hashes of unauthenticated dead letters a checkpoint remembers for dedupe.
+pub const DEADLETTER_SEEN_MAX: usize = 65_536;
 
 /// A file staged by a commit and published once its checkpoint is written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,12 +14,12 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::CloudConfig;
 use crate::http::{self, Ops, RenderMetrics};
-use crate::ingest::{self, Outgoing, Session};
+use crate::ingest::{self, Session};
 use crate::keys::Keys;
-use crate::shard::Shard;
-pub use crate::shard::{ShardMsg, flush_all};
-use crate::stats::CloudStats;
-use crate::store::{Store, StoreSpec};
+use crate::lake::store::{Store, StoreSpec};
+use crate::shard::task::ShardSetup;
+use crate::shard::{Published, ShardDirectory, ShardHandle};
+use crate::telemetry::CloudStats;
 
 /// Addresses the node listens on, printed at start-up as one JSON line.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -34,175 +34,12 @@ pub struct Listening {
     pub http: String,
 }
 
-/// Runs one shard: takes bundles, commits on its deadline, releases acks; on a
-/// failed commit, recovers from the store (retrying while the store is down).
-async fn shard_task(
-    mut shard: Shard,
-    mut inbox: mpsc::Receiver<ShardMsg>,
-    keys: Arc<Keys>,
-    acks: mpsc::UnboundedSender<Outgoing>,
-    stats: Arc<CloudStats>,
-) {
-    loop {
-        let deadline = shard.deadline();
-        let msg = match deadline {
-            Some(d) => tokio::select! {
-                m = inbox.recv() => m,
-                _ = tokio::time::sleep_until(d.into()) => {
-                    let _ = commit(&mut shard, &acks, &stats).await;
-                    continue;
-                }
-            },
-            None => inbox.recv().await,
-        };
-        let Some(msg) = msg else {
-            // Shutting down: make what is held durable and acked.
-            let _ = commit(&mut shard, &acks, &stats).await;
-            return;
-        };
-        match msg {
-            ShardMsg::Bundle(b) => {
-                shard.ingest(&b, &keys.snapshot());
-                if shard.deadline().is_some_and(|d| d <= std::time::Instant::now()) {
-                    let _ = commit(&mut shard, &acks, &stats).await;
-                }
-            }
-            ShardMsg::Flush(reply) => {
-                let r = commit(&mut shard, &acks, &stats).await;
-                let _ = reply.send(r);
-            }
-            ShardMsg::Status(reply) => {
-                let _ = reply.send(shard.status());
-            }
-            ShardMsg::Vehicle(fleet, device, reply) => {
-                let _ = reply.send(shard.vehicle(&fleet, &device));
-            }
-            ShardMsg::Replay(items, subject, reply) => {
-                let outcome = shard.replay(&items, &subject, Some(&keys.snapshot()));
-                let r = commit(&mut shard, &acks, &stats).await.map(|()| outcome);
-                let _ = reply.send(r);
-            }
-        }
-    }
-}
-
-async fn commit(shard: &mut Shard, acks: &mpsc::UnboundedSender<Outgoing>, stats: &CloudStats) -> Result<(), String> {
-    match shard.commit().await {
-        Ok(released) => {
-            for (gw, ids) in released.acks {
-                let _ = acks.send(Outgoing::Acks(gw, ids));
-            }
-            for e in released.alerts {
-                let _ = acks.send(Outgoing::Alert(e));
-            }
-            Ok(())
-        }
-        Err(e) => {
-            stats.count(&stats.commit_failures, 1);
-            tracing::error!(shard = shard.id(), error = %e, "commit failed; recovering the shard from the store");
-            let mut delay = Duration::from_millis(200);
-            while let Err(e) = shard.recover().await {
-                tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            for e in shard.take_resend() {
-                let _ = acks.send(Outgoing::Alert(e));
-            }
-            Err(e.to_string())
-        }
-    }
-}
-
-/// What a shard task needs to open its shard (again) and run it.
-#[derive(Clone)]
-struct ShardSetup {
-    store: Store,
-    shard_count: u16,
-    node: String,
-    segment: crate::config::SegmentConfig,
-    registry: Arc<crate::registry::Registry>,
-    validation: crate::config::ValidationConfig,
-    analytics: crate::analytics::AnalyticsConfig,
-    keys: Arc<Keys>,
-    acks: mpsc::UnboundedSender<Outgoing>,
-    stats: Arc<CloudStats>,
-}
-
-/// How often a shard that is down tries to open again (after a repair, or once
-/// the store answers), at most.
-const SHARD_RETRY_MAX: Duration = Duration::from_secs(30);
-
-impl ShardSetup {
-    /// Runs shard `id`. While it cannot be opened it is down: listed in
-    /// `/status`, readiness false, its bundles left unacked (gateways keep and
-    /// resend them), every request answered with why; it tries again now and then.
-    async fn run(self, id: u16, mut opened: Result<Shard, String>, mut inbox: mpsc::Receiver<ShardMsg>) {
-        let mut delay = Duration::from_secs(1);
-        let shard = loop {
-            let why = match opened {
-                Ok(shard) => break shard,
-                Err(why) => why,
-            };
-            if let Ok(mut down) = self.stats.shards_down.lock() {
-                down.insert(id, why.clone());
-            }
-            tracing::error!(shard = id, error = %why, "shard is down");
-            let retry = tokio::time::sleep(delay);
-            tokio::pin!(retry);
-            loop {
-                tokio::select! {
-                    _ = &mut retry => break,
-                    msg = inbox.recv() => match msg {
-                        None => return,
-                        Some(ShardMsg::Bundle(_)) => self.stats.count(&self.stats.bundles_shard_down, 1),
-                        Some(ShardMsg::Flush(reply)) => { let _ = reply.send(Err(format!("shard {id} is down: {why}"))); }
-                        Some(ShardMsg::Status(_)) => {}
-                        Some(ShardMsg::Vehicle(_, _, reply)) => { let _ = reply.send(None); }
-                        Some(ShardMsg::Replay(_, _, reply)) => { let _ = reply.send(Err(format!("shard {id} is down: {why}"))); }
-                    },
-                }
-            }
-            delay = (delay * 2).min(SHARD_RETRY_MAX);
-            opened = match crate::shard::Published::list(&self.store).await {
-                Ok(published) => Shard::open_with(
-                    self.store.clone(),
-                    id,
-                    self.shard_count,
-                    &self.node,
-                    self.segment.clone(),
-                    self.stats.clone(),
-                    &published,
-                )
-                .await
-                .map_err(|e| e.to_string()),
-                Err(e) => Err(format!("listing the datasets: {e}")),
-            };
-            if opened.is_ok() {
-                tracing::info!(shard = id, "shard is up again");
-            }
-        };
-        if let Ok(mut down) = self.stats.shards_down.lock() {
-            down.remove(&id);
-        }
-        let mut shard = shard;
-        shard.set_registry(self.registry.clone());
-        shard.set_validation(self.validation.clone());
-        shard.set_analytics(self.analytics.clone());
-        // Alerts of the last commit before a restart may not have left: again, same ids.
-        for e in shard.take_resend() {
-            let _ = self.acks.send(Outgoing::Alert(e));
-        }
-        shard_task(shard, inbox, self.keys, self.acks, self.stats).await;
-    }
-}
-
 /// Handles of a running node, for tests and embedding.
 pub struct Running {
     /// What it listens on.
     pub listening: Listening,
-    /// Shard inboxes (index = shard id).
-    pub shards: Arc<Vec<Option<mpsc::Sender<ShardMsg>>>>,
+    /// The shards this node owns.
+    pub shards: ShardDirectory,
     /// Counters.
     pub stats: Arc<CloudStats>,
     /// The embedded broker's sessions and the login check they passed, to end
@@ -254,7 +91,7 @@ pub async fn run(
     }
     tracing::info!("stopping: committing open segments");
     stats.ready.store(false, Ordering::Relaxed);
-    flush_all(&running.shards).await;
+    running.shards.flush_all().await;
     // Give the acks of that last commit a moment to leave.
     tokio::time::sleep(Duration::from_millis(300)).await;
     Ok(())
@@ -273,21 +110,8 @@ pub async fn start(
     // Single node: every shard is owned here. The datasets are listed once, so
     // each shard can tell whether they hold files beyond its checkpoint.
     let owned: Vec<u16> = (0..cfg.shard_count).collect();
-    let published = crate::shard::Published::list(&store).await.context("listing the datasets")?;
-    let opened = futures::future::join_all(owned.iter().map(|id| {
-        Shard::open_with(
-            store.clone(),
-            *id,
-            cfg.shard_count,
-            &cfg.node_id,
-            cfg.segment.clone(),
-            stats.clone(),
-            &published,
-        )
-    }))
-    .await;
-    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-    let mut inboxes: Vec<Option<mpsc::Sender<ShardMsg>>> = vec![None; cfg.shard_count as usize];
+    let published = Published::list(&store).await.context("listing the datasets")?;
+    let (released_tx, released_rx) = mpsc::unbounded_channel();
     let setup = ShardSetup {
         store: store.clone(),
         shard_count: cfg.shard_count,
@@ -297,16 +121,16 @@ pub async fn start(
         validation: cfg.validation.clone(),
         analytics: cfg.analytics.clone(),
         keys: keys.clone(),
-        acks: acks_tx.clone(),
+        released: released_tx,
         stats: stats.clone(),
     };
+    let opened = futures::future::join_all(owned.iter().map(|id| setup.open(*id, &published))).await;
+    let mut shards = ShardDirectory::new(cfg.shard_count);
     for (id, opened) in owned.iter().copied().zip(opened) {
-        let (tx, rx) = mpsc::channel(64);
-        inboxes[id as usize] = Some(tx);
-        let opened = opened.map_err(|e| e.to_string());
-        tokio::spawn(setup.clone().run(id, opened, rx));
+        let (handle, inbox) = ShardHandle::channel(id, 64);
+        shards.insert(handle);
+        tokio::spawn(setup.clone().run(id, opened, inbox));
     }
-    let shards = Arc::new(inboxes);
 
     let mut broker_sessions = None;
     let (session, broker_addr, broker_tls) = match &cfg.broker.url {
@@ -385,14 +209,14 @@ pub async fn start(
     tokio::spawn(ingest::run(
         session,
         shards.clone(),
-        acks_rx,
+        released_rx,
         keys.clone(),
         cfg.node_id.clone(),
         stats.clone(),
         counter,
     ));
 
-    let rollup = Arc::new(crate::rollup::RollupJob::new(store.clone(), &cfg.rollup));
+    let rollup = Arc::new(crate::jobs::rollup::RollupJob::new(store.clone(), &cfg.rollup));
     if cfg.rollup.enabled {
         // Single node: the job runs here (a cluster elects one node for it).
         tokio::spawn(rollup.clone().periodic(cfg.rollup.interval));

@@ -32,8 +32,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::analytics::{HOUR_MS, event};
-use crate::rows::{READINGS_SCHEMA, writer_properties};
-use crate::store::Store;
+use crate::lake::rows::{READINGS_SCHEMA, writer_properties};
+use crate::lake::store::Store;
 
 /// Rollup settings (`[rollup]`).
 #[derive(Clone, Debug, Deserialize)]
@@ -441,7 +441,7 @@ mod tests {
         assert_eq!(partition_start("dt=2024-03-01"), Some(1_709_251_200_000));
         assert_eq!(partition_start("x=1"), None);
         for days in [-1000, 0, 19_000, 20_500] {
-            let dir = crate::rows::partition_dir(days * 24);
+            let dir = crate::lake::rows::partition_dir(days * 24);
             assert_eq!(partition_start(&dir), Some(days * DAY_MS), "{dir}");
         }
     }

@@ -5,6 +5,8 @@
 //! by the reading's own time, aggregates by their window's start, events by when
 //! their condition began, dead letters by the time they were stored. A commit
 //! writes one zstd Parquet file per dataset and partition it touched.
+//!
+//! Pure: rows in memory and their encoding to bytes; storing them is the commit's job.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};

@@ -12,110 +12,16 @@
 //! twice, or interrupted and run again, stores each reading once. What still fails
 //! stays where it is, for a later fix.
 
-use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex};
-
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
 use arrow_array::{Array, RecordBatch};
-use fleetline_wire::signals::WireType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::registry::SignalDef;
-use crate::stats::reason;
-use crate::store::Store;
-
-/// Dead-letter reasons that hold readings a schema fix can make valid.
-pub const REPLAYABLE: [&str; 4] =
-    [reason::UNKNOWN_KIND, reason::NOT_IN_SCHEMA, reason::OUT_OF_RANGE, reason::UNKNOWN_SCHEMA];
-
-/// One dead letter to take in again.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReplayItem {
-    /// Fleet.
-    pub fleet: String,
-    /// Device.
-    pub device: String,
-    /// Boot epoch of its batch.
-    pub epoch: u32,
-    /// Seq of its batch.
-    pub seq: u32,
-    /// Why it was refused.
-    pub reason: String,
-    /// Reading kind.
-    pub kind: u16,
-    /// Reading time (one reading) or the batch's base time (a raw series).
-    pub ts_ms: i64,
-    /// Gateway that forwarded it.
-    pub gateway: String,
-    /// When that gateway received it.
-    pub received_at_ms: i64,
-    /// The raw series, or the value as f64 little-endian.
-    pub raw: Vec<u8>,
-    /// Schema id its batch named (absent in files written before it was recorded).
-    pub schema: Option<u32>,
-}
-
-impl ReplayItem {
-    /// What marks it as replayed in its device's state.
-    pub fn key(&self) -> (u32, u32, u16, i64) {
-        match self.reason.as_str() {
-            reason::UNKNOWN_SCHEMA => (self.epoch, self.seq, u16::MAX, i64::MIN),
-            reason::UNKNOWN_KIND => (self.epoch, self.seq, self.kind, i64::MIN),
-            _ => (self.epoch, self.seq, self.kind, self.ts_ms),
-        }
-    }
-
-    /// Its readings `(ts, value)` under `def`; `Err` when they do not decode.
-    pub fn readings(&self, def: &SignalDef) -> Result<Vec<(i64, f64)>, String> {
-        if self.reason == reason::UNKNOWN_KIND {
-            let wire = match def.encoding.as_str() {
-                "delta" => WireType::Delta,
-                e => WireType::Cyclic {
-                    modulus: e
-                        .strip_prefix("cyclic/")
-                        .and_then(|m| m.parse().ok())
-                        .ok_or_else(|| format!("unknown encoding {e}"))?,
-                },
-            };
-            let scale = 10f64.powi(i32::from(def.scale_exp));
-            fleetline_wire::batch::series_samples(&self.raw, wire)
-                .map(|s| {
-                    let (t, raw) = s.map_err(|e| e.to_string())?;
-                    Ok((self.ts_ms + t, raw as f64 * scale))
-                })
-                .collect()
-        } else {
-            let bytes: [u8; 8] = self.raw.as_slice().try_into().map_err(|_| "value is not 8 bytes".to_string())?;
-            Ok(vec![(self.ts_ms, f64::from_le_bytes(bytes))])
-        }
-    }
-}
-
-/// What a replay did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ReplayOutcome {
-    /// Dead letters read back that hold readings.
-    pub candidates: u64,
-    /// Taken in now.
-    pub replayed: u64,
-    /// Readings rows those added.
-    pub readings: u64,
-    /// Taken in by an earlier replay.
-    pub already_replayed: u64,
-    /// Still refused by the current schema (left for a later fix).
-    pub still_invalid: u64,
-}
-
-impl std::ops::AddAssign for ReplayOutcome {
-    fn add_assign(&mut self, o: Self) {
-        self.candidates += o.candidates;
-        self.replayed += o.replayed;
-        self.readings += o.readings;
-        self.already_replayed += o.already_replayed;
-        self.still_invalid += o.still_invalid;
-    }
-}
+use crate::lake::reason;
+use crate::lake::store::Store;
+use crate::registry::Registry;
+use crate::shard::ShardDirectory;
+use crate::shard::replay::{REPLAYABLE, ReplayItem, ReplayOutcome};
 
 /// Most dead letters a replay holds in memory at once (it works through the
 /// dataset in steps of about this many).
@@ -185,19 +91,72 @@ fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> Result<(), String> {
     Ok(())
 }
 
-/// A registered signal path as `&'static str` (the readings rows' signal column
-/// holds static names). Each distinct path is kept once for the process's life:
-/// bounded by what the registry holds.
-pub fn intern(path: &str) -> &'static str {
-    static PATHS: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
-    if let Some(s) = fleetline_wire::signals::spec_by_path(path) {
-        return s.path;
+/// What a replay run did, over every shard.
+#[derive(Debug, serde::Serialize)]
+pub struct ReplayReport {
+    /// Subject judged by.
+    pub subject: String,
+    /// Summed over the shards.
+    pub outcome: ReplayOutcome,
+    /// Dead letters of devices whose shard this node does not own.
+    pub not_owned_here: u64,
+    /// Shards that could not take their part (down, or a failed commit).
+    pub errors: Vec<String>,
+}
+
+/// Why a replay could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The subject has no schema to judge by.
+    #[error("subject {0} has no schema")]
+    NoSchema(String),
+    /// The `deadletter` dataset could not be read.
+    #[error("reading dead letters: {0:#}")]
+    Lake(anyhow::Error),
+}
+
+/// Replays every dead letter that holds readings against the newest schema of
+/// `subject`: works through the dataset in steps of about [`REPLAY_STEP`] dead
+/// letters; each step's go to their shards, which commit before the next step.
+pub async fn replay_all(
+    store: &Store,
+    registry: &Registry,
+    shards: &ShardDirectory,
+    subject: String,
+) -> Result<ReplayReport, ReplayError> {
+    if registry.latest(&subject).is_none() {
+        return Err(ReplayError::NoSchema(subject));
     }
-    let mut set = PATHS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(s) = set.get(path) {
-        return s;
+    let files = candidate_files(store).await.map_err(ReplayError::Lake)?;
+    let mut report = ReplayReport { subject, outcome: ReplayOutcome::default(), not_owned_here: 0, errors: Vec::new() };
+    let mut items = Vec::new();
+    let mut files = files.into_iter().peekable();
+    while let Some(path) = files.next() {
+        read_file(store, &path, &mut items).await.map_err(ReplayError::Lake)?;
+        if items.len() < REPLAY_STEP && files.peek().is_some() {
+            continue;
+        }
+        let mut per_shard: Vec<Vec<ReplayItem>> = vec![Vec::new(); usize::from(shards.shard_count())];
+        for item in items.drain(..) {
+            let s = fleetline_wire::shard::shard_of(&item.fleet, &item.device, shards.shard_count()).0;
+            per_shard[usize::from(s)].push(item);
+        }
+        let mut steps = Vec::new();
+        for (s, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            match shards.get(s as u16) {
+                Ok(shard) => steps.push(shard.replay(items, report.subject.clone())),
+                Err(_) => report.not_owned_here += items.len() as u64,
+            }
+        }
+        for r in futures::future::join_all(steps).await {
+            match r {
+                Ok(o) => report.outcome += o,
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
     }
-    let s: &'static str = Box::leak(path.to_string().into_boxed_str());
-    set.insert(s);
-    s
+    Ok(report)
 }

@@ -4,49 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
-/// Dead-letter reasons.
-pub mod reason {
-    /// A bundle whose header or body does not parse.
-    pub const BUNDLE_MALFORMED: &str = "bundle_malformed";
-    /// A bundle from a gateway that is not provisioned.
-    pub const UNKNOWN_GATEWAY: &str = "unknown_gateway";
-    /// A bundle whose seal does not verify under its gateway's key.
-    pub const BUNDLE_AUTH_FAILED: &str = "bundle_auth_failed";
-    /// A batch whose header does not parse.
-    pub const MALFORMED: &str = "malformed";
-    /// A batch of a device that hashes to another shard (shard counts differ).
-    pub const WRONG_SHARD: &str = "wrong_shard";
-    /// A batch of a device that is not provisioned.
-    pub const UNKNOWN_DEVICE: &str = "unknown_device";
-    /// A batch whose seal does not verify under its device's keys.
-    pub const AUTH_FAILED: &str = "auth_failed";
-    /// An authentic batch whose body does not decode.
-    pub const UNDECODABLE: &str = "undecodable";
-    /// A series of a reading kind this build does not know (raw series kept).
-    pub const UNKNOWN_KIND: &str = "unknown_kind";
-    /// An authentic batch naming a schema id the registry does not have.
-    pub const UNKNOWN_SCHEMA: &str = "unknown_schema";
-    /// A reading of a kind its batch's schema does not list.
-    pub const NOT_IN_SCHEMA: &str = "not_in_schema";
-    /// A reading outside its signal's valid range in the batch's schema.
-    pub const OUT_OF_RANGE: &str = "out_of_range";
-    /// A reading dated further after its gateway's receipt than the allowed skew.
-    pub const FUTURE_TIMESTAMP: &str = "future_timestamp";
-    /// A reading dated before the epoch floor (a unit whose clock is not set).
-    pub const BEFORE_EPOCH_FLOOR: &str = "before_epoch_floor";
-    /// An authentic batch from a boot epoch below its device's epoch floor
-    /// (dedupe state of that epoch forgotten): a replay, never stored again.
-    pub const STALE_EPOCH: &str = "stale_epoch";
-
-    /// Whether a dead letter of this reason is an authentic batch, deduped by its
-    /// (device, epoch, seq) like stored batches; the others are deduped by a hash
-    /// of their bytes, since their sender is unproven.
-    pub fn is_authentic(reason: &str) -> bool {
-        [UNDECODABLE, UNKNOWN_KIND, UNKNOWN_SCHEMA, NOT_IN_SCHEMA, OUT_OF_RANGE, FUTURE_TIMESTAMP, BEFORE_EPOCH_FLOOR]
-            .contains(&reason)
-    }
-}
-
 /// Counters, shared by every task of the node.
 #[derive(Debug, Default)]
 pub struct CloudStats {
@@ -141,6 +98,20 @@ impl CloudStats {
     /// Dead letters by reason.
     pub fn deadletters(&self) -> BTreeMap<&'static str, u64> {
         self.deadletters.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Shard `shard` is down, for `why`.
+    pub fn shard_down(&self, shard: u16, why: &str) {
+        if let Ok(mut down) = self.shards_down.lock() {
+            down.insert(shard, why.to_string());
+        }
+    }
+
+    /// Shard `shard` is up.
+    pub fn shard_up(&self, shard: u16) {
+        if let Ok(mut down) = self.shards_down.lock() {
+            down.remove(&shard);
+        }
     }
 
     /// Owned shards that are down, and why.
