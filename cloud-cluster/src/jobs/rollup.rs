@@ -31,7 +31,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{HOUR_MS, event};
+use crate::analytics::{EventKind, HOUR_MS};
 use crate::lake::rows::{READINGS_SCHEMA, writer_properties};
 use crate::lake::store::Store;
 
@@ -57,15 +57,6 @@ impl Default for RollupConfig {
 
 const STATE: &str = "_fleetline/rollup/state.json";
 const DAY_MS: i64 = 24 * HOUR_MS;
-const EVENT_KINDS: [&str; 7] = [
-    event::LOW_PRESSURE,
-    event::SLOW_LEAK,
-    event::PUNCTURE,
-    event::FUEL_THEFT,
-    event::REFUEL,
-    event::OVERSPEED,
-    event::SILENT,
-];
 
 /// What one run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -197,7 +188,7 @@ pub fn daily_schema() -> SchemaRef {
         Field::new("tire_pressure_max_kpa", DataType::Float64, true),
         Field::new("events", DataType::Int64, false),
     ];
-    for k in EVENT_KINDS {
+    for k in EventKind::ALL {
         fields.push(Field::new(format!("events_{k}"), DataType::Int64, false));
     }
     Arc::new(Schema::new(fields))
@@ -309,8 +300,8 @@ fn daily_rows(day_start: i64, aggregates: &[RecordBatch], events: &[RecordBatch]
         floats(&|d| d.tire_max),
         ints(&|d| d.events.values().sum()),
     ];
-    for k in EVENT_KINDS {
-        columns.push(ints(&|d| d.events.get(k).copied().unwrap_or(0)));
+    for k in EventKind::ALL {
+        columns.push(ints(&|d| d.events.get(k.as_str()).copied().unwrap_or(0)));
     }
     Ok(RecordBatch::try_new(daily_schema(), columns)?)
 }

@@ -418,7 +418,7 @@ fn events_batch(rows: &[Event], stored_at_ms: i64) -> Result<RecordBatch, arrow_
         strings(&|e| &e.id),
         strings(&|e| &e.fleet),
         strings(&|e| &e.device),
-        strings(&|e| &e.kind),
+        strings(&|e| e.kind.as_str()),
         times(&|e| e.ts_ms),
         times(&|e| e.detected_ms),
         Arc::new(arrow_array::StringArray::from_iter(rows.iter().map(|e| e.wheel.as_deref()))),

@@ -577,7 +577,7 @@ impl ShardState {
             self.rows.push_aggregate(fleet, device, row);
         }
         for e in out.events {
-            self.stats.event(&e.kind);
+            self.stats.event(e.kind.as_str());
             self.rows.push_event(e);
         }
     }

@@ -449,7 +449,7 @@ async fn the_alerts_of_the_last_commit_are_sent_again_after_a_restart() {
     );
     let committed = shard.commit().await.unwrap();
     assert_eq!(committed.alerts.len(), 1);
-    assert_eq!(committed.alerts[0].kind, "overspeed");
+    assert_eq!(committed.alerts[0].kind, fleetline_cloud::analytics::EventKind::Overspeed);
     drop(shard);
     let mut shard = open(&store).await.unwrap();
     let again = shard.state.take_resend();

@@ -259,6 +259,34 @@ pub mod kind {
     pub fn tire_temperature(wheel: Wheel) -> Option<SignalKind> {
         wheel.index().map(|i| SignalKind(33 + 2 * i))
     }
+
+    /// Wheel positions the table has: four axle rows, left and right.
+    pub const WHEELS: usize = 8;
+
+    /// What a tire signal measures.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum TireQuantity {
+        /// Gauge pressure, kPa.
+        Pressure,
+        /// Temperature, °C.
+        Temperature,
+    }
+
+    /// The wheel (index `(row − 1) · 2 + right`, below [`WHEELS`]) and quantity of a
+    /// tire signal; `None` for every other kind. The inverse of [`tire_pressure`]
+    /// and [`tire_temperature`].
+    pub fn tire_of(kind: SignalKind) -> Option<(usize, TireQuantity)> {
+        (0..WHEELS).find_map(|i| {
+            let wheel = Wheel { row: (i / 2 + 1) as u8, right: i % 2 == 1 };
+            if tire_pressure(wheel) == Some(kind) {
+                Some((i, TireQuantity::Pressure))
+            } else if tire_temperature(wheel) == Some(kind) {
+                Some((i, TireQuantity::Temperature))
+            } else {
+                None
+            }
+        })
+    }
 }
 
 /// Looks a kind up in schema version 1.
@@ -303,5 +331,17 @@ mod tests {
             "Vehicle.Chassis.Axle.Row2.Wheel.Right.Tire.Pressure"
         );
         assert!(kind::tire_pressure(kind::Wheel { row: 5, right: false }).is_none());
+    }
+
+    #[test]
+    fn tire_kinds_map_back_to_their_wheel() {
+        use kind::{TireQuantity, WHEELS, Wheel, tire_of, tire_pressure, tire_temperature};
+        for i in 0..WHEELS {
+            let w = Wheel { row: (i / 2 + 1) as u8, right: i % 2 == 1 };
+            assert_eq!(tire_of(tire_pressure(w).unwrap()), Some((i, TireQuantity::Pressure)));
+            assert_eq!(tire_of(tire_temperature(w).unwrap()), Some((i, TireQuantity::Temperature)));
+        }
+        assert_eq!(tire_of(kind::SPEED), None);
+        assert_eq!(tire_of(SignalKind(48)), None);
     }
 }
