@@ -3,6 +3,7 @@
 //! under `./fleetline-data`, every shard owned here. Durations are human (`"2s"`),
 //! sizes too (`"16 MiB"`).
 
+use fleetline_service::ConfigError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -166,56 +167,58 @@ impl Default for HttpConfig {
 
 impl CloudConfig {
     /// Parses TOML text and checks it.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks values that parse but cannot work.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         fleetline_wire::ids::ShortId::new(&self.node_id)
-            .map_err(|_| format!("node_id {:?} must match [a-z0-9-]{{1,32}}", self.node_id))?;
+            .map_err(|_| ConfigError::invalid(format!("node_id {:?} must match [a-z0-9-]{{1,32}}", self.node_id)))?;
         if self.shard_count == 0 {
-            return Err("shard_count must be at least 1".into());
+            return Err(ConfigError::invalid("shard_count must be at least 1"));
         }
         if !(0.0..=1.0).contains(&self.provisioning_max_removal) {
-            return Err("provisioning_max_removal must be between 0 and 1".into());
+            return Err(ConfigError::invalid("provisioning_max_removal must be between 0 and 1"));
         }
         if self.broker.max_connections == 0 {
-            return Err("broker.max_connections must be at least 1".into());
+            return Err(ConfigError::invalid("broker.max_connections must be at least 1"));
         }
         for (name, t) in [("http.token", &self.http.token), ("http.read_token", &self.http.read_token)] {
             if t.as_ref().is_some_and(|t| t.trim().len() < 12) {
-                return Err(format!("{name} must be 12 characters or more (an empty token would let anyone in)"));
+                return Err(ConfigError::invalid(format!(
+                    "{name} must be 12 characters or more (an empty token would let anyone in)"
+                )));
             }
         }
         if self.http.read_token.is_some() && self.http.token.is_none() {
-            return Err("http.read_token needs http.token (without it nothing is protected)".into());
+            return Err(ConfigError::invalid("http.read_token needs http.token (without it nothing is protected)"));
         }
         if self.segment.max_rows == 0 || self.segment.dedupe_epochs == 0 {
-            return Err("segment.max_rows and segment.dedupe_epochs must be positive".into());
+            return Err(ConfigError::invalid("segment.max_rows and segment.dedupe_epochs must be positive"));
         }
         if self.broker.max_packet.0 < 64 << 10 {
-            return Err("broker.max_packet must be at least 64 KiB".into());
+            return Err(ConfigError::invalid("broker.max_packet must be at least 64 KiB"));
         }
         if let Some(url) = &self.broker.url {
-            let (tls, _, _) = crate::ingest::parse_broker_url(url)?;
+            let (tls, _, _) = crate::ingest::parse_broker_url(url).map_err(|e| ConfigError::invalid(e.to_string()))?;
             if tls && self.broker.ca.is_none() {
-                return Err(format!("broker.url {url:?} is mqtts:// but broker.ca is not set"));
+                return Err(ConfigError::invalid(format!("broker.url {url:?} is mqtts:// but broker.ca is not set")));
             }
         }
-        crate::lake::store::StoreSpec::parse(&self.storage)?;
-        self.analytics.check()?;
+        crate::lake::store::StoreSpec::parse(&self.storage).map_err(|e| ConfigError::invalid(e.to_string()))?;
+        self.analytics.check().map_err(|e| ConfigError::invalid(e.to_string()))?;
         if self.rollup.interval.is_zero() {
-            return Err("rollup.interval must be positive".into());
+            return Err(ConfigError::invalid("rollup.interval must be positive"));
         }
         for s in &self.broker.subscribers {
             if !s.username.contains('.') || s.password.len() < 12 {
-                return Err(format!(
+                return Err(ConfigError::invalid(format!(
                     "broker.subscribers: {:?} needs a dot in its username and a password of 12 characters or more",
                     s.username
-                ));
+                )));
             }
         }
         Ok(())
@@ -238,7 +241,7 @@ mod tests {
             CloudConfig::from_toml("[validation]\nmax_future_skew = \"1m\"\nepoch_floor = \"2024-01-01T00:00:00Z\"\n")
                 .unwrap();
         assert_eq!((v.validation.max_future_skew.as_secs(), v.validation.floor_ms()), (60, 1_704_067_200_000));
-        assert!(CloudConfig::from_toml("nodeid = \"x\"").unwrap_err().contains("unknown field"));
+        assert!(CloudConfig::from_toml("nodeid = \"x\"").unwrap_err().to_string().contains("unknown field"));
         assert!(CloudConfig::from_toml("node_id = \"C\"").is_err());
         assert!(CloudConfig::from_toml("[broker]\nurl = \"http://x\"").is_err());
         assert!(CloudConfig::from_toml("[storage]\nurl = \"gs://x\"").is_err());

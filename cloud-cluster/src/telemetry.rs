@@ -156,3 +156,24 @@ impl CloudStats {
             .set(f64::from(u8::from(self.broker_connected.load(Ordering::Relaxed))));
     }
 }
+
+impl fleetline_broker::FrontEvents for CloudStats {
+    fn login_refused(&self, reason: &'static str) {
+        metrics::counter!("fleetline_cloud_rejected_logins_total", "reason" => reason).increment(1);
+        if let Ok(mut m) = self.logins_rejected.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    fn tls_session(&self) {
+        metrics::counter!("fleetline_cloud_tls_sessions_total").increment(1);
+    }
+
+    fn tls_failed(&self) {
+        metrics::counter!("fleetline_cloud_tls_handshakes_failed_total").increment(1);
+    }
+
+    fn tls_timed_out(&self) {
+        metrics::counter!("fleetline_cloud_tls_handshakes_timed_out_total").increment(1);
+    }
+}

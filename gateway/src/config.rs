@@ -1,6 +1,7 @@
 //! The gateway's TOML configuration: every field has a default that runs on a
 //! laptop, durations are human (`"5ms"`, `"10s"`), sizes too (`"16 MiB"`).
 
+use fleetline_service::ConfigError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -219,45 +220,45 @@ impl Default for HttpConfig {
 
 impl GatewayConfig {
     /// Parses TOML text and checks it.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks values that parse but cannot work.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         fleetline_wire::GatewayId::new(&self.id)
-            .map_err(|_| format!("id {:?} must match [a-z0-9-]{{1,32}}", self.id))?;
+            .map_err(|_| ConfigError::invalid(format!("id {:?} must match [a-z0-9-]{{1,32}}", self.id)))?;
         if self.shard_count == 0 {
-            return Err("shard_count must be at least 1".into());
+            return Err(ConfigError::invalid("shard_count must be at least 1"));
         }
         if self.provisioning_reload < Duration::from_millis(10) {
-            return Err("provisioning_reload must be at least 10ms (revocations depend on it)".into());
+            return Err(ConfigError::invalid("provisioning_reload must be at least 10ms (revocations depend on it)"));
         }
         if !(0.0..=1.0).contains(&self.provisioning_max_removal) {
-            return Err("provisioning_max_removal must be between 0 and 1".into());
+            return Err(ConfigError::invalid("provisioning_max_removal must be between 0 and 1"));
         }
         if self.devices.max_connections == 0 {
-            return Err("devices.max_connections must be at least 1".into());
+            return Err(ConfigError::invalid("devices.max_connections must be at least 1"));
         }
         if self.uplink.backlog_rate.0 == 0 {
-            return Err("uplink.backlog_rate must be positive (0 would never send a backlog)".into());
+            return Err(ConfigError::invalid("uplink.backlog_rate must be positive (0 would never send a backlog)"));
         }
         if self.queue.segment.0 < 64 << 10 {
-            return Err("queue.segment must be at least 64 KiB".into());
+            return Err(ConfigError::invalid("queue.segment must be at least 64 KiB"));
         }
         if self.queue.budget.0 < 2 * self.queue.segment.0 {
-            return Err("queue.budget must hold at least two segments".into());
+            return Err(ConfigError::invalid("queue.budget must hold at least two segments"));
         }
         if self.uplink.max_in_flight == 0 || self.uplink.bundle_max_batches == 0 {
-            return Err("uplink.max_in_flight and uplink.bundle_max_batches must be positive".into());
+            return Err(ConfigError::invalid("uplink.max_in_flight and uplink.bundle_max_batches must be positive"));
         }
         if self.devices.max_packet.0 < (fleetline_wire::batch::MAX_SEALED_LEN + 512) as u64 {
-            return Err(format!(
+            return Err(ConfigError::invalid(format!(
                 "devices.max_packet must hold the largest batch ({} bytes plus topic)",
                 fleetline_wire::batch::MAX_SEALED_LEN
-            ));
+            )));
         }
         Ok(())
     }
@@ -274,7 +275,7 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.queue.budget.0, 2 << 30);
         assert_eq!(cfg.queue.when_full, FullPolicy::DropOldest);
-        assert!(GatewayConfig::from_toml("idd = \"x\"").unwrap_err().contains("unknown field"));
+        assert!(GatewayConfig::from_toml("idd = \"x\"").unwrap_err().to_string().contains("unknown field"));
         assert!(GatewayConfig::from_toml("id = \"GW\"").is_err());
         assert!(GatewayConfig::from_toml("[queue]\ncommit_interval = \"soon\"").is_err());
         // Values that parse but cannot work.

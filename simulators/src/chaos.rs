@@ -58,36 +58,44 @@ impl std::fmt::Display for Step {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Schedule(pub Vec<Step>);
 
-impl std::str::FromStr for Schedule {
-    type Err = String;
+/// Why a chaos schedule is refused: the item and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadSchedule(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Schedule {
+    type Err = BadSchedule;
+
+    fn from_str(s: &str) -> Result<Self, BadSchedule> {
         parse_schedule(s).map(Self)
     }
 }
 
 /// Parses `kill-gateway@20s,uplink-outage@30s+15s,kill-cloud@45s,stop-gateway@50s+10s`.
-pub fn parse_schedule(text: &str) -> Result<Vec<Step>, String> {
+pub fn parse_schedule(text: &str) -> Result<Vec<Step>, BadSchedule> {
     let mut steps = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (what, when) = item.split_once('@').ok_or_else(|| format!("{item:?}: expected ACTION@TIME"))?;
+        let (what, when) =
+            item.split_once('@').ok_or_else(|| BadSchedule(format!("{item:?}: expected ACTION@TIME")))?;
         let (at, dur) = match when.split_once('+') {
             Some((a, d)) => (a, Some(d)),
             None => (when, None),
         };
-        let at = humantime::parse_duration(at).map_err(|e| format!("{item:?}: {e}"))?;
-        let dur = dur.map(humantime::parse_duration).transpose().map_err(|e| format!("{item:?}: {e}"))?;
+        let at = humantime::parse_duration(at).map_err(|e| BadSchedule(format!("{item:?}: {e}")))?;
+        let dur = dur.map(humantime::parse_duration).transpose().map_err(|e| BadSchedule(format!("{item:?}: {e}")))?;
         let action = match (what, dur) {
             ("kill-gateway", None) => Action::Kill(Target::Gateway),
             ("kill-cloud", None) => Action::Kill(Target::Cloud),
             ("stop-gateway", Some(d)) => Action::Stop(Target::Gateway, d),
             ("stop-cloud", Some(d)) => Action::Stop(Target::Cloud, d),
             ("uplink-outage", Some(d)) => Action::UplinkOutage(d),
-            ("kill-gateway" | "kill-cloud", Some(_)) => return Err(format!("{item:?}: kill-* takes no duration")),
-            ("stop-gateway" | "stop-cloud" | "uplink-outage", None) => {
-                return Err(format!("{item:?}: needs a duration, e.g. {what}@30s+10s"));
+            ("kill-gateway" | "kill-cloud", Some(_)) => {
+                return Err(BadSchedule(format!("{item:?}: kill-* takes no duration")));
             }
-            _ => return Err(format!("{item:?}: unknown action {what:?}")),
+            ("stop-gateway" | "stop-cloud" | "uplink-outage", None) => {
+                return Err(BadSchedule(format!("{item:?}: needs a duration, e.g. {what}@30s+10s")));
+            }
+            _ => return Err(BadSchedule(format!("{item:?}: unknown action {what:?}"))),
         };
         steps.push(Step { at, action });
     }

@@ -406,7 +406,7 @@ struct Services {
 
 enum Inner {
     InProcess {
-        shards: fleetline_cloud::shard::ShardDirectory,
+        cloud: Box<fleetline_cloud::node::Running>,
         cloud_stats: Arc<CloudStats>,
         gw_http: String,
         gw_stop: watch::Sender<bool>,
@@ -484,7 +484,7 @@ impl Services {
         let gw = listen_rx.await.context("gateway did not start")?;
         Ok(Self {
             devices_port: gw.devices.parse::<std::net::SocketAddr>()?.port(),
-            inner: Inner::InProcess { shards: cloud.shards, cloud_stats, gw_http: gw.http, gw_stop, gateway },
+            inner: Inner::InProcess { cloud: Box::new(cloud), cloud_stats, gw_http: gw.http, gw_stop, gateway },
         })
     }
 
@@ -614,8 +614,8 @@ impl Services {
 
     async fn flush_cloud(&self) {
         match &self.inner {
-            Inner::InProcess { shards, .. } => {
-                shards.flush_all().await;
+            Inner::InProcess { cloud, .. } => {
+                cloud.shards.flush_all().await;
             }
             Inner::Children { .. } => {
                 if let Some(h) = self.cloud_http().await
@@ -632,9 +632,10 @@ impl Services {
 
     async fn stop(self) {
         match self.inner {
-            Inner::InProcess { gw_stop, gateway, .. } => {
+            Inner::InProcess { gw_stop, gateway, cloud, .. } => {
                 let _ = gw_stop.send(true);
                 let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+                cloud.shutdown().await;
             }
             Inner::Children { cloud, gateway, .. } => {
                 gateway.lock().await.terminate().await;

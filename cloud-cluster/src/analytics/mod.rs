@@ -121,21 +121,26 @@ impl Default for AnalyticsConfig {
 
 impl AnalyticsConfig {
     /// Checks the settings make sense.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InvalidSettings> {
         let ratios = [self.low_pressure_ratio, self.puncture_drop];
         if ratios.iter().any(|r| !(*r > 0.0 && *r < 1.0)) {
-            return Err("analytics.low_pressure_ratio and puncture_drop must be between 0 and 1".into());
+            return Err(InvalidSettings("analytics.low_pressure_ratio and puncture_drop must be between 0 and 1"));
         }
         let positive = [self.speed_limit_kmh, self.leak_kpa_per_h, self.theft_litres, self.refuel_percent];
         if positive.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
-            return Err("analytics thresholds must be positive".into());
+            return Err(InvalidSettings("analytics thresholds must be positive"));
         }
         if self.leak_window.is_zero() || self.silent_after.is_zero() || self.theft_window.is_zero() {
-            return Err("analytics.leak_window, theft_window and silent_after must be positive".into());
+            return Err(InvalidSettings("analytics.leak_window, theft_window and silent_after must be positive"));
         }
         Ok(())
     }
 }
+
+/// Analytics settings that cannot work; the message names them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSettings(pub &'static str);
 
 /// One reading as analytics sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

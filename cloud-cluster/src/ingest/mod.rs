@@ -19,22 +19,33 @@ use crate::keys::Keys;
 use crate::shard::{Released, ShardDirectory, ShardHandle};
 use crate::telemetry::CloudStats;
 
+/// Why a broker URL is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("broker.url {url:?} {why}")]
+pub struct BadBrokerUrl {
+    /// The URL.
+    pub url: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
 /// `(tls, host, port)` of `mqtt://host:port` or `mqtts://host:port`.
-pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
+pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), BadBrokerUrl> {
+    let bad = |why| BadBrokerUrl { url: url.to_string(), why };
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("mqtt://") {
         (false, r)
     } else {
-        return Err(format!("broker.url {url:?} must start with mqtt:// or mqtts://"));
+        return Err(bad("must start with mqtt:// or mqtts://"));
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().map_err(|_| format!("broker.url {url:?}: bad port"))?),
+        Some((h, p)) => (h, p.parse().map_err(|_| bad("has a bad port"))?),
         None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
-        return Err(format!("broker.url {url:?} names no host"));
+        return Err(bad("names no host"));
     }
     Ok((tls, host.trim_matches(['[', ']']).to_string(), port))
 }
@@ -58,7 +69,16 @@ pub struct Session {
     pub keep_alive: Duration,
 }
 
-/// Runs the session until the process stops: (re)connects with backoff,
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the session until it is told to end ([`Released::EndOfStream`]): (re)connects with backoff,
 /// resubscribes on every ConnAck, routes bundles to `shards` (index = shard id;
 /// `None` = not owned here).
 pub async fn run(
@@ -82,7 +102,9 @@ pub async fn run(
         opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls.clone())));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
-    tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone(), counter));
+    let publisher = tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone(), counter));
+    // Ends the publisher with the session, however the session ends.
+    let _publisher = AbortOnDrop(publisher);
     let owned: Vec<u16> = shards.owned().map(ShardHandle::shard).collect();
     let mut delay = Duration::from_millis(100);
     loop {
@@ -104,6 +126,12 @@ pub async fn run(
                         tracing::warn!(error = %e, "subscribing failed");
                     }
                 }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                // Asked to stop: every ack queued before is on its way to the broker.
+                stats.broker_connected.store(false, Ordering::Relaxed);
+                tracing::info!("disconnected from the ingest broker");
+                return;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 match topics::parse_ingest_topic(&p.topic).and_then(|s| shards.get(s).ok()) {
@@ -194,6 +222,12 @@ async fn publish_acks(
     while let Some(out) = acks.recv().await {
         let (gateway, ids) = match out {
             Released::Acks { gateway, ids } => (gateway, ids),
+            Released::EndOfStream { done } => {
+                // Queued behind every publish above: the event loop sends them first.
+                let _ = client.disconnect().await;
+                let _ = done.send(());
+                continue;
+            }
             Released::Alert(e) => {
                 // JSON with the event's id: a repeat after a restart is recognizable.
                 let body = serde_json::to_vec(&e).unwrap_or_default();

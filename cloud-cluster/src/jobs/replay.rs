@@ -36,7 +36,7 @@ pub async fn candidate_files(store: &Store) -> anyhow::Result<Vec<String>> {
 pub async fn read_file(store: &Store, path: &str, out: &mut Vec<ReplayItem>) -> anyhow::Result<()> {
     let Some(bytes) = store.get(path).await? else { return Ok(()) };
     for b in ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
-        collect(&b?, out).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+        collect(&b?, out).map_err(|e| e.context(path.to_string()))?;
     }
     Ok(())
 }
@@ -50,8 +50,8 @@ pub async fn read_candidates(store: &Store) -> anyhow::Result<Vec<ReplayItem>> {
     Ok(out)
 }
 
-fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> Result<(), String> {
-    let col = |n: &str| b.column_by_name(n).ok_or_else(|| format!("no column {n}"));
+fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> anyhow::Result<()> {
+    let col = |n: &str| b.column_by_name(n).ok_or_else(|| anyhow::anyhow!("no column {n}"));
     let reason = col("reason")?.as_string::<i32>().clone();
     let fleet = col("fleet")?.as_string::<i32>().clone();
     let device = col("device_id")?.as_string::<i32>().clone();

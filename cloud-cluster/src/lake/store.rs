@@ -59,28 +59,39 @@ pub enum StoreSpec {
     },
 }
 
+/// Why a storage URL is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("storage.url {url:?}: {why}")]
+pub struct BadStorageUrl {
+    /// The URL.
+    pub url: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
 impl StoreSpec {
     /// Parses `file:///dir`, a plain path or `s3://bucket/prefix`.
-    pub fn parse(cfg: &StorageConfig) -> Result<Self, String> {
+    pub fn parse(cfg: &StorageConfig) -> Result<Self, BadStorageUrl> {
         let url = cfg.url.trim();
+        let bad = |why| BadStorageUrl { url: url.to_string(), why };
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(format!("storage.url {url:?} names no bucket"));
+                return Err(bad("names no bucket"));
             }
             return Ok(Self::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
         }
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(format!("storage.url {url:?}: file URLs take an absolute path"));
+                return Err(bad("file URLs take an absolute path"));
             }
             return Ok(Self::Local(path.into()));
         }
         if url.contains("://") {
-            return Err(format!("storage.url {url:?}: only file:// and s3:// are supported"));
+            return Err(bad("only file:// and s3:// are supported"));
         }
         if url.is_empty() {
-            return Err("storage.url is empty".into());
+            return Err(bad("is empty"));
         }
         Ok(Self::Local(url.into()))
     }
@@ -286,7 +297,7 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn spec(url: &str) -> Result<StoreSpec, String> {
+    fn spec(url: &str) -> Result<StoreSpec, BadStorageUrl> {
         StoreSpec::parse(&StorageConfig { url: url.into(), ..Default::default() })
     }
 

@@ -107,7 +107,7 @@ impl Registry {
         };
         let mut parsed = BTreeMap::new();
         for (id, text) in &state.schemas {
-            parsed.insert(*id, Arc::new(Schema::parse(text).map_err(RegistryError::Invalid)?));
+            parsed.insert(*id, Arc::new(Schema::parse(text).map_err(|e| RegistryError::Invalid(e.0))?));
         }
         let r = Self { store, state: RwLock::new(state), parsed: RwLock::new(parsed), write: Default::default() };
         if r.versions(READINGS_SUBJECT).is_none() {
@@ -166,7 +166,7 @@ impl Registry {
 
     /// Why `text` could not be registered under `subject` now (empty: it could).
     pub fn test(&self, subject: &str, text: &str) -> Result<Vec<String>, RegistryError> {
-        let new = Schema::parse(text).map_err(RegistryError::Invalid)?;
+        let new = Schema::parse(text).map_err(|e| RegistryError::Invalid(e.0))?;
         let ids = self.read().subjects.get(subject).cloned().unwrap_or_default();
         let earlier: Vec<Arc<Schema>> = ids.iter().filter_map(|id| self.schema(*id)).collect();
         let refs: Vec<&Schema> = earlier.iter().map(AsRef::as_ref).collect();
@@ -176,7 +176,7 @@ impl Registry {
     /// Registers `text` under `subject`; returns its version.
     pub async fn register(&self, subject: &str, text: &str) -> Result<Version, RegistryError> {
         let _w = self.write.lock().await;
-        let canonical = Schema::parse(text).map_err(RegistryError::Invalid)?.canonical();
+        let canonical = Schema::parse(text).map_err(|e| RegistryError::Invalid(e.0))?.canonical();
         let mut next = self.read().clone();
         let existing = next.schemas.iter().find(|(_, t)| **t == canonical).map(|(id, _)| *id);
         if let Some(id) = existing

@@ -3,6 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why schema text is refused, in words naming the signal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSchema(pub String);
+
 /// Compatibility modes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -61,27 +66,31 @@ pub struct Schema {
 
 impl Schema {
     /// Parses and checks schema text (JSON); sorts signals by kind.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut s: Schema = serde_json::from_str(text).map_err(|e| format!("schema does not parse: {e}"))?;
+    pub fn parse(text: &str) -> Result<Self, InvalidSchema> {
+        let mut s: Schema =
+            serde_json::from_str(text).map_err(|e| InvalidSchema(format!("schema does not parse: {e}")))?;
         s.signals.sort_by_key(|d| d.kind);
         for w in s.signals.windows(2) {
             if w[0].kind == w[1].kind {
-                return Err(format!("kind {} is listed twice", w[0].kind));
+                return Err(InvalidSchema(format!("kind {} is listed twice", w[0].kind)));
             }
         }
         let mut paths: Vec<&str> = s.signals.iter().map(|d| d.path.as_str()).collect();
         paths.sort_unstable();
         if let Some(w) = paths.windows(2).find(|w| w[0] == w[1]) {
-            return Err(format!("path {} is listed twice", w[0]));
+            return Err(InvalidSchema(format!("path {} is listed twice", w[0])));
         }
         for d in &s.signals {
             if d.path.is_empty() || !d.min.is_finite() || !d.max.is_finite() || d.min > d.max {
-                return Err(format!("signal {} ({}): needs a path and a finite range min ≤ max", d.kind, d.path));
+                return Err(InvalidSchema(format!(
+                    "signal {} ({}): needs a path and a finite range min ≤ max",
+                    d.kind, d.path
+                )));
             }
             let ok = d.encoding == "delta"
                 || d.encoding.strip_prefix("cyclic/").is_some_and(|m| m.parse::<u32>().is_ok_and(|m| m > 1));
             if !ok {
-                return Err(format!("signal {}: encoding must be delta or cyclic/<modulus>", d.kind));
+                return Err(InvalidSchema(format!("signal {}: encoding must be delta or cyclic/<modulus>", d.kind)));
             }
         }
         Ok(s)

@@ -203,4 +203,10 @@ pub enum Released {
     },
     /// An alert for a stored event.
     Alert(crate::analytics::Event),
+    /// The node is stopping: everything released before this is published; the
+    /// session then disconnects, and `done` is answered once that is under way.
+    EndOfStream {
+        /// Answered when the disconnect is queued behind the last publish.
+        done: tokio::sync::oneshot::Sender<()>,
+    },
 }

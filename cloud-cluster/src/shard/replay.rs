@@ -53,29 +53,40 @@ impl ReplayItem {
     }
 
     /// Its readings `(ts, value)` under `def`; `Err` when they do not decode.
-    pub fn readings(&self, def: &SignalDef) -> Result<Vec<(i64, f64)>, String> {
+    pub fn readings(&self, def: &SignalDef) -> Result<Vec<(i64, f64)>, Undecodable> {
         if self.reason == reason::UNKNOWN_KIND {
             let wire = match def.encoding.as_str() {
                 "delta" => WireType::Delta,
                 e => WireType::Cyclic {
-                    modulus: e
-                        .strip_prefix("cyclic/")
-                        .and_then(|m| m.parse().ok())
-                        .ok_or_else(|| format!("unknown encoding {e}"))?,
+                    modulus: e.strip_prefix("cyclic/").and_then(|m| m.parse().ok()).ok_or(Undecodable::Encoding)?,
                 },
             };
             let scale = 10f64.powi(i32::from(def.scale_exp));
             fleetline_wire::batch::series_samples(&self.raw, wire)
                 .map(|s| {
-                    let (t, raw) = s.map_err(|e| e.to_string())?;
+                    let (t, raw) = s.map_err(Undecodable::Series)?;
                     Ok((self.ts_ms + t, raw as f64 * scale))
                 })
                 .collect()
         } else {
-            let bytes: [u8; 8] = self.raw.as_slice().try_into().map_err(|_| "value is not 8 bytes".to_string())?;
+            let bytes: [u8; 8] = self.raw.as_slice().try_into().map_err(|_| Undecodable::NotAValue)?;
             Ok(vec![(self.ts_ms, f64::from_le_bytes(bytes))])
         }
     }
+}
+
+/// Why a dead letter's readings do not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum Undecodable {
+    /// The schema names an encoding this build does not know.
+    #[error("unknown encoding")]
+    Encoding,
+    /// The raw series is damaged.
+    #[error("series: {0}")]
+    Series(fleetline_wire::WireError),
+    /// A single reading's value is not 8 bytes.
+    #[error("value is not 8 bytes")]
+    NotAValue,
 }
 
 /// What a replay did.

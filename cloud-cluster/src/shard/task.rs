@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
 use super::commit::{Published, Shard};
+use super::error::ShardError;
 use super::handle::{Released, ShardMsg, ShardUnavailable};
 use super::state::SegmentConfig;
 use super::validate::ValidationConfig;
@@ -50,7 +51,7 @@ pub struct ShardSetup {
 
 impl ShardSetup {
     /// Opens shard `id` with the datasets already listed.
-    pub async fn open(&self, id: u16, published: &Published) -> Result<Shard, String> {
+    pub async fn open(&self, id: u16, published: &Published) -> Result<Shard, ShardError> {
         Shard::open_with(
             self.store.clone(),
             id,
@@ -61,12 +62,11 @@ impl ShardSetup {
             published,
         )
         .await
-        .map_err(|e| e.to_string())
     }
 
     /// Runs shard `id` until its mailbox closes, starting from `opened` (the
     /// shard, or why it could not be opened); commits what it holds before it ends.
-    pub async fn run(self, id: u16, opened: Result<Shard, String>, mut inbox: mpsc::Receiver<ShardMsg>) {
+    pub async fn run(self, id: u16, opened: Result<Shard, ShardError>, mut inbox: mpsc::Receiver<ShardMsg>) {
         let Some(mut shard) = self.wait_until_open(id, opened, &mut inbox).await else { return };
         shard.state.set_registry(self.registry.clone());
         shard.state.set_validation(self.validation.clone());
@@ -83,7 +83,7 @@ impl ShardSetup {
     async fn wait_until_open(
         &self,
         id: u16,
-        mut opened: Result<Shard, String>,
+        mut opened: Result<Shard, ShardError>,
         inbox: &mut mpsc::Receiver<ShardMsg>,
     ) -> Option<Shard> {
         let mut delay = Duration::from_secs(1);
@@ -93,7 +93,7 @@ impl ShardSetup {
                     self.stats.shard_up(id);
                     return Some(shard);
                 }
-                Err(why) => why,
+                Err(e) => e.to_string(),
             };
             self.stats.shard_down(id, &why);
             tracing::error!(shard = id, error = %why, "shard is down");
@@ -115,7 +115,7 @@ impl ShardSetup {
             delay = (delay * 2).min(SHARD_RETRY_MAX);
             opened = match Published::list(&self.store).await {
                 Ok(published) => self.open(id, &published).await,
-                Err(e) => Err(format!("listing the datasets: {e}")),
+                Err(e) => Err(ShardError::Store(e)),
             };
             if opened.is_ok() {
                 tracing::info!(shard = id, "shard is up again");

@@ -678,3 +678,53 @@ print(json.dumps(duckdb.connect().execute(f"SELECT id, kind FROM read_parquet('{
     assert_eq!(status["alerts_sent"], 1, "{status}");
     assert_eq!(cloud.terminate().await.code(), Some(0));
 }
+
+/// SIGTERM with data in open segments (an hour's max age, so nothing commits by
+/// itself): the node commits it, publishes the acks, disconnects and only then
+/// exits. The gateway ends up holding nothing although the node never restarts,
+/// and the node exits once that work is done, not after a fixed wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_commits_and_acks_what_it_holds_before_it_exits() {
+    let broker_port = free_port();
+    let env = Env::new(4, |lake| {
+        (
+            format!("[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n[storage]\nurl = \"{}\"\n", lake.display()),
+            broker_port,
+        )
+    });
+    let text = std::fs::read_to_string(&env.cloud_cfg).unwrap().replace("max_age = \"300ms\"", "max_age = \"1h\"");
+    std::fs::write(&env.cloud_cfg, text).unwrap();
+    let cloud = env.cloud(None).await;
+    let gw = env.gateway().await;
+    let mut fleet = Fleet::start(4, gw.addr("devices").port(), Duration::from_millis(15), OutboxFull::Block);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.stop().await;
+    let acked = fleet.drain(Duration::from_secs(20)).await;
+    assert!(!acked.is_empty(), "load ran");
+    // Everything reached the node (its count stops moving) and waits in open
+    // segments, unacked.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = cloud.status().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cloud.status().await;
+        let settled = now["samples_received"] == status["samples_received"];
+        status = now;
+        if (settled && status["samples_received"].as_u64().unwrap_or(0) > 0) || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert!(status["rows_open"].as_u64().unwrap_or(0) > 0, "data held in open segments: {status}");
+    assert_eq!(status["commits"].as_u64(), Some(0), "{status}");
+    assert!(gw.status().await["queue"]["records"].as_u64().unwrap_or(0) > 0, "the gateway holds it unacked");
+    let stopping = Instant::now();
+    assert_eq!(cloud.terminate().await.code(), Some(0));
+    let took = stopping.elapsed();
+    // The gateway got every ack from the node's last breath.
+    let gw_status = env.wait_cloud_acked_everything(&gw, Duration::from_secs(10)).await;
+    assert_eq!(gw_status["queue"]["records"].as_u64(), Some(0), "acked before the node exited: {gw_status}");
+    let (rows, dups) = duckdb_readings(&env.lake).await;
+    assert_exactly_once(&acked, &rows, dups);
+    eprintln!("node stopped in {took:?} with {} rows open", status["rows_open"]);
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}

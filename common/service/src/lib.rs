@@ -12,7 +12,26 @@ pub mod tls;
 
 pub use limits::open_files_limit;
 pub use process::{RenderMetrics, init_tracing, print_listening, read_config, run};
-pub use size::ByteSize;
+pub use size::{ByteSize, SizeError};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML does not parse into the configuration (syntax, an unknown field,
+    /// a wrong type).
+    #[error(transparent)]
+    Parse(#[from] toml::de::Error),
+    /// A value that parses but cannot work; the message names the setting.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// A value that cannot work.
+    pub fn invalid(why: impl Into<String>) -> Self {
+        Self::Invalid(why.into())
+    }
+}
 
 /// Compares secrets in time independent of where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

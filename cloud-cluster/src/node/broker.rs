@@ -1,0 +1,141 @@
+//! The node's ingest broker: the embedded one (rumqttd behind the login-checking
+//! front, plain and TLS listeners) or a session with an external broker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fleetline_broker::{BrokerSettings, Front, Logins};
+use tokio::task::JoinSet;
+
+use crate::config::CloudConfig;
+use crate::ingest::{self, Session};
+use crate::keys::Keys;
+use crate::telemetry::CloudStats;
+
+/// The embedded broker's sessions and the login check they passed, to end
+/// sessions whose key is no longer accepted.
+pub type BrokerSessions = (Arc<fleetline_broker::sessions::Sessions>, Arc<dyn Logins>);
+
+/// Where the node takes bundles from.
+pub(super) struct Ingest {
+    /// The MQTT session the node opens.
+    pub session: Session,
+    /// Embedded broker, plain.
+    pub plain: Option<SocketAddr>,
+    /// Embedded broker, TLS.
+    pub tls: Option<SocketAddr>,
+    /// The embedded broker's sessions.
+    pub sessions: Option<BrokerSessions>,
+}
+
+/// Opens the session with an external broker, or starts the embedded one (its
+/// listeners join `tasks`).
+pub(super) async fn start(
+    cfg: &CloudConfig,
+    keys: &Arc<Keys>,
+    stats: &Arc<CloudStats>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Ingest> {
+    match &cfg.broker.url {
+        Some(url) => external(cfg, url),
+        None => embedded(cfg, keys, stats, tasks).await,
+    }
+}
+
+fn external(cfg: &CloudConfig, url: &str) -> anyhow::Result<Ingest> {
+    let (tls, host, port) = ingest::parse_broker_url(url)?;
+    let tls = match (tls, &cfg.broker.ca) {
+        (false, _) => None,
+        (true, Some(ca)) => {
+            Some(fleetline_service::tls::client_config(ca, cfg.broker.cert.as_deref(), cfg.broker.key.as_deref())?)
+        }
+        (true, None) => anyhow::bail!("broker.url is mqtts:// but broker.ca is not set"),
+    };
+    let login = cfg.broker.username.clone().map(|u| (u, cfg.broker.password.clone().unwrap_or_default()));
+    let session = Session {
+        host,
+        port,
+        client_id: format!("fleetline-cloud-{}", cfg.node_id),
+        login,
+        tls,
+        max_packet: cfg.broker.max_packet.0 as usize,
+        keep_alive: cfg.broker.keep_alive,
+    };
+    Ok(Ingest { session, plain: None, tls: None, sessions: None })
+}
+
+async fn embedded(
+    cfg: &CloudConfig,
+    keys: &Arc<Keys>,
+    stats: &Arc<CloudStats>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Ingest> {
+    let secret = fleetline_broker::new_secret();
+    // Dots keep the node's own ids apart from gateway ids (`[a-z0-9-]`).
+    let client_id = format!("cloud.{}", cfg.node_id);
+    let settings = BrokerSettings {
+        name: "gateways".into(),
+        max_connections: cfg.broker.max_connections,
+        max_packet: cfg.broker.max_packet.0 as usize,
+        log_bytes: 256 << 20,
+        small_logs: vec![(fleetline_wire::topics::BUNDLE_ACK_FILTER.into(), 256 * 1024)],
+        link_id: format!("cloud.{}.link", cfg.node_id),
+        link_filters: Vec::new(),
+    };
+    let (broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret.clone()).await?;
+    // The node takes bundles over MQTT like any client; its local link stays idle.
+    tasks.spawn(async move {
+        let _idle = (link_tx, link_rx);
+        std::future::pending::<()>().await;
+    });
+    let logins: Arc<dyn Logins> =
+        Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() });
+    let front = Front::new(logins.clone(), stats.clone(), &broker, cfg.broker.max_connections);
+    let (plain_addr, plain) = front.clone().bind(cfg.broker.listen, None).await?;
+    tasks.spawn(plain);
+    let tls_addr = match &cfg.broker.tls {
+        Some(t) => {
+            let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
+            let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
+            let server = fleetline_service::tls::server_config(&cert, &key)?;
+            let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
+            tasks.spawn(accept);
+            Some(addr)
+        }
+        None => None,
+    };
+    let session = Session {
+        host: "127.0.0.1".into(),
+        port: broker.addr.port(),
+        client_id: client_id.clone(),
+        login: Some((client_id, secret.to_string())),
+        tls: None,
+        max_packet: cfg.broker.max_packet.0 as usize,
+        keep_alive: cfg.broker.keep_alive,
+    };
+    Ok(Ingest { session, plain: Some(plain_addr), tls: tls_addr, sessions: Some((broker.sessions.clone(), logins)) })
+}
+
+/// Who may log in to the embedded broker: provisioned gateways, and the
+/// configured alert subscribers.
+struct NodeLogins {
+    keys: Arc<Keys>,
+    subscribers: Vec<crate::config::SubscriberLogin>,
+}
+
+impl fleetline_broker::Logins for NodeLogins {
+    fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
+        if let Some(s) = self.subscribers.iter().find(|s| s.username == username) {
+            if !client_id.starts_with(username) {
+                return Err(fleetline_broker::reason::BAD_USERNAME);
+            }
+            return if fleetline_service::constant_time_eq(s.password.as_bytes(), password.as_bytes()) {
+                Ok(())
+            } else {
+                Err(fleetline_broker::reason::BAD_PASSWORD)
+            };
+        }
+        self.keys.check_login(client_id, username, password)
+    }
+}
