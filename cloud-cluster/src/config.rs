@@ -257,4 +257,14 @@ mod tests {
             assert!(CloudConfig::from_toml(bad).is_err(), "{bad} accepted");
         }
     }
+
+    /// The README's configuration block parses, and shows the defaults: a reader
+    /// who copies it gets exactly the node that runs without a file.
+    #[test]
+    fn the_readme_block_parses_and_shows_the_defaults() {
+        let readme = include_str!("../README.md");
+        let block = readme.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+        let cfg = CloudConfig::from_toml(block).unwrap_or_else(|e| panic!("the README block does not parse: {e}"));
+        assert_eq!(format!("{cfg:#?}"), format!("{:#?}", CloudConfig::default()));
+    }
 }

@@ -288,4 +288,16 @@ mod tests {
             assert!(GatewayConfig::from_toml(bad).is_err(), "{bad} accepted");
         }
     }
+
+    /// The README's configuration block parses, and every line not marked `site`
+    /// shows the default.
+    #[test]
+    fn the_readme_block_parses_and_shows_the_defaults() {
+        let readme = include_str!("../README.md");
+        let block = readme.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+        GatewayConfig::from_toml(block).unwrap_or_else(|e| panic!("the README block does not parse: {e}"));
+        let defaults: String = block.lines().filter(|l| !l.contains("# site")).map(|l| format!("{l}\n")).collect();
+        let cfg = GatewayConfig::from_toml(&defaults).unwrap_or_else(|e| panic!("the default lines do not parse: {e}"));
+        assert_eq!(format!("{cfg:#?}"), format!("{:#?}", GatewayConfig::default()));
+    }
 }

@@ -83,7 +83,6 @@ async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
-    ops.stats.export();
     match &ops.metrics {
         Some(render) => (StatusCode::OK, render()),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed".to_string()),

@@ -3,7 +3,6 @@
 //! acks the shards release after their commits.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -17,7 +16,7 @@ use fleetline_wire::topics;
 use crate::keys::Keys;
 
 use crate::shard::{Released, ShardDirectory, ShardHandle};
-use crate::telemetry::CloudStats;
+use crate::telemetry::{CloudStats, events as ev};
 
 /// Why a broker URL is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -111,13 +110,7 @@ pub async fn run(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(100);
-                stats.broker_connected.store(true, Ordering::Relaxed);
-                tracing::info!(
-                    host = session.host,
-                    port = session.port,
-                    shards = owned.len(),
-                    "connected to the ingest broker"
-                );
+                stats.emit(ev::BrokerConnected { host: &session.host, port: session.port, shards: owned.len() });
                 let filters = owned.iter().map(|s| {
                     rumqttc::SubscribeFilter::new(topics::ingest_topic(*s).as_str().to_string(), QoS::AtLeastOnce)
                 });
@@ -129,8 +122,7 @@ pub async fn run(
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                 // Asked to stop: every ack queued before is on its way to the broker.
-                stats.broker_connected.store(false, Ordering::Relaxed);
-                tracing::info!("disconnected from the ingest broker");
+                stats.emit(ev::BrokerLeft);
                 return;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -139,19 +131,12 @@ pub async fn run(
                         // Waiting here is the back-pressure: the broker holds the rest.
                         let _ = shard.bundle(Bytes::from(p.payload.to_vec())).await;
                     }
-                    None => {
-                        stats.count(&stats.misrouted, 1);
-                        tracing::warn!(topic = p.topic, "message on a topic of no shard owned here");
-                    }
+                    None => stats.emit(ev::Misrouted { topic: &p.topic }),
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                if stats.broker_connected.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "ingest broker connection lost");
-                } else {
-                    tracing::debug!(error = %e, "ingest broker unreachable");
-                }
+                stats.emit(ev::BrokerLost { error: &e });
                 let jitter = 0.5
                     + (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000)
                         as f64
@@ -235,9 +220,9 @@ async fn publish_acks(
                     .publish(topics::alert_topic(&e.fleet, &e.device).as_str(), QoS::AtLeastOnce, false, body)
                     .await
                 {
-                    Ok(()) => stats.count(&stats.alerts_sent, 1),
+                    Ok(()) => stats.emit(ev::AlertSent),
                     Err(_) => {
-                        stats.count(&stats.alerts_failed, 1);
+                        stats.emit(ev::AlertFailed);
                         return;
                     }
                 }
@@ -272,7 +257,7 @@ async fn publish_acks(
             {
                 return;
             }
-            stats.count(&stats.acks_sent, chunk.len() as u64);
+            stats.emit(ev::AcksSent(chunk.len() as u64));
         }
     }
 }

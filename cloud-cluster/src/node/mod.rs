@@ -21,7 +21,7 @@ use crate::lake::store::{Store, StoreSpec};
 use crate::registry::Registry;
 use crate::shard::task::ShardSetup;
 use crate::shard::{Published, Released, ShardDirectory, ShardHandle};
-use crate::telemetry::CloudStats;
+use crate::telemetry::{CloudStats, events as ev};
 
 mod broker;
 
@@ -62,7 +62,15 @@ pub struct Running {
     released: mpsc::UnboundedSender<Released>,
     /// Everything else: HTTP, broker listeners, jobs, readiness.
     tasks: JoinSet<()>,
+    /// The broker runs in this process and dies with it.
+    embedded_broker: bool,
 }
+
+/// How long an embedded broker is kept up after the node's session has left, to
+/// forward the last acks to the gateways' connections. The node cannot see that
+/// delivery (it happens inside rumqttd and the front); an ack that does not make
+/// it costs a re-sent bundle, acked as a duplicate by the next node.
+const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(200);
 
 impl Running {
     /// Stops in order, each step waiting for its work rather than for time
@@ -70,7 +78,8 @@ impl Running {
     /// 1. readiness turns false;
     /// 2. every shard commits what it holds; the acks that releases are queued;
     /// 3. the session publishes every queued ack and alert, then disconnects
-    ///    (no more bundles come in);
+    ///    (no more bundles come in); an embedded broker gets
+    ///    [`EMBEDDED_BROKER_LINGER`] to forward them;
     /// 4. HTTP, listeners and jobs stop;
     /// 5. the shard mailboxes close: each shard commits what came between 2 and 3
     ///    (left unacked: gateways send it again and it is deduped) and ends.
@@ -88,6 +97,8 @@ impl Running {
         if tokio::time::timeout(SHUTDOWN_STEP, &mut self.session).await.is_err() {
             tracing::warn!("the broker did not take the last acks in time; gateways will send those bundles again");
             self.session.abort();
+        } else if self.embedded_broker {
+            tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
         }
         self.tasks.shutdown().await;
         drop(self.shards);
@@ -137,15 +148,11 @@ fn reload_keys(cfg: &CloudConfig, keys: &Keys, stats: &CloudStats, sessions: Opt
     match keys.reload_if_changed(cfg.provisioning_max_removal) {
         Ok(true) => tracing::info!("provisioning reloaded"),
         Ok(false) => {}
-        Err(e) => {
-            stats.count(&stats.provisioning_refused, 1);
-            tracing::error!(error = %e, "provisioning file rejected; keeping the previous keys");
-        }
+        Err(e) => stats.emit(ev::ProvisioningRefused { error: &e }),
     }
     if let Some((sessions, logins)) = sessions {
         for id in sessions.recheck(|c, u, p| logins.check_login(c, u, p)) {
-            stats.count(&stats.sessions_ended_by_keys, 1);
-            tracing::info!(client_id = id, "session ended: its login is no longer accepted");
+            stats.emit(ev::SessionEndedByKeys { client_id: &id });
         }
     }
 }
@@ -231,6 +238,7 @@ pub async fn start(
         session,
         released,
         tasks,
+        embedded_broker: cfg.broker.url.is_none(),
     })
 }
 

@@ -33,7 +33,7 @@ use super::error::ShardError;
 use super::state::{Acks, SegmentConfig, ShardState};
 use crate::analytics::Event;
 use crate::lake::store::Store;
-use crate::telemetry::CloudStats;
+use crate::telemetry::{CloudStats, events as ev};
 
 /// What a commit released: acks for gateways and alerts for the events it stored.
 #[derive(Debug, Default)]
@@ -234,8 +234,7 @@ impl Shard {
         for staged in self.store.list(&staging_dir(id)).await? {
             if !named.contains(staged.as_str()) {
                 self.store.delete(&staged).await?;
-                self.stats.count(&self.stats.orphans_removed, 1);
-                tracing::info!(shard = id, file = staged, "removed a file staged by an uncommitted segment");
+                self.stats.emit(ev::OrphanRemoved { shard: id, file: &staged });
             }
         }
         // Older checkpoints are superseded.
@@ -291,14 +290,16 @@ impl Shard {
             tracing::warn!(shard = id, error = %e, "could not delete a superseded checkpoint");
         }
         let added = self.state.committed(&ckpt);
-        let s = &self.stats;
-        s.count(&s.commits, 1);
-        s.count(&s.readings_stored, added.readings);
-        s.count(&s.batches_stored, added.batches);
-        s.count(&s.bytes_written, written);
-        s.last_commit_ms.store(stored_at, std::sync::atomic::Ordering::Relaxed);
-        metrics::histogram!("fleetline_cloud_commit_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(shard = id, generation, rows = rows.len(), files = ckpt.publish.len(), "committed");
+        self.stats.emit(ev::Committed {
+            shard: id,
+            generation,
+            readings: added.readings,
+            batches: added.batches,
+            files: added.files,
+            bytes: written,
+            at_ms: stored_at,
+            took: started.elapsed(),
+        });
         Ok(Committed { acks, alerts: ckpt.outbox })
     }
 }

@@ -24,7 +24,7 @@ use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
 use crate::lake::reason;
 use crate::lake::rows::{BatchMeta, DeadLetter, Rows};
 use crate::registry::{Registry, Schema, SignalDef};
-use crate::telemetry::CloudStats;
+use crate::telemetry::{CloudStats, events as ev};
 
 /// Bundle acks a commit released: gateway → bundle ids.
 pub type Acks = BTreeMap<String, Vec<BundleId>>;
@@ -341,7 +341,7 @@ impl ShardState {
         }
         if out.replayed > 0 {
             self.opened_at.get_or_insert(now);
-            self.stats.count(&self.stats.replayed, out.replayed);
+            self.stats.emit(ev::Replayed(out.replayed));
         }
         out
     }
@@ -351,7 +351,7 @@ impl ShardState {
     /// validated and added to the open segment; the bundle is acked by the commit
     /// that makes them durable.
     pub fn ingest(&mut self, payload: &[u8], prov: &Provisioning, now: Instant, wall: SystemTime) {
-        self.stats.count(&self.stats.bundles_received, 1);
+        self.stats.emit(ev::BundleReceived);
         let header = match peek_bundle(payload) {
             Ok(h) => h,
             Err(e) => return self.bundle_deadletter(reason::BUNDLE_MALFORMED, e.to_string(), None, None, payload, now),
@@ -417,7 +417,7 @@ impl ShardState {
             ));
         }
         if !self.first_sight(&dkey, &header) {
-            self.stats.count(&self.stats.duplicates, 1);
+            self.stats.emit(ev::Duplicate);
             return;
         }
         let batch_key = (header.epoch, header.seq);
@@ -536,7 +536,7 @@ impl ShardState {
             self.rows.push_reading(&meta, s.ts_ms, spec.path, s.value);
             state.note_latest(s.kind.0, s.ts_ms, s.value);
         }
-        self.stats.count(&self.stats.samples_received, pts.len() as u64);
+        self.stats.emit(ev::SamplesAccepted(pts.len() as u64));
         for (r, s) in refused {
             // The reading itself (value as f64 little-endian) with its kind and time,
             // so a corrected schema can take it in later.
@@ -562,8 +562,11 @@ impl ShardState {
         let who = Who { fleet: &state.fleet, device: &state.device };
         state.analytics.offer(&who, key, pts, &self.analytics, &mut out);
         let after = state.analytics.counts;
-        self.stats.count(&self.stats.late_samples, after.late_samples - before.late_samples);
-        self.stats.count(&self.stats.gaps_skipped, after.gaps_skipped - before.gaps_skipped);
+        let (late_samples, gaps_skipped) =
+            (after.late_samples - before.late_samples, after.gaps_skipped - before.gaps_skipped);
+        if late_samples + gaps_skipped > 0 {
+            self.stats.emit(ev::AnalyticsAdvanced { aggregates: 0, late_samples, gaps_skipped });
+        }
         if out.aggregates.is_empty() && out.events.is_empty() {
             return;
         }
@@ -572,12 +575,13 @@ impl ShardState {
     }
 
     fn take_output(&mut self, fleet: &Arc<str>, device: &Arc<str>, out: Output) {
-        self.stats.count(&self.stats.aggregates, out.aggregates.len() as u64);
+        let aggregates = out.aggregates.len() as u64;
+        self.stats.emit(ev::AnalyticsAdvanced { aggregates, late_samples: 0, gaps_skipped: 0 });
         for row in out.aggregates {
             self.rows.push_aggregate(fleet, device, row);
         }
         for e in out.events {
-            self.stats.event(e.kind.as_str());
+            self.stats.emit(ev::EventRaised { kind: e.kind.as_str(), fleet, device });
             self.rows.push_event(e);
         }
     }
@@ -681,7 +685,7 @@ impl ShardState {
     fn hashed_deadletter(&mut self, d: DeadLetter) {
         let h = fnv1a64(&d.raw) ^ fnv1a64(d.reason.as_bytes()).rotate_left(1);
         if !self.deadletter_set.insert(h) {
-            self.stats.count(&self.stats.duplicates, 1);
+            self.stats.emit(ev::Duplicate);
             return;
         }
         self.deadletter_seen.push_back(h);
@@ -694,8 +698,7 @@ impl ShardState {
     }
 
     fn push_deadletter(&mut self, d: DeadLetter) {
-        self.stats.deadletter(d.reason);
-        tracing::debug!(shard = self.id, reason = d.reason, detail = d.detail, "dead letter");
+        self.stats.emit(ev::DeadLettered { shard: self.id, reason: d.reason, detail: &d.detail });
         self.rows.push_deadletter(d);
     }
 

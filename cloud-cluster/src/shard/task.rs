@@ -18,7 +18,7 @@ use crate::analytics::AnalyticsConfig;
 use crate::keys::Keys;
 use crate::lake::store::Store;
 use crate::registry::Registry;
-use crate::telemetry::CloudStats;
+use crate::telemetry::{CloudStats, events as ev};
 
 /// How often a shard that is down tries to open again (after a repair, or once
 /// the store answers), at most.
@@ -90,13 +90,12 @@ impl ShardSetup {
         loop {
             let why = match opened {
                 Ok(shard) => {
-                    self.stats.shard_up(id);
+                    self.stats.emit(ev::ShardUp(id));
                     return Some(shard);
                 }
                 Err(e) => e.to_string(),
             };
-            self.stats.shard_down(id, &why);
-            tracing::error!(shard = id, error = %why, "shard is down");
+            self.stats.emit(ev::ShardDown { shard: id, why: &why });
             let down = || ShardUnavailable::Down { shard: id, why: why.clone() };
             let retry = tokio::time::sleep(delay);
             tokio::pin!(retry);
@@ -104,7 +103,7 @@ impl ShardSetup {
                 tokio::select! {
                     _ = &mut retry => break,
                     msg = inbox.recv() => match msg? {
-                        ShardMsg::Bundle { .. } => self.stats.count(&self.stats.bundles_shard_down, 1),
+                        ShardMsg::Bundle { .. } => self.stats.emit(ev::BundleForDownShard),
                         ShardMsg::Flush { reply } => { let _ = reply.send(Err(down())); }
                         ShardMsg::Status { .. } => {}
                         ShardMsg::Vehicle { reply, .. } => { let _ = reply.send(Err(down())); }
@@ -117,9 +116,6 @@ impl ShardSetup {
                 Ok(published) => self.open(id, &published).await,
                 Err(e) => Err(ShardError::Store(e)),
             };
-            if opened.is_ok() {
-                tracing::info!(shard = id, "shard is up again");
-            }
         }
     }
 
@@ -183,8 +179,7 @@ impl ShardSetup {
             }
             Err(e) => e,
         };
-        self.stats.count(&self.stats.commit_failures, 1);
-        tracing::error!(shard = shard.id(), error = %e, "commit failed; recovering the shard from the store");
+        self.stats.emit(ev::CommitFailed { shard: shard.id(), error: &e });
         let mut delay = Duration::from_millis(200);
         while let Err(e) = shard.recover().await {
             tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");

@@ -3,6 +3,10 @@
 //!   paths in each module's non-test code);
 //! - modules whose doc says `Pure:` use no runtime, no object store, no file or
 //!   network I/O and read no clock;
+//! - every metric the docs name exists in the code, and every metric the code
+//!   exports is documented;
+//!   (the READMEs' configuration blocks are held to the defaults by the
+//!   gateway's and the cloud's own `config` tests, which can parse them);
 //! - the cloud's layers (ARCHITECTURE.md): each top-level module of
 //!   `cloud-cluster` imports only the modules below it, nothing imports the
 //!   composition root `node`, and outside `shard/` a shard is reached through its
@@ -249,4 +253,62 @@ fn the_cloud_keeps_its_layers() {
         }
     }
     assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// `fleetline_*` names in a text: metric names (a trailing `{label}` is not part).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices("fleetline_") {
+        if i > 0 && text.as_bytes()[i - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String =
+            text[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        let kinds = ["fleetline_cloud_", "fleetline_gateway_", "fleetline_broker_"];
+        if kinds.iter().any(|k| name.starts_with(k) && name.len() > k.len()) {
+            out.insert(name);
+        }
+    }
+    out
+}
+
+fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if p.is_dir() {
+            if !name.starts_with('.') && name != "target" && name != "node_modules" {
+                markdown_files(&p, out);
+            }
+        } else if name.ends_with(".md") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_metric_in_the_docs_exists_and_every_exported_metric_is_documented() {
+    let mut docs = BTreeSet::new();
+    let mut files = Vec::new();
+    markdown_files(&root(), &mut files);
+    for f in &files {
+        docs.extend(metric_names(&std::fs::read_to_string(f).unwrap()));
+    }
+    let mut code = BTreeSet::new();
+    for src in crates() {
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        for f in files {
+            // Names in string literals of non-test code.
+            let text = non_test_code(&f);
+            for part in text.split('"').skip(1).step_by(2) {
+                code.extend(metric_names(part).into_iter().filter(|n| n == part));
+            }
+        }
+    }
+    assert!(code.len() >= 40, "metrics found in the code: {code:?}");
+    let undocumented: Vec<_> = code.difference(&docs).collect();
+    let missing: Vec<_> = docs.difference(&code).collect();
+    assert!(undocumented.is_empty(), "exported but not documented: {undocumented:#?}");
+    assert!(missing.is_empty(), "documented but not exported: {missing:#?}");
 }

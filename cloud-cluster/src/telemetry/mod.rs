@@ -1,8 +1,15 @@
-//! Counters of the cloud node, for `/status` and, mirrored, `/metrics`.
+//! What the node reports about itself: counters and state for `/status`, the
+//! Prometheus metrics, and log lines. Every happening is a typed event
+//! ([`events`]) whose `emit` is the one place that writes its log line, its
+//! counter and its status entry, so the three never disagree.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+pub mod events;
+
+pub use events::InternalEvent;
 
 /// Counters, shared by every task of the node.
 #[derive(Debug, Default)]
@@ -59,14 +66,14 @@ pub struct CloudStats {
     pub sessions_ended_by_keys: AtomicU64,
     /// Refused gateway logins (embedded broker), by reason.
     pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
-    deadletters: Mutex<BTreeMap<&'static str, u64>>,
-    events: Mutex<BTreeMap<String, u64>>,
+    pub(crate) deadletters: Mutex<BTreeMap<&'static str, u64>>,
+    pub(crate) events: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl CloudStats {
-    /// Adds to a counter and to its Prometheus twin.
-    pub fn count(&self, c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
+    /// Emits an event: its log line, counter and status entry.
+    pub fn emit(&self, event: impl InternalEvent) {
+        event.emit(self);
     }
 
     /// Reads a counter.
@@ -74,44 +81,14 @@ impl CloudStats {
         c.load(Ordering::Relaxed)
     }
 
-    /// Counts a dead letter by reason.
-    pub fn deadletter(&self, reason: &'static str) {
-        if let Ok(mut m) = self.deadletters.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
-        metrics::counter!("fleetline_cloud_deadletters_total", "reason" => reason).increment(1);
-    }
-
-    /// Counts an event by kind.
-    pub fn event(&self, kind: &str) {
-        if let Ok(mut m) = self.events.lock() {
-            *m.entry(kind.to_string()).or_default() += 1;
-        }
-        metrics::counter!("fleetline_cloud_events_total", "kind" => kind.to_string()).increment(1);
-    }
-
     /// Events by kind.
-    pub fn events(&self) -> BTreeMap<String, u64> {
+    pub fn events(&self) -> BTreeMap<&'static str, u64> {
         self.events.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Dead letters by reason.
     pub fn deadletters(&self) -> BTreeMap<&'static str, u64> {
         self.deadletters.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-
-    /// Shard `shard` is down, for `why`.
-    pub fn shard_down(&self, shard: u16, why: &str) {
-        if let Ok(mut down) = self.shards_down.lock() {
-            down.insert(shard, why.to_string());
-        }
-    }
-
-    /// Shard `shard` is up.
-    pub fn shard_up(&self, shard: u16) {
-        if let Ok(mut down) = self.shards_down.lock() {
-            down.remove(&shard);
-        }
     }
 
     /// Owned shards that are down, and why.
@@ -122,38 +99,6 @@ impl CloudStats {
     /// Ready: recovered, subscribed, and no owned shard down.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed) && self.shards_down().is_empty()
-    }
-
-    /// Sets the Prometheus gauges and counters from the atomics (before a scrape).
-    pub fn export(&self) {
-        let pairs: [(&str, &AtomicU64); 20] = [
-            ("fleetline_cloud_provisioning_reloads_refused_total", &self.provisioning_refused),
-            ("fleetline_cloud_sessions_ended_by_keys_total", &self.sessions_ended_by_keys),
-            ("fleetline_cloud_bundles_shard_down_total", &self.bundles_shard_down),
-            ("fleetline_cloud_deadletters_replayed_total", &self.replayed),
-            ("fleetline_cloud_late_samples_total", &self.late_samples),
-            ("fleetline_cloud_analytics_gaps_skipped_total", &self.gaps_skipped),
-            ("fleetline_cloud_aggregates_total", &self.aggregates),
-            ("fleetline_cloud_alerts_sent_total", &self.alerts_sent),
-            ("fleetline_cloud_alerts_failed_total", &self.alerts_failed),
-            ("fleetline_cloud_bundles_received_total", &self.bundles_received),
-            ("fleetline_cloud_samples_received_total", &self.samples_received),
-            ("fleetline_cloud_dedupe_hits_total", &self.duplicates),
-            ("fleetline_cloud_readings_stored_total", &self.readings_stored),
-            ("fleetline_cloud_batches_stored_total", &self.batches_stored),
-            ("fleetline_cloud_commits_total", &self.commits),
-            ("fleetline_cloud_commit_failures_total", &self.commit_failures),
-            ("fleetline_cloud_bytes_written_total", &self.bytes_written),
-            ("fleetline_cloud_orphans_removed_total", &self.orphans_removed),
-            ("fleetline_cloud_acks_sent_total", &self.acks_sent),
-            ("fleetline_cloud_misrouted_bundles_total", &self.misrouted),
-        ];
-        for (name, c) in pairs {
-            metrics::counter!(name).absolute(Self::get(c));
-        }
-        metrics::gauge!("fleetline_cloud_shards_down").set(self.shards_down().len() as f64);
-        metrics::gauge!("fleetline_cloud_broker_connected")
-            .set(f64::from(u8::from(self.broker_connected.load(Ordering::Relaxed))));
     }
 }
 

@@ -1,0 +1,382 @@
+//! The node's internal events. Each type is one happening; its `emit` writes the
+//! log line (if the happening deserves one), adds to the counter `/status` shows,
+//! and to the Prometheus metric of the same meaning. Metric names live here and
+//! nowhere else.
+
+use std::fmt::Display;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::CloudStats;
+
+/// Something the node reports.
+pub trait InternalEvent {
+    /// Logs, counts and records it.
+    fn emit(self, stats: &CloudStats);
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A bundle taken from the broker by its shard.
+pub struct BundleReceived;
+
+impl InternalEvent for BundleReceived {
+    fn emit(self, s: &CloudStats) {
+        add(&s.bundles_received, 1);
+        metrics::counter!("fleetline_cloud_bundles_received_total").increment(1);
+    }
+}
+
+/// Readings of new batches that passed validation.
+pub struct SamplesAccepted(pub u64);
+
+impl InternalEvent for SamplesAccepted {
+    fn emit(self, s: &CloudStats) {
+        add(&s.samples_received, self.0);
+        metrics::counter!("fleetline_cloud_samples_received_total").increment(self.0);
+    }
+}
+
+/// A batch (or an unauthenticated dead letter) seen before: dropped, its bundle
+/// still acked.
+pub struct Duplicate;
+
+impl InternalEvent for Duplicate {
+    fn emit(self, s: &CloudStats) {
+        add(&s.duplicates, 1);
+        metrics::counter!("fleetline_cloud_dedupe_hits_total").increment(1);
+    }
+}
+
+/// Something that cannot be used, kept in the `deadletter` dataset.
+pub struct DeadLettered<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// One of `crate::lake::reason`.
+    pub reason: &'static str,
+    /// In words.
+    pub detail: &'a str,
+}
+
+impl InternalEvent for DeadLettered<'_> {
+    fn emit(self, s: &CloudStats) {
+        if let Ok(mut m) = s.deadletters.lock() {
+            *m.entry(self.reason).or_default() += 1;
+        }
+        metrics::counter!("fleetline_cloud_deadletters_total", "reason" => self.reason).increment(1);
+        tracing::debug!(shard = self.shard, reason = self.reason, detail = self.detail, "dead letter");
+    }
+}
+
+/// Analytics processed a batch: windows closed, readings that came late, gaps skipped.
+pub struct AnalyticsAdvanced {
+    /// Aggregate rows produced.
+    pub aggregates: u64,
+    /// Readings that reached analytics behind their device's watermark.
+    pub late_samples: u64,
+    /// Missing batches skipped after the gap timeout.
+    pub gaps_skipped: u64,
+}
+
+impl InternalEvent for AnalyticsAdvanced {
+    fn emit(self, s: &CloudStats) {
+        add(&s.aggregates, self.aggregates);
+        add(&s.late_samples, self.late_samples);
+        add(&s.gaps_skipped, self.gaps_skipped);
+        metrics::counter!("fleetline_cloud_aggregates_total").increment(self.aggregates);
+        metrics::counter!("fleetline_cloud_late_samples_total").increment(self.late_samples);
+        metrics::counter!("fleetline_cloud_analytics_gaps_skipped_total").increment(self.gaps_skipped);
+    }
+}
+
+/// A detector raised an event.
+pub struct EventRaised<'a> {
+    /// Event kind.
+    pub kind: &'static str,
+    /// Fleet.
+    pub fleet: &'a str,
+    /// Device.
+    pub device: &'a str,
+}
+
+impl InternalEvent for EventRaised<'_> {
+    fn emit(self, s: &CloudStats) {
+        if let Ok(mut m) = s.events.lock() {
+            *m.entry(self.kind).or_default() += 1;
+        }
+        metrics::counter!("fleetline_cloud_events_total", "kind" => self.kind).increment(1);
+        tracing::debug!(kind = self.kind, fleet = self.fleet, device = self.device, "event raised");
+    }
+}
+
+/// Dead letters taken in again by a replay.
+pub struct Replayed(pub u64);
+
+impl InternalEvent for Replayed {
+    fn emit(self, s: &CloudStats) {
+        add(&s.replayed, self.0);
+        metrics::counter!("fleetline_cloud_deadletters_replayed_total").increment(self.0);
+        tracing::info!(replayed = self.0, "dead letters taken in again");
+    }
+}
+
+/// A shard committed a segment.
+pub struct Committed {
+    /// Shard.
+    pub shard: u16,
+    /// Its new generation.
+    pub generation: u64,
+    /// Readings rows it stored.
+    pub readings: u64,
+    /// Batches it stored.
+    pub batches: u64,
+    /// Files it published.
+    pub files: u64,
+    /// Parquet bytes written.
+    pub bytes: u64,
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// How long the commit took.
+    pub took: Duration,
+}
+
+impl InternalEvent for Committed {
+    fn emit(self, s: &CloudStats) {
+        add(&s.commits, 1);
+        add(&s.readings_stored, self.readings);
+        add(&s.batches_stored, self.batches);
+        add(&s.bytes_written, self.bytes);
+        s.last_commit_ms.store(self.at_ms, Ordering::Relaxed);
+        metrics::counter!("fleetline_cloud_commits_total").increment(1);
+        metrics::counter!("fleetline_cloud_readings_stored_total").increment(self.readings);
+        metrics::counter!("fleetline_cloud_batches_stored_total").increment(self.batches);
+        metrics::counter!("fleetline_cloud_bytes_written_total").increment(self.bytes);
+        metrics::histogram!("fleetline_cloud_commit_seconds").record(self.took.as_secs_f64());
+        tracing::debug!(shard = self.shard, generation = self.generation, files = self.files, "committed");
+    }
+}
+
+/// A commit failed; the shard recovers from the store and acks nothing of it.
+pub struct CommitFailed<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// Why.
+    pub error: &'a dyn Display,
+}
+
+impl InternalEvent for CommitFailed<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.commit_failures, 1);
+        metrics::counter!("fleetline_cloud_commit_failures_total").increment(1);
+        tracing::error!(shard = self.shard, error = %self.error, "commit failed; recovering the shard from the store");
+    }
+}
+
+/// Recovery removed a file staged by a segment that never reached its checkpoint.
+pub struct OrphanRemoved<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// The staged object.
+    pub file: &'a str,
+}
+
+impl InternalEvent for OrphanRemoved<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.orphans_removed, 1);
+        metrics::counter!("fleetline_cloud_orphans_removed_total").increment(1);
+        tracing::info!(shard = self.shard, file = self.file, "removed a file staged by an uncommitted segment");
+    }
+}
+
+/// A shard cannot be opened; readiness is false while it is down.
+pub struct ShardDown<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// Why.
+    pub why: &'a str,
+}
+
+impl InternalEvent for ShardDown<'_> {
+    fn emit(self, s: &CloudStats) {
+        let down = s.shards_down.lock().map(|mut m| {
+            m.insert(self.shard, self.why.to_string());
+            m.len()
+        });
+        metrics::gauge!("fleetline_cloud_shards_down").set(down.unwrap_or_default() as f64);
+        tracing::error!(shard = self.shard, error = self.why, "shard is down");
+    }
+}
+
+/// A shard is open (again).
+pub struct ShardUp(pub u16);
+
+impl InternalEvent for ShardUp {
+    fn emit(self, s: &CloudStats) {
+        let (was_down, down) =
+            s.shards_down.lock().map(|mut m| (m.remove(&self.0).is_some(), m.len())).unwrap_or_default();
+        metrics::gauge!("fleetline_cloud_shards_down").set(down as f64);
+        if was_down {
+            tracing::info!(shard = self.0, "shard is up again");
+        }
+    }
+}
+
+/// A bundle for a shard that is down, left unacked (the gateway sends it again).
+pub struct BundleForDownShard;
+
+impl InternalEvent for BundleForDownShard {
+    fn emit(self, s: &CloudStats) {
+        add(&s.bundles_shard_down, 1);
+        metrics::counter!("fleetline_cloud_bundles_shard_down_total").increment(1);
+    }
+}
+
+/// A message on a topic of no shard owned here.
+pub struct Misrouted<'a> {
+    /// Its topic.
+    pub topic: &'a str,
+}
+
+impl InternalEvent for Misrouted<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.misrouted, 1);
+        metrics::counter!("fleetline_cloud_misrouted_bundles_total").increment(1);
+        tracing::warn!(topic = self.topic, "message on a topic of no shard owned here");
+    }
+}
+
+/// The session with the ingest broker is up.
+pub struct BrokerConnected<'a> {
+    /// Broker host.
+    pub host: &'a str,
+    /// Broker port.
+    pub port: u16,
+    /// Shards subscribed.
+    pub shards: usize,
+}
+
+impl InternalEvent for BrokerConnected<'_> {
+    fn emit(self, s: &CloudStats) {
+        s.broker_connected.store(true, Ordering::Relaxed);
+        metrics::gauge!("fleetline_cloud_broker_connected").set(1.0);
+        tracing::info!(host = self.host, port = self.port, shards = self.shards, "connected to the ingest broker");
+    }
+}
+
+/// The session with the ingest broker failed, or could not be opened.
+pub struct BrokerLost<'a> {
+    /// Why.
+    pub error: &'a dyn Display,
+}
+
+impl InternalEvent for BrokerLost<'_> {
+    fn emit(self, s: &CloudStats) {
+        metrics::gauge!("fleetline_cloud_broker_connected").set(0.0);
+        if s.broker_connected.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %self.error, "ingest broker connection lost");
+        } else {
+            tracing::debug!(error = %self.error, "ingest broker unreachable");
+        }
+    }
+}
+
+/// The node left the broker on purpose (stopping).
+pub struct BrokerLeft;
+
+impl InternalEvent for BrokerLeft {
+    fn emit(self, s: &CloudStats) {
+        s.broker_connected.store(false, Ordering::Relaxed);
+        metrics::gauge!("fleetline_cloud_broker_connected").set(0.0);
+        tracing::info!("disconnected from the ingest broker");
+    }
+}
+
+/// Bundle ids acked to a gateway.
+pub struct AcksSent(pub u64);
+
+impl InternalEvent for AcksSent {
+    fn emit(self, s: &CloudStats) {
+        add(&s.acks_sent, self.0);
+        metrics::counter!("fleetline_cloud_acks_sent_total").increment(self.0);
+    }
+}
+
+/// An alert published for a stored event.
+pub struct AlertSent;
+
+impl InternalEvent for AlertSent {
+    fn emit(self, s: &CloudStats) {
+        add(&s.alerts_sent, 1);
+        metrics::counter!("fleetline_cloud_alerts_sent_total").increment(1);
+    }
+}
+
+/// An alert that could not be published (broker gone); the event stays in `events`.
+pub struct AlertFailed;
+
+impl InternalEvent for AlertFailed {
+    fn emit(self, s: &CloudStats) {
+        add(&s.alerts_failed, 1);
+        metrics::counter!("fleetline_cloud_alerts_failed_total").increment(1);
+        tracing::warn!("an alert could not be published; the event is stored");
+    }
+}
+
+/// A changed provisioning file was refused; the previous keys stay.
+pub struct ProvisioningRefused<'a> {
+    /// Why.
+    pub error: &'a dyn Display,
+}
+
+impl InternalEvent for ProvisioningRefused<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.provisioning_refused, 1);
+        metrics::counter!("fleetline_cloud_provisioning_reloads_refused_total").increment(1);
+        tracing::error!(error = %self.error, "provisioning file rejected; keeping the previous keys");
+    }
+}
+
+/// A broker session ended because the key it opened with is no longer accepted.
+pub struct SessionEndedByKeys<'a> {
+    /// Its client id.
+    pub client_id: &'a str,
+}
+
+impl InternalEvent for SessionEndedByKeys<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.sessions_ended_by_keys, 1);
+        metrics::counter!("fleetline_cloud_sessions_ended_by_keys_total").increment(1);
+        tracing::info!(client_id = self.client_id, "session ended: its login is no longer accepted");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_updates_its_status_entry() {
+        let s = CloudStats::default();
+        s.emit(DeadLettered { shard: 1, reason: "malformed", detail: "x" });
+        s.emit(DeadLettered { shard: 1, reason: "malformed", detail: "y" });
+        s.emit(ShardDown { shard: 3, why: "damaged" });
+        assert!(!s.shards_down().is_empty());
+        s.emit(ShardUp(3));
+        s.emit(Committed {
+            shard: 0,
+            generation: 1,
+            readings: 5,
+            batches: 1,
+            files: 1,
+            bytes: 10,
+            at_ms: 7,
+            took: Duration::ZERO,
+        });
+        assert_eq!(s.deadletters().get("malformed"), Some(&2));
+        assert!(s.shards_down().is_empty());
+        assert_eq!(CloudStats::get(&s.readings_stored), 5);
+        assert_eq!(s.last_commit_ms.load(Ordering::Relaxed), 7);
+    }
+}
