@@ -12,7 +12,8 @@ use std::time::{Instant, SystemTime};
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use fleetline_cloud::config::SegmentConfig;
-use fleetline_cloud::lake::rows::{READINGS_SCHEMA, write_parquet};
+use fleetline_cloud::lake::rows::write_parquet;
+use fleetline_cloud::lake::schema::READINGS_SCHEMA;
 use fleetline_cloud::lake::store::StoreSpec;
 use fleetline_cloud::shard::Shard;
 use fleetline_cloud::telemetry::CloudStats;

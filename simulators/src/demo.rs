@@ -274,7 +274,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         })
         .collect();
     let detected = read_events(&lake.join("events"))?;
-    let kinds = ["slow_leak", "puncture", "fuel_theft", "refuel", "overspeed", "silent"];
+    let kinds = crate::model::IncidentKind::ALL.map(crate::model::IncidentKind::name);
     let events = score(&detected, &injected, &kinds);
     let mut truth: Vec<_> = incidents.iter().chain(refuels.iter()).collect();
     truth.sort_by_key(|i| (i.vehicle, i.start_s));

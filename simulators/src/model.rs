@@ -6,6 +6,7 @@
 //! [`Vehicle::step`] advances one simulated second and returns what the unit
 //! measured in it (nothing while the unit is silent).
 
+use fleetline_cloud::analytics::EventKind;
 use fleetline_device::Reading;
 use fleetline_wire::signals::kind::{self, Wheel};
 use serde::Serialize;
@@ -41,17 +42,26 @@ pub enum IncidentKind {
 }
 
 impl IncidentKind {
-    /// Its name: in `ground-truth.json`, and the cloud's event kind that finds it.
-    pub fn name(self) -> &'static str {
+    /// The cloud's event kind that finds it.
+    pub fn event_kind(self) -> EventKind {
         match self {
-            Self::SlowLeak => "slow_leak",
-            Self::Puncture => "puncture",
-            Self::FuelTheft => "fuel_theft",
-            Self::Refuel => "refuel",
-            Self::Overspeed => "overspeed",
-            Self::Silent => "silent",
+            Self::SlowLeak => EventKind::SlowLeak,
+            Self::Puncture => EventKind::Puncture,
+            Self::FuelTheft => EventKind::FuelTheft,
+            Self::Refuel => EventKind::Refuel,
+            Self::Overspeed => EventKind::Overspeed,
+            Self::Silent => EventKind::Silent,
         }
     }
+
+    /// Its name: in `ground-truth.json`, the same as its event kind's.
+    pub fn name(self) -> &'static str {
+        self.event_kind().as_str()
+    }
+
+    /// Every kind.
+    pub const ALL: [Self; 6] =
+        [Self::SlowLeak, Self::Puncture, Self::FuelTheft, Self::Refuel, Self::Overspeed, Self::Silent];
 
     /// Simulated seconds from its start before the cloud's default detectors can
     /// see an incident lasting `len_s`. A slow leak loses 1.5 kPa a minute and the

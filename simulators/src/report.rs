@@ -1,6 +1,8 @@
 //! The run's report: what was sent, acknowledged and stored, read back from the
 //! `readings` dataset itself.
 
+use fleetline_cloud::analytics::EventKind;
+use fleetline_cloud::lake::schema::col as c;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -80,13 +82,13 @@ pub fn read_readings(readings: &Path, to_wall: &dyn Fn(i64) -> i64) -> anyhow::R
         for b in reader {
             let b = b?;
             let col = |n: &str| b.column_by_name(n).ok_or_else(|| anyhow::anyhow!("{} has no column {n}", f.display()));
-            let dev = col("device_id")?.as_string::<i32>().clone();
-            let epoch = col("epoch")?.as_primitive::<Int64Type>().clone();
-            let seq = col("seq")?.as_primitive::<Int64Type>().clone();
-            let signal = col("signal")?.as_string::<i32>().clone();
-            let ts = col("ts")?.as_primitive::<TimestampMillisecondType>().clone();
-            let recv = col("received_at")?.as_primitive::<TimestampMillisecondType>().clone();
-            let stored = col("stored_at")?.as_primitive::<TimestampMillisecondType>().clone();
+            let dev = col(c::DEVICE_ID)?.as_string::<i32>().clone();
+            let epoch = col(c::EPOCH)?.as_primitive::<Int64Type>().clone();
+            let seq = col(c::SEQ)?.as_primitive::<Int64Type>().clone();
+            let signal = col(c::SIGNAL)?.as_string::<i32>().clone();
+            let ts = col(c::TS)?.as_primitive::<TimestampMillisecondType>().clone();
+            let recv = col(c::RECEIVED_AT)?.as_primitive::<TimestampMillisecondType>().clone();
+            let stored = col(c::STORED_AT)?.as_primitive::<TimestampMillisecondType>().clone();
             for i in 0..b.num_rows() {
                 s.rows += 1;
                 let key = (dev.value(i).to_string(), epoch.value(i) as u32, seq.value(i) as u32);
@@ -131,10 +133,10 @@ pub fn read_events(events: &Path) -> anyhow::Result<Vec<Detected>> {
         for b in ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f)?)?.build()? {
             let b = b?;
             let col = |n: &str| b.column_by_name(n).ok_or_else(|| anyhow::anyhow!("{} has no column {n}", f.display()));
-            let dev = col("device_id")?.as_string::<i32>().clone();
-            let kind = col("kind")?.as_string::<i32>().clone();
-            let wheel = col("wheel")?.as_string::<i32>().clone();
-            let ts = col("ts")?.as_primitive::<TimestampMillisecondType>().clone();
+            let dev = col(c::DEVICE_ID)?.as_string::<i32>().clone();
+            let kind = col(c::KIND)?.as_string::<i32>().clone();
+            let wheel = col(c::WHEEL)?.as_string::<i32>().clone();
+            let ts = col(c::TS)?.as_primitive::<TimestampMillisecondType>().clone();
             for i in 0..b.num_rows() {
                 out.push(Detected {
                     device: dev.value(i).to_string(),
@@ -175,7 +177,8 @@ pub const MATCH_SLACK_MS: i64 = 120_000;
 /// puncture or slow leak of its wheel (it has a precision, no recall).
 pub fn score(detected: &[Detected], injected: &[Injected], kinds: &[&str]) -> BTreeMap<String, EventScore> {
     let matches = |d: &Detected, i: &Injected| {
-        let kind_ok = d.kind == i.kind || (d.kind == "low_pressure" && matches!(i.kind, "puncture" | "slow_leak"));
+        let tire = [EventKind::Puncture.as_str(), EventKind::SlowLeak.as_str()];
+        let kind_ok = d.kind == i.kind || (d.kind == EventKind::LowPressure.as_str() && tire.contains(&i.kind));
         kind_ok
             && d.device == i.device
             && (i.wheel.is_none() || d.wheel == i.wheel)
@@ -183,7 +186,7 @@ pub fn score(detected: &[Detected], injected: &[Injected], kinds: &[&str]) -> BT
             && d.ts_ms <= i.end_ms.max(i.start_ms + 1000) + MATCH_SLACK_MS
     };
     let mut out = BTreeMap::new();
-    for kind in kinds.iter().copied().chain(["low_pressure"]) {
+    for kind in kinds.iter().copied().chain([EventKind::LowPressure.as_str()]) {
         let ds: Vec<&Detected> = detected.iter().filter(|d| d.kind == kind).collect();
         let all: Vec<&Injected> = injected.iter().filter(|i| i.kind == kind).collect();
         // Recall is over the incidents that could be seen within the run; one that
@@ -198,7 +201,8 @@ pub fn score(detected: &[Detected], injected: &[Injected], kinds: &[&str]) -> BT
                 unmatured: (all.len() - is.len()) as u64,
                 detected: Some(ds.len() as u64),
                 precision: (!ds.is_empty()).then(|| true_pos as f64 / ds.len() as f64),
-                recall: (kind != "low_pressure" && !is.is_empty()).then(|| found as f64 / is.len() as f64),
+                recall: (kind != EventKind::LowPressure.as_str() && !is.is_empty())
+                    .then(|| found as f64 / is.len() as f64),
             },
         );
     }

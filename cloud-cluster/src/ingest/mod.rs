@@ -105,11 +105,11 @@ pub async fn run(
     // Ends the publisher with the session, however the session ends.
     let _publisher = AbortOnDrop(publisher);
     let owned: Vec<u16> = shards.owned().map(ShardHandle::shard).collect();
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = fleetline_service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = Duration::from_millis(100);
+                backoff.reset();
                 stats.emit(ev::BrokerConnected { host: &session.host, port: session.port, shards: owned.len() });
                 let filters = owned.iter().map(|s| {
                     rumqttc::SubscribeFilter::new(topics::ingest_topic(*s).as_str().to_string(), QoS::AtLeastOnce)
@@ -137,12 +137,7 @@ pub async fn run(
             Ok(_) => {}
             Err(e) => {
                 stats.emit(ev::BrokerLost { error: &e });
-                let jitter = 0.5
-                    + (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000)
-                        as f64
-                        / 1000.0;
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
             }
         }
     }

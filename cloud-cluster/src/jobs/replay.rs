@@ -18,6 +18,7 @@ use arrow_array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::lake::reason;
+use crate::lake::schema::col as c;
 use crate::lake::store::Store;
 use crate::registry::Registry;
 use crate::shard::ShardDirectory;
@@ -52,17 +53,17 @@ pub async fn read_candidates(store: &Store) -> anyhow::Result<Vec<ReplayItem>> {
 
 fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> anyhow::Result<()> {
     let col = |n: &str| b.column_by_name(n).ok_or_else(|| anyhow::anyhow!("no column {n}"));
-    let reason = col("reason")?.as_string::<i32>().clone();
-    let fleet = col("fleet")?.as_string::<i32>().clone();
-    let device = col("device_id")?.as_string::<i32>().clone();
-    let epoch = col("epoch")?.as_primitive::<Int64Type>().clone();
-    let seq = col("seq")?.as_primitive::<Int64Type>().clone();
-    let ts = col("ts")?.as_primitive::<TimestampMillisecondType>().clone();
-    let kind = col("kind")?.as_primitive::<Int32Type>().clone();
-    let gateway = col("gateway_id")?.as_string::<i32>().clone();
-    let received = col("received_at")?.as_primitive::<TimestampMillisecondType>().clone();
-    let raw = col("raw")?.as_binary::<i32>().clone();
-    let schema = b.column_by_name("schema_id").map(|c| c.as_primitive::<Int32Type>().clone());
+    let reason = col(c::REASON)?.as_string::<i32>().clone();
+    let fleet = col(c::FLEET)?.as_string::<i32>().clone();
+    let device = col(c::DEVICE_ID)?.as_string::<i32>().clone();
+    let epoch = col(c::EPOCH)?.as_primitive::<Int64Type>().clone();
+    let seq = col(c::SEQ)?.as_primitive::<Int64Type>().clone();
+    let ts = col(c::TS)?.as_primitive::<TimestampMillisecondType>().clone();
+    let kind = col(c::KIND)?.as_primitive::<Int32Type>().clone();
+    let gateway = col(c::GATEWAY_ID)?.as_string::<i32>().clone();
+    let received = col(c::RECEIVED_AT)?.as_primitive::<TimestampMillisecondType>().clone();
+    let raw = col(c::RAW)?.as_binary::<i32>().clone();
+    let schema = b.column_by_name(c::SCHEMA_ID).map(|a| a.as_primitive::<Int32Type>().clone());
     for i in 0..b.num_rows() {
         let r = reason.value(i);
         if !REPLAYABLE.contains(&r) {

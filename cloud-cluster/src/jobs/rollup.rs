@@ -31,8 +31,11 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{EventKind, HOUR_MS};
-use crate::lake::rows::{READINGS_SCHEMA, writer_properties};
+use crate::analytics::EventKind;
+use crate::lake::partition::{DAY_MS, HOUR_MS, partition_start};
+use crate::lake::rows::writer_properties;
+use crate::lake::schema::READINGS_SCHEMA;
+use crate::lake::schema::col as c;
 use crate::lake::store::Store;
 
 /// Rollup settings (`[rollup]`).
@@ -56,7 +59,6 @@ impl Default for RollupConfig {
 }
 
 const STATE: &str = "_fleetline/rollup/state.json";
-const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// What one run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -97,30 +99,6 @@ async fn partitions(store: &Store, dataset: &str) -> anyhow::Result<BTreeMap<Str
     Ok(out)
 }
 
-/// `dt=YYYY-MM-DD[/hour=HH]` → start, Unix ms.
-fn partition_start(dir: &str) -> Option<i64> {
-    let mut parts = dir.split('/');
-    let date = parts.next()?.strip_prefix("dt=")?;
-    let mut d = date.split('-');
-    let (y, m, day): (i64, u32, u32) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
-    let hour: i64 = match parts.next() {
-        Some(h) => h.strip_prefix("hour=")?.parse().ok()?,
-        None => 0,
-    };
-    Some(days_from_civil(y, m, day) * DAY_MS + hour * HOUR_MS)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 fn fingerprint(files: &[String]) -> String {
     format!("{:016x}", fnv1a64(files.join("\n").as_bytes()))
 }
@@ -152,11 +130,11 @@ fn compact_hour(batches: &[RecordBatch]) -> anyhow::Result<RecordBatch> {
     let all = arrow_select::concat::concat_batches(&READINGS_SCHEMA, batches)?;
     let col = |c: &str| all.column_by_name(c).ok_or_else(|| anyhow::anyhow!("readings without {c}"));
     let (fleet, dev, signal) =
-        (col("fleet")?.as_string::<i32>(), col("device_id")?.as_string::<i32>(), col("signal")?.as_string::<i32>());
-    let ts = col("ts")?.as_primitive::<TimestampMillisecondType>();
-    let (epoch, seq) = (col("epoch")?.as_primitive::<Int64Type>(), col("seq")?.as_primitive::<Int64Type>());
-    let value = col("value")?.as_primitive::<Float64Type>();
-    let stored = col("stored_at")?.as_primitive::<TimestampMillisecondType>();
+        (col(c::FLEET)?.as_string::<i32>(), col(c::DEVICE_ID)?.as_string::<i32>(), col(c::SIGNAL)?.as_string::<i32>());
+    let ts = col(c::TS)?.as_primitive::<TimestampMillisecondType>();
+    let (epoch, seq) = (col(c::EPOCH)?.as_primitive::<Int64Type>(), col(c::SEQ)?.as_primitive::<Int64Type>());
+    let value = col(c::VALUE)?.as_primitive::<Float64Type>();
+    let stored = col(c::STORED_AT)?.as_primitive::<TimestampMillisecondType>();
     let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
     order.sort_unstable_by(|&a, &b| {
         let (a, b) = (a as usize, b as usize);
@@ -234,11 +212,14 @@ fn daily_rows(day_start: i64, aggregates: &[RecordBatch], events: &[RecordBatch]
     let opt = |a: &arrow_array::Float64Array, i: usize| (!a.is_null(i)).then(|| a.value(i));
     for b in aggregates {
         let col = |c: &str| b.column_by_name(c).ok_or_else(|| anyhow::anyhow!("aggregates without {c}"));
-        let (fleet, dev, window) =
-            (col("fleet")?.as_string::<i32>(), col("device_id")?.as_string::<i32>(), col("window")?.as_string::<i32>());
-        let start = col("window_start")?.as_primitive::<TimestampMillisecondType>();
-        let samples = col("samples")?.as_primitive::<Int64Type>();
-        let speed_n = col("speed_readings")?.as_primitive::<Int64Type>();
+        let (fleet, dev, window) = (
+            col(c::FLEET)?.as_string::<i32>(),
+            col(c::DEVICE_ID)?.as_string::<i32>(),
+            col(c::WINDOW)?.as_string::<i32>(),
+        );
+        let start = col(c::WINDOW_START)?.as_primitive::<TimestampMillisecondType>();
+        let samples = col(c::SAMPLES)?.as_primitive::<Int64Type>();
+        let speed_n = col(c::SPEED_READINGS)?.as_primitive::<Int64Type>();
         let (dist, avg, max, fuel) =
             (f64s(b, "distance_m")?, f64s(b, "avg_speed_kmh")?, f64s(b, "max_speed_kmh")?, f64s(b, "fuel_used_l")?);
         let (tmin, tmax) = (f64s(b, "tire_pressure_min_kpa")?, f64s(b, "tire_pressure_max_kpa")?);
@@ -264,9 +245,12 @@ fn daily_rows(day_start: i64, aggregates: &[RecordBatch], events: &[RecordBatch]
     }
     for b in events {
         let col = |c: &str| b.column_by_name(c).ok_or_else(|| anyhow::anyhow!("events without {c}"));
-        let (fleet, dev, kind) =
-            (col("fleet")?.as_string::<i32>(), col("device_id")?.as_string::<i32>(), col("kind")?.as_string::<i32>());
-        let ts = col("ts")?.as_primitive::<TimestampMillisecondType>();
+        let (fleet, dev, kind) = (
+            col(c::FLEET)?.as_string::<i32>(),
+            col(c::DEVICE_ID)?.as_string::<i32>(),
+            col(c::KIND)?.as_string::<i32>(),
+        );
+        let ts = col(c::TS)?.as_primitive::<TimestampMillisecondType>();
         for i in 0..b.num_rows() {
             if ts.value(i).div_euclid(DAY_MS) * DAY_MS == day_start {
                 let d = days.entry((fleet.value(i).into(), dev.value(i).into())).or_default();
@@ -419,21 +403,4 @@ pub async fn run_once(store: &Store, grace: Duration, now_ms: i64) -> anyhow::Re
         report.days_written += 1;
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partition_names_give_their_start() {
-        assert_eq!(partition_start("dt=1970-01-01/hour=00"), Some(0));
-        assert_eq!(partition_start("dt=2026-11-27/hour=03"), Some(1_795_748_400_000));
-        assert_eq!(partition_start("dt=2024-03-01"), Some(1_709_251_200_000));
-        assert_eq!(partition_start("x=1"), None);
-        for days in [-1000, 0, 19_000, 20_500] {
-            let dir = crate::lake::rows::partition_dir(days * 24);
-            assert_eq!(partition_start(&dir), Some(days * DAY_MS), "{dir}");
-        }
-    }
 }

@@ -4,8 +4,10 @@
 //! Depends on `analytics` for the row types it encodes, and on nothing else of
 //! the node.
 
+pub mod partition;
 pub mod reason;
 pub mod rows;
+pub mod schema;
 pub mod store;
 
 pub use store::Store;

@@ -9,126 +9,18 @@
 //! Pure: rows in memory and their encoding to bytes; storing them is the commit's job.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use arrow_array::builder::TimestampMillisecondBuilder;
 use arrow_array::builder::{BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use super::partition::{hour_of, partition_dir};
+use super::schema::{AGGREGATES_SCHEMA, DEADLETTER_SCHEMA, EVENTS_SCHEMA, READINGS_SCHEMA};
 use crate::analytics::{AggregateRow, Event};
-
-/// Milliseconds per hour.
-const HOUR_MS: i64 = 3_600_000;
-
-fn ts_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
-}
-
-/// Schema of `readings`: one row per sample, long format.
-pub static READINGS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("fleet", DataType::Utf8, false),
-        Field::new("device_id", DataType::Utf8, false),
-        Field::new("epoch", DataType::Int64, false),
-        Field::new("seq", DataType::Int64, false),
-        Field::new("ts", ts_type(), false),
-        Field::new("signal", DataType::Utf8, false),
-        Field::new("value", DataType::Float64, false),
-        Field::new("gateway_id", DataType::Utf8, false),
-        Field::new("received_at", ts_type(), false),
-        Field::new("stored_at", ts_type(), false),
-    ]))
-});
-
-/// Schema of `deadletter`: what could not be used, with why and its raw bytes.
-pub static DEADLETTER_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("detail", DataType::Utf8, false),
-        Field::new("fleet", DataType::Utf8, true),
-        Field::new("device_id", DataType::Utf8, true),
-        Field::new("epoch", DataType::Int64, true),
-        Field::new("seq", DataType::Int64, true),
-        Field::new("ts", ts_type(), true),
-        Field::new("kind", DataType::Int32, true),
-        Field::new("gateway_id", DataType::Utf8, true),
-        Field::new("bundle_id", DataType::Int64, true),
-        Field::new("received_at", ts_type(), true),
-        Field::new("stored_at", ts_type(), false),
-        Field::new("raw", DataType::Binary, false),
-        Field::new("schema_id", DataType::Int32, true),
-    ]))
-});
-
-/// Schema of `aggregates`: one row per vehicle per closed window.
-pub static AGGREGATES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let f = |name: &str| Field::new(name, DataType::Float64, true);
-    Arc::new(Schema::new(vec![
-        Field::new("fleet", DataType::Utf8, false),
-        Field::new("device_id", DataType::Utf8, false),
-        Field::new("window", DataType::Utf8, false),
-        Field::new("window_start", ts_type(), false),
-        Field::new("window_end", ts_type(), false),
-        Field::new("samples", DataType::Int64, false),
-        Field::new("distance_m", DataType::Float64, false),
-        Field::new("speed_readings", DataType::Int64, false),
-        f("avg_speed_kmh"),
-        f("max_speed_kmh"),
-        f("fuel_used_l"),
-        f("fuel_l_per_100km"),
-        Field::new("tire_readings", DataType::Int64, false),
-        f("tire_pressure_min_kpa"),
-        f("tire_pressure_mean_kpa"),
-        f("tire_pressure_max_kpa"),
-        f("leak_rate_kpa_h"),
-        Field::new("stored_at", ts_type(), false),
-    ]))
-});
-
-/// Schema of `events`: one row per detected condition.
-pub static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("fleet", DataType::Utf8, false),
-        Field::new("device_id", DataType::Utf8, false),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("ts", ts_type(), false),
-        Field::new("detected_ts", ts_type(), false),
-        Field::new("wheel", DataType::Utf8, true),
-        Field::new("value", DataType::Float64, true),
-        Field::new("detail", DataType::Utf8, false),
-        Field::new("stored_at", ts_type(), false),
-    ]))
-});
-
-/// Hours since the Unix epoch; the partition key.
-pub fn hour_of(ts_ms: i64) -> i64 {
-    ts_ms.div_euclid(HOUR_MS)
-}
-
-/// `dt=YYYY-MM-DD/hour=HH` of an hour since the epoch.
-pub fn partition_dir(hour: i64) -> String {
-    let days = hour.div_euclid(24);
-    let (y, m, d) = civil_from_days(days);
-    format!("dt={y:04}-{m:02}-{d:02}/hour={:02}", hour.rem_euclid(24))
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
 
 /// Strings shared by every row of one batch.
 #[derive(Clone, Debug)]
@@ -501,17 +393,7 @@ pub fn write_parquet(batch: &RecordBatch) -> Result<Vec<u8>, parquet::errors::Pa
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partitions_are_utc_dates_and_hours() {
-        assert_eq!(partition_dir(0), "dt=1970-01-01/hour=00");
-        // 2026-11-27T03:15:00Z
-        assert_eq!(partition_dir(hour_of(1_795_749_300_000)), "dt=2026-11-27/hour=03");
-        // 2024-02-29T23:59:59.999Z (leap day), and the millisecond after.
-        assert_eq!(partition_dir(hour_of(1_709_251_199_999)), "dt=2024-02-29/hour=23");
-        assert_eq!(partition_dir(hour_of(1_709_251_200_000)), "dt=2024-03-01/hour=00");
-        assert_eq!(partition_dir(hour_of(-1)), "dt=1969-12-31/hour=23");
-    }
+    use crate::lake::partition::HOUR_MS;
 
     #[test]
     fn encodes_readings_and_deadletters_as_parquet() {

@@ -146,8 +146,8 @@ pub async fn run(
 /// key no longer accepted.
 fn reload_keys(cfg: &CloudConfig, keys: &Keys, stats: &CloudStats, sessions: Option<&BrokerSessions>) {
     match keys.reload_if_changed(cfg.provisioning_max_removal) {
-        Ok(true) => tracing::info!("provisioning reloaded"),
-        Ok(false) => {}
+        Ok(Some(_)) => tracing::info!("provisioning reloaded"),
+        Ok(None) => {}
         Err(e) => stats.emit(ev::ProvisioningRefused { error: &e }),
     }
     if let Some((sessions, logins)) = sessions {

@@ -86,7 +86,7 @@ impl ShardSetup {
         mut opened: Result<Shard, ShardError>,
         inbox: &mut mpsc::Receiver<ShardMsg>,
     ) -> Option<Shard> {
-        let mut delay = Duration::from_secs(1);
+        let mut backoff = fleetline_service::Backoff::new(Duration::from_secs(1), SHARD_RETRY_MAX);
         loop {
             let why = match opened {
                 Ok(shard) => {
@@ -97,7 +97,7 @@ impl ShardSetup {
             };
             self.stats.emit(ev::ShardDown { shard: id, why: &why });
             let down = || ShardUnavailable::Down { shard: id, why: why.clone() };
-            let retry = tokio::time::sleep(delay);
+            let retry = tokio::time::sleep(backoff.next_delay());
             tokio::pin!(retry);
             loop {
                 tokio::select! {
@@ -111,7 +111,6 @@ impl ShardSetup {
                     },
                 }
             }
-            delay = (delay * 2).min(SHARD_RETRY_MAX);
             opened = match Published::list(&self.store).await {
                 Ok(published) => self.open(id, &published).await,
                 Err(e) => Err(ShardError::Store(e)),
@@ -180,11 +179,10 @@ impl ShardSetup {
             Err(e) => e,
         };
         self.stats.emit(ev::CommitFailed { shard: shard.id(), error: &e });
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = fleetline_service::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while let Err(e) = shard.recover().await {
             tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+            backoff.wait().await;
         }
         for e in shard.state.take_resend() {
             let _ = self.released.send(Released::Alert(e));

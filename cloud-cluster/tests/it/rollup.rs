@@ -11,7 +11,7 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
 use fleetline_cloud::config::SegmentConfig;
 use fleetline_cloud::jobs::rollup::run_once;
-use fleetline_cloud::lake::rows::{hour_of, partition_dir};
+use fleetline_cloud::lake::partition::{hour_of, partition_dir};
 use fleetline_cloud::lake::store::Store;
 use fleetline_cloud::shard::Shard;
 use fleetline_cloud::telemetry::CloudStats;

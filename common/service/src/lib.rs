@@ -1,17 +1,21 @@
 //! What every Fleetline server process needs around its own work, shared by the
 //! gateway and the cloud node: the process lifecycle (logging, `--check-config`,
 //! the runtime, the metrics recorder, stop signals, exit codes), configuration
-//! files, byte sizes in settings, TLS configurations from PEM files, counters that
+//! files, the provisioning file as it is reloaded, retry backoff with jitter, byte sizes in settings, TLS configurations from PEM files, counters that
 //! survive restarts, and the process's own limits. Nothing here knows MQTT.
 
+pub mod backoff;
 pub mod counter;
 pub mod limits;
 pub mod process;
+pub mod provisioning;
 mod size;
 pub mod tls;
 
+pub use backoff::Backoff;
 pub use limits::open_files_limit;
 pub use process::{RenderMetrics, init_tracing, print_listening, read_config, run};
+pub use provisioning::ProvisioningFile;
 pub use size::{ByteSize, SizeError};
 
 /// Why a configuration was refused.

@@ -1,21 +1,18 @@
 //! Who may connect and whose batches open: the provisioning file, reloaded while
 //! running. A file that fails to parse never replaces the loaded one.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use fleetline_service::ProvisioningFile;
 use fleetline_wire::provisioning::{DeviceEntry, Provisioning, ProvisioningError};
 use fleetline_wire::{DeviceId, FleetId};
 
 use crate::stats::reason;
 
 /// The loaded provisioning file.
-pub struct Registry {
-    path: PathBuf,
-    current: RwLock<Arc<Provisioning>>,
-    modified: Mutex<Option<SystemTime>>,
-}
+pub struct Registry(ProvisioningFile);
 
 /// What a reload changed that needs action.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -24,54 +21,28 @@ pub struct ReloadDiff {
     pub revoked: Vec<(FleetId, DeviceId)>,
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Constant-time equality, so password checks leak no prefix length.
 impl Registry {
     /// Loads the file.
     pub fn load(path: &Path) -> Result<Self, ProvisioningError> {
-        let p = Provisioning::load(path)?;
-        Ok(Self { path: path.to_path_buf(), current: RwLock::new(Arc::new(p)), modified: Mutex::new(modified(path)) })
+        ProvisioningFile::load(path).map(Self)
     }
 
     /// The provisioning in force.
     pub fn snapshot(&self) -> Arc<Provisioning> {
-        self.current.read().map(|p| p.clone()).unwrap_or_default()
+        self.0.snapshot()
     }
 
-    /// Reloads if the file changed; returns what needs action. A file that drops
-    /// more than `max_removal` of the entries at once is refused (once per change
-    /// of the file), like one that does not parse.
+    /// Reloads if the file changed; returns what needs action (see
+    /// [`ProvisioningFile::reload_if_changed`] for what is refused).
     pub fn reload_if_changed(&self, max_removal: f64) -> Result<Option<ReloadDiff>, ProvisioningError> {
-        let now = modified(&self.path);
-        {
-            let Ok(last) = self.modified.lock() else { return Ok(None) };
-            if *last == now {
-                return Ok(None);
-            }
-        }
-        let new = Provisioning::load(&self.path)?;
-        let old = self.snapshot();
-        if let Err(e) = old.check_removal(&new, max_removal) {
-            if let Ok(mut m) = self.modified.lock() {
-                *m = now;
-            }
-            return Err(e);
-        }
-        let revoked = old
+        let Some(r) = self.0.reload_if_changed(max_removal)? else { return Ok(None) };
+        let revoked = r
+            .old
             .devices()
             .filter(|d| !d.revoked)
-            .filter(|d| new.device(&d.fleet, &d.device).is_none_or(|n| n.revoked))
+            .filter(|d| r.new.device(&d.fleet, &d.device).is_none_or(|n| n.revoked))
             .map(|d| (d.fleet, d.device))
             .collect();
-        if let Ok(mut c) = self.current.write() {
-            *c = Arc::new(new);
-        }
-        if let Ok(mut m) = self.modified.lock() {
-            *m = now;
-        }
         Ok(Some(ReloadDiff { revoked }))
     }
 

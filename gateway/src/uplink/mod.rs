@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fleetline_wire::DeviceKey;
 use fleetline_wire::bundle::open_bundle_ack;
-use rand::Rng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 
@@ -79,11 +78,11 @@ impl Uplink {
         let (net_tx, mut net) = mpsc::channel(256);
         let (initial, max) = (cfg.backoff_initial, cfg.backoff_max);
         let net_task = tokio::spawn(async move {
-            let mut delay = initial;
+            let mut backoff = fleetline_service::Backoff::new(initial, max);
             loop {
                 let ev = match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        delay = initial;
+                        backoff.reset();
                         Net::Connected
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => Net::Message(p.topic, p.payload.to_vec()),
@@ -92,9 +91,7 @@ impl Uplink {
                         if net_tx.send(Net::Disconnected(e.to_string())).await.is_err() {
                             return;
                         }
-                        let jitter = rand::thread_rng().gen_range(0.5..1.5);
-                        tokio::time::sleep(delay.mul_f64(jitter)).await;
-                        delay = (delay * 2).min(max);
+                        backoff.wait().await;
                         continue;
                     }
                 };
