@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use fleetline_wire::GatewayId;
 use fleetline_wire::topics::device_username;
+use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::config::GatewayConfig;
 use crate::devices::ingest::{Durables, Ingest, run_acker};
@@ -18,7 +20,7 @@ use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
-use fleetline_broker::{BrokerSettings, Front};
+use fleetline_broker::{BrokerSettings, Front, TlsFiles};
 
 /// File descriptors kept free of device sessions: queue segments, the uplink, HTTP.
 const FD_HEADROOM: u64 = 1024;
@@ -47,7 +49,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     on_listening: impl FnOnce(&Listening),
 ) -> anyhow::Result<()> {
-    cfg.validate().map_err(anyhow::Error::msg)?;
+    cfg.validate()?;
     let stats = Arc::new(GatewayStats::default());
     let registry = Arc::new(Registry::load(&cfg.provisioning).context("loading the provisioning file")?);
     let gateway_id = GatewayId::new(&cfg.id).map_err(|_| anyhow::anyhow!("invalid gateway id"))?;
@@ -60,6 +62,89 @@ pub async fn run(
     // Queue recovery rebuilds what devices have durable here.
     let durables = Arc::new(Durables::default());
     let (feed_tx, feed_rx) = mpsc::channel(16_384);
+    let (queue, first_unacked, queue_thread) = open_queue(&cfg, &durables, feed_tx)?;
+
+    let mut fronts = JoinSet::new();
+    let devices = start_devices(&cfg, &registry, &stats, &mut fronts).await?;
+
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped_rx) = mpsc::unbounded_channel();
+    let ingest = Arc::new(Ingest {
+        registry: registry.clone(),
+        queue: queue.clone(),
+        stats: stats.clone(),
+        durables,
+        shard_count: cfg.shard_count,
+        acks: acks_tx,
+        dropped: dropped_tx,
+    });
+    let ingest_task = tokio::spawn(ingest.run(devices.link_rx));
+    let counter = Arc::new(fleetline_service::counter::PersistentCounter::open(&cfg.data_dir.join("ack-counter"))?);
+    let acker_task = tokio::spawn(run_acker(devices.link_tx, acks_rx, cfg.id.clone(), stats.clone(), counter));
+
+    let (uplink_stop_tx, uplink_stop) = watch::channel(false);
+    let uplink = Uplink {
+        cfg: cfg.uplink.clone(),
+        gateway: cfg.id.clone(),
+        key: gateway_key,
+        queue: queue.clone(),
+        stats: stats.clone(),
+        first_unacked,
+    };
+    let uplink_task = tokio::spawn(uplink.run(feed_rx, dropped_rx, uplink_stop));
+    let reload_task = tokio::spawn(keep_provisioning(&cfg, registry, devices.broker.sessions.clone(), stats.clone()));
+
+    let ops = http::Ops {
+        id: cfg.id.clone(),
+        stats: stats.clone(),
+        queue: queue.clone(),
+        metrics,
+        devices_addr: devices.listening.plain,
+        tls_addr: devices.listening.tls,
+        broker: Some(devices.broker.health.clone()),
+        sessions: devices.sessions_active,
+    };
+    let (http_addr, http_server) = http::bind(cfg.http.listen, ops).await?;
+    let http_task = tokio::spawn(http_server);
+    stats.ready.store(true, Ordering::Relaxed);
+    on_listening(&Listening {
+        event: "listening",
+        devices: devices.listening.plain.to_string(),
+        devices_tls: devices.listening.tls.map(|a| a.to_string()),
+        http: http_addr.to_string(),
+    });
+
+    let _ = stop.wait_for(|s| *s).await;
+
+    // Stop taking data, let what was taken become durable and acked, then stop.
+    tracing::info!("shutting down");
+    stats.ready.store(false, Ordering::Relaxed);
+    fronts.shutdown().await;
+    devices.broker.server.abort();
+    // The ingest task ends with the link, and with it the last sender of durable
+    // batches: the acker sends what the queue made durable, then ends.
+    ingest_task.abort();
+    let _ = ingest_task.await;
+    let _ = queue.sync().await;
+    if tokio::time::timeout(Duration::from_secs(5), acker_task).await.is_err() {
+        tracing::warn!("device acks still pending at shutdown; units will re-send those batches");
+    }
+    reload_task.abort();
+    let _ = uplink_stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), uplink_task).await;
+    http_task.abort();
+    drop(queue);
+    let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
+    Ok(())
+}
+
+/// Opens the disk queue; its recovery tells `durables` what units have durable
+/// here and gives the first record the cloud has not acked.
+fn open_queue(
+    cfg: &GatewayConfig,
+    durables: &Arc<Durables>,
+    feed: mpsc::Sender<queue::StoredRecord>,
+) -> anyhow::Result<(queue::QueueHandle, RecordId, std::thread::JoinHandle<()>)> {
     let qcfg = QueueConfig {
         dir: cfg.data_dir.join("queue"),
         budget_bytes: cfg.queue.budget.0,
@@ -68,7 +153,6 @@ pub async fn run(
         policy: cfg.queue.when_full,
     };
     let mut first_unacked: Option<RecordId> = None;
-    let recovering = durables.clone();
     let (queue, report, queue_thread) = queue::open(
         qcfg,
         |id, _meta, batch| {
@@ -76,15 +160,31 @@ pub async fn run(
             if let Ok(h) = fleetline_wire::peek_header(batch)
                 && let (Ok(f), Ok(d)) = (h.fleet.parse(), h.device.parse())
             {
-                recovering.insert(f, d, h.epoch, h.seq);
+                durables.insert(f, d, h.epoch, h.seq);
             }
         },
-        Some(feed_tx),
+        Some(feed),
     )
     .context("opening the disk queue")?;
     tracing::info!(?report, "disk queue recovered");
+    Ok((queue, first_unacked.unwrap_or(RecordId(0)), queue_thread))
+}
 
-    // The broker on loopback, and the front listeners that check logins.
+/// The device side: the broker on loopback and the front listeners that check logins.
+struct Devices {
+    broker: fleetline_broker::Broker,
+    link_tx: LinkTx,
+    link_rx: LinkRx,
+    listening: fleetline_broker::Listening,
+    sessions_active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn start_devices(
+    cfg: &GatewayConfig,
+    registry: &Arc<Registry>,
+    stats: &Arc<GatewayStats>,
+    fronts: &mut JoinSet<()>,
+) -> anyhow::Result<Devices> {
     let secret = fleetline_broker::new_secret();
     let settings = BrokerSettings {
         name: "devices".into(),
@@ -102,7 +202,7 @@ pub async fn run(
         link_id: "fleetline-gateway-ingest".into(),
         link_filters: vec![UP_FILTER.into()],
     };
-    let (device_broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret).await?;
+    let (broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret).await?;
     // Sessions the file table can hold: three descriptors each, with headroom for
     // queue segments, the uplink and HTTP. Past that, units are refused at once
     // ("server busy", counted) instead of failing accepts for everyone.
@@ -116,120 +216,50 @@ pub async fn run(
         );
     }
     stats.session_cap.store(max_sessions as u64, Ordering::Relaxed);
-    let front = Front::new(registry.clone(), stats.clone(), &device_broker, max_sessions);
+    let front = Front::new(registry.clone(), stats.clone(), &broker, max_sessions);
     let sessions_active = front.active.clone();
-    let (devices_addr, plain) = front.clone().bind(cfg.devices.listen, None).await?;
-    let mut front_tasks = vec![tokio::spawn(plain)];
-    let tls_addr = match &cfg.devices.tls {
-        Some(t) => {
-            let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
-            let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
-            let server = fleetline_service::tls::server_config(&cert, &key)?;
-            let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
-            front_tasks.push(tokio::spawn(accept));
-            Some(addr)
-        }
-        None => None,
-    };
-
-    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-    let (dropped_tx, dropped_rx) = mpsc::unbounded_channel();
-    let ingest = Arc::new(Ingest {
-        registry: registry.clone(),
-        queue: queue.clone(),
-        stats: stats.clone(),
-        durables,
-        shard_count: cfg.shard_count,
-        acks: acks_tx,
-        dropped: dropped_tx,
+    let tls = cfg.devices.tls.as_ref().map(|t| TlsFiles {
+        listen: t.listen,
+        cert: &t.cert,
+        key: &t.key,
+        handshake_timeout: t.handshake_timeout,
     });
-    let ingest_task = tokio::spawn(ingest.clone().run(link_rx));
-    let counter = Arc::new(fleetline_service::counter::PersistentCounter::open(&cfg.data_dir.join("ack-counter"))?);
-    let acker_task = tokio::spawn(run_acker(link_tx, acks_rx, cfg.id.clone(), stats.clone(), counter));
+    let listening = front.listen(cfg.devices.listen, tls, fronts).await?;
+    Ok(Devices { broker, link_tx, link_rx, listening, sessions_active })
+}
 
-    let (uplink_stop_tx, uplink_stop) = watch::channel(false);
-    let uplink = Uplink {
-        cfg: cfg.uplink.clone(),
-        gateway: cfg.id.clone(),
-        key: gateway_key,
-        queue: queue.clone(),
-        stats: stats.clone(),
-        first_unacked: first_unacked.unwrap_or(RecordId(0)),
-    };
-    let uplink_task = tokio::spawn(uplink.run(feed_rx, dropped_rx, uplink_stop));
-
-    // Provisioning reloads: revoked devices are disconnected.
-    let reload_registry = registry.clone();
-    let sessions = device_broker.sessions.clone();
-    let reload_stats = stats.clone();
-    let period = cfg.provisioning_reload;
-    let max_removal = cfg.provisioning_max_removal;
-    let reload_task = tokio::spawn(async move {
+/// Provisioning reloads: revoked units are disconnected, and sessions opened with
+/// a key that is no longer accepted (rotated past its window, or the unit revoked)
+/// end; the unit reconnects with its new key.
+fn keep_provisioning(
+    cfg: &GatewayConfig,
+    registry: Arc<Registry>,
+    sessions: Arc<fleetline_broker::sessions::Sessions>,
+    stats: Arc<GatewayStats>,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let (period, max_removal) = (cfg.provisioning_reload, cfg.provisioning_max_removal);
+    async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            match reload_registry.reload_if_changed(max_removal) {
+            match registry.reload_if_changed(max_removal) {
                 Ok(Some(diff)) => {
                     tracing::info!(revoked = diff.revoked.len(), "provisioning reloaded");
                     for (fleet, device) in diff.revoked {
-                        GatewayStats::add(&reload_stats.revocations, 1);
+                        GatewayStats::add(&stats.revocations, 1);
                         sessions.kick(device_username(&fleet, &device).as_str());
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    GatewayStats::add(&reload_stats.provisioning_refused, 1);
+                    GatewayStats::add(&stats.provisioning_refused, 1);
                     tracing::error!(error = %e, "provisioning file rejected; keeping the loaded one");
                 }
             }
-            // Sessions opened with a key that is no longer accepted (rotated past its
-            // window, or the unit revoked) end now; the unit reconnects with its new key.
-            for id in sessions.recheck(|c, u, p| reload_registry.check_login(c, u, p)) {
-                GatewayStats::add(&reload_stats.sessions_ended_by_keys, 1);
+            for id in sessions.recheck(|c, u, p| registry.check_login(c, u, p)) {
+                GatewayStats::add(&stats.sessions_ended_by_keys, 1);
                 tracing::info!(client_id = id, "session ended: its login is no longer accepted");
             }
         }
-    });
-
-    let ops = http::Ops {
-        id: cfg.id.clone(),
-        stats: stats.clone(),
-        queue: queue.clone(),
-        metrics,
-        devices_addr,
-        tls_addr,
-        broker: Some(device_broker.health.clone()),
-        sessions: sessions_active,
-    };
-    let (http_addr, http_server) = http::bind(cfg.http.listen, ops).await?;
-    let http_task = tokio::spawn(http_server);
-    stats.ready.store(true, Ordering::Relaxed);
-    on_listening(&Listening {
-        event: "listening",
-        devices: devices_addr.to_string(),
-        devices_tls: tls_addr.map(|a| a.to_string()),
-        http: http_addr.to_string(),
-    });
-
-    let _ = stop.wait_for(|s| *s).await;
-
-    // Stop taking data, let what was taken become durable and acked, then stop.
-    tracing::info!("shutting down");
-    stats.ready.store(false, Ordering::Relaxed);
-    for t in &front_tasks {
-        t.abort();
     }
-    device_broker.server.abort();
-    ingest_task.abort();
-    let _ = queue.sync().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    acker_task.abort();
-    reload_task.abort();
-    let _ = uplink_stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), uplink_task).await;
-    http_task.abort();
-    drop(queue);
-    drop(ingest);
-    let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
-    Ok(())
 }

@@ -4,8 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
-use fleetline_broker::{BrokerSettings, Front, Logins};
+use fleetline_broker::{BrokerSettings, Front, Logins, TlsFiles};
 use tokio::task::JoinSet;
 
 use crate::config::CloudConfig;
@@ -92,19 +91,13 @@ async fn embedded(
     let logins: Arc<dyn Logins> =
         Arc::new(NodeLogins { keys: keys.clone(), subscribers: cfg.broker.subscribers.clone() });
     let front = Front::new(logins.clone(), stats.clone(), &broker, cfg.broker.max_connections);
-    let (plain_addr, plain) = front.clone().bind(cfg.broker.listen, None).await?;
-    tasks.spawn(plain);
-    let tls_addr = match &cfg.broker.tls {
-        Some(t) => {
-            let cert = std::fs::read(&t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
-            let key = std::fs::read(&t.key).with_context(|| format!("reading {}", t.key.display()))?;
-            let server = fleetline_service::tls::server_config(&cert, &key)?;
-            let (addr, accept) = front.bind(t.listen, Some((server, t.handshake_timeout))).await?;
-            tasks.spawn(accept);
-            Some(addr)
-        }
-        None => None,
-    };
+    let tls = cfg.broker.tls.as_ref().map(|t| TlsFiles {
+        listen: t.listen,
+        cert: &t.cert,
+        key: &t.key,
+        handshake_timeout: t.handshake_timeout,
+    });
+    let listening = front.listen(cfg.broker.listen, tls, tasks).await?;
     let session = Session {
         host: "127.0.0.1".into(),
         port: broker.addr.port(),
@@ -114,7 +107,12 @@ async fn embedded(
         max_packet: cfg.broker.max_packet.0 as usize,
         keep_alive: cfg.broker.keep_alive,
     };
-    Ok(Ingest { session, plain: Some(plain_addr), tls: tls_addr, sessions: Some((broker.sessions.clone(), logins)) })
+    Ok(Ingest {
+        session,
+        plain: Some(listening.plain),
+        tls: listening.tls,
+        sessions: Some((broker.sessions.clone(), logins)),
+    })
 }
 
 /// Who may log in to the embedded broker: provisioned gateways, and the

@@ -26,6 +26,28 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::reason;
 
+/// A TLS listener's address and PEM files.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsFiles<'a> {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: &'a std::path::Path,
+    /// PEM private key.
+    pub key: &'a std::path::Path,
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+/// Where a front listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Listening {
+    /// Plain MQTT.
+    pub plain: SocketAddr,
+    /// MQTT over TLS, when configured.
+    pub tls: Option<SocketAddr>,
+}
+
 /// Longest a client may take to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest CONNECT accepted (ids, credentials and a will fit easily).
@@ -96,6 +118,30 @@ impl Front {
             sessions: broker.sessions.clone(),
             health: broker.health.clone(),
         }
+    }
+
+    /// Binds the plain listener and, when given, the TLS one (certificate and key
+    /// read from their PEM files); their accept loops join `tasks`.
+    pub async fn listen(
+        self,
+        plain: SocketAddr,
+        tls: Option<TlsFiles<'_>>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> anyhow::Result<Listening> {
+        let (plain_addr, accept) = self.clone().bind(plain, None).await?;
+        tasks.spawn(accept);
+        let tls_addr = match tls {
+            Some(t) => {
+                let cert = std::fs::read(t.cert).with_context(|| format!("reading {}", t.cert.display()))?;
+                let key = std::fs::read(t.key).with_context(|| format!("reading {}", t.key.display()))?;
+                let server = fleetline_service::tls::server_config(&cert, &key)?;
+                let (addr, accept) = self.bind(t.listen, Some((server, t.handshake_timeout))).await?;
+                tasks.spawn(accept);
+                Some(addr)
+            }
+            None => None,
+        };
+        Ok(Listening { plain: plain_addr, tls: tls_addr })
     }
 
     /// Binds a listener, plain or TLS; returns its address and the accept loop.

@@ -13,7 +13,7 @@ pub mod front;
 pub mod sessions;
 
 pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
-pub use front::{Front, FrontEvents, Logins};
+pub use front::{Front, FrontEvents, Listening, Logins, TlsFiles};
 
 /// Reasons a connection is refused before or at login.
 pub mod reason {
