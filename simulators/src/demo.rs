@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
 use crate::drive::{Drive, DriveParams, Unit};
 use crate::html::{Tick, Window};
-use crate::model::Profile;
+use crate::model::{Incident, Profile};
 use crate::report::{Injected, Latency, Report, lost, missing_but_queued, read_events, read_readings, score};
+use fleetline_device::client::DeviceClient;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -144,14 +145,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let chaos_log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
 
     // The fleet.
-    let fleet = FleetId::new(FLEET)?;
-    let units = (0..opts.vehicles)
-        .map(|i| {
-            let device = DeviceId::new(&vehicle_id(i))?;
-            let key = prov.device(&fleet, &device).map(|d| d.key.clone()).context("unit missing from provisioning")?;
-            Ok(Unit { index: i, fleet, device, key })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let units = units(&prov, opts.vehicles)?;
     let mut drive = Drive::start(DriveParams {
         host: "127.0.0.1".into(),
         port: devices_port,
@@ -227,20 +221,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     sample(&mut ticks).await;
     bar.finish_and_clear();
 
-    let mut acked: HashMap<(String, u32, u32), u64> = HashMap::new();
-    let (mut refused, mut recorded) = (0, 0);
-    let (mut connects, mut connection_errors, mut resends) = (0, 0, 0);
-    for (i, c) in drive.clients.iter().enumerate() {
-        for r in c.take_acked() {
-            acked.insert((vehicle_id(i), r.epoch, r.seq), u64::from(r.samples));
-        }
-        let s = c.stats();
-        refused += s.core.readings_refused + s.core.readings_invalid;
-        recorded += s.core.readings_recorded;
-        connects += s.connects;
-        connection_errors += s.connection_errors;
-        resends += s.core.resends;
-    }
+    let totals = UnitTotals::of(&drive.clients);
     // Stop: units, gateway (commits its queue), cloud shards (commit; nothing is open).
     let drained = services.gateway_status().await["queue"]["records"].as_u64() == Some(0);
     for c in std::mem::take(&mut drive.clients) {
@@ -257,28 +238,92 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let wall_start = (t0_ms + drive.sim_secs * 1000) as i64 - opts.duration.as_millis() as i64;
     let to_wall = |ts: i64| wall_start + ((ts - t0_ms as i64) as f64 / scale) as i64;
     let stored = read_readings(&lake.join("readings"), &to_wall)?;
-    let samples_acked: u64 = acked.values().sum();
-    let injected: Vec<Injected> = incidents
-        .iter()
-        .chain(refuels.iter())
-        .map(|i| Injected {
-            device: vehicle_id(i.vehicle),
-            kind: i.kind.name(),
-            wheel: i.wheel.map(|w| {
-                let wh = crate::model::WHEELS[w];
-                fleetline_cloud::analytics::wheel_name(usize::from(wh.row - 1) * 2 + usize::from(wh.right))
-            }),
-            start_ms: (t0_ms + i.start_s * 1000) as i64,
-            end_ms: (t0_ms + i.end_s * 1000) as i64,
-            matures: i.matures,
-        })
-        .collect();
+    let truth: Vec<&Incident> = incidents.iter().chain(refuels.iter()).collect();
+    let injected = ground_truth(&dir, &truth, t0_ms)?;
     let detected = read_events(&lake.join("events"))?;
     let kinds = crate::model::IncidentKind::ALL.map(crate::model::IncidentKind::name);
     let events = score(&detected, &injected, &kinds);
-    let mut truth: Vec<_> = incidents.iter().chain(refuels.iter()).collect();
+
+    let report = Report {
+        vehicles: opts.vehicles,
+        duration_s: generated.as_secs_f64(),
+        time_scale: scale,
+        seed: opts.seed,
+        samples_sent: totals.recorded,
+        samples_acked: totals.acked.values().sum(),
+        samples_stored: stored.distinct,
+        samples_lost: lost(&totals.acked, &stored, &queued),
+        samples_still_queued: missing_but_queued(&totals.acked, &stored, &queued),
+        samples_duplicated: stored.rows - stored.distinct,
+        throughput_samples_per_s: stored.distinct as f64 / run_wall.as_secs_f64(),
+        e2e_latency_ms: stored.e2e,
+        ingest_latency_ms: stored.ingest,
+        events,
+        readings_parquet_glob: format!("{}/readings/**/*.parquet", lake.display()),
+        chaos: chaos_log.lock().map(|l| l.clone()).unwrap_or_default(),
+        samples_refused: totals.refused,
+        parquet_files: stored.files,
+        unit_connects: totals.connects,
+        unit_connection_errors: totals.connection_errors,
+        unit_resends: totals.resends,
+        data_dir: dir.display().to_string(),
+    };
+
+    if let Some(path) = &opts.report_html {
+        write_html(path, &report, &ticks, &stored, start_unix_ms, &opts.chaos)?;
+    }
+
+    Ok(report)
+}
+
+/// The demo's units, with their keys from the provisioning.
+fn units(prov: &Provisioning, vehicles: usize) -> anyhow::Result<Vec<Unit>> {
+    let fleet = FleetId::new(FLEET)?;
+    (0..vehicles)
+        .map(|i| {
+            let device = DeviceId::new(&vehicle_id(i))?;
+            let key = prov.device(&fleet, &device).map(|d| d.key.clone()).context("unit missing from provisioning")?;
+            Ok(Unit { index: i, fleet, device, key })
+        })
+        .collect()
+}
+
+/// What the units saw, summed over the fleet.
+struct UnitTotals {
+    /// Samples per batch the gateway acked to its unit.
+    acked: HashMap<(String, u32, u32), u64>,
+    refused: u64,
+    recorded: u64,
+    connects: u64,
+    connection_errors: u64,
+    resends: u64,
+}
+
+impl UnitTotals {
+    fn of(clients: &[Arc<DeviceClient>]) -> Self {
+        let mut t =
+            Self { acked: HashMap::new(), refused: 0, recorded: 0, connects: 0, connection_errors: 0, resends: 0 };
+        for (i, c) in clients.iter().enumerate() {
+            for r in c.take_acked() {
+                t.acked.insert((vehicle_id(i), r.epoch, r.seq), u64::from(r.samples));
+            }
+            let s = c.stats();
+            t.refused += s.core.readings_refused + s.core.readings_invalid;
+            t.recorded += s.core.readings_recorded;
+            t.connects += s.connects;
+            t.connection_errors += s.connection_errors;
+            t.resends += s.core.resends;
+        }
+        t
+    }
+}
+
+/// Writes `ground-truth.json` (every incident, by vehicle and start) and returns the
+/// incidents as the scoring takes them.
+fn ground_truth(dir: &std::path::Path, truth: &[&Incident], t0_ms: u64) -> anyhow::Result<Vec<Injected>> {
+    let mut truth = truth.to_vec();
     truth.sort_by_key(|i| (i.vehicle, i.start_s));
-    let truth_json: Vec<serde_json::Value> = truth
+    let json: Vec<serde_json::Value> = truth
         .iter()
         .map(|i| {
             serde_json::json!({
@@ -292,58 +337,52 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             })
         })
         .collect();
-    std::fs::write(dir.join("ground-truth.json"), serde_json::to_vec_pretty(&truth_json)?)?;
+    std::fs::write(dir.join("ground-truth.json"), serde_json::to_vec_pretty(&json)?)?;
+    Ok(truth
+        .iter()
+        .map(|i| Injected {
+            device: vehicle_id(i.vehicle),
+            kind: i.kind.name(),
+            wheel: i.wheel.map(|w| {
+                let wh = crate::model::WHEELS[w];
+                fleetline_cloud::analytics::wheel_name(usize::from(wh.row - 1) * 2 + usize::from(wh.right))
+            }),
+            start_ms: (t0_ms + i.start_s * 1000) as i64,
+            end_ms: (t0_ms + i.end_s * 1000) as i64,
+            matures: i.matures,
+        })
+        .collect())
+}
 
-    let report = Report {
-        vehicles: opts.vehicles,
-        duration_s: generated.as_secs_f64(),
-        time_scale: scale,
-        seed: opts.seed,
-        samples_sent: recorded,
-        samples_acked,
-        samples_stored: stored.distinct,
-        samples_lost: lost(&acked, &stored, &queued),
-        samples_still_queued: missing_but_queued(&acked, &stored, &queued),
-        samples_duplicated: stored.rows - stored.distinct,
-        throughput_samples_per_s: stored.distinct as f64 / run_wall.as_secs_f64(),
-        e2e_latency_ms: stored.e2e,
-        ingest_latency_ms: stored.ingest,
-        events,
-        readings_parquet_glob: format!("{}/readings/**/*.parquet", lake.display()),
-        chaos: chaos_log.lock().map(|l| l.clone()).unwrap_or_default(),
-        samples_refused: refused,
-        parquet_files: stored.files,
-        unit_connects: connects,
-        unit_connection_errors: connection_errors,
-        unit_resends: resends,
-        data_dir: dir.display().to_string(),
-    };
-
-    if let Some(path) = &opts.report_html {
-        let latency: Vec<(f64, f64, f64)> = stored
-            .latency_by_second
-            .iter()
-            .map(|(sec, v)| {
-                let l = Latency::of(v.clone());
-                ((sec * 1000 - start_unix_ms as i64) as f64 / 1000.0, l.p50 as f64, l.max as f64)
-            })
-            .collect();
-        let windows: Vec<Window> = opts
-            .chaos
-            .iter()
-            .map(|s| {
-                let d = match s.action {
-                    Action::Kill(_) => Duration::from_secs(1),
-                    Action::Stop(_, d) | Action::UplinkOutage(d) => d,
-                };
-                Window { from: s.at.as_secs_f64(), to: (s.at + d).as_secs_f64(), label: s.to_string() }
-            })
-            .collect();
-        std::fs::write(path, crate::html::page(&report, &ticks, &latency, &windows))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-
-    Ok(report)
+/// The HTML report: throughput, latency by commit second, backlog, chaos windows.
+fn write_html(
+    path: &std::path::Path,
+    report: &Report,
+    ticks: &[Tick],
+    stored: &crate::report::Stored,
+    start_unix_ms: u64,
+    chaos: &[Step],
+) -> anyhow::Result<()> {
+    let latency: Vec<(f64, f64, f64)> = stored
+        .latency_by_second
+        .iter()
+        .map(|(sec, v)| {
+            let l = Latency::of(v.clone());
+            ((sec * 1000 - start_unix_ms as i64) as f64 / 1000.0, l.p50 as f64, l.max as f64)
+        })
+        .collect();
+    let windows: Vec<Window> = chaos
+        .iter()
+        .map(|s| {
+            let d = match s.action {
+                Action::Kill(_) => Duration::from_secs(1),
+                Action::Stop(_, d) | Action::UplinkOutage(d) => d,
+            };
+            Window { from: s.at.as_secs_f64(), to: (s.at + d).as_secs_f64(), label: s.to_string() }
+        })
+        .collect();
+    std::fs::write(path, crate::html::page(report, ticks, &latency, &windows))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Starts `role` (a child of this binary) with the config `config(port)` for a

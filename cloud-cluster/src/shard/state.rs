@@ -18,12 +18,11 @@ use fleetline_wire::{BatchHeader, DeviceId, FleetId, GatewayId, WireError, peek_
 use serde::Deserialize;
 
 use super::checkpoint::{Checkpoint, DEADLETTER_SEEN_MAX, DeviceState, GatewayClock, Publish, Totals};
-use super::replay::{ReplayItem, ReplayOutcome, intern};
 use super::validate::{ValidationConfig, check_value};
 use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
 use crate::lake::reason;
 use crate::lake::rows::{BatchMeta, DeadLetter, Rows};
-use crate::registry::{Registry, Schema, SignalDef};
+use crate::registry::{Registry, Schema};
 use crate::telemetry::{CloudStats, events as ev};
 
 /// Bundle acks a commit released: gateway → bundle ids.
@@ -145,13 +144,6 @@ pub struct ShardState {
     dirty: bool,
 }
 
-/// Opens a sealed batch of a dead letter again with its device's keys valid at `wall`.
-fn reopen(sealed: &[u8], prov: &Provisioning, wall: SystemTime) -> Option<DecodedBatch> {
-    let header = peek_header(sealed).ok()?;
-    let entry = prov.device(&FleetId::new(header.fleet).ok()?, &DeviceId::new(header.device).ok()?)?;
-    entry.open_batch(sealed, wall, |b, _| b.decode()).ok()?.ok()
-}
-
 fn device_key(fleet: &str, device: &str) -> String {
     format!("{fleet}/{device}")
 }
@@ -259,91 +251,6 @@ impl ShardState {
     /// Alerts committed before the last restart, to publish again (once).
     pub fn take_resend(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.resend)
-    }
-
-    /// Takes dead letters in again, checked against the newest schema of `subject`
-    /// (see [`super::replay`]); the rows and the replay marks commit together.
-    pub fn replay(
-        &mut self,
-        items: &[ReplayItem],
-        subject: &str,
-        prov: Option<&Provisioning>,
-        now: Instant,
-        wall: SystemTime,
-    ) -> ReplayOutcome {
-        let mut out = ReplayOutcome::default();
-        let latest_ok = self.validation.max_future_skew.as_millis() as i64;
-        let floor = self.validation.floor_ms();
-        for item in items {
-            out.candidates += 1;
-            let Some(state) = self.devices.get_mut(&device_key(&item.fleet, &item.device)) else {
-                // Not a device this shard stores (its batch was never authentic).
-                out.still_invalid += 1;
-                continue;
-            };
-            if state.replayed.contains(&item.key()) {
-                out.already_replayed += 1;
-                continue;
-            }
-            let valid = |def: &SignalDef, ts: i64, v: f64| {
-                def.accepts(v) && ts >= floor && ts <= item.received_at_ms.saturating_add(latest_ok)
-            };
-            let readings: Option<Vec<(i64, f64, &'static str)>> = if item.reason == reason::UNKNOWN_SCHEMA {
-                // A whole batch under a schema id registered since: opened again with
-                // the device's keys, every reading judged by that schema.
-                let schema = self.registry.as_ref().and_then(|r| r.schema(item.schema?));
-                prov.zip(schema).and_then(|(prov, schema)| {
-                    let decoded = reopen(&item.raw, prov, wall)?;
-                    decoded
-                        .samples
-                        .iter()
-                        .map(|s| {
-                            let def = schema.signal(s.kind.0)?;
-                            valid(def, s.ts_ms, s.value).then(|| (s.ts_ms, s.value, intern(&def.path)))
-                        })
-                        .collect()
-                })
-            } else {
-                // Judged by the newest schema of the subject its batch's schema belongs to.
-                let schema = self.registry.as_ref().and_then(|r| {
-                    let s = match item.schema {
-                        Some(id) => r.subject_of(id, Some(subject))?,
-                        None => subject.to_string(),
-                    };
-                    r.latest(&s)
-                });
-                schema.as_ref().and_then(|s| s.signal(item.kind)).and_then(|def| {
-                    let path = intern(&def.path);
-                    let rs = item.readings(def).ok()?;
-                    rs.iter()
-                        .all(|(ts, v)| valid(def, *ts, *v))
-                        .then(|| rs.into_iter().map(|(ts, v)| (ts, v, path)).collect())
-                })
-            };
-            let Some(readings) = readings else {
-                out.still_invalid += 1;
-                continue;
-            };
-            state.replayed.insert(item.key());
-            let meta = Arc::new(BatchMeta {
-                fleet: item.fleet.as_str().into(),
-                device: item.device.as_str().into(),
-                epoch: item.epoch,
-                seq: item.seq,
-                gateway: item.gateway.as_str().into(),
-                received_at_ms: item.received_at_ms,
-            });
-            for (ts, v, path) in &readings {
-                self.rows.push_reading(&meta, *ts, path, *v);
-            }
-            out.replayed += 1;
-            out.readings += readings.len() as u64;
-        }
-        if out.replayed > 0 {
-            self.opened_at.get_or_insert(now);
-            self.stats.emit(ev::Replayed(out.replayed));
-        }
-        out
     }
 
     /// Takes one bundle as published on this shard's topic, at `now` (`wall`
@@ -586,84 +493,6 @@ impl ShardState {
         }
     }
 
-    /// An authentic batch of a device came through `gateway`, received at `received_ms`.
-    /// A new batch (`key`) of a device came through `gateway`, received at
-    /// `received_ms` by that gateway's clock. The unit is heard (not silent); it
-    /// belongs to the gateway of its newest batch, and receipt times are only ever
-    /// compared within one gateway's clock.
-    fn heard(&mut self, dkey: &str, gateway: &Arc<str>, received_ms: i64, key: (u32, u32)) {
-        let Some(state) = self.devices.get_mut(dkey) else { return };
-        if !state.analytics.is_silent()
-            && let Some(w) = self.waiting.get_mut(&state.last_gateway)
-        {
-            w.remove(&(state.last_received_ms, dkey.to_string()));
-        }
-        let newer = state.last_gateway.is_empty() || key > state.last_batch;
-        let moved = *state.last_gateway != **gateway && newer;
-        if !moved {
-            state.analytics.heard(received_ms, false);
-        }
-        if *state.last_gateway == **gateway {
-            state.last_received_ms = state.last_received_ms.max(received_ms);
-        } else if newer {
-            state.last_gateway = gateway.to_string();
-            state.last_received_ms = received_ms;
-            state.analytics.heard(received_ms, true);
-        }
-        if newer {
-            state.last_batch = key;
-        }
-        if !state.analytics.is_silent() {
-            let entry = (state.last_received_ms, dkey.to_string());
-            match self.waiting.get_mut(&state.last_gateway) {
-                Some(w) => {
-                    w.insert(entry);
-                }
-                None => {
-                    self.waiting.insert(state.last_gateway.clone(), [entry].into());
-                }
-            }
-        }
-    }
-
-    /// The gateway's clock reads `received_ms` (an entry it received then): units
-    /// it has not heard for `silent_after` while hearing others without a pause are
-    /// silent.
-    fn gateway_tick(&mut self, gateway: &Arc<str>, received_ms: i64) {
-        let after = self.analytics.silent_after.as_millis() as i64;
-        let (last, since) = self.clocks.entry(gateway.clone()).or_insert((received_ms, received_ms));
-        if received_ms <= *last {
-            return;
-        }
-        if received_ms - *last > after / 2 {
-            // A pause: the gateway was away (or only silent units are left); start over.
-            *since = received_ms;
-        }
-        *last = received_ms;
-        self.dirty = true;
-        let (now, since) = (*last, *since);
-        if now - since <= after {
-            return;
-        }
-        let Some(waiting) = self.waiting.get_mut(&**gateway) else { return };
-        let mut silent = Vec::new();
-        while let Some(first) = waiting.first()
-            && first.0 < now - after
-        {
-            if let Some(w) = waiting.pop_first() {
-                silent.push(w);
-            }
-        }
-        for (last, dkey) in silent {
-            let Some(state) = self.devices.get_mut(&dkey) else { continue };
-            let mut out = Output::default();
-            let who = Who { fleet: &state.fleet, device: &state.device };
-            state.analytics.check_silent(&who, last, last.max(since), now, &self.analytics, &mut out);
-            let (fleet, device): (Arc<str>, Arc<str>) = (state.fleet.as_str().into(), state.device.as_str().into());
-            self.take_output(&fleet, &device, out);
-        }
-    }
-
     fn bundle_deadletter(
         &mut self,
         reason: &'static str,
@@ -807,6 +636,9 @@ impl ShardState {
         self.opened_at
     }
 }
+
+mod replay;
+mod silence;
 
 #[cfg(test)]
 mod tests;

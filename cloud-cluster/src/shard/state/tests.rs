@@ -210,3 +210,23 @@ fn a_rotated_key_is_accepted_until_its_window_closes() {
     assert_eq!(CloudStats::get(&stats.samples_received), 5);
     assert_eq!(reasons(&stats), vec![(reason::AUTH_FAILED, 1)]);
 }
+
+#[test]
+fn a_unit_its_gateway_stops_hearing_while_hearing_others_is_silent_once() {
+    let (home, _) = devices();
+    let prov = fleet(200, 1);
+    let (mut s, stats) = state(SegmentConfig::default());
+    s.set_analytics(crate::analytics::AnalyticsConfig { silent_after: Duration::from_secs(60), ..Default::default() });
+    let (a, b) = (home[0], home[1]);
+    // Both units heard at the start; then only `a`, every 10 s of the gateway's clock.
+    let at = |ms: u64, batches: &[Vec<u8>], id: u64| bundle(&gateway_key(0), "gw-0", id, 0, batches, BASE_MS + ms);
+    s.ingest(&at(0, &[batch(a, 1, 0), batch(b, 1, 0)], 1), &prov, Instant::now(), wall());
+    for i in 1..=12u32 {
+        s.ingest(&at(u64::from(i) * 10_000, &[batch(a, 1, i)], u64::from(i) + 1), &prov, Instant::now(), wall());
+    }
+    assert_eq!(stats.events().get("silent"), Some(&1), "{:?}", stats.events());
+    // Heard again: the silence ends; no second event while it talks.
+    s.ingest(&at(130_000, &[batch(b, 1, 1)], 20), &prov, Instant::now(), wall());
+    s.ingest(&at(140_000, &[batch(a, 1, 13), batch(b, 1, 2)], 21), &prov, Instant::now(), wall());
+    assert_eq!(stats.events().get("silent"), Some(&1));
+}
