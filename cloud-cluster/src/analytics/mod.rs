@@ -32,9 +32,9 @@
 //! `analytics.silent_after` since it last received this one's. A unit behind a
 //! disconnected gateway is not silent: the gateway's clock, as seen here, stops too.
 //!
-//! - [`join`]: the event-time join (prefix, watermark, gaps) and each frame of readings;
-//! - [`windows`]: 1-minute and 1-hour aggregate windows;
-//! - [`detect`]: the detectors, one file per family (speed, fuel, tires, silence);
+//! - `join`: the event-time join (prefix, watermark, gaps) and each frame of readings;
+//! - `windows`: 1-minute and 1-hour aggregate windows;
+//! - `detect`: the detectors, one file per family (speed, fuel, tires, silence);
 //! - [`kinds`]: the event kinds.
 //!
 //! Pure: no I/O and no clock; time is the readings' own (event time).

@@ -1,7 +1,7 @@
 //! The operations endpoint: liveness, readiness, Prometheus metrics, status JSON,
 //! a vehicle's latest state, the schema registry's REST API ([`registry`]), and
 //! the writes — flush, rollup, dead-letter replay, schema registration and
-//! compatibility modes. One layer ([`auth`]) decides who may do what: with a
+//! compatibility modes. One layer (`auth`) decides who may do what: with a
 //! token configured, every write needs it, and vehicle reads need it or the
 //! read token.
 

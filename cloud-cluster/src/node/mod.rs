@@ -74,12 +74,12 @@ const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(200);
 
 impl Running {
     /// Stops in order, each step waiting for its work rather than for time
-    /// (bounded by [`SHUTDOWN_STEP`]):
+    /// (each bounded, 10 s):
     /// 1. readiness turns false;
     /// 2. every shard commits what it holds; the acks that releases are queued;
     /// 3. the session publishes every queued ack and alert, then disconnects
     ///    (no more bundles come in); an embedded broker gets
-    ///    [`EMBEDDED_BROKER_LINGER`] to forward them;
+    ///    200 ms to forward them;
     /// 4. HTTP, listeners and jobs stop;
     /// 5. the shard mailboxes close: each shard commits what came between 2 and 3
     ///    (left unacked: gateways send it again and it is deduped) and ends.

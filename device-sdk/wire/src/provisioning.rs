@@ -138,7 +138,7 @@ impl DeviceEntry {
     /// rotation is honoured the same way everywhere.
     ///
     /// # Errors
-    /// [`WireError::AuthenticationFailed`] when no accepted key verifies it, or the
+    /// [`crate::WireError::AuthenticationFailed`] when no accepted key verifies it, or the
     /// error of a batch too damaged to try.
     pub fn open_batch<R>(
         &self,
