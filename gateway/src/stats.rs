@@ -10,25 +10,16 @@ use serde::Serialize;
 
 /// Why a device message or login was refused.
 pub mod reason {
+    pub use fleetline_wire::reason::{AUTH_FAILED, MALFORMED, STALE_EPOCH, UNDECODABLE, UNKNOWN_DEVICE};
+
     /// Larger than a sealed batch may be.
     pub const OVERSIZED: &str = "oversized";
     /// Not on a device `up` topic.
     pub const BAD_TOPIC: &str = "bad_topic";
-    /// The cleartext header does not parse.
-    pub const MALFORMED: &str = "malformed";
     /// The header names another device than the topic.
     pub const TOPIC_MISMATCH: &str = "topic_mismatch";
-    /// The device is not provisioned.
-    pub const UNKNOWN_DEVICE: &str = "unknown_device";
     /// The device is revoked.
     pub const REVOKED: &str = "revoked";
-    /// The seal does not verify under the device's keys.
-    pub const AUTH_FAILED: &str = "auth_failed";
-    /// The body does not decode.
-    pub const UNDECODABLE: &str = "undecodable";
-    /// An authentic batch from a boot epoch older than every epoch remembered for
-    /// its device: a replay, refused.
-    pub const STALE_EPOCH: &str = "stale_epoch";
     /// The disk queue is full under back-pressure (the device keeps the batch).
     pub const QUEUE_FULL: &str = "queue_full";
     /// The disk queue could not write (the device keeps the batch).

@@ -21,6 +21,7 @@ pub(super) struct Ols {
 }
 
 impl Ols {
+    #[inline]
     pub(super) fn add(&mut self, t: f64, p: f64) {
         self.n += 1;
         self.st += t;
@@ -75,6 +76,7 @@ impl Window {
         }
     }
 
+    #[inline]
     pub(super) fn end(&self) -> i64 {
         self.start + self.len
     }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use fleetline_wire::shard::fnv1a64;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::lake::schema::col as c;
 use crate::shard::checkpoint::{
     Checkpoint, DEADLETTER_SEEN_MAX, DeviceState, checkpoint_dir, checkpoint_path, damaged_dir, generation_of,
     published_of,
@@ -69,34 +70,7 @@ pub async fn repair(
 ) -> anyhow::Result<RepairReport> {
     anyhow::ensure!(shard < shard_count, "shard {shard} does not exist with shard_count {shard_count}");
     let mut report = RepairReport { shard, ..Default::default() };
-    // The newest checkpoint that loads; newer ones that do not are damaged.
-    let mut checkpoints: Vec<(u64, String)> = store
-        .list(&checkpoint_dir(shard))
-        .await?
-        .into_iter()
-        .filter_map(|p| generation_of(&p).map(|g| (g, p)))
-        .collect();
-    checkpoints.sort();
-    let mut base: Option<Checkpoint> = None;
-    let mut damaged = Vec::new();
-    while let Some((_, path)) = checkpoints.pop() {
-        let Some(bytes) = store.get(&path).await? else { continue };
-        match Checkpoint::from_bytes(&bytes) {
-            Ok(c) if c.shard == shard && c.shard_count == shard_count => {
-                base = Some(c);
-                break;
-            }
-            Ok(c) => anyhow::bail!(
-                "checkpoint {path} belongs to shard {}/{}, not {shard}/{shard_count}: is shard_count right?",
-                c.shard,
-                c.shard_count
-            ),
-            Err(e) => {
-                tracing::warn!(checkpoint = path, error = %e, "damaged checkpoint; repairing past it");
-                damaged.push(path);
-            }
-        }
-    }
+    let (base, damaged) = newest_loadable(store, shard, shard_count).await?;
     report.from_generation = base.as_ref().map_or(0, |c| c.generation);
     let mut ckpt = base.unwrap_or_else(|| Checkpoint {
         shard,
@@ -123,9 +97,10 @@ pub async fn repair(
         return Ok(report);
     }
 
-    let mut devices: BTreeMap<(String, String), DeviceState> =
-        ckpt.devices.drain(..).map(|d| ((d.fleet.clone(), d.device.clone()), d)).collect();
-    let mut hashes: VecDeque<u64> = ckpt.deadletter_seen.drain(..).collect();
+    let mut rebuilt = Rebuilt {
+        devices: ckpt.devices.drain(..).map(|d| ((d.fleet.clone(), d.device.clone()), d)).collect(),
+        hashes: ckpt.deadletter_seen.drain(..).collect(),
+    };
     for (generation, path) in &beyond {
         let dataset = path.split('/').next().unwrap_or_default();
         if dataset != "readings" && dataset != "deadletter" {
@@ -136,56 +111,20 @@ pub async fn repair(
         report.files_read += 1;
         debug_assert_eq!(published_of(path).map(|(_, g)| g), Some(*generation));
         for batch in &batches {
-            let rows = Rows::of(batch);
-            for i in 0..batch.num_rows() {
-                if dataset == "readings" {
-                    report.readings += 1;
-                } else {
-                    report.deadletters += 1;
-                    let why = rows.text("reason", i).unwrap_or_default();
-                    if !reason::is_authentic(why) {
-                        // Deduped by its bytes, as the shard does.
-                        if let Some(raw) = rows.binary("raw", i) {
-                            hashes.push_back(fnv1a64(raw) ^ fnv1a64(why.as_bytes()).rotate_left(1));
-                        }
-                        continue;
-                    }
-                }
-                let (Some(fleet), Some(device), Some(epoch), Some(seq)) =
-                    (rows.text("fleet", i), rows.text("device_id", i), rows.int("epoch", i), rows.int("seq", i))
-                else {
-                    continue;
-                };
-                let (Ok(epoch), Ok(seq)) = (u32::try_from(epoch), u32::try_from(seq)) else { continue };
-                let state = devices.entry((fleet.to_string(), device.to_string())).or_insert_with(|| DeviceState {
-                    fleet: fleet.into(),
-                    device: device.into(),
-                    ..Default::default()
-                });
-                if state.seen.insert(epoch, seq) {
-                    report.batches_added += 1;
-                    ckpt.totals.batches += 1;
-                    if state.last_batch < (epoch, seq) {
-                        state.last_batch = (epoch, seq);
-                        if let (Some(gw), Some(at)) = (rows.text("gateway_id", i), rows.time("received_at", i)) {
-                            state.last_gateway = gw.into();
-                            state.last_received_ms = at;
-                        }
-                    }
-                }
-            }
+            rebuilt.take(dataset == "readings", batch, &mut report);
         }
     }
-    for state in devices.values_mut() {
+    ckpt.totals.batches += report.batches_added;
+    for state in rebuilt.devices.values_mut() {
         if let Some(forgot) = state.seen.retain_epochs(segment.dedupe_epochs) {
             state.epoch_floor = state.epoch_floor.max(forgot.saturating_add(1));
         }
     }
-    while hashes.len() > DEADLETTER_SEEN_MAX {
-        hashes.pop_front();
+    while rebuilt.hashes.len() > DEADLETTER_SEEN_MAX {
+        rebuilt.hashes.pop_front();
     }
-    ckpt.devices = devices.into_values().collect();
-    ckpt.deadletter_seen = hashes.into();
+    ckpt.devices = rebuilt.devices.into_values().collect();
+    ckpt.deadletter_seen = rebuilt.hashes.into();
     ckpt.totals.readings += report.readings;
     ckpt.totals.deadletters += report.deadletters;
     ckpt.totals.files += beyond.len() as u64;
@@ -202,21 +141,100 @@ pub async fn repair(
         store.rename(path, &aside).await?;
         tracing::warn!(from = path, to = aside, "damaged checkpoint moved aside");
     }
-    let path = checkpoint_path(shard, newest);
-    if report.from_generation == newest {
-        // Only a damaged newer checkpoint was in the way: the loaded one stays.
-        report.generation = newest;
-        report.devices = ckpt.devices.len();
-        report.damaged_checkpoints = damaged;
-        return Ok(report);
-    }
-    store.put_new(&path, Bytes::from(ckpt.to_bytes())).await?;
-    report.written = true;
     report.generation = newest;
     report.devices = ckpt.devices.len();
     report.damaged_checkpoints = damaged;
+    if report.from_generation == newest {
+        // Only a damaged newer checkpoint was in the way: the loaded one stays.
+        return Ok(report);
+    }
+    let path = checkpoint_path(shard, newest);
+    store.put_new(&path, Bytes::from(ckpt.to_bytes())).await?;
+    report.written = true;
     tracing::info!(shard, checkpoint = path, ?report, "shard state rebuilt from its datasets");
     Ok(report)
+}
+
+/// The newest checkpoint of the shard that loads, and the newer ones that do not.
+async fn newest_loadable(
+    store: &Store,
+    shard: u16,
+    shard_count: u16,
+) -> anyhow::Result<(Option<Checkpoint>, Vec<String>)> {
+    let mut checkpoints: Vec<(u64, String)> = store
+        .list(&checkpoint_dir(shard))
+        .await?
+        .into_iter()
+        .filter_map(|p| generation_of(&p).map(|g| (g, p)))
+        .collect();
+    checkpoints.sort();
+    let mut damaged = Vec::new();
+    while let Some((_, path)) = checkpoints.pop() {
+        let Some(bytes) = store.get(&path).await? else { continue };
+        match Checkpoint::from_bytes(&bytes) {
+            Ok(c) if c.shard == shard && c.shard_count == shard_count => return Ok((Some(c), damaged)),
+            Ok(c) => anyhow::bail!(
+                "checkpoint {path} belongs to shard {}/{}, not {shard}/{shard_count}: is shard_count right?",
+                c.shard,
+                c.shard_count
+            ),
+            Err(e) => {
+                tracing::warn!(checkpoint = path, error = %e, "damaged checkpoint; repairing past it");
+                damaged.push(path);
+            }
+        }
+    }
+    Ok((None, damaged))
+}
+
+/// Dedupe state rebuilt from dataset rows.
+struct Rebuilt {
+    devices: BTreeMap<(String, String), DeviceState>,
+    /// Hashes of unauthenticated dead letters, as the shard dedupes them.
+    hashes: VecDeque<u64>,
+}
+
+impl Rebuilt {
+    /// Takes the rows of one `readings` (or `deadletter`) record batch.
+    fn take(&mut self, readings: bool, batch: &RecordBatch, report: &mut RepairReport) {
+        let rows = Rows::of(batch);
+        for i in 0..batch.num_rows() {
+            if readings {
+                report.readings += 1;
+            } else {
+                report.deadletters += 1;
+                let why = rows.text(c::REASON, i).unwrap_or_default();
+                if !reason::is_authentic(why) {
+                    // Deduped by its bytes, as the shard does.
+                    if let Some(raw) = rows.binary(c::RAW, i) {
+                        self.hashes.push_back(fnv1a64(raw) ^ fnv1a64(why.as_bytes()).rotate_left(1));
+                    }
+                    continue;
+                }
+            }
+            let (Some(fleet), Some(device), Some(epoch), Some(seq)) =
+                (rows.text(c::FLEET, i), rows.text(c::DEVICE_ID, i), rows.int(c::EPOCH, i), rows.int(c::SEQ, i))
+            else {
+                continue;
+            };
+            let (Ok(epoch), Ok(seq)) = (u32::try_from(epoch), u32::try_from(seq)) else { continue };
+            let state = self.devices.entry((fleet.to_string(), device.to_string())).or_insert_with(|| DeviceState {
+                fleet: fleet.into(),
+                device: device.into(),
+                ..Default::default()
+            });
+            if state.seen.insert(epoch, seq) {
+                report.batches_added += 1;
+                if state.last_batch < (epoch, seq) {
+                    state.last_batch = (epoch, seq);
+                    if let (Some(gw), Some(at)) = (rows.text(c::GATEWAY_ID, i), rows.time(c::RECEIVED_AT, i)) {
+                        state.last_gateway = gw.into();
+                        state.last_received_ms = at;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn now_ms() -> i64 {

@@ -1,21 +1,15 @@
 //! Why a dead letter is one: the `reason` column of the `deadletter` dataset.
 
+pub use fleetline_wire::reason::{AUTH_FAILED, MALFORMED, STALE_EPOCH, UNDECODABLE, UNKNOWN_DEVICE};
+
 /// A bundle whose header or body does not parse.
 pub const BUNDLE_MALFORMED: &str = "bundle_malformed";
 /// A bundle from a gateway that is not provisioned.
 pub const UNKNOWN_GATEWAY: &str = "unknown_gateway";
 /// A bundle whose seal does not verify under its gateway's key.
 pub const BUNDLE_AUTH_FAILED: &str = "bundle_auth_failed";
-/// A batch whose header does not parse.
-pub const MALFORMED: &str = "malformed";
 /// A batch of a device that hashes to another shard (shard counts differ).
 pub const WRONG_SHARD: &str = "wrong_shard";
-/// A batch of a device that is not provisioned.
-pub const UNKNOWN_DEVICE: &str = "unknown_device";
-/// A batch whose seal does not verify under its device's keys.
-pub const AUTH_FAILED: &str = "auth_failed";
-/// An authentic batch whose body does not decode.
-pub const UNDECODABLE: &str = "undecodable";
 /// A series of a reading kind this build does not know (raw series kept).
 pub const UNKNOWN_KIND: &str = "unknown_kind";
 /// An authentic batch naming a schema id the registry does not have.
@@ -28,9 +22,6 @@ pub const OUT_OF_RANGE: &str = "out_of_range";
 pub const FUTURE_TIMESTAMP: &str = "future_timestamp";
 /// A reading dated before the epoch floor (a unit whose clock is not set).
 pub const BEFORE_EPOCH_FLOOR: &str = "before_epoch_floor";
-/// An authentic batch from a boot epoch below its device's epoch floor
-/// (dedupe state of that epoch forgotten): a replay, never stored again.
-pub const STALE_EPOCH: &str = "stale_epoch";
 
 /// Whether a dead letter of this reason is an authentic batch, deduped by its
 /// (device, epoch, seq) like stored batches; the others are deduped by a hash

@@ -51,6 +51,7 @@ pub struct SignalDef {
 
 impl SignalDef {
     /// Whether `value` lies within the valid range (NaN never does).
+    #[inline]
     pub fn accepts(&self, value: f64) -> bool {
         value >= self.min && value <= self.max
     }
@@ -123,6 +124,7 @@ impl Schema {
     }
 
     /// A signal by kind.
+    #[inline]
     pub fn signal(&self, kind: u16) -> Option<&SignalDef> {
         self.signals.binary_search_by_key(&kind, |d| d.kind).ok().map(|i| &self.signals[i])
     }

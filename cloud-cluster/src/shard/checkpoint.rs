@@ -107,6 +107,7 @@ pub struct DeviceState {
 impl DeviceState {
     /// A reading of `kind` at `ts_ms`: the latest value of that signal unless a
     /// newer one is known.
+    #[inline]
     pub fn note_latest(&mut self, kind: u16, ts_ms: i64, value: f64) {
         match self.latest.iter_mut().find(|l| l.kind == kind) {
             Some(l) if l.ts_ms <= ts_ms => *l = Latest { kind, ts_ms, value },

@@ -429,9 +429,10 @@ impl ShardState {
         let mut refused = Vec::new();
         let mut pts = Vec::with_capacity(decoded.samples.len());
         let Some(state) = self.devices.get_mut(dkey) else { return pts };
+        let times = self.validation.window(from.received_at_ms);
         for s in &decoded.samples {
             let Some(spec) = signals::spec(s.kind) else { continue };
-            let checked = self.validation.check_time(s.ts_ms, from.received_at_ms).and_then(|()| match schema {
+            let checked = times.check(s.ts_ms).and_then(|()| match schema {
                 Some(schema) => check_value(schema, header.schema, s.kind.0, s.value).map(|_| ()),
                 None => Ok(()),
             });
@@ -483,7 +484,9 @@ impl ShardState {
 
     fn take_output(&mut self, fleet: &Arc<str>, device: &Arc<str>, out: Output) {
         let aggregates = out.aggregates.len() as u64;
-        self.stats.emit(ev::AnalyticsAdvanced { aggregates, late_samples: 0, gaps_skipped: 0 });
+        if aggregates > 0 {
+            self.stats.emit(ev::AnalyticsAdvanced { aggregates, late_samples: 0, gaps_skipped: 0 });
+        }
         for row in out.aggregates {
             self.rows.push_aggregate(fleet, device, row);
         }

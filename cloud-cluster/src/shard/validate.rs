@@ -35,11 +35,13 @@ impl Default for ValidationConfig {
 
 impl ValidationConfig {
     /// The floor in Unix ms.
+    #[inline]
     pub fn floor_ms(&self) -> i64 {
         self.epoch_floor.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
     }
 
     /// The latest reading time accepted from an entry received at `received_at_ms`.
+    #[inline]
     pub fn latest_ms(&self, received_at_ms: i64) -> i64 {
         received_at_ms.saturating_add(self.max_future_skew.as_millis() as i64)
     }
@@ -47,15 +49,36 @@ impl ValidationConfig {
     /// Why a reading taken at `ts_ms`, received at `received_at_ms`, has an
     /// impossible time, if it has one.
     pub fn check_time(&self, ts_ms: i64, received_at_ms: i64) -> Result<(), Refusal> {
-        if ts_ms > self.latest_ms(received_at_ms) {
-            let detail = format!("dated {} ms after its gateway received it", ts_ms - received_at_ms);
+        self.window(received_at_ms).check(ts_ms)
+    }
+
+    /// The times accepted from one entry received at `received_at_ms` (worked out
+    /// once per batch, checked per reading).
+    #[inline]
+    pub fn window(&self, received_at_ms: i64) -> TimeWindow {
+        TimeWindow { received_at_ms, floor_ms: self.floor_ms(), latest_ms: self.latest_ms(received_at_ms) }
+    }
+}
+
+/// The reading times one batch may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct TimeWindow {
+    received_at_ms: i64,
+    floor_ms: i64,
+    latest_ms: i64,
+}
+
+impl TimeWindow {
+    /// Why a reading taken at `ts_ms` has an impossible time, if it has one.
+    #[inline]
+    pub fn check(&self, ts_ms: i64) -> Result<(), Refusal> {
+        if ts_ms > self.latest_ms {
+            let detail = format!("dated {} ms after its gateway received it", ts_ms - self.received_at_ms);
             return Err(Refusal { reason: reason::FUTURE_TIMESTAMP, detail });
         }
-        if ts_ms < self.floor_ms() {
-            return Err(Refusal {
-                reason: reason::BEFORE_EPOCH_FLOOR,
-                detail: format!("dated {ts_ms} ms, before the epoch floor"),
-            });
+        if ts_ms < self.floor_ms {
+            let detail = format!("dated {ts_ms} ms, before the epoch floor");
+            return Err(Refusal { reason: reason::BEFORE_EPOCH_FLOOR, detail });
         }
         Ok(())
     }
@@ -73,6 +96,7 @@ pub struct Refusal {
 /// Whether `value` of signal `kind` fits schema `schema` (id `schema_id`): the
 /// schema lists the kind, and the value lies within its range. Returns the
 /// signal's definition.
+#[inline]
 pub fn check_value(schema: &Schema, schema_id: u16, kind: u16, value: f64) -> Result<&SignalDef, Refusal> {
     match schema.signal(kind) {
         None => {

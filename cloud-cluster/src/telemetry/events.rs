@@ -15,6 +15,7 @@ pub trait InternalEvent {
     fn emit(self, stats: &CloudStats);
 }
 
+#[inline]
 fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
@@ -23,6 +24,7 @@ fn add(counter: &AtomicU64, n: u64) {
 pub struct BundleReceived;
 
 impl InternalEvent for BundleReceived {
+    #[inline]
     fn emit(self, s: &CloudStats) {
         add(&s.bundles_received, 1);
         metrics::counter!("fleetline_cloud_bundles_received_total").increment(1);
@@ -33,6 +35,7 @@ impl InternalEvent for BundleReceived {
 pub struct SamplesAccepted(pub u64);
 
 impl InternalEvent for SamplesAccepted {
+    #[inline]
     fn emit(self, s: &CloudStats) {
         add(&s.samples_received, self.0);
         metrics::counter!("fleetline_cloud_samples_received_total").increment(self.0);
@@ -44,6 +47,7 @@ impl InternalEvent for SamplesAccepted {
 pub struct Duplicate;
 
 impl InternalEvent for Duplicate {
+    #[inline]
     fn emit(self, s: &CloudStats) {
         add(&s.duplicates, 1);
         metrics::counter!("fleetline_cloud_dedupe_hits_total").increment(1);
@@ -81,6 +85,7 @@ pub struct AnalyticsAdvanced {
 }
 
 impl InternalEvent for AnalyticsAdvanced {
+    #[inline]
     fn emit(self, s: &CloudStats) {
         add(&s.aggregates, self.aggregates);
         add(&s.late_samples, self.late_samples);
@@ -297,6 +302,7 @@ impl InternalEvent for BrokerLeft {
 pub struct AcksSent(pub u64);
 
 impl InternalEvent for AcksSent {
+    #[inline]
     fn emit(self, s: &CloudStats) {
         add(&s.acks_sent, self.0);
         metrics::counter!("fleetline_cloud_acks_sent_total").increment(self.0);

@@ -72,6 +72,7 @@ pub struct CloudStats {
 
 impl CloudStats {
     /// Emits an event: its log line, counter and status entry.
+    #[inline]
     pub fn emit(&self, event: impl InternalEvent) {
         event.emit(self);
     }

@@ -16,6 +16,7 @@ pub mod key;
 #[cfg(feature = "std")]
 pub mod provisioning;
 #[cfg(feature = "std")]
+pub mod reason;
 pub mod seqset;
 pub mod shard;
 pub mod signals;

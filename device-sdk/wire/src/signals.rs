@@ -250,14 +250,18 @@ pub mod kind {
         }
     }
 
+    /// The first tire kind: wheel `i` has pressure at `TIRE_BASE + 2i` and
+    /// temperature at `TIRE_BASE + 2i + 1`.
+    const TIRE_BASE: u16 = 32;
+
     /// `Vehicle.Chassis.Axle.Row{r}.Wheel.{Left|Right}.Tire.Pressure`; `None` for rows past 4.
     pub fn tire_pressure(wheel: Wheel) -> Option<SignalKind> {
-        wheel.index().map(|i| SignalKind(32 + 2 * i))
+        wheel.index().map(|i| SignalKind(TIRE_BASE + 2 * i))
     }
 
     /// `Vehicle.Chassis.Axle.Row{r}.Wheel.{Left|Right}.Tire.Temperature`; `None` for rows past 4.
     pub fn tire_temperature(wheel: Wheel) -> Option<SignalKind> {
-        wheel.index().map(|i| SignalKind(33 + 2 * i))
+        wheel.index().map(|i| SignalKind(TIRE_BASE + 2 * i + 1))
     }
 
     /// Wheel positions the table has: four axle rows, left and right.
@@ -275,17 +279,14 @@ pub mod kind {
     /// The wheel (index `(row − 1) · 2 + right`, below [`WHEELS`]) and quantity of a
     /// tire signal; `None` for every other kind. The inverse of [`tire_pressure`]
     /// and [`tire_temperature`].
+    #[inline]
     pub fn tire_of(kind: SignalKind) -> Option<(usize, TireQuantity)> {
-        (0..WHEELS).find_map(|i| {
-            let wheel = Wheel { row: (i / 2 + 1) as u8, right: i % 2 == 1 };
-            if tire_pressure(wheel) == Some(kind) {
-                Some((i, TireQuantity::Pressure))
-            } else if tire_temperature(wheel) == Some(kind) {
-                Some((i, TireQuantity::Temperature))
-            } else {
-                None
-            }
-        })
+        let i = usize::from(kind.0.checked_sub(TIRE_BASE)?);
+        if i >= 2 * WHEELS {
+            return None;
+        }
+        let quantity = if i % 2 == 0 { TireQuantity::Pressure } else { TireQuantity::Temperature };
+        Some((i / 2, quantity))
     }
 }
 
