@@ -46,15 +46,7 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .route("/metrics", get(render_metrics))
         .route("/status", get(status))
         .with_state(ops);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the HTTP listener {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
-    Ok((addr, async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    }))
+    fleetline_service::http::serve(listen, app).await
 }
 
 /// Ready while started, the disk queue can append, and the device broker answers.

@@ -67,15 +67,7 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .merge(registry::router())
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require_token))
         .with_state(ops);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the HTTP listener {listen}: {e}"))?;
-    let addr = listener.local_addr()?;
-    Ok((addr, async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    }))
+    fleetline_service::http::serve(listen, app).await
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod counter;
+pub mod http;
 pub mod limits;
 pub mod process;
 pub mod provisioning;

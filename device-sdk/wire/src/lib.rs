@@ -15,8 +15,8 @@ pub mod ids;
 pub mod key;
 #[cfg(feature = "std")]
 pub mod provisioning;
-#[cfg(feature = "std")]
 pub mod reason;
+#[cfg(feature = "std")]
 pub mod seqset;
 pub mod shard;
 pub mod signals;
