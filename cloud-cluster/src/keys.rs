@@ -3,23 +3,31 @@
 
 use std::ops::Deref;
 use std::path::Path;
+use std::sync::Arc;
 
 use fleetline_service::ProvisioningFile;
 use fleetline_wire::provisioning::{Provisioning, ProvisioningError};
 
 /// The provisioning file the node runs on: gateway and device keys.
 #[derive(Debug)]
-pub struct Keys(ProvisioningFile);
+pub struct Keys(Arc<ProvisioningFile>);
 
 impl Keys {
     /// Loads the file.
     pub fn load(path: &Path) -> Result<Self, ProvisioningError> {
-        ProvisioningFile::load(path).map(Self)
+        ProvisioningFile::load(path).map(|f| Self(Arc::new(f)))
     }
 
     /// Keys from memory (tests, benchmarks).
     pub fn fixed(p: Provisioning) -> Self {
-        Self(ProvisioningFile::fixed(p))
+        Self(Arc::new(ProvisioningFile::fixed(p)))
+    }
+}
+
+impl Keys {
+    /// The file, for the reload loop.
+    pub fn file(&self) -> Arc<ProvisioningFile> {
+        self.0.clone()
     }
 }
 

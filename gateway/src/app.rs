@@ -20,7 +20,9 @@ use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
-use fleetline_broker::{BrokerSettings, Front, TlsFiles};
+use fleetline_broker::{BrokerSettings, Front, ReloadActions, TlsFiles, keep_provisioning};
+use fleetline_service::provisioning::Reloaded;
+use fleetline_wire::provisioning::ProvisioningError;
 
 /// File descriptors kept free of device sessions: queue segments, the uplink, HTTP.
 const FD_HEADROOM: u64 = 1024;
@@ -92,7 +94,14 @@ pub async fn run(
         first_unacked,
     };
     let uplink_task = tokio::spawn(uplink.run(feed_rx, dropped_rx, uplink_stop));
-    let reload_task = tokio::spawn(keep_provisioning(&cfg, registry, devices.broker.sessions.clone(), stats.clone()));
+    let logins: Arc<dyn fleetline_broker::Logins> = registry.clone();
+    let reload_task = tokio::spawn(keep_provisioning(
+        registry.file(),
+        cfg.provisioning_reload,
+        cfg.provisioning_max_removal,
+        Some((devices.broker.sessions.clone(), logins)),
+        GatewayReloads { sessions: devices.broker.sessions.clone(), stats: stats.clone() },
+    ));
 
     let ops = http::Ops {
         id: cfg.id.clone(),
@@ -228,38 +237,31 @@ async fn start_devices(
     Ok(Devices { broker, link_tx, link_rx, listening, sessions_active })
 }
 
-/// Provisioning reloads: revoked units are disconnected, and sessions opened with
-/// a key that is no longer accepted (rotated past its window, or the unit revoked)
-/// end; the unit reconnects with its new key.
-fn keep_provisioning(
-    cfg: &GatewayConfig,
-    registry: Arc<Registry>,
+/// Provisioning reloads at the gateway: revoked units are disconnected; sessions
+/// opened with a key that is no longer accepted end (the shared loop rechecks them)
+/// and the unit reconnects with its new key.
+struct GatewayReloads {
     sessions: Arc<fleetline_broker::sessions::Sessions>,
     stats: Arc<GatewayStats>,
-) -> impl std::future::Future<Output = ()> + use<> {
-    let (period, max_removal) = (cfg.provisioning_reload, cfg.provisioning_max_removal);
-    async move {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            match registry.reload_if_changed(max_removal) {
-                Ok(Some(diff)) => {
-                    tracing::info!(revoked = diff.revoked.len(), "provisioning reloaded");
-                    for (fleet, device) in diff.revoked {
-                        GatewayStats::add(&stats.revocations, 1);
-                        sessions.kick(device_username(&fleet, &device).as_str());
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    GatewayStats::add(&stats.provisioning_refused, 1);
-                    tracing::error!(error = %e, "provisioning file rejected; keeping the loaded one");
-                }
-            }
-            for id in sessions.recheck(|c, u, p| registry.check_login(c, u, p)) {
-                GatewayStats::add(&stats.sessions_ended_by_keys, 1);
-                tracing::info!(client_id = id, "session ended: its login is no longer accepted");
-            }
+}
+
+impl ReloadActions for GatewayReloads {
+    fn reloaded(&self, change: &Reloaded) {
+        let revoked = Registry::revoked(change);
+        tracing::info!(revoked = revoked.len(), "provisioning reloaded");
+        for (fleet, device) in revoked {
+            GatewayStats::add(&self.stats.revocations, 1);
+            self.sessions.kick(device_username(&fleet, &device).as_str());
         }
+    }
+
+    fn refused(&self, error: &ProvisioningError) {
+        GatewayStats::add(&self.stats.provisioning_refused, 1);
+        tracing::error!(error = %error, "provisioning file rejected; keeping the loaded one");
+    }
+
+    fn session_ended(&self, client_id: &str) {
+        GatewayStats::add(&self.stats.sessions_ended_by_keys, 1);
+        tracing::info!(client_id, "session ended: its login is no longer accepted");
     }
 }

@@ -126,34 +126,36 @@ pub async fn run(
     let running = start(&cfg, store, keys.clone(), stats.clone(), render).await?;
     on_listening(&running.listening);
 
-    let mut reload = tokio::time::interval(cfg.provisioning_reload.max(Duration::from_millis(100)));
-    loop {
-        tokio::select! {
-            _ = reload.tick() => reload_keys(&cfg, &keys, &stats, running.broker_sessions.as_ref()),
-            r = stop.changed() => {
-                if r.is_err() || *stop.borrow() {
-                    break;
-                }
-            }
-        }
-    }
+    let sessions = running.broker_sessions.clone();
+    let reloads = tokio::spawn(fleetline_broker::keep_provisioning(
+        keys.file(),
+        cfg.provisioning_reload.max(Duration::from_millis(100)),
+        cfg.provisioning_max_removal,
+        sessions,
+        NodeReloads(stats.clone()),
+    ));
+    while stop.changed().await.is_ok() && !*stop.borrow() {}
+    reloads.abort();
     tracing::info!("stopping: committing open segments");
     running.shutdown().await;
     Ok(())
 }
 
-/// Reloads the provisioning file if it changed; ends broker sessions opened with a
-/// key no longer accepted.
-fn reload_keys(cfg: &CloudConfig, keys: &Keys, stats: &CloudStats, sessions: Option<&BrokerSessions>) {
-    match keys.reload_if_changed(cfg.provisioning_max_removal) {
-        Ok(Some(_)) => tracing::info!("provisioning reloaded"),
-        Ok(None) => {}
-        Err(e) => stats.emit(ev::ProvisioningRefused { error: &e }),
+/// Provisioning reloads at the node: nothing to do on a change but log it (keys are
+/// looked up per bundle); refusals and ended sessions are counted.
+struct NodeReloads(Arc<CloudStats>);
+
+impl fleetline_broker::ReloadActions for NodeReloads {
+    fn reloaded(&self, _change: &fleetline_service::provisioning::Reloaded) {
+        tracing::info!("provisioning reloaded");
     }
-    if let Some((sessions, logins)) = sessions {
-        for id in sessions.recheck(|c, u, p| logins.check_login(c, u, p)) {
-            stats.emit(ev::SessionEndedByKeys { client_id: &id });
-        }
+
+    fn refused(&self, error: &fleetline_wire::provisioning::ProvisioningError) {
+        self.0.emit(ev::ProvisioningRefused { error });
+    }
+
+    fn session_ended(&self, client_id: &str) {
+        self.0.emit(ev::SessionEndedByKeys { client_id });
     }
 }
 

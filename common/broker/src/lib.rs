@@ -10,10 +10,12 @@
 
 pub mod broker;
 pub mod front;
+pub mod reload;
 pub mod sessions;
 
 pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
 pub use front::{Front, FrontEvents, Listening, Logins, TlsFiles};
+pub use reload::{ReloadActions, keep_provisioning};
 
 /// Reasons a connection is refused before or at login.
 pub mod reason {

@@ -6,25 +6,19 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fleetline_service::ProvisioningFile;
+use fleetline_service::provisioning::Reloaded;
 use fleetline_wire::provisioning::{DeviceEntry, Provisioning, ProvisioningError};
 use fleetline_wire::{DeviceId, FleetId};
 
 use crate::stats::reason;
 
 /// The loaded provisioning file.
-pub struct Registry(ProvisioningFile);
-
-/// What a reload changed that needs action.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ReloadDiff {
-    /// Devices revoked or removed since the last load: to be disconnected.
-    pub revoked: Vec<(FleetId, DeviceId)>,
-}
+pub struct Registry(Arc<ProvisioningFile>);
 
 impl Registry {
     /// Loads the file.
     pub fn load(path: &Path) -> Result<Self, ProvisioningError> {
-        ProvisioningFile::load(path).map(Self)
+        ProvisioningFile::load(path).map(|f| Self(Arc::new(f)))
     }
 
     /// The provisioning in force.
@@ -32,18 +26,20 @@ impl Registry {
         self.0.snapshot()
     }
 
-    /// Reloads if the file changed; returns what needs action (see
-    /// [`ProvisioningFile::reload_if_changed`] for what is refused).
-    pub fn reload_if_changed(&self, max_removal: f64) -> Result<Option<ReloadDiff>, ProvisioningError> {
-        let Some(r) = self.0.reload_if_changed(max_removal)? else { return Ok(None) };
-        let revoked = r
+    /// The file, for the reload loop.
+    pub fn file(&self) -> Arc<ProvisioningFile> {
+        self.0.clone()
+    }
+
+    /// Devices a reload revoked or removed: to be disconnected.
+    pub fn revoked(change: &Reloaded) -> Vec<(FleetId, DeviceId)> {
+        change
             .old
             .devices()
             .filter(|d| !d.revoked)
-            .filter(|d| r.new.device(&d.fleet, &d.device).is_none_or(|n| n.revoked))
+            .filter(|d| change.new.device(&d.fleet, &d.device).is_none_or(|n| n.revoked))
             .map(|d| (d.fleet, d.device))
-            .collect();
-        Ok(Some(ReloadDiff { revoked }))
+            .collect()
     }
 
     /// Checks a device's MQTT CONNECT: client id and username must both be
