@@ -208,6 +208,7 @@ fn pure_modules_use_no_runtime_no_store_no_io_and_no_clock() {
 /// The cloud's dependency rule, as in ARCHITECTURE.md: module → what it may import.
 const CLOUD_LAYERS: &[(&str, &[&str])] = &[
     ("analytics", &[]),
+    ("cluster", &[]),
     ("keys", &[]),
     ("telemetry", &[]),
     ("lake", &["analytics"]),
