@@ -103,7 +103,9 @@ impl StoreSpec {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| anyhow::anyhow!("creating the storage directory {}: {e}", dir.display()))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)?.with_fsync(true);
-                Ok(Store::new(Arc::new(fs), Path::default()))
+                let mut store = Store::new(Arc::new(fs), Path::default());
+                store.local_dir = Some(dir.clone());
+                Ok(store)
             }
             Self::S3 { bucket, prefix } => {
                 // reqwest's TLS uses the process-wide rustls provider.
@@ -186,12 +188,40 @@ pub struct Store {
     /// The store refuses a move onto an existing object by itself (local: a hard
     /// link; memory). Otherwise [`Store::rename_new`] looks first.
     create_only_moves: bool,
+    /// A local directory: its objects are swapped under an OS file lock, since
+    /// `LocalFileSystem` has no conditional update.
+    local_dir: Option<std::path::PathBuf>,
+}
+
+/// The version of an object a [`Store::swap`] expects to replace. On a local
+/// directory it also carries a digest of the content: the e-tag there is inode,
+/// mtime and size, which a later file could repeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Version {
+    e_tag: Option<String>,
+    version: Option<String>,
+    digest: Option<u64>,
+}
+
+/// Why a [`Store::swap`] did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// The object is not (or no longer) the version expected: someone else swapped
+    /// it first.
+    #[error("{path} changed since it was read")]
+    Lost {
+        /// The object.
+        path: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
 }
 
 impl Store {
     /// Wraps a store; every path is taken relative to `root`.
     pub fn new(inner: Arc<dyn ObjectStore>, root: Path) -> Self {
-        Self { inner, root, faults: Arc::default(), create_only_moves: true }
+        Self { inner, root, faults: Arc::default(), create_only_moves: true, local_dir: None }
     }
 
     /// An in-memory store (tests, benchmarks).
@@ -247,6 +277,61 @@ impl Store {
         }
     }
 
+    /// Reads an object with its version; `None` if it does not exist.
+    pub async fn get_versioned(&self, rel: &str) -> object_store::Result<Option<(Bytes, Version)>> {
+        match self.inner.get(&self.full(rel)).await {
+            Ok(r) => {
+                let (e_tag, version) = (r.meta.e_tag.clone(), r.meta.version.clone());
+                let bytes = r.bytes().await?;
+                let digest = self.local_dir.is_some().then(|| fleetline_wire::shard::fnv1a64(&bytes));
+                Ok(Some((bytes, Version { e_tag, version, digest })))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces an object only if it is still at version `expected` (`None`: only
+    /// if it does not exist yet) — compare-and-swap, the one write two writers
+    /// cannot both win. S3 and memory do it with a conditional put (`If-Match`,
+    /// `If-None-Match`); a local directory under an exclusive lock on
+    /// `.fleetline-swap.lock` in it, which every process on the machine takes.
+    pub async fn swap(&self, rel: &str, expected: Option<&Version>, data: Bytes) -> Result<Version, SwapError> {
+        let path = self.full(rel);
+        self.faults.check("swap", &path)?;
+        let lost = |e: object_store::Error| match e {
+            object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => {
+                SwapError::Lost { path: path.to_string() }
+            }
+            e => SwapError::Store(e),
+        };
+        let Some(dir) = &self.local_dir else {
+            let mode = match expected {
+                None => PutMode::Create,
+                Some(v) => {
+                    PutMode::Update(object_store::UpdateVersion { e_tag: v.e_tag.clone(), version: v.version.clone() })
+                }
+            };
+            let r = self
+                .inner
+                .put_opts(&path, PutPayload::from_bytes(data), PutOptions { mode, ..Default::default() })
+                .await
+                .map_err(lost)?;
+            return Ok(Version { e_tag: r.e_tag, version: r.version, digest: None });
+        };
+        let lock = LocalLock::take(dir)
+            .await
+            .map_err(|e| SwapError::Store(object_store::Error::Generic { store: "local", source: Box::new(e) }))?;
+        let current = self.get_versioned(rel).await?.map(|(_, v)| v);
+        if current.as_ref() != expected {
+            return Err(SwapError::Lost { path: path.to_string() });
+        }
+        let digest = Some(fleetline_wire::shard::fnv1a64(&data));
+        let r = self.inner.put(&path, PutPayload::from_bytes(data)).await?;
+        drop(lock);
+        Ok(Version { e_tag: r.e_tag, version: r.version, digest })
+    }
+
     /// Reads an object; `None` if it does not exist.
     pub async fn get(&self, rel: &str) -> object_store::Result<Option<Bytes>> {
         match self.inner.get(&self.full(rel)).await {
@@ -290,6 +375,29 @@ impl Store {
         let mut out: Vec<String> = metas.iter().map(|m| self.rel(&m.location)).collect();
         out.sort();
         Ok(out)
+    }
+}
+
+/// An exclusive lock on a directory's swap lock file, held until dropped (the OS
+/// releases it if the process dies).
+struct LocalLock(std::fs::File);
+
+impl LocalLock {
+    async fn take(dir: &std::path::Path) -> std::io::Result<Self> {
+        let path = dir.join(".fleetline-swap.lock");
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+            file.lock()?;
+            Ok(Self(file))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
+impl Drop for LocalLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
     }
 }
 
@@ -337,5 +445,56 @@ mod tests {
         assert!(s.put("y", Bytes::new()).await.is_err());
         s.put("z", Bytes::new()).await.unwrap();
         assert_eq!(s.list("").await.unwrap(), vec!["a/b/c.bin", "e/d.bin", "x", "z"]);
+    }
+
+    async fn swaps_compare_and_set(store: &Store) {
+        let v1 = store.swap("h", None, Bytes::from_static(b"1")).await.unwrap();
+        assert!(matches!(store.swap("h", None, Bytes::from_static(b"x")).await, Err(SwapError::Lost { .. })));
+        let (bytes, read) = store.get_versioned("h").await.unwrap().unwrap();
+        assert_eq!((&bytes[..], &read), (&b"1"[..], &v1));
+        let v2 = store.swap("h", Some(&v1), Bytes::from_static(b"2")).await.unwrap();
+        // A writer still holding the old version has lost.
+        assert!(matches!(store.swap("h", Some(&v1), Bytes::from_static(b"3")).await, Err(SwapError::Lost { .. })));
+        store.swap("h", Some(&v2), Bytes::from_static(b"3")).await.unwrap();
+        assert_eq!(store.get("h").await.unwrap().unwrap(), Bytes::from_static(b"3"));
+    }
+
+    #[tokio::test]
+    async fn a_swap_from_a_stale_version_loses_in_memory_and_on_disk() {
+        swaps_compare_and_set(&Store::memory()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig { url: dir.path().display().to_string(), ..Default::default() };
+        swaps_compare_and_set(&StoreSpec::parse(&cfg).unwrap().open(&cfg).unwrap()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_writers_on_disk_never_both_win_a_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig { url: dir.path().display().to_string(), ..Default::default() };
+        let store = StoreSpec::parse(&cfg).unwrap().open(&cfg).unwrap();
+        store.swap("counter", None, Bytes::from_static(b"0")).await.unwrap();
+        let mut writers = Vec::new();
+        for _ in 0..4 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let mut won = 0u64;
+                for _ in 0..40 {
+                    let (bytes, v) = store.get_versioned("counter").await.unwrap().unwrap();
+                    let n: u64 = std::str::from_utf8(&bytes).unwrap().parse().unwrap();
+                    if store.swap("counter", Some(&v), Bytes::from((n + 1).to_string())).await.is_ok() {
+                        won += 1;
+                    }
+                }
+                won
+            }));
+        }
+        let mut won = 0;
+        for w in writers {
+            won += w.await.unwrap();
+        }
+        // Every win is one increment: no two writers won from the same value.
+        let last: u64 = std::str::from_utf8(&store.get("counter").await.unwrap().unwrap()).unwrap().parse().unwrap();
+        assert_eq!(last, won);
+        assert!(won >= 40, "some writer won every round it was alone: {won}");
     }
 }
