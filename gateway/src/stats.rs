@@ -161,9 +161,7 @@ impl GatewayStats {
 }
 
 /// Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use fleetline_service::unix_ms;
 
 impl fleetline_broker::FrontEvents for GatewayStats {
     fn login_refused(&self, reason: &'static str) {

@@ -129,7 +129,7 @@ pub async fn repair(
     ckpt.totals.deadletters += report.deadletters;
     ckpt.totals.files += beyond.len() as u64;
     ckpt.generation = newest;
-    ckpt.committed_at_ms = now_ms();
+    ckpt.committed_at_ms = fleetline_service::unix_ms() as i64;
     ckpt.node = node.into();
     ckpt.publish.clear();
     ckpt.outbox.clear();
@@ -137,7 +137,7 @@ pub async fn repair(
     // Damaged checkpoints go aside (kept), so the new one can take the newest name.
     for path in &damaged {
         let name = path.rsplit('/').next().unwrap_or("checkpoint");
-        let aside = format!("{}/{}-{name}", damaged_dir(shard), now_ms());
+        let aside = format!("{}/{}-{name}", damaged_dir(shard), fleetline_service::unix_ms());
         store.rename(path, &aside).await?;
         tracing::warn!(from = path, to = aside, "damaged checkpoint moved aside");
     }
@@ -235,10 +235,6 @@ impl Rebuilt {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn read_parquet(bytes: Bytes) -> Result<Vec<RecordBatch>, parquet::errors::ParquetError> {

@@ -308,8 +308,7 @@ impl RollupJob {
     /// Runs once now (waits for a run in progress first).
     pub async fn run(&self) -> anyhow::Result<RollupReport> {
         let _one = self.lock.lock().await;
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = fleetline_service::unix_ms() as i64;
         let r = run_once(&self.store, self.grace, now).await?;
         metrics::counter!("fleetline_cloud_rollup_outputs_written_total").increment(r.hours_written + r.days_written);
         if let Ok(mut l) = self.last.lock() {

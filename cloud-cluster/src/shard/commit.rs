@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -114,10 +114,6 @@ pub struct Shard {
     pub state: ShardState,
     store: Store,
     stats: Arc<CloudStats>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Shard {
@@ -257,7 +253,7 @@ impl Shard {
         let id = self.state.id();
         let started = Instant::now();
         let generation = self.state.generation() + 1;
-        let stored_at = now_ms();
+        let stored_at = fleetline_service::unix_ms() as i64;
         let (rows, files) = tokio::task::spawn_blocking(move || {
             let files = rows.encode(stored_at);
             (rows, files)

@@ -102,9 +102,7 @@ fn count_rumqttd_panics() {
 /// How long a failed accept keeps the broker unhealthy.
 const ACCEPT_FAILURE_UNHEALTHY_MS: u64 = 5_000;
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use fleetline_service::unix_ms;
 
 /// How often the supervisor probes the broker with a real login.
 const PROBE_EVERY: Duration = Duration::from_secs(2);

@@ -34,8 +34,6 @@ impl ShardState {
         wall: SystemTime,
     ) -> ReplayOutcome {
         let mut out = ReplayOutcome::default();
-        let latest_ok = self.validation.max_future_skew.as_millis() as i64;
-        let floor = self.validation.floor_ms();
         for item in items {
             out.candidates += 1;
             let Some(state) = self.devices.get_mut(&device_key(&item.fleet, &item.device)) else {
@@ -47,9 +45,8 @@ impl ShardState {
                 out.already_replayed += 1;
                 continue;
             }
-            let valid = |def: &SignalDef, ts: i64, v: f64| {
-                def.accepts(v) && ts >= floor && ts <= item.received_at_ms.saturating_add(latest_ok)
-            };
+            let times = self.validation.window(item.received_at_ms);
+            let valid = |def: &SignalDef, ts: i64, v: f64| def.accepts(v) && times.check(ts).is_ok();
             let readings: Option<Vec<(i64, f64, &'static str)>> = if item.reason == reason::UNKNOWN_SCHEMA {
                 // A whole batch under a schema id registered since: opened again with
                 // the device's keys, every reading judged by that schema.
