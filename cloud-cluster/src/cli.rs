@@ -58,6 +58,10 @@ enum Command {
         #[arg(long)]
         shard: u16,
     },
+    /// Proves from the lake that every shard had one writer per generation and
+    /// never forked (reads every published file's writer stamp and every head).
+    /// Prints the report as JSON; exits 3 when it found a violation.
+    CheckGenerations,
 }
 
 fn load(args: &Args) -> anyhow::Result<CloudConfig> {
@@ -98,27 +102,40 @@ where
 {
     fleetline_service::init_tracing();
     let args = Args::parse_from(args);
-    if let Some(Command::Repair { shard }) = args.command {
-        return repair(load(&args), shard);
+    match args.command {
+        Some(Command::Repair { shard }) => return repair(load(&args), shard),
+        Some(Command::CheckGenerations) => return check_generations(load(&args)),
+        None => {}
     }
     fleetline_service::run("fleetline-cloud", load(&args), args.check_config, |cfg, render, stop| {
         node::run(cfg, Some(render), stop, fleetline_service::print_listening)
     })
 }
 
-/// `repair --shard N`: exit 0 with a JSON report, 2 on a bad configuration, 1 on failure.
-fn repair(cfg: anyhow::Result<CloudConfig>, shard: u16) -> ExitCode {
+/// Runs a one-shot command against the configured store: exit 0 with its JSON
+/// report (`fail` says when the report itself is a failure: exit 3), 2 on a bad
+/// configuration, 1 when it could not run.
+fn one_shot<R, F>(
+    name: &str,
+    cfg: anyhow::Result<CloudConfig>,
+    fail: impl Fn(&R) -> bool,
+    job: impl FnOnce(crate::lake::store::Store, CloudConfig) -> F,
+) -> ExitCode
+where
+    R: serde::Serialize,
+    F: std::future::Future<Output = anyhow::Result<R>>,
+{
     let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fleetline-cloud repair: {e:#}");
+            eprintln!("fleetline-cloud {name}: {e:#}");
             return ExitCode::from(2);
         }
     };
     let run = async {
         let spec = crate::lake::store::StoreSpec::parse(&cfg.storage).map_err(anyhow::Error::msg)?;
         let store = spec.open(&cfg.storage).context("opening the object store")?;
-        crate::jobs::repair::repair(&store, shard, cfg.shard_count, &cfg.node_id, &cfg.segment).await
+        job(store, cfg).await
     };
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -131,11 +148,33 @@ fn repair(cfg: anyhow::Result<CloudConfig>, shard: u16) -> ExitCode {
             {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             }
-            ExitCode::SUCCESS
+            if fail(&report) { ExitCode::from(3) } else { ExitCode::SUCCESS }
         }
         Err(e) => {
-            eprintln!("fleetline-cloud repair --shard {shard}: {e:#}");
+            eprintln!("fleetline-cloud {name}: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// `repair --shard N`.
+fn repair(cfg: anyhow::Result<CloudConfig>, shard: u16) -> ExitCode {
+    one_shot(
+        &format!("repair --shard {shard}"),
+        cfg,
+        |_| false,
+        |store, cfg| async move {
+            crate::jobs::repair::repair(&store, shard, cfg.shard_count, &cfg.node_id, &cfg.segment).await
+        },
+    )
+}
+
+/// `check-generations`.
+fn check_generations(cfg: anyhow::Result<CloudConfig>) -> ExitCode {
+    one_shot(
+        "check-generations",
+        cfg,
+        |r: &crate::jobs::generations::GenerationReport| !r.ok(),
+        |store, cfg| async move { crate::jobs::generations::check(&store, cfg.shard_count).await },
+    )
 }

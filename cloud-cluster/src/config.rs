@@ -43,6 +43,8 @@ pub struct CloudConfig {
     pub analytics: crate::analytics::AnalyticsConfig,
     /// Hourly compacted readings and daily per-vehicle rollups.
     pub rollup: crate::jobs::rollup::RollupConfig,
+    /// Membership, roles and shard placement.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl Default for CloudConfig {
@@ -60,6 +62,7 @@ impl Default for CloudConfig {
             validation: ValidationConfig::default(),
             analytics: Default::default(),
             rollup: Default::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -210,6 +213,12 @@ impl CloudConfig {
         }
         crate::lake::store::StoreSpec::parse(&self.storage).map_err(|e| ConfigError::invalid(e.to_string()))?;
         self.analytics.check().map_err(|e| ConfigError::invalid(e.to_string()))?;
+        self.cluster.check().map_err(ConfigError::invalid)?;
+        if self.cluster.mode != crate::cluster::Mode::Single && self.broker.url.is_none() {
+            return Err(ConfigError::invalid(
+                "a cluster needs a shared broker: set broker.url (the embedded broker serves one node)",
+            ));
+        }
         if self.rollup.interval.is_zero() {
             return Err(ConfigError::invalid("rollup.interval must be positive"));
         }

@@ -5,10 +5,10 @@
 //! token configured, every write needs it, and vehicle reads need it or the
 //! read token.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::cluster::ClusterState;
 use crate::jobs::replay::{ReplayError, replay_all};
 use crate::shard::ShardDirectory;
 use crate::telemetry::CloudStats;
@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 mod auth;
+mod cluster;
 pub mod registry;
 
 use auth::Tokens;
@@ -38,6 +39,8 @@ pub struct Ops {
     pub stats: Arc<CloudStats>,
     /// The shards this node owns.
     pub shards: ShardDirectory,
+    /// The node's picture of the cluster.
+    pub cluster: Arc<ClusterState>,
     /// Prometheus rendering, when the binary installed a recorder.
     pub metrics: Option<RenderMetrics>,
     /// Bearer token for writes (and vehicle reads).
@@ -52,8 +55,8 @@ pub struct Ops {
     pub rollup: Arc<crate::jobs::rollup::RollupJob>,
 }
 
-/// Binds the endpoint; returns its address and the server future.
-pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+/// Serves the endpoint on a bound listener.
+pub fn serve(listener: tokio::net::TcpListener, ops: Ops) -> impl std::future::Future<Output = ()> {
     let tokens = Tokens { write: ops.token.clone(), read: ops.read_token.clone() };
     let app = Router::new()
         .route("/health/live", get(|| async { "ok" }))
@@ -65,9 +68,10 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
         .route("/deadletter/replay", post(replay))
         .route("/admin/rollup", post(rollup))
         .merge(registry::router())
+        .merge(cluster::router())
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require_token))
         .with_state(ops);
-    fleetline_service::http::serve(listen, app).await
+    fleetline_service::http::serve_on(listener, app)
 }
 
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
@@ -122,10 +126,15 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn vehicle(State(ops): State<Ops>, Path((fleet, device)): Path<(String, String)>) -> Response {
+async fn vehicle(
+    State(ops): State<Ops>,
+    Path((fleet, device)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let shard = match ops.shards.of_device(&fleet, &device) {
         Ok(s) => s,
-        Err(e) => return (StatusCode::MISDIRECTED_REQUEST, e.to_string()).into_response(),
+        // Asked of a node that does not own the shard: the owner answers.
+        Err(e) => return cluster::from_owner(&ops, &fleet, &device, &headers, e).await,
     };
     match shard.vehicle(fleet, device).await {
         Ok(Some(v)) => Json(v).into_response(),

@@ -77,13 +77,26 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A change of the shards the session takes bundles for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Take the shard's topic (the shard is in the directory).
+    Subscribe(u16),
+    /// Stop taking it.
+    Unsubscribe(u16),
+}
+
 /// Runs the session until it is told to end ([`Released::EndOfStream`]): (re)connects with backoff,
-/// resubscribes on every ConnAck, routes bundles to `shards` (index = shard id;
-/// `None` = not owned here).
+/// subscribes on every ConnAck to the topics of the shards `shards` holds then,
+/// follows `routes` as shards come and go, and routes bundles to their shard's
+/// task (a bundle for a shard not held here is counted and left unacked: the
+/// gateway sends it again, to the new owner).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     session: Session,
     shards: ShardDirectory,
     acks: mpsc::UnboundedReceiver<Released>,
+    mut routes: mpsc::UnboundedReceiver<Route>,
     keys: Arc<Keys>,
     sender: String,
     stats: Arc<CloudStats>,
@@ -104,12 +117,26 @@ pub async fn run(
     let publisher = tokio::spawn(publish_acks(client.clone(), acks, keys, sender, stats.clone(), counter));
     // Ends the publisher with the session, however the session ends.
     let _publisher = AbortOnDrop(publisher);
-    let owned: Vec<u16> = shards.owned().map(ShardHandle::shard).collect();
+    // Requests queue in the client while disconnected; every ConnAck subscribes
+    // to what is owned then anyway.
+    let router = client.clone();
+    let _router = AbortOnDrop(tokio::spawn(async move {
+        while let Some(route) = routes.recv().await {
+            let r = match route {
+                Route::Subscribe(s) => router.subscribe(topics::ingest_topic(s).as_str(), QoS::AtLeastOnce).await,
+                Route::Unsubscribe(s) => router.unsubscribe(topics::ingest_topic(s).as_str()).await,
+            };
+            if r.is_err() {
+                return;
+            }
+        }
+    }));
     let mut backoff = fleetline_service::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
+                let owned: Vec<u16> = shards.owned().iter().map(ShardHandle::shard).collect();
                 stats.emit(ev::BrokerConnected { host: &session.host, port: session.port, shards: owned.len() });
                 let filters = owned.iter().map(|s| {
                     rumqttc::SubscribeFilter::new(topics::ingest_topic(*s).as_str().to_string(), QoS::AtLeastOnce)

@@ -30,8 +30,10 @@ use crate::shard::checkpoint::{
 };
 
 use crate::lake::reason;
-use crate::lake::store::Store;
-use crate::shard::{Published, SegmentConfig};
+use crate::lake::store::{Store, SwapError};
+use crate::shard::commit::read_head;
+use crate::shard::head::{Head, Writer, head_path};
+use crate::shard::{Published, SegmentConfig, ShardError};
 
 /// What a repair found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -70,7 +72,18 @@ pub async fn repair(
 ) -> anyhow::Result<RepairReport> {
     anyhow::ensure!(shard < shard_count, "shard {shard} does not exist with shard_count {shard_count}");
     let mut report = RepairReport { shard, ..Default::default() };
-    let (base, damaged) = newest_loadable(store, shard, shard_count).await?;
+    let (head, version) = match read_head(store, shard, shard_count).await {
+        Ok(h) => h,
+        Err(ShardError::DamagedHead { path, error, .. }) => {
+            // Rebuilt from the checkpoints below; the damaged head goes aside.
+            let aside = format!("{}/{}-head.json", damaged_dir(shard), fleetline_service::unix_ms());
+            store.rename(&path, &aside).await?;
+            tracing::warn!(from = path, to = aside, %error, "damaged head moved aside");
+            read_head(store, shard, shard_count).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (base, base_path, damaged) = newest_loadable(store, &head, shard_count).await?;
     report.from_generation = base.as_ref().map_or(0, |c| c.generation);
     let mut ckpt = base.unwrap_or_else(|| Checkpoint {
         shard,
@@ -84,6 +97,8 @@ pub async fn repair(
         totals: Default::default(),
         clocks: Vec::new(),
         outbox: Vec::new(),
+        claim: 0,
+        epoch: 0,
     });
 
     let published = Published::list(store).await?;
@@ -91,7 +106,9 @@ pub async fn repair(
         published.of(shard).iter().filter(|(g, _)| *g > report.from_generation).cloned().collect();
     beyond.sort();
     let newest = beyond.last().map_or(report.from_generation, |(g, _)| *g);
-    if beyond.is_empty() && damaged.is_empty() {
+    let head_ok =
+        (head.checkpoint == base_path && version.is_some()) || (head.checkpoint.is_none() && base_path.is_none());
+    if beyond.is_empty() && damaged.is_empty() && head_ok {
         report.generation = report.from_generation;
         report.devices = ckpt.devices.len();
         return Ok(report);
@@ -144,35 +161,68 @@ pub async fn repair(
     report.generation = newest;
     report.devices = ckpt.devices.len();
     report.damaged_checkpoints = damaged;
-    if report.from_generation == newest {
-        // Only a damaged newer checkpoint was in the way: the loaded one stays.
-        return Ok(report);
+    // The repair is a claim of its own: a node that held the shard is fenced out,
+    // and the head ends released, so the next owner picks it up at once.
+    let writer = Writer { node: node.into(), epoch: head.epoch };
+    let now = fleetline_service::unix_ms() as i64;
+    let claimed = head.claimed(&writer, now).map_err(|e| anyhow::anyhow!("head claimed under lease epoch {e}"))?;
+    let path = match base_path.filter(|_| report.from_generation == newest) {
+        // Only a damaged newer checkpoint (or the head) was in the way: the loaded one stays.
+        Some(path) => Some(path),
+        // Nothing was ever stored: the head starts over.
+        None if newest == 0 => None,
+        None => {
+            let path = checkpoint_path(shard, newest, claimed.claim);
+            ckpt.claim = claimed.claim;
+            ckpt.epoch = writer.epoch;
+            store.put_new(&path, Bytes::from(ckpt.to_bytes())).await?;
+            report.written = true;
+            Some(path)
+        }
+    };
+    let next = match &path {
+        Some(path) => claimed.committed(newest, path.clone(), now),
+        None => Head { generation: 0, checkpoint: None, ..claimed },
     }
-    let path = checkpoint_path(shard, newest);
-    store.put_new(&path, Bytes::from(ckpt.to_bytes())).await?;
-    report.written = true;
-    tracing::info!(shard, checkpoint = path, ?report, "shard state rebuilt from its datasets");
+    .released(now);
+    store.swap(&head_path(shard), version.as_ref(), Bytes::from(next.to_bytes())).await.map_err(|e| match e {
+        SwapError::Lost { .. } => {
+            anyhow::anyhow!("shard {shard}'s head changed during the repair: is a node running the shard?")
+        }
+        SwapError::Store(e) => e.into(),
+    })?;
+    tracing::info!(
+        shard,
+        checkpoint = path.as_deref().unwrap_or("-"),
+        ?report,
+        "shard state rebuilt from its datasets"
+    );
     Ok(report)
 }
 
-/// The newest checkpoint of the shard that loads, and the newer ones that do not.
+/// The newest checkpoint of the shard that loads (and its name), and the newer
+/// ones that do not. Only checkpoints up to the head's generation count: one
+/// beyond it was written by a commit that never reached the head.
 async fn newest_loadable(
     store: &Store,
-    shard: u16,
+    head: &Head,
     shard_count: u16,
-) -> anyhow::Result<(Option<Checkpoint>, Vec<String>)> {
-    let mut checkpoints: Vec<(u64, String)> = store
+) -> anyhow::Result<(Option<Checkpoint>, Option<String>, Vec<String>)> {
+    let shard = head.shard;
+    let mut checkpoints: Vec<(u64, bool, String)> = store
         .list(&checkpoint_dir(shard))
         .await?
         .into_iter()
-        .filter_map(|p| generation_of(&p).map(|g| (g, p)))
+        .filter_map(|p| generation_of(&p).map(|g| (g, Some(&p) == head.checkpoint.as_ref(), p)))
+        .filter(|(g, _, _)| *g <= head.generation)
         .collect();
+    // Newest last; of one generation, the head's own last.
     checkpoints.sort();
     let mut damaged = Vec::new();
-    while let Some((_, path)) = checkpoints.pop() {
+    while let Some((_, _, path)) = checkpoints.pop() {
         let Some(bytes) = store.get(&path).await? else { continue };
         match Checkpoint::from_bytes(&bytes) {
-            Ok(c) if c.shard == shard && c.shard_count == shard_count => return Ok((Some(c), damaged)),
+            Ok(c) if c.shard == shard && c.shard_count == shard_count => return Ok((Some(c), Some(path), damaged)),
             Ok(c) => anyhow::bail!(
                 "checkpoint {path} belongs to shard {}/{}, not {shard}/{shard_count}: is shard_count right?",
                 c.shard,
@@ -184,7 +234,7 @@ async fn newest_loadable(
             }
         }
     }
-    Ok((None, damaged))
+    Ok((None, None, damaged))
 }
 
 /// Dedupe state rebuilt from dataset rows.

@@ -148,7 +148,10 @@ pub async fn replay_all(
                 continue;
             }
             match shards.get(s as u16) {
-                Ok(shard) => steps.push(shard.replay(items, report.subject.clone())),
+                Ok(shard) => {
+                    let subject = report.subject.clone();
+                    steps.push(async move { shard.replay(items, subject).await });
+                }
                 Err(_) => report.not_owned_here += items.len() as u64,
             }
         }

@@ -318,9 +318,13 @@ impl RollupJob {
     }
 
     /// Runs every `interval` until the process ends.
-    pub async fn periodic(self: std::sync::Arc<Self>, interval: Duration) {
+    /// Runs every `interval` while `holder()` says this node runs the singleton.
+    pub async fn periodic(self: std::sync::Arc<Self>, interval: Duration, holder: impl Fn() -> bool) {
         loop {
             tokio::time::sleep(interval).await;
+            if !holder() {
+                continue;
+            }
             match self.run().await {
                 Ok(r) if r.hours_written + r.days_written > 0 => tracing::info!(?r, "rollup"),
                 Ok(_) => {}

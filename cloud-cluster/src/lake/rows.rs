@@ -172,8 +172,15 @@ impl Rows {
     }
 
     /// Encodes everything as Parquet files: (dataset-relative file dir, bytes, rows).
-    /// `stored_at_ms` is the commit time written into every row.
-    pub fn encode(&self, stored_at_ms: i64) -> Result<Vec<EncodedFile>, parquet::errors::ParquetError> {
+    /// `stored_at_ms` is the commit time written into every row; `written_by` goes
+    /// into each file's key-value metadata under [`WRITTEN_BY`].
+    pub fn encode(
+        &self,
+        stored_at_ms: i64,
+        written_by: &WrittenBy,
+    ) -> Result<Vec<EncodedFile>, parquet::errors::ParquetError> {
+        let stamp = serde_json::to_string(written_by).unwrap_or_default();
+        let write_parquet = |batch: &RecordBatch| write_parquet_stamped(batch, Some(&stamp));
         let mut out = Vec::new();
         for (hour, rows) in &self.readings {
             let batch = readings_batch(rows, stored_at_ms)?;
@@ -374,17 +381,48 @@ fn deadletter_batch(rows: &[DeadLetter], stored_at_ms: i64) -> Result<RecordBatc
 /// Writer settings of every dataset file: zstd, statistics, one row group per file
 /// up to a million rows.
 pub fn writer_properties() -> WriterProperties {
+    properties(None)
+}
+
+fn properties(stamp: Option<&str>) -> WriterProperties {
+    let kv = stamp.map(|s| vec![parquet::file::metadata::KeyValue::new(WRITTEN_BY.to_string(), s.to_string())]);
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_max_row_group_row_count(Some(1 << 20))
         .set_created_by("fleetline-cloud".into())
+        .set_key_value_metadata(kv)
         .build()
+}
+
+/// The key of a shard file's Parquet key-value metadata naming its writer.
+pub const WRITTEN_BY: &str = "fleetline.written_by";
+
+/// Who wrote a shard's file: which generation, under which claim of the shard's
+/// head (see `shard::head`). Lets a checker prove from the files alone that each
+/// generation had one writer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WrittenBy {
+    /// Node id.
+    pub node: String,
+    /// Shard.
+    pub shard: u16,
+    /// Generation.
+    pub generation: u64,
+    /// Claim number.
+    pub claim: u64,
+    /// Lease epoch (0 without leases).
+    pub epoch: u64,
 }
 
 /// One record batch as a whole Parquet file in memory.
 pub fn write_parquet(batch: &RecordBatch) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    write_parquet_stamped(batch, None)
+}
+
+/// [`write_parquet`] with a [`WRITTEN_BY`] stamp.
+fn write_parquet_stamped(batch: &RecordBatch, stamp: Option<&str>) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let mut buf = Vec::with_capacity(batch.num_rows() * 4 + 4096);
-    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(writer_properties()))?;
+    let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(properties(stamp)))?;
     w.write(batch)?;
     w.close()?;
     Ok(buf)
@@ -413,7 +451,8 @@ mod tests {
             bundle_id: Some(7),
             ..DeadLetter::new("auth_failed", "x".into(), vec![1, 2, 3])
         });
-        let files = rows.encode(10).unwrap();
+        let by = WrittenBy { node: "n".into(), shard: 0, generation: 1, claim: 2, epoch: 0 };
+        let files = rows.encode(10, &by).unwrap();
         assert_eq!(files.len(), 3);
         assert_eq!(files[0].partition, "dt=1970-01-01/hour=00");
         assert_eq!(files[1].partition, "dt=1970-01-01/hour=01");

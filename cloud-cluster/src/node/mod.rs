@@ -13,6 +13,8 @@ use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::cluster::discovery;
+use crate::cluster::{ClusterState, Member, Mode, Role, View};
 use crate::config::CloudConfig;
 use crate::http::{self, Ops, RenderMetrics};
 use crate::ingest;
@@ -20,10 +22,13 @@ use crate::keys::Keys;
 use crate::lake::store::{Store, StoreSpec};
 use crate::registry::Registry;
 use crate::shard::task::ShardSetup;
-use crate::shard::{Published, Released, ShardDirectory, ShardHandle};
+use crate::shard::{Released, ShardDirectory};
 use crate::telemetry::{CloudStats, events as ev};
 
 mod broker;
+mod ownership;
+
+use ownership::Ownership;
 
 pub use broker::BrokerSessions;
 
@@ -52,15 +57,18 @@ pub struct Running {
     pub shards: ShardDirectory,
     /// Counters.
     pub stats: Arc<CloudStats>,
+    /// Its picture of the cluster.
+    pub cluster: Arc<ClusterState>,
     /// The embedded broker's sessions and the login check they passed.
     pub broker_sessions: Option<BrokerSessions>,
-    /// One task per owned shard.
-    shard_tasks: JoinSet<()>,
+    /// The task that runs the shards.
+    ownership: JoinHandle<()>,
+    commands: mpsc::Sender<ownership::Command>,
     /// The MQTT session (takes bundles, publishes acks and alerts).
     session: JoinHandle<()>,
     /// Where the end-of-stream marker goes, behind every released ack.
     released: mpsc::UnboundedSender<Released>,
-    /// Everything else: HTTP, broker listeners, jobs, readiness.
+    /// Everything else: HTTP, broker listeners, jobs, readiness, discovery.
     tasks: JoinSet<()>,
     /// The broker runs in this process and dies with it.
     embedded_broker: bool,
@@ -72,11 +80,16 @@ pub struct Running {
 /// it costs a re-sent bundle, acked as a duplicate by the next node.
 const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(200);
 
+/// Longest a draining node waits for its shards to be handed over.
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
 impl Running {
     /// Stops in order, each step waiting for its work rather than for time
-    /// (each bounded, 10 s):
+    /// (each bounded):
     /// 1. readiness turns false;
-    /// 2. every shard commits what it holds; the acks that releases are queued;
+    /// 2. in a cluster, every shard is handed over (committed, acked, its head
+    ///    released; peers see this node leaving and take them); a single node
+    ///    commits every shard; the acks that releases are queued;
     /// 3. the session publishes every queued ack and alert, then disconnects
     ///    (no more bundles come in); an embedded broker gets
     ///    200 ms to forward them;
@@ -85,9 +98,18 @@ impl Running {
     ///    (left unacked: gateways send it again and it is deduped) and ends.
     pub async fn shutdown(mut self) {
         self.stats.ready.store(false, Ordering::Relaxed);
-        for r in self.shards.flush_all().await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "a shard could not commit before stopping");
+        if self.cluster.mode == Mode::Single {
+            for r in self.shards.flush_all().await {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "a shard could not commit before stopping");
+                }
+            }
+        } else {
+            let (done, drained) = oneshot::channel();
+            if self.commands.send(ownership::Command::Drain(done)).await.is_ok()
+                && tokio::time::timeout(DRAIN_WAIT, drained).await.is_err()
+            {
+                tracing::warn!("shards still being handed over at the end of the drain; peers will take them over");
             }
         }
         let (done, queued) = oneshot::channel();
@@ -101,13 +123,11 @@ impl Running {
             tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
         }
         self.tasks.shutdown().await;
-        drop(self.shards);
-        drop(self.released);
-        let shards = async { while self.shard_tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(SHUTDOWN_STEP, shards).await.is_err() {
-            tracing::warn!("shards still committing at the end of shutdown");
-            self.shard_tasks.shutdown().await;
+        let (done, stopped) = oneshot::channel();
+        if self.commands.send(ownership::Command::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
         }
+        let _ = (&mut self.ownership).await;
     }
 }
 
@@ -159,7 +179,9 @@ impl fleetline_broker::ReloadActions for NodeReloads {
     }
 }
 
-/// Recovers the shards and starts every task; returns once the node takes data.
+/// Recovers the shards and starts every task; returns once the node takes data
+/// (a single node: every shard recovered; a cluster member: once it is up and
+/// looking for its peers — shards come as the member set settles).
 pub async fn start(
     cfg: &CloudConfig,
     store: Store,
@@ -173,6 +195,7 @@ pub async fn start(
         store: store.clone(),
         shard_count: cfg.shard_count,
         node: cfg.node_id.clone(),
+        epoch: 0,
         segment: cfg.segment.clone(),
         registry: registry.clone(),
         validation: cfg.validation.clone(),
@@ -181,17 +204,58 @@ pub async fn start(
         released: released.clone(),
         stats: stats.clone(),
     };
-    // Single node: every shard is owned here.
-    let owned: Vec<u16> = (0..cfg.shard_count).collect();
-    let (shards, shard_tasks) = start_shards(&setup, &owned).await?;
+    let http_listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("binding the HTTP listener {}", cfg.http.listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let me = Member {
+        id: cfg.node_id.clone(),
+        http: cfg.cluster.advertise.clone().unwrap_or_else(|| http_addr.to_string()),
+        roles: cfg.cluster.roles.iter().copied().collect(),
+        version: cfg.cluster.version(),
+    };
+    let cluster = Arc::new(ClusterState::new(me.clone(), cfg.cluster.mode));
+    let shards = ShardDirectory::new(cfg.shard_count);
+    let (routes, routes_rx) = mpsc::unbounded_channel();
+    let mut manager = Ownership::new(cluster.clone(), cfg.cluster.clone(), setup, shards.clone(), routes);
+    if cfg.cluster.mode == Mode::Single && me.has(Role::Ingest) {
+        // Every shard is owned here: recovered before anything else starts.
+        let owned: Vec<u16> = (0..cfg.shard_count).collect();
+        manager.start_with(&owned).await?;
+    }
 
     let mut tasks = JoinSet::new();
+    let (raw_tx, raw_rx) = watch::channel(View::default());
+    let (leaving_tx, leaving_rx) = watch::channel(false);
+    match cfg.cluster.mode {
+        Mode::Single => {
+            tasks.spawn(discovery::single(me.clone(), leaving_rx, raw_tx));
+        }
+        Mode::Static => {
+            let probing =
+                discovery::Probing { interval: cfg.cluster.probe_interval, down_after: cfg.cluster.down_after };
+            tasks.spawn(discovery::static_peers(me.clone(), cfg.cluster.peers.clone(), probing, leaving_rx, raw_tx));
+        }
+    }
+    // The leaving flag the discovery reads follows the cluster state's.
+    let leaving_cluster = cluster.clone();
+    tasks.spawn(async move {
+        while !leaving_cluster.leaving.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = leaving_tx.send(true);
+        std::future::pending::<()>().await;
+    });
+    let (commands, commands_rx) = mpsc::channel(4);
+    let ownership = tokio::spawn(manager.run(raw_rx, commands_rx));
+
     let ingest = broker::start(cfg, &keys, &stats, &mut tasks).await?;
     let counter = ingest::AckCounter::open(store.clone(), &cfg.node_id).await?;
     let session = tokio::spawn(ingest::run(
         ingest.session,
         shards.clone(),
         released_rx,
+        routes_rx,
         keys.clone(),
         cfg.node_id.clone(),
         stats.clone(),
@@ -199,9 +263,10 @@ pub async fn start(
     ));
 
     let rollup = Arc::new(crate::jobs::rollup::RollupJob::new(store.clone(), &cfg.rollup));
-    if cfg.rollup.enabled {
-        // Single node: the job runs here (a cluster elects one node for it).
-        tasks.spawn(rollup.clone().periodic(cfg.rollup.interval));
+    if cfg.rollup.enabled && me.has(Role::Jobs) {
+        // A singleton: in a cluster it runs on one `jobs` member at a time.
+        let holder = cluster.clone();
+        tasks.spawn(rollup.clone().periodic(cfg.rollup.interval, move || holder.runs_singleton(Role::Jobs)));
     }
     let ops = Ops {
         rollup,
@@ -211,16 +276,20 @@ pub async fn start(
         shard_count: cfg.shard_count,
         stats: stats.clone(),
         shards: shards.clone(),
+        cluster: cluster.clone(),
         metrics: render,
         token: cfg.http.token.clone(),
         read_token: cfg.http.read_token.clone(),
     };
-    let (http_addr, server) = http::bind(cfg.http.listen, ops).await?;
-    tasks.spawn(server);
-    // Ready once the broker session is up (every shard is recovered already).
+    tasks.spawn(http::serve(http_listener, ops));
+    // Ready once the broker session is up (a single node has recovered every
+    // shard already) and, in a cluster, once a stable member set was acted on.
     let ready_stats = stats.clone();
+    let ready_cluster = cluster.clone();
     tasks.spawn(async move {
-        while !ready_stats.broker_connected.load(Ordering::Relaxed) {
+        while !ready_stats.broker_connected.load(Ordering::Relaxed)
+            || (ready_cluster.mode != Mode::Single && ready_cluster.view().is_none())
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         ready_stats.ready.store(true, Ordering::Relaxed);
@@ -235,27 +304,13 @@ pub async fn start(
         },
         shards,
         stats,
+        cluster,
         broker_sessions: ingest.sessions,
-        shard_tasks,
+        ownership,
+        commands,
         session,
         released,
         tasks,
         embedded_broker: cfg.broker.url.is_none(),
     })
-}
-
-/// Opens the owned shards (the datasets listed once, so each can tell whether they
-/// hold files beyond its checkpoint) and starts a task for each; a shard that
-/// cannot be opened starts down and keeps trying.
-async fn start_shards(setup: &ShardSetup, owned: &[u16]) -> anyhow::Result<(ShardDirectory, JoinSet<()>)> {
-    let published = Published::list(&setup.store).await.context("listing the datasets")?;
-    let opened = futures::future::join_all(owned.iter().map(|id| setup.open(*id, &published))).await;
-    let mut shards = ShardDirectory::new(setup.shard_count);
-    let mut tasks = JoinSet::new();
-    for (id, opened) in owned.iter().copied().zip(opened) {
-        let (handle, inbox) = ShardHandle::channel(id, 64);
-        shards.insert(handle);
-        tasks.spawn(setup.clone().run(id, opened, inbox));
-    }
-    Ok((shards, tasks))
 }

@@ -8,9 +8,11 @@
 //!
 //! Format 2 added each device's analytics state and the commit's alert outbox;
 //! format 3 each device's epoch floor (batches from boot epochs below it are
-//! refused: their dedupe state was forgotten). Formats 1 and 2 are still read
+//! refused: their dedupe state was forgotten); format 4 the writer's claim and
+//! lease epoch (see [`head`](super::head)). Formats 1 to 3 are still read
 //! (format-1 devices start analytics afresh; older devices' floors start at the
-//! oldest epoch their dedupe state holds, which is what format 2 could still tell).
+//! oldest epoch their dedupe state holds, which is what format 2 could still tell;
+//! before format 4 there were no claims: 0).
 //!
 //! Pure: the format and its checks, no I/O (the commit protocol stores it).
 
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::analytics::{DeviceAnalytics, Event};
 
 /// Version of the layout in this module.
-pub const CHECKPOINT_FORMAT: u16 = 3;
+pub const CHECKPOINT_FORMAT: u16 = 4;
 
 const MAGIC: &[u8; 6] = b"FLCKPT";
 
@@ -29,14 +31,17 @@ pub fn checkpoint_dir(shard: u16) -> String {
     format!("_fleetline/checkpoints/shard-{shard:03}")
 }
 
-/// A checkpoint's object name.
-pub fn checkpoint_path(shard: u16, generation: u64) -> String {
-    format!("{}/{generation:012}.ckpt", checkpoint_dir(shard))
+/// A checkpoint's object name: its generation and the claim that wrote it, so
+/// two writers of one generation (one of them fenced) never meet on a name.
+pub fn checkpoint_path(shard: u16, generation: u64, claim: u64) -> String {
+    format!("{}/{generation:012}-{claim:08}.ckpt", checkpoint_dir(shard))
 }
 
-/// The generation a checkpoint's object name carries.
+/// The generation a checkpoint's object name carries (also of names from before
+/// claims: `{generation}.ckpt`).
 pub fn generation_of(path: &str) -> Option<u64> {
-    path.rsplit('/').next()?.strip_suffix(".ckpt")?.parse().ok()
+    let name = path.rsplit('/').next()?.strip_suffix(".ckpt")?;
+    name.split('-').next()?.parse().ok()
 }
 
 /// The datasets a shard publishes files into.
@@ -169,6 +174,10 @@ pub struct Checkpoint {
     /// Events this commit stored, to publish as alerts (again after a restart:
     /// alert ids make the repeat recognizable).
     pub outbox: Vec<Event>,
+    /// The claim of the shard's head under which it was written (0 before claims).
+    pub claim: u64,
+    /// The writer's lease epoch (0 without leases).
+    pub epoch: u64,
 }
 
 /// A gateway's clock as a shard hears it: the latest receipt time of its entries,
@@ -240,6 +249,8 @@ mod v1 {
                 totals: c.totals,
                 clocks: Vec::new(),
                 outbox: Vec::new(),
+                claim: 0,
+                epoch: 0,
             }
         }
     }
@@ -309,6 +320,49 @@ mod v2 {
                 totals: c.totals,
                 clocks: c.clocks,
                 outbox: c.outbox,
+                claim: 0,
+                epoch: 0,
+            }
+        }
+    }
+}
+
+/// Format 3, read for upgrades.
+mod v3 {
+    use super::{DeviceState, Event, GatewayClock, Publish, Totals};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Checkpoint {
+        pub shard: u16,
+        pub shard_count: u16,
+        pub generation: u64,
+        pub committed_at_ms: i64,
+        pub node: String,
+        pub devices: Vec<DeviceState>,
+        pub deadletter_seen: Vec<u64>,
+        pub publish: Vec<Publish>,
+        pub totals: Totals,
+        pub clocks: Vec<GatewayClock>,
+        pub outbox: Vec<Event>,
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            Self {
+                shard: c.shard,
+                shard_count: c.shard_count,
+                generation: c.generation,
+                committed_at_ms: c.committed_at_ms,
+                node: c.node,
+                devices: c.devices,
+                deadletter_seen: c.deadletter_seen,
+                publish: c.publish,
+                totals: c.totals,
+                clocks: c.clocks,
+                outbox: c.outbox,
+                claim: 0,
+                epoch: 0,
             }
         }
     }
@@ -353,6 +407,7 @@ impl Checkpoint {
         match format {
             1 => postcard::from_bytes::<v1::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
             2 => postcard::from_bytes::<v2::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
+            3 => postcard::from_bytes::<v3::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
             CHECKPOINT_FORMAT => postcard::from_bytes(&body[8..]).map_err(damaged),
             _ => Err(CheckpointError::Format(format)),
         }
@@ -426,6 +481,8 @@ mod tests {
             totals: Totals { readings: 1, batches: 2, deadletters: 3, files: 4 },
             clocks: vec![GatewayClock { gateway: "gw-1".into(), last: 9, since: 3 }],
             outbox: Vec::new(),
+            claim: 5,
+            epoch: 2,
         };
         let bytes = c.to_bytes();
         assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);
@@ -435,6 +492,7 @@ mod tests {
             assert!(Checkpoint::from_bytes(&bad).is_err(), "flip at {i} went unnoticed");
         }
         assert!(Checkpoint::from_bytes(&bytes[..bytes.len() - 1]).is_err());
-        assert_eq!(generation_of(&checkpoint_path(3, 9)), Some(9));
+        assert_eq!(generation_of(&checkpoint_path(3, 9, 4)), Some(9));
+        assert_eq!(generation_of("_fleetline/checkpoints/shard-003/000000000009.ckpt"), Some(9));
     }
 }

@@ -71,6 +71,12 @@ pub enum ShardMsg {
         /// Its state, if the shard knows it.
         reply: Reply<Option<VehicleState>>,
     },
+    /// Hand the shard over: commit what is held (its acks go out), release the
+    /// shard's head, and end.
+    Release {
+        /// Released, or why not (what was held stays unacked and comes again).
+        reply: Reply<()>,
+    },
     /// Dead letters to take in again under the newest schema of `subject`; answers
     /// once what was taken in is committed.
     Replay {
@@ -125,6 +131,11 @@ impl ShardHandle {
         self.ask(|reply| ShardMsg::Vehicle { fleet, device, reply }).await
     }
 
+    /// Commits, releases the shard's head and ends the task (a graceful handover).
+    pub async fn release(&self) -> Result<(), ShardUnavailable> {
+        self.ask(|reply| ShardMsg::Release { reply }).await
+    }
+
     /// Takes dead letters in again and commits them.
     pub async fn replay(&self, items: Vec<ReplayItem>, subject: String) -> Result<ReplayOutcome, ShardUnavailable> {
         self.ask(|reply| ShardMsg::Replay { items, subject, reply }).await
@@ -141,53 +152,74 @@ impl ShardHandle {
     }
 }
 
-/// The shards of the keyspace, with a handle for each one this node owns.
+/// The shards of the keyspace, with a handle for each one this node owns. Shared:
+/// every clone sees shards come and go as ownership changes.
 #[derive(Clone, Debug)]
 pub struct ShardDirectory {
-    handles: Vec<Option<ShardHandle>>,
+    handles: std::sync::Arc<std::sync::RwLock<Vec<Option<ShardHandle>>>>,
 }
 
 impl ShardDirectory {
     /// A directory of `shard_count` shards, none owned yet.
     pub fn new(shard_count: u16) -> Self {
-        Self { handles: vec![None; usize::from(shard_count)] }
+        Self { handles: std::sync::Arc::new(std::sync::RwLock::new(vec![None; usize::from(shard_count)])) }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<ShardHandle>>> {
+        self.handles.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Option<ShardHandle>>> {
+        self.handles.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Owns `handle`'s shard.
-    pub fn insert(&mut self, handle: ShardHandle) {
-        if let Some(slot) = self.handles.get_mut(usize::from(handle.shard)) {
+    pub fn insert(&self, handle: ShardHandle) {
+        if let Some(slot) = self.write().get_mut(usize::from(handle.shard)) {
             *slot = Some(handle);
         }
     }
 
+    /// No longer owns `shard`.
+    pub fn remove(&self, shard: u16) -> Option<ShardHandle> {
+        self.write().get_mut(usize::from(shard)).and_then(Option::take)
+    }
+
     /// Shards in the keyspace.
     pub fn shard_count(&self) -> u16 {
-        self.handles.len() as u16
+        self.read().len() as u16
     }
 
     /// The handle of `shard`, if owned here.
-    pub fn get(&self, shard: u16) -> Result<&ShardHandle, ShardUnavailable> {
-        self.handles.get(usize::from(shard)).and_then(Option::as_ref).ok_or(ShardUnavailable::NotOwned { shard })
+    pub fn get(&self, shard: u16) -> Result<ShardHandle, ShardUnavailable> {
+        self.read().get(usize::from(shard)).cloned().flatten().ok_or(ShardUnavailable::NotOwned { shard })
+    }
+
+    /// The shard a device belongs to.
+    pub fn shard_of(&self, fleet: &str, device: &str) -> u16 {
+        fleetline_wire::shard::shard_of(fleet, device, self.shard_count()).0
     }
 
     /// The handle of the shard a device belongs to.
-    pub fn of_device(&self, fleet: &str, device: &str) -> Result<&ShardHandle, ShardUnavailable> {
-        self.get(fleetline_wire::shard::shard_of(fleet, device, self.shard_count()).0)
+    pub fn of_device(&self, fleet: &str, device: &str) -> Result<ShardHandle, ShardUnavailable> {
+        self.get(self.shard_of(fleet, device))
     }
 
     /// Every owned shard's handle.
-    pub fn owned(&self) -> impl Iterator<Item = &ShardHandle> {
-        self.handles.iter().flatten()
+    pub fn owned(&self) -> Vec<ShardHandle> {
+        self.read().iter().flatten().cloned().collect()
     }
 
     /// Commits every owned shard now (concurrently); one result per shard.
     pub async fn flush_all(&self) -> Vec<Result<(), ShardUnavailable>> {
-        futures::future::join_all(self.owned().map(ShardHandle::flush)).await
+        let owned = self.owned();
+        futures::future::join_all(owned.iter().map(ShardHandle::flush)).await
     }
 
     /// Status of every owned shard that answers.
     pub async fn statuses(&self) -> Vec<ShardStatus> {
-        futures::future::join_all(self.owned().map(ShardHandle::status)).await.into_iter().flatten().collect()
+        let owned = self.owned();
+        futures::future::join_all(owned.iter().map(ShardHandle::status)).await.into_iter().flatten().collect()
     }
 }
 

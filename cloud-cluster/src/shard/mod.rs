@@ -10,19 +10,20 @@
 //! - [`task`]: the actor that owns a shard.
 //! - [`state`] (pure): ingest, dedupe, validation, silence, the open segment.
 //! - [`validate`] (pure): reading checks. [`replay`] (pure): dead letters taken in again.
-//! - [`checkpoint`] (pure): the checkpoint format.
+//! - [`checkpoint`] (pure): the checkpoint format. [`head`] (pure): the head, its claims and fencing.
 //! - [`commit`]: commit and recovery against the lake, with fault points.
 
 pub mod checkpoint;
 pub mod commit;
 mod error;
 pub mod handle;
+pub mod head;
 pub mod replay;
 pub mod state;
 pub mod task;
 pub mod validate;
 
-pub use commit::{Committed, Published, Shard};
+pub use commit::{Committed, Published, Shard, read_head};
 pub use error::ShardError;
 pub use handle::{Released, ShardDirectory, ShardHandle, ShardMsg, ShardUnavailable};
 pub use state::{SegmentConfig, ShardState, ShardStatus, VehicleState};

@@ -582,6 +582,9 @@ impl ShardState {
                 .map(|(g, (last, since))| GatewayClock { gateway: g.to_string(), last: *last, since: *since })
                 .collect(),
             outbox: rows.events().cloned().collect(),
+            // The commit protocol stamps its claim.
+            claim: 0,
+            epoch: 0,
         }
     }
 

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::commit::{Published, Shard};
 use super::error::ShardError;
 use super::handle::{Released, ShardMsg, ShardUnavailable};
+use super::head::Writer;
 use super::state::SegmentConfig;
 use super::validate::ValidationConfig;
 use crate::analytics::AnalyticsConfig;
@@ -24,6 +25,29 @@ use crate::telemetry::{CloudStats, events as ev};
 /// the store answers), at most.
 const SHARD_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Why a shard task ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Its mailbox closed (the node is stopping); what it held is committed.
+    Stopped,
+    /// Handed over: committed and the head released.
+    Released,
+    /// Another node claimed the shard; nothing this one held was acked.
+    Fenced {
+        /// Who holds it now, as far as known.
+        by: String,
+    },
+}
+
+/// How a commit inside the task went.
+enum Outcome {
+    Done,
+    /// Failed; the shard recovered from the store.
+    Failed(ShardUnavailable),
+    /// Another node holds the shard.
+    Fenced(String),
+}
+
 /// What a shard task needs to open its shard (again) and run it.
 #[derive(Clone)]
 pub struct ShardSetup {
@@ -31,8 +55,10 @@ pub struct ShardSetup {
     pub store: Store,
     /// Shards in the keyspace.
     pub shard_count: u16,
-    /// This node's id (written into checkpoints).
+    /// This node's id (written into checkpoints and the head).
     pub node: String,
+    /// The lease epoch it writes under (0 without leases).
+    pub epoch: u64,
     /// When segments commit.
     pub segment: SegmentConfig,
     /// The schema registry.
@@ -56,7 +82,7 @@ impl ShardSetup {
             self.store.clone(),
             id,
             self.shard_count,
-            &self.node,
+            Writer { node: self.node.clone(), epoch: self.epoch },
             self.segment.clone(),
             self.stats.clone(),
             published,
@@ -64,10 +90,14 @@ impl ShardSetup {
         .await
     }
 
-    /// Runs shard `id` until its mailbox closes, starting from `opened` (the
-    /// shard, or why it could not be opened); commits what it holds before it ends.
-    pub async fn run(self, id: u16, opened: Result<Shard, ShardError>, mut inbox: mpsc::Receiver<ShardMsg>) {
-        let Some(mut shard) = self.wait_until_open(id, opened, &mut inbox).await else { return };
+    /// Runs shard `id` until its mailbox closes, it is released, or another node
+    /// claims it, starting from `opened` (the shard, or why it could not be opened);
+    /// commits what it holds before it ends (unless fenced out).
+    pub async fn run(self, id: u16, opened: Result<Shard, ShardError>, mut inbox: mpsc::Receiver<ShardMsg>) -> Ended {
+        let mut shard = match self.wait_until_open(id, opened, &mut inbox).await {
+            Ok(shard) => shard,
+            Err(ended) => return ended,
+        };
         shard.state.set_registry(self.registry.clone());
         shard.state.set_validation(self.validation.clone());
         shard.state.set_analytics(self.analytics.clone());
@@ -75,23 +105,34 @@ impl ShardSetup {
         for e in shard.state.take_resend() {
             let _ = self.released.send(Released::Alert(e));
         }
-        self.serve(shard, inbox).await;
+        let ended = self.serve(shard, inbox).await;
+        let lost_to = match &ended {
+            Ended::Fenced { by } => Some(by.as_str()),
+            _ => None,
+        };
+        self.stats.emit(ev::ShardEnded { shard: id, lost_to, released: ended == Ended::Released });
+        ended
     }
 
     /// While the shard is down: answers requests with why, retries with backoff.
-    /// `None` when the mailbox closed first.
+    /// Ends when the mailbox closes or is asked to release first, or when another
+    /// node claimed the shard.
     async fn wait_until_open(
         &self,
         id: u16,
         mut opened: Result<Shard, ShardError>,
         inbox: &mut mpsc::Receiver<ShardMsg>,
-    ) -> Option<Shard> {
+    ) -> Result<Shard, Ended> {
         let mut backoff = fleetline_service::Backoff::new(Duration::from_secs(1), SHARD_RETRY_MAX);
         loop {
             let why = match opened {
                 Ok(shard) => {
                     self.stats.emit(ev::ShardUp(id));
-                    return Some(shard);
+                    return Ok(shard);
+                }
+                Err(ShardError::Fenced { by, .. }) => {
+                    self.stats.emit(ev::ShardUp(id));
+                    return Err(Ended::Fenced { by });
                 }
                 Err(e) => e.to_string(),
             };
@@ -102,9 +143,15 @@ impl ShardSetup {
             loop {
                 tokio::select! {
                     _ = &mut retry => break,
-                    msg = inbox.recv() => match msg? {
+                    msg = inbox.recv() => match msg.ok_or(Ended::Stopped)? {
                         ShardMsg::Bundle { .. } => self.stats.emit(ev::BundleForDownShard),
                         ShardMsg::Flush { reply } => { let _ = reply.send(Err(down())); }
+                        ShardMsg::Release { reply } => {
+                            // Never opened, never claimed here beyond the head it could not load.
+                            self.stats.emit(ev::ShardUp(id));
+                            let _ = reply.send(Ok(()));
+                            return Err(Ended::Released);
+                        }
                         ShardMsg::Status { .. } => {}
                         ShardMsg::Vehicle { reply, .. } => { let _ = reply.send(Err(down())); }
                         ShardMsg::Replay { reply, .. } => { let _ = reply.send(Err(down())); }
@@ -120,13 +167,17 @@ impl ShardSetup {
 
     /// The actor loop: takes bundles, commits on the segment's deadline, answers
     /// requests; when the mailbox closes, commits what it holds and ends.
-    async fn serve(&self, mut shard: Shard, mut inbox: mpsc::Receiver<ShardMsg>) {
+    async fn serve(&self, mut shard: Shard, mut inbox: mpsc::Receiver<ShardMsg>) -> Ended {
+        let id = shard.id();
+        let fenced = |by: String| Ended::Fenced { by };
         loop {
             let msg = match shard.state.deadline() {
                 Some(d) => tokio::select! {
                     m = inbox.recv() => m,
                     _ = tokio::time::sleep_until(d.into()) => {
-                        let _ = self.commit(&mut shard).await;
+                        if let Outcome::Fenced(by) = self.commit(&mut shard).await {
+                            return fenced(by);
+                        }
                         continue;
                     }
                 },
@@ -134,19 +185,64 @@ impl ShardSetup {
             };
             let Some(msg) = msg else {
                 // Shutting down: make what is held durable and acked.
-                let _ = self.commit(&mut shard).await;
-                return;
+                return match self.commit(&mut shard).await {
+                    Outcome::Fenced(by) => fenced(by),
+                    _ => Ended::Stopped,
+                };
             };
             match msg {
                 ShardMsg::Bundle { payload } => {
                     let now = Instant::now();
                     shard.state.ingest(&payload, &self.keys.snapshot(), now, SystemTime::now());
-                    if shard.state.deadline().is_some_and(|d| d <= now) {
-                        let _ = self.commit(&mut shard).await;
+                    if shard.state.deadline().is_some_and(|d| d <= now)
+                        && let Outcome::Fenced(by) = self.commit(&mut shard).await
+                    {
+                        return fenced(by);
                     }
                 }
-                ShardMsg::Flush { reply } => {
-                    let _ = reply.send(self.commit(&mut shard).await);
+                ShardMsg::Flush { reply } => match self.commit(&mut shard).await {
+                    Outcome::Done => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Outcome::Failed(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Outcome::Fenced(by) => {
+                        let _ = reply.send(Err(ShardUnavailable::NotOwned { shard: id }));
+                        return fenced(by);
+                    }
+                },
+                ShardMsg::Release { reply } => {
+                    match self.commit(&mut shard).await {
+                        Outcome::Done => {}
+                        Outcome::Failed(e) => {
+                            // Keep it: the handover is tried again.
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                        Outcome::Fenced(by) => {
+                            let _ = reply.send(Ok(()));
+                            return fenced(by);
+                        }
+                    }
+                    return match shard.release().await {
+                        Ok(()) => {
+                            let _ = reply.send(Ok(()));
+                            Ended::Released
+                        }
+                        Err(ShardError::Fenced { by, .. }) => {
+                            let _ = reply.send(Ok(()));
+                            fenced(by)
+                        }
+                        Err(e) => {
+                            // Everything held is committed and acked; the head still
+                            // names this node, so the next owner takes it over after
+                            // its handover timeout (fencing keeps that safe).
+                            tracing::warn!(shard = id, error = %e, "could not release the shard's head");
+                            let _ = reply.send(Ok(()));
+                            Ended::Released
+                        }
+                    };
                 }
                 ShardMsg::Status { reply } => {
                     let _ = reply.send(shard.state.status());
@@ -157,7 +253,18 @@ impl ShardSetup {
                 ShardMsg::Replay { items, subject, reply } => {
                     let prov = self.keys.snapshot();
                     let outcome = shard.state.replay(&items, &subject, Some(&prov), Instant::now(), SystemTime::now());
-                    let _ = reply.send(self.commit(&mut shard).await.map(|()| outcome));
+                    match self.commit(&mut shard).await {
+                        Outcome::Done => {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                        Outcome::Failed(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Outcome::Fenced(by) => {
+                            let _ = reply.send(Err(ShardUnavailable::NotOwned { shard: id }));
+                            return fenced(by);
+                        }
+                    }
                 }
             }
         }
@@ -165,7 +272,7 @@ impl ShardSetup {
 
     /// Commits and releases acks and alerts; on failure recovers the shard from the
     /// store (retrying while the store is down) and says why the commit failed.
-    async fn commit(&self, shard: &mut Shard) -> Result<(), ShardUnavailable> {
+    async fn commit(&self, shard: &mut Shard) -> Outcome {
         let e = match shard.commit().await {
             Ok(released) => {
                 for (gateway, ids) in released.acks {
@@ -174,19 +281,26 @@ impl ShardSetup {
                 for e in released.alerts {
                     let _ = self.released.send(Released::Alert(e));
                 }
-                return Ok(());
+                return Outcome::Done;
             }
+            Err(ShardError::Fenced { by, .. }) => return Outcome::Fenced(by),
             Err(e) => e,
         };
         self.stats.emit(ev::CommitFailed { shard: shard.id(), error: &e });
         let mut backoff = fleetline_service::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        while let Err(e) = shard.recover().await {
-            tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");
-            backoff.wait().await;
+        loop {
+            match shard.recover().await {
+                Ok(()) => break,
+                Err(ShardError::Fenced { by, .. }) => return Outcome::Fenced(by),
+                Err(e) => {
+                    tracing::error!(shard = shard.id(), error = %e, "shard recovery failed; retrying");
+                    backoff.wait().await;
+                }
+            }
         }
         for e in shard.state.take_resend() {
             let _ = self.released.send(Released::Alert(e));
         }
-        Err(ShardUnavailable::CommitFailed { shard: shard.id(), why: e.to_string() })
+        Outcome::Failed(ShardUnavailable::CommitFailed { shard: shard.id(), why: e.to_string() })
     }
 }

@@ -195,6 +195,150 @@ impl InternalEvent for OrphanRemoved<'_> {
     }
 }
 
+/// This node claimed a shard's head: from now on only it can commit for the shard.
+pub struct ShardClaimed<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// The claim number.
+    pub claim: u64,
+    /// Lease epoch.
+    pub epoch: u64,
+    /// Who held it before (`None`: released, or never held).
+    pub from: Option<&'a str>,
+    /// The committed generation it starts from.
+    pub generation: u64,
+}
+
+impl InternalEvent for ShardClaimed<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.claims, 1);
+        metrics::counter!("fleetline_cloud_shard_claims_total").increment(1);
+        tracing::info!(
+            shard = self.shard,
+            claim = self.claim,
+            epoch = self.epoch,
+            from = self.from.unwrap_or("-"),
+            generation = self.generation,
+            "claimed the shard"
+        );
+    }
+}
+
+/// A commit lost the swap of its shard's head: another node claimed the shard.
+/// Nothing of the segment was acked; the shard is dropped here.
+pub struct FencedOut<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// This node's claim, now stale.
+    pub claim: u64,
+    /// The generation it tried to commit.
+    pub generation: u64,
+    /// Who holds the shard now.
+    pub by: &'a str,
+}
+
+impl InternalEvent for FencedOut<'_> {
+    fn emit(self, s: &CloudStats) {
+        add(&s.fencing_refusals, 1);
+        metrics::counter!("fleetline_cloud_fencing_refusals_total").increment(1);
+        tracing::warn!(
+            shard = self.shard,
+            claim = self.claim,
+            generation = self.generation,
+            by = self.by,
+            "fenced out: another node claimed the shard; dropping it, nothing of this segment acked"
+        );
+    }
+}
+
+/// A shard's task ended (the node stopping, a handover, or fenced out).
+pub struct ShardEnded<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// Handed over (`None`: stopped with the node), or lost to whom (`Some`).
+    pub lost_to: Option<&'a str>,
+    /// Released its head (a graceful handover).
+    pub released: bool,
+}
+
+impl InternalEvent for ShardEnded<'_> {
+    fn emit(self, _: &CloudStats) {
+        match (self.lost_to, self.released) {
+            (Some(by), _) => tracing::warn!(shard = self.shard, by, "shard lost to another node"),
+            (None, true) => tracing::info!(shard = self.shard, "shard handed over: committed and released"),
+            (None, false) => tracing::debug!(shard = self.shard, "shard stopped"),
+        }
+    }
+}
+
+/// The node acts on a new stable member set.
+pub struct MembershipChanged<'a> {
+    /// Members now.
+    pub members: &'a [&'a str],
+    /// Members before (`None`: the first view).
+    pub before: Option<&'a [&'a str]>,
+    /// Members of more than one version: live shards stay put.
+    pub rollout: bool,
+}
+
+impl InternalEvent for MembershipChanged<'_> {
+    fn emit(self, _: &CloudStats) {
+        metrics::counter!("fleetline_cloud_membership_changes_total").increment(1);
+        metrics::gauge!("fleetline_cloud_members").set(self.members.len() as f64);
+        let joined: Vec<&str> =
+            self.members.iter().copied().filter(|m| !self.before.is_some_and(|b| b.contains(m))).collect();
+        let left: Vec<&str> =
+            self.before.unwrap_or_default().iter().copied().filter(|m| !self.members.contains(m)).collect();
+        tracing::info!(
+            members = ?self.members,
+            joined = ?joined,
+            left = ?left,
+            rollout = self.rollout,
+            "membership changed"
+        );
+    }
+}
+
+/// This node took a shard (claimed, recovered, subscribed).
+pub struct ShardTaken<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// Why it could take it.
+    pub why: &'a str,
+    /// From when the shard was placed here to subscribed.
+    pub took: Duration,
+}
+
+impl InternalEvent for ShardTaken<'_> {
+    fn emit(self, _: &CloudStats) {
+        metrics::counter!("fleetline_cloud_shards_taken_total").increment(1);
+        metrics::histogram!("fleetline_cloud_shard_take_seconds").record(self.took.as_secs_f64());
+        tracing::info!(shard = self.shard, why = self.why, took_ms = self.took.as_millis() as u64, "shard taken");
+    }
+}
+
+/// This node handed a shard over (committed, acked, released its head).
+pub struct ShardHandedOver<'a> {
+    /// Shard.
+    pub shard: u16,
+    /// The member it goes to (`None`: nobody, the node is draining alone).
+    pub to: Option<&'a str>,
+    /// How long the commit and release took.
+    pub took: Duration,
+}
+
+impl InternalEvent for ShardHandedOver<'_> {
+    fn emit(self, _: &CloudStats) {
+        metrics::counter!("fleetline_cloud_handovers_total").increment(1);
+        tracing::info!(
+            shard = self.shard,
+            to = self.to.unwrap_or("-"),
+            took_ms = self.took.as_millis() as u64,
+            "shard handed over"
+        );
+    }
+}
+
 /// A shard cannot be opened; readiness is false while it is down.
 pub struct ShardDown<'a> {
     /// Shard.

@@ -32,6 +32,11 @@ pub struct CloudStats {
     pub bytes_written: AtomicU64,
     /// Staged files of uncommitted segments removed at recovery.
     pub orphans_removed: AtomicU64,
+    /// Shards claimed (taken over or picked up) by this node.
+    pub claims: AtomicU64,
+    /// Commits refused because another node had claimed the shard (this node was
+    /// fenced out and dropped the shard).
+    pub fencing_refusals: AtomicU64,
     /// Bundle acks published.
     pub acks_sent: AtomicU64,
     /// Bundles for shards this node does not own, or unparsable topics.

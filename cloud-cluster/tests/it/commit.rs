@@ -570,7 +570,11 @@ async fn dataset_files(store: &Store) -> BTreeMap<String, Vec<u8>> {
 #[tokio::test]
 async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothing_is_overwritten() {
     use fleetline_cloud::shard::ShardError;
-    use fleetline_cloud::shard::checkpoint::{checkpoint_dir, checkpoint_path};
+    use fleetline_cloud::shard::checkpoint::checkpoint_dir;
+    use fleetline_cloud::shard::commit::read_head;
+    let head_checkpoint = |store: fleetline_cloud::lake::store::Store| async move {
+        read_head(&store, 0, SHARDS).await.unwrap().0.checkpoint.expect("a committed head")
+    };
     let dir = tempfile::tempdir().unwrap();
     let storage = fleetline_cloud::config::StorageConfig {
         url: format!("file://{}", dir.path().display()),
@@ -609,7 +613,8 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
         sent.push(b);
         shard.commit().await.unwrap();
         if g == 1 {
-            old_checkpoint = Some(store.get(&checkpoint_path(0, 2)).await.unwrap().unwrap());
+            let path = head_checkpoint(store.clone()).await;
+            old_checkpoint = Some((store.get(&path).await.unwrap().unwrap(), path));
         }
     }
     assert_eq!(shard.state.status().generation, 5);
@@ -655,9 +660,10 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
     for p in store.list(&checkpoint_dir(0)).await.unwrap() {
         store.delete(&p).await.unwrap();
     }
-    store.put(&checkpoint_path(0, 2), old_checkpoint.unwrap()).await.unwrap();
+    let (old_bytes, old_path) = old_checkpoint.unwrap();
+    store.put(&old_path, old_bytes).await.unwrap();
     let err = open(&store).await.err().expect("an old checkpoint must not start the shard");
-    assert!(err.to_string().contains("000000000002.ckpt, generation 2"), "{err}");
+    assert!(err.to_string().contains(&format!("{old_path}, generation 2")), "{err}");
     let report = fleetline_cloud::jobs::repair::repair(&store, 0, SHARDS, "test", &cfg()).await.unwrap();
     assert_eq!((report.from_generation, report.generation, report.batches_added), (2, 6, 3 * 14), "{report:?}");
     let mut shard = open(&store).await.unwrap();
@@ -669,7 +675,7 @@ async fn a_lost_or_old_checkpoint_keeps_the_shard_down_until_repaired_and_nothin
     drop(shard);
 
     // 3. The checkpoint is damaged: named, and moved aside by the repair.
-    let path = checkpoint_path(0, 6);
+    let path = head_checkpoint(store.clone()).await;
     let mut bytes = store.get(&path).await.unwrap().unwrap().to_vec();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;

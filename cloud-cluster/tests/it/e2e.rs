@@ -368,7 +368,11 @@ async fn a_shard_with_a_damaged_checkpoint_stays_down_alone_until_repaired() {
     shard_dirs.sort();
     let dir = &shard_dirs[0];
     let shard: u16 = dir.file_name().unwrap().to_str().unwrap().trim_start_matches("shard-").parse().unwrap();
-    let ckpt = std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
+    let ckpt = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "ckpt"))
+        .expect("a checkpoint");
     let mut bytes = std::fs::read(&ckpt).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x20;
@@ -757,6 +761,12 @@ async fn s3_swaps_compare_and_set(endpoint: &str) {
         ..Default::default()
     };
     let store = StoreSpec::parse(&cfg).unwrap().open(&cfg).unwrap();
+    // A frozen owner against S3's conditional writes, one step at a time.
+    let zombie_cfg = StorageConfig { url: "s3://lake/zombie".into(), ..cfg.clone() };
+    crate::fencing::a_frozen_owner_wakes_up_fenced_out(
+        &StoreSpec::parse(&zombie_cfg).unwrap().open(&zombie_cfg).unwrap(),
+    )
+    .await;
     let v1 = store.swap("head", None, Bytes::from_static(b"1")).await.unwrap();
     let again = store.swap("head", None, Bytes::from_static(b"x")).await;
     assert!(matches!(again, Err(SwapError::Lost { .. })), "{again:?}");

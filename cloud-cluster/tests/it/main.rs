@@ -1,9 +1,10 @@
 //! The cloud node's integration tests in one binary, so arrow, parquet and
 //! object_store are linked once: the commit protocol (`commit`), real processes end
-//! to end (`e2e`), the schema registry (`registry`) and the rollup job (`rollup`).
+//! to end (`e2e`), two owners of one shard (`fencing`), the schema registry (`registry`) and the rollup job (`rollup`).
 //! Run one group with `cargo test -p fleetline-cloud --test it e2e::`.
 
 mod commit;
 mod e2e;
+mod fencing;
 mod registry;
 mod rollup;

@@ -158,13 +158,23 @@ async fn the_rest_api_is_shaped_like_confluents() {
         shard_count: 1,
         stats: Arc::default(),
         shards: fleetline_cloud::shard::ShardDirectory::new(0),
+        cluster: Arc::new(fleetline_cloud::cluster::ClusterState::new(
+            fleetline_cloud::cluster::Member {
+                id: "t".into(),
+                http: String::new(),
+                roles: fleetline_cloud::cluster::Role::ALL.into(),
+                version: "1".into(),
+            },
+            fleetline_cloud::cluster::Mode::Single,
+        )),
         metrics: None,
         token: Some("tok".into()),
         read_token: Some("read-only".into()),
         registry,
     };
-    let (addr, server) = fleetline_cloud::http::bind("127.0.0.1:0".parse().unwrap(), ops).await.unwrap();
-    let server = tokio::spawn(server);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(fleetline_cloud::http::serve(listener, ops));
     let t = Some("tok");
     assert_eq!(http(addr, "GET", "/subjects", None, None).await, (200, json!(["fleetline.readings"])));
     assert_eq!(http(addr, "GET", "/subjects/fleetline.readings/versions", None, None).await, (200, json!([1])));

@@ -17,3 +17,11 @@ pub async fn serve(listen: SocketAddr, app: axum::Router) -> anyhow::Result<(Soc
         }
     }))
 }
+
+/// Serves `app` on a listener bound beforehand (when the address must be known
+/// before the app is built).
+pub async fn serve_on(listener: tokio::net::TcpListener, app: axum::Router) {
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}

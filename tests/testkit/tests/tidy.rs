@@ -216,9 +216,9 @@ const CLOUD_LAYERS: &[(&str, &[&str])] = &[
     ("shard", &["analytics", "keys", "lake", "registry", "telemetry"]),
     ("ingest", &["analytics", "keys", "lake", "shard", "telemetry"]),
     ("jobs", &["analytics", "lake", "registry", "shard", "telemetry"]),
-    ("http", &["jobs", "lake", "registry", "shard", "telemetry"]),
-    ("config", &["analytics", "ingest", "jobs", "lake", "shard"]),
-    ("node", &["config", "http", "ingest", "jobs", "keys", "lake", "registry", "shard", "telemetry"]),
+    ("http", &["cluster", "jobs", "lake", "registry", "shard", "telemetry"]),
+    ("config", &["analytics", "cluster", "ingest", "jobs", "lake", "shard"]),
+    ("node", &["cluster", "config", "http", "ingest", "jobs", "keys", "lake", "registry", "shard", "telemetry"]),
     ("cli", &["config", "jobs", "lake", "node"]),
 ];
 

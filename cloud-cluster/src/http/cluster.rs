@@ -1,0 +1,146 @@
+//! `/cluster/*`: what this node knows of the cluster, and the answers that come
+//! from another node.
+//!
+//! - `GET /cluster/health`: this node as peers probe it (id, roles, version, where
+//!   it is reached, whether it is leaving).
+//! - `GET /cluster/members`: the stable member set acted on, since when, and the
+//!   raw set being discovered.
+//! - `GET /cluster/shards`: every shard's head (owner, lease epoch, claim,
+//!   generation) as the lake has it, and where it stands on this node.
+
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use super::Ops;
+use crate::cluster::discovery::Health;
+use crate::shard::{ShardUnavailable, read_head};
+
+/// Marks a request one node passed to another (never passed on again).
+const FORWARDED: &str = "x-fleetline-forwarded-by";
+
+pub(super) fn router() -> Router<Ops> {
+    Router::new()
+        .route("/cluster/health", get(health))
+        .route("/cluster/members", get(members))
+        .route("/cluster/shards", get(shards))
+}
+
+async fn health(State(ops): State<Ops>) -> Json<Health> {
+    let me = &ops.cluster.me;
+    Json(Health {
+        node: me.id.clone(),
+        roles: me.roles.iter().copied().collect(),
+        version: me.version.clone(),
+        http: me.http.clone(),
+        leaving: ops.cluster.leaving.load(Ordering::Relaxed),
+    })
+}
+
+async fn members(State(ops): State<Ops>) -> Json<serde_json::Value> {
+    let c = &ops.cluster;
+    let view = c.view();
+    let since = view.as_ref().map(|(_, t)| *t);
+    Json(json!({
+        "node": c.me.id,
+        "mode": format!("{:?}", c.mode).to_lowercase(),
+        "leaving": c.leaving.load(Ordering::Relaxed),
+        "members": view.map(|(v, _)| v),
+        "members_since_ms": since,
+        "ms_since_change": since.map(|t| fleetline_service::unix_ms() as i64 - t),
+        "discovered": c.raw(),
+        "view_changes": c.view_changes.load(Ordering::Relaxed),
+        "shards_acquired": c.acquired.load(Ordering::Relaxed),
+        "shards_released": c.released.load(Ordering::Relaxed),
+        "shards_lost": c.lost.load(Ordering::Relaxed),
+    }))
+}
+
+async fn shards(State(ops): State<Ops>) -> Response {
+    let heads =
+        futures::future::join_all((0..ops.shard_count).map(|s| read_head(&ops.store, s, ops.shard_count))).await;
+    let locals = ops.cluster.locals();
+    let mut out = Vec::with_capacity(heads.len());
+    for (s, head) in heads.into_iter().enumerate() {
+        let s = s as u16;
+        let here = locals.get(&s);
+        out.push(match head {
+            Ok((h, _)) => json!({
+                "shard": s,
+                "owner": h.owner,
+                "epoch": h.epoch,
+                "claim": h.claim,
+                "generation": h.generation,
+                "head_changed_ms": h.at_ms,
+                "here": here,
+            }),
+            Err(e) => json!({"shard": s, "error": e.to_string(), "here": here}),
+        });
+    }
+    Json(json!({"node": ops.cluster.me.id, "shards": out})).into_response()
+}
+
+fn client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new())
+    })
+}
+
+/// A vehicle asked of a node that does not own its shard: asks the owner (as the
+/// shard's head names it, if it is a member) and passes its answer on.
+pub(super) async fn from_owner(
+    ops: &Ops,
+    fleet: &str,
+    device: &str,
+    headers: &HeaderMap,
+    not_here: ShardUnavailable,
+) -> Response {
+    let misdirected = |why: String| (StatusCode::MISDIRECTED_REQUEST, why).into_response();
+    if headers.contains_key(FORWARDED) || ops.cluster.mode == crate::cluster::Mode::Single {
+        return misdirected(not_here.to_string());
+    }
+    let shard = ops.shards.shard_of(fleet, device);
+    let owner = match read_head(&ops.store, shard, ops.shard_count).await {
+        Ok((h, _)) => h.owner,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let member = owner.as_deref().and_then(|o| ops.cluster.view().and_then(|(v, _)| v.get(o).cloned()));
+    let Some(member) = member.filter(|m| m.id != ops.cluster.me.id) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("shard {shard} has no live owner right now; try again"))
+            .into_response();
+    };
+    let mut req = client()
+        .get(format!("http://{}/vehicles/{}/{}", member.http, fleet, device))
+        .header(FORWARDED, ops.cluster.me.id.as_str());
+    if let Some(auth) = headers.get("authorization") {
+        req = req.header("authorization", auth.as_bytes());
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let kind =
+                resp.headers().get("content-type").and_then(|v| axum::http::HeaderValue::from_bytes(v.as_bytes()).ok());
+            let body = resp.bytes().await.unwrap_or_default();
+            let mut r = (status, body).into_response();
+            if let Some(kind) = kind {
+                r.headers_mut().insert("content-type", kind);
+            }
+            if let Ok(v) = axum::http::HeaderValue::from_str(&member.id) {
+                r.headers_mut().insert("x-fleetline-answered-by", v);
+            }
+            r
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("shard {shard}'s owner {} did not answer: {e}", member.id))
+            .into_response(),
+    }
+}
