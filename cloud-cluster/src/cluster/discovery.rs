@@ -71,6 +71,8 @@ pub async fn static_peers(
     leaving: watch::Receiver<bool>,
     out: watch::Sender<View>,
 ) {
+    // reqwest's TLS takes the process-wide rustls provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder()
         .timeout(probing.interval.max(Duration::from_millis(500)))
         .connect_timeout(probing.interval.max(Duration::from_millis(500)))

@@ -89,6 +89,7 @@ async fn shards(State(ops): State<Ops>) -> Response {
 fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(5))
             .build()

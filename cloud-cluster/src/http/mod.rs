@@ -113,6 +113,8 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "commit_failures": g(&s.commit_failures),
         "bytes_written": g(&s.bytes_written),
         "orphans_removed": g(&s.orphans_removed),
+        "shard_claims": g(&s.claims),
+        "fencing_refusals": g(&s.fencing_refusals),
         "misrouted_bundles": g(&s.misrouted),
         "deadletters": s.deadletters(),
         "events": s.events(),

@@ -50,6 +50,8 @@ pub(super) struct Ownership {
     routes: mpsc::UnboundedSender<Route>,
     tasks: JoinSet<(u16, Ended)>,
     task_ids: BTreeMap<Id, u16>,
+    aborts: BTreeMap<u16, tokio::task::AbortHandle>,
+    rounds: u64,
     opened_tx: mpsc::UnboundedSender<(u16, bool)>,
     opened_rx: mpsc::UnboundedReceiver<(u16, bool)>,
     /// Shards placed here but held by a live member, since when.
@@ -59,6 +61,9 @@ pub(super) struct Ownership {
     view: Option<View>,
     draining: Option<Vec<oneshot::Sender<()>>>,
 }
+
+/// Every how many rounds owned shards' heads are checked.
+const VERIFY_EVERY: u64 = 4;
 
 /// Longest the node waits for its shards to stop.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -84,6 +89,8 @@ impl Ownership {
             routes,
             tasks: JoinSet::new(),
             task_ids: BTreeMap::new(),
+            aborts: BTreeMap::new(),
+            rounds: 0,
             opened_tx,
             opened_rx,
             waiting: BTreeMap::new(),
@@ -107,6 +114,7 @@ impl Ownership {
             let setup = self.setup.clone();
             let h = self.tasks.spawn(async move { (id, setup.run(id, opened, inbox).await) });
             self.task_ids.insert(h.id(), id);
+            self.aborts.insert(id, h);
         }
         Ok(())
     }
@@ -114,19 +122,21 @@ impl Ownership {
     /// Runs until stopped: follows raw member sets from `raw`, acts on stable ones.
     pub(super) async fn run(mut self, mut raw: watch::Receiver<View>, mut commands: mpsc::Receiver<Command>) {
         let mut stable = Stabilizer::new(self.cfg.stable_margin);
-        let first = raw.borrow_and_update().clone();
-        self.cluster.set_raw(first.clone());
-        stable.observe(first, Instant::now());
+        // Nothing is known until discovery sends its first set.
+        let mut discovering = true;
         let mut tick = tokio::time::interval(self.cfg.round_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = stable.next_check().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                changed = raw.changed() => {
+                changed = raw.changed(), if discovering => {
                     if changed.is_ok() {
                         let set = raw.borrow_and_update().clone();
                         self.cluster.set_raw(set.clone());
                         stable.observe(set, Instant::now());
+                    } else {
+                        tracing::error!("member discovery stopped; shards stay where they are");
+                        discovering = false;
                     }
                 }
                 _ = tick.tick() => {}
@@ -195,6 +205,10 @@ impl Ownership {
     async fn round(&mut self) {
         let Some(target) = self.target() else { return };
         let me = self.cluster.me.id.clone();
+        self.rounds += 1;
+        if self.rounds % VERIFY_EVERY == 0 {
+            self.verify(&me).await;
+        }
         let locals = self.cluster.locals();
         // 1. Hand over.
         let rollout = self.view.as_ref().is_some_and(View::rollout);
@@ -266,6 +280,31 @@ impl Ownership {
         }
     }
 
+    /// Drops owned shards whose head names another owner: a shard taken over
+    /// while this node was frozen or cut off learns it at its next commit, but one
+    /// that gets no data would never commit, and would sit here as a zombie.
+    async fn verify(&mut self, me: &str) {
+        let owned: Vec<u16> =
+            self.cluster.locals().into_iter().filter(|(_, l)| l.state == Local::Owned).map(|(s, _)| s).collect();
+        let heads =
+            futures::future::join_all(owned.iter().map(|s| read_head(&self.setup.store, *s, self.setup.shard_count)))
+                .await;
+        for (s, head) in owned.into_iter().zip(heads) {
+            let Ok((h, _)) = head else { continue };
+            if h.owner.as_deref() != Some(me) && self.cluster.local(s).map(|l| l.state) == Some(Local::Owned) {
+                tracing::warn!(
+                    shard = s,
+                    owner = h.owner.as_deref().unwrap_or("-"),
+                    claim = h.claim,
+                    "the shard's head names another owner; dropping it here"
+                );
+                if let Some(task) = self.aborts.get(&s) {
+                    task.abort();
+                }
+            }
+        }
+    }
+
     fn acquire(&mut self, id: u16, why: &'static str, published: Arc<Published>) {
         tracing::info!(shard = id, why, "taking the shard");
         let (handle, inbox) = ShardHandle::channel(id, 64);
@@ -279,6 +318,7 @@ impl Ownership {
             (id, setup.run(id, opened, inbox).await)
         });
         self.task_ids.insert(h.id(), id);
+        self.aborts.insert(id, h);
     }
 
     /// A task finished opening (or fenced out at once): subscribe to its topic.
@@ -330,10 +370,15 @@ impl Ownership {
             }
             Err(e) => {
                 let Some(id) = self.task_ids.remove(&e.id()) else { return };
-                tracing::error!(shard = id, error = %e, "shard task failed");
-                (id, Ended::Fenced { by: "nobody: the task failed".into() })
+                if e.is_cancelled() {
+                    (id, Ended::Fenced { by: "another node (its head names another owner)".into() })
+                } else {
+                    tracing::error!(shard = id, error = %e, "shard task failed");
+                    (id, Ended::Fenced { by: "nobody: the task failed".into() })
+                }
             }
         };
+        self.aborts.remove(&id);
         self.shards.remove(id);
         self.cluster.set_local(id, None, now_ms());
         match ended {

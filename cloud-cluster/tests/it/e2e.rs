@@ -28,7 +28,7 @@ fn full_size() -> bool {
 }
 
 /// Runs a Python snippet with `args`; returns its stdout as JSON.
-async fn py(code: &str, args: &[&str]) -> Value {
+pub(crate) async fn py(code: &str, args: &[&str]) -> Value {
     let out = Command::new(python()).arg("-c").arg(code).args(args).output().await.unwrap();
     assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -36,7 +36,7 @@ async fn py(code: &str, args: &[&str]) -> Value {
 
 /// (device, epoch, seq) → rows, and the count of rows that repeat a
 /// (device, epoch, seq, signal, ts), read by DuckDB over the `readings` glob.
-async fn duckdb_readings(lake: &Path) -> (BTreeMap<(String, u32, u32), u64>, u64) {
+pub(crate) async fn duckdb_readings(lake: &Path) -> (BTreeMap<(String, u32, u32), u64>, u64) {
     let code = r#"
 import duckdb, json, sys
 glob = sys.argv[1] + "/readings/**/*.parquet"
@@ -60,7 +60,7 @@ print(json.dumps({"rows": rows, "dups": int(dups)}))
 }
 
 /// The gateway binary, built beside this package's binary by `cargo test --workspace`.
-fn gateway_binary() -> PathBuf {
+pub(crate) fn gateway_binary() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_fleetline-cloud")).with_file_name("fleetline-gateway");
     assert!(p.exists(), "{} missing: run `cargo build -p fleetline-gateway` (or test the workspace)", p.display());
     p
@@ -70,13 +70,13 @@ fn gateway_binary() -> PathBuf {
 const TOKEN: &str = "s3cr3t-t0ken";
 
 /// A process printing one JSON "listening" line on start.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
     line: Value,
 }
 
 impl Proc {
-    async fn start(mut cmd: Command, log: &Path) -> Self {
+    pub(crate) async fn start(mut cmd: Command, log: &Path) -> Self {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = cmd
             .env("RUST_LOG", "info,rumqttd=error,rumqttc=error")
@@ -95,11 +95,11 @@ impl Proc {
         Self { child, line: serde_json::from_str(&line).unwrap() }
     }
 
-    fn addr(&self, key: &str) -> SocketAddr {
+    pub(crate) fn addr(&self, key: &str) -> SocketAddr {
         self.line[key].as_str().unwrap().parse().unwrap()
     }
 
-    async fn kill9(mut self) {
+    pub(crate) async fn kill9(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
@@ -109,13 +109,13 @@ impl Proc {
         tokio::time::timeout(timeout, self.child.wait()).await.expect("process ended in time").unwrap()
     }
 
-    async fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap();
         let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap()
     }
 
-    async fn status(&self) -> Value {
+    pub(crate) async fn status(&self) -> Value {
         serde_json::from_str(&http_get(self.addr("http"), "/status").await).unwrap()
     }
 }
@@ -226,7 +226,11 @@ impl Drop for Env {
 }
 
 /// Every acked batch is in `readings` with all its samples, once.
-fn assert_exactly_once(acked: &BTreeMap<(String, u32, u32), u16>, rows: &BTreeMap<(String, u32, u32), u64>, dups: u64) {
+pub(crate) fn assert_exactly_once(
+    acked: &BTreeMap<(String, u32, u32), u16>,
+    rows: &BTreeMap<(String, u32, u32), u64>,
+    dups: u64,
+) {
     let mut missing = Vec::new();
     for (key, samples) in acked {
         match rows.get(key) {
