@@ -18,7 +18,7 @@ use tokio::sync::watch;
 pub enum Target {
     /// The gateway.
     Gateway,
-    /// The cloud node.
+    /// The cloud node (the first one of a cluster).
     Cloud,
 }
 
@@ -31,6 +31,31 @@ pub enum Action {
     Stop(Target, Duration),
     /// Cut gateway ↔ cloud for the duration.
     UplinkOutage(Duration),
+    /// SIGKILL cloud node `i`; restart after the duration, or never.
+    KillNode(usize, Option<Duration>),
+    /// SIGTERM cloud node `i` (it hands its shards over), restart after the duration.
+    StopNode(usize, Duration),
+    /// SIGSTOP cloud node `i`, SIGCONT after the duration: it wakes believing it
+    /// still owns its shards.
+    FreezeNode(usize, Duration),
+    /// Start one more cloud node.
+    AddNode,
+    /// SIGTERM cloud node `i` for good (scale-in).
+    DrainNode(usize),
+}
+
+impl Action {
+    /// Whether it needs a cluster (nodes that share an external broker).
+    pub fn is_cluster(self) -> bool {
+        matches!(
+            self,
+            Action::KillNode(..)
+                | Action::StopNode(..)
+                | Action::FreezeNode(..)
+                | Action::AddNode
+                | Action::DrainNode(_)
+        )
+    }
 }
 
 /// An action at a time from the start of the run.
@@ -46,10 +71,17 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = |t: Target| if t == Target::Gateway { "gateway" } else { "cloud" };
         let at = humantime::format_duration(self.at);
+        let d = humantime::format_duration;
         match self.action {
             Action::Kill(t) => write!(f, "kill-{}@{at}", name(t)),
-            Action::Stop(t, d) => write!(f, "stop-{}@{at}+{}", name(t), humantime::format_duration(d)),
-            Action::UplinkOutage(d) => write!(f, "uplink-outage@{at}+{}", humantime::format_duration(d)),
+            Action::Stop(t, dur) => write!(f, "stop-{}@{at}+{}", name(t), d(dur)),
+            Action::UplinkOutage(dur) => write!(f, "uplink-outage@{at}+{}", d(dur)),
+            Action::KillNode(i, None) => write!(f, "kill-node@{at}:{i}"),
+            Action::KillNode(i, Some(dur)) => write!(f, "kill-node@{at}:{i}+{}", d(dur)),
+            Action::StopNode(i, dur) => write!(f, "stop-node@{at}:{i}+{}", d(dur)),
+            Action::FreezeNode(i, dur) => write!(f, "freeze-node@{at}:{i}+{}", d(dur)),
+            Action::AddNode => write!(f, "add-node@{at}"),
+            Action::DrainNode(i) => write!(f, "drain-node@{at}:{i}"),
         }
     }
 }
@@ -71,31 +103,46 @@ impl std::str::FromStr for Schedule {
     }
 }
 
-/// Parses `kill-gateway@20s,uplink-outage@30s+15s,kill-cloud@45s,stop-gateway@50s+10s`.
+/// Parses `kill-gateway@20s,uplink-outage@30s+15s,kill-cloud@45s,stop-gateway@50s+10s`
+/// and the cluster's `kill-node@20s:1`, `stop-node@20s:1+5s`, `freeze-node@20s:1+8s`,
+/// `add-node@30s`, `drain-node@40s:2` (`:i` is the node's index, from 0).
 pub fn parse_schedule(text: &str) -> Result<Vec<Step>, BadSchedule> {
     let mut steps = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (what, when) =
-            item.split_once('@').ok_or_else(|| BadSchedule(format!("{item:?}: expected ACTION@TIME")))?;
+        let bad = |why: String| BadSchedule(format!("{item:?}: {why}"));
+        let (what, when) = item.split_once('@').ok_or_else(|| bad("expected ACTION@TIME".into()))?;
         let (at, dur) = match when.split_once('+') {
             Some((a, d)) => (a, Some(d)),
             None => (when, None),
         };
-        let at = humantime::parse_duration(at).map_err(|e| BadSchedule(format!("{item:?}: {e}")))?;
-        let dur = dur.map(humantime::parse_duration).transpose().map_err(|e| BadSchedule(format!("{item:?}: {e}")))?;
+        let (at, node) = match at.split_once(':') {
+            Some((a, n)) => (a, Some(n.parse::<usize>().map_err(|_| bad(format!("bad node index {n:?}")))?)),
+            None => (at, None),
+        };
+        let at = humantime::parse_duration(at).map_err(|e| bad(e.to_string()))?;
+        let dur = dur.map(humantime::parse_duration).transpose().map_err(|e| bad(e.to_string()))?;
+        let node_of = || node.ok_or_else(|| bad(format!("{what} names a node: {what}@TIME:INDEX")));
+        if node.is_some() && !what.ends_with("-node") {
+            return Err(bad(format!("{what} takes no node index")));
+        }
         let action = match (what, dur) {
             ("kill-gateway", None) => Action::Kill(Target::Gateway),
             ("kill-cloud", None) => Action::Kill(Target::Cloud),
             ("stop-gateway", Some(d)) => Action::Stop(Target::Gateway, d),
             ("stop-cloud", Some(d)) => Action::Stop(Target::Cloud, d),
             ("uplink-outage", Some(d)) => Action::UplinkOutage(d),
-            ("kill-gateway" | "kill-cloud", Some(_)) => {
-                return Err(BadSchedule(format!("{item:?}: kill-* takes no duration")));
+            ("kill-node", d) => Action::KillNode(node_of()?, d),
+            ("stop-node", Some(d)) => Action::StopNode(node_of()?, d),
+            ("freeze-node", Some(d)) => Action::FreezeNode(node_of()?, d),
+            ("add-node", None) if node.is_none() => Action::AddNode,
+            ("drain-node", None) => Action::DrainNode(node_of()?),
+            ("kill-gateway" | "kill-cloud" | "add-node" | "drain-node", _) => {
+                return Err(bad(format!("{what} takes no duration")));
             }
-            ("stop-gateway" | "stop-cloud" | "uplink-outage", None) => {
-                return Err(BadSchedule(format!("{item:?}: needs a duration, e.g. {what}@30s+10s")));
+            ("stop-gateway" | "stop-cloud" | "uplink-outage" | "stop-node" | "freeze-node", None) => {
+                return Err(bad(format!("needs a duration, e.g. {what}@30s+10s")));
             }
-            _ => return Err(BadSchedule(format!("{item:?}: unknown action {what:?}"))),
+            _ => return Err(bad(format!("unknown action {what:?}"))),
         };
         steps.push(Step { at, action });
     }
@@ -116,9 +163,14 @@ pub struct ChildProc {
 impl ChildProc {
     /// Starts `exe args…`, its stderr appended to `log`.
     pub async fn start(exe: &Path, args: Vec<String>, log: &Path) -> anyhow::Result<Self> {
-        let mut p = Self { exe: exe.into(), args, log: log.into(), child: None, line: Value::Null };
+        let mut p = Self::new(exe, args, log);
         p.restart().await?;
         Ok(p)
+    }
+
+    /// A process to start later ([`restart`](Self::restart)).
+    pub fn new(exe: &Path, args: Vec<String>, log: &Path) -> Self {
+        Self { exe: exe.into(), args, log: log.into(), child: None, line: Value::Null }
     }
 
     /// (Re)starts the process.
@@ -148,6 +200,21 @@ impl ChildProc {
         self.line[key].as_str().map(str::to_string)
     }
 
+    /// Sends a signal (`STOP`, `CONT`, …) to the running process.
+    pub fn signal(&self, sig: &str) -> bool {
+        let Some(pid) = self.child.as_ref().and_then(tokio::process::Child::id) else { return false };
+        std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Whether it was started and not stopped since.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// SIGKILL.
     pub async fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -169,6 +236,63 @@ impl ChildProc {
                 c.wait().await.ok()
             }
         }
+    }
+}
+
+/// A Mosquitto broker on a free port (anonymous, in memory): the broker a cluster
+/// of cloud nodes shares. Killed when dropped.
+pub struct Mosquitto {
+    child: tokio::process::Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// Starts one, its config and log in `dir`.
+    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("mosquitto"));
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let conf = dir.join("mosquitto.conf");
+            // `user root` keeps it from dropping to an account that cannot read `dir`.
+            std::fs::write(
+                &conf,
+                format!(
+                    "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 100000\nlog_dest file {}\n",
+                    dir.join("mosquitto.log").display()
+                ),
+            )?;
+            let mut child = tokio::process::Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| {
+                    format!("starting {} (a cluster needs Mosquitto: apt-get install mosquitto)", bin.display())
+                })?;
+            for _ in 0..250 {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return Ok(Self { child, port });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill().await;
+        }
+        anyhow::bail!("mosquitto did not start; see {}", dir.join("mosquitto.log").display())
+    }
+
+    /// Kills it.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
     }
 }
 
@@ -239,5 +363,22 @@ mod tests {
         assert!(parse_schedule("reboot@1s").is_err());
         assert!(parse_schedule("kill-cloud").is_err());
         assert!(parse_schedule("").unwrap().is_empty());
+        let c = parse_schedule(
+            "kill-node@5s:1,stop-node@6s:2+3s,freeze-node@7s:0+8s,add-node@9s,drain-node@10s:3,kill-node@11s:0+2s",
+        )
+        .unwrap();
+        assert_eq!(c[0].action, Action::KillNode(1, None));
+        assert_eq!(c[1].action, Action::StopNode(2, Duration::from_secs(3)));
+        assert_eq!(c[2].action, Action::FreezeNode(0, Duration::from_secs(8)));
+        assert_eq!((c[3].action, c[4].action), (Action::AddNode, Action::DrainNode(3)));
+        assert_eq!(c[5].action, Action::KillNode(0, Some(Duration::from_secs(2))));
+        assert!(c.iter().all(|s| s.action.is_cluster()));
+        for (step, text) in c.iter().zip(["kill-node@5s:1", "stop-node@6s:2+3s", "freeze-node@7s:0+8s", "add-node@9s"])
+        {
+            assert_eq!(step.to_string(), text);
+        }
+        for bad in ["kill-node@5s", "freeze-node@5s:1", "add-node@5s:1", "kill-gateway@5s:1", "stop-node@5s:x+1s"] {
+            assert!(parse_schedule(bad).is_err(), "{bad}");
+        }
     }
 }

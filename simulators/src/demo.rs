@@ -22,7 +22,7 @@ use crate::chaos::{Action, ChildProc, Proxy, Step, Target};
 use crate::drive::{Drive, DriveParams, Unit};
 use crate::html::{Tick, Window};
 use crate::model::{Incident, Profile};
-use crate::report::{Injected, Latency, Report, lost, missing_but_queued, read_events, read_readings, score};
+use crate::report::{Injected, Latency, OwnersAt, Report, lost, missing_but_queued, read_events, read_readings, score};
 use fleetline_device::client::DeviceClient;
 
 /// What to run.
@@ -48,6 +48,8 @@ pub struct DemoOptions {
     pub report_html: Option<PathBuf>,
     /// Activity profile.
     pub profile: Profile,
+    /// Cloud nodes; more than one (or node chaos) runs a cluster sharing a Mosquitto.
+    pub cloud_nodes: usize,
 }
 
 /// The fleet's id.
@@ -136,10 +138,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let shard_count = 16;
     let silent_after = silent_after(&opts);
 
-    let services = if opts.chaos.is_empty() {
+    let cluster = opts.cloud_nodes > 1 || opts.chaos.iter().any(|s| s.action.is_cluster());
+    let services = if opts.chaos.is_empty() && !cluster {
         Services::in_process(&dir, &prov, shard_count, opts.vehicles, silent_after).await?
     } else {
-        Services::children(&dir, shard_count, opts.vehicles, silent_after).await?
+        let added = opts.chaos.iter().filter(|s| s.action == Action::AddNode).count();
+        let nodes = if cluster { Some((opts.cloud_nodes.max(1), added)) } else { None };
+        Services::children(&dir, shard_count, opts.vehicles, silent_after, nodes).await?
     };
     let devices_port = services.devices_port;
     let chaos_log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -229,6 +234,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             c.shutdown(Duration::from_millis(100)).await;
         }
     }
+    let cluster = services.cluster_report(&opts.chaos, run_wall, &lake, shard_count).await?;
     services.stop().await;
     // What the gateway still held when it stopped: acked to its unit, not yet to the cloud.
     let queued = if drained { HashMap::new() } else { still_queued(&dir.join("gw-1").join("queue"))? };
@@ -267,6 +273,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         unit_connection_errors: totals.connection_errors,
         unit_resends: totals.resends,
         data_dir: dir.display().to_string(),
+        cluster,
     };
 
     if let Some(path) = &opts.report_html {
@@ -376,7 +383,9 @@ fn write_html(
         .map(|s| {
             let d = match s.action {
                 Action::Kill(_) => Duration::from_secs(1),
-                Action::Stop(_, d) | Action::UplinkOutage(d) => d,
+                Action::Stop(_, d) | Action::UplinkOutage(d) | Action::StopNode(_, d) | Action::FreezeNode(_, d) => d,
+                Action::KillNode(_, back) => back.unwrap_or(Duration::from_secs(1)),
+                Action::AddNode | Action::DrainNode(_) => Duration::from_secs(1),
             };
             Window { from: s.at.as_secs_f64(), to: (s.at + d).as_secs_f64(), label: s.to_string() }
         })
@@ -452,10 +461,68 @@ enum Inner {
         gateway: tokio::task::JoinHandle<anyhow::Result<()>>,
     },
     Children {
-        cloud: Arc<tokio::sync::Mutex<ChildProc>>,
+        /// Cloud nodes (one without a cluster), the slots of nodes added later included.
+        nodes: Vec<Arc<tokio::sync::Mutex<ChildProc>>>,
         gateway: Arc<tokio::sync::Mutex<ChildProc>>,
         proxy: Arc<Proxy>,
+        cluster: Option<ClusterRun>,
     },
+}
+
+/// The cluster side of a run: the shared broker, which nodes are live, and what
+/// the shards' heads did.
+struct ClusterRun {
+    broker: crate::chaos::Mosquitto,
+    /// Nodes started at the beginning.
+    started: usize,
+    /// The next slot an `add-node` starts.
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    /// Indexes of the nodes alive and not frozen.
+    live: Arc<std::sync::Mutex<std::collections::BTreeSet<usize>>>,
+    /// The heads, polled.
+    polls: Arc<std::sync::Mutex<Vec<OwnersAt>>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+/// Polls every shard's head every 100 ms; records the owners whenever they (or
+/// the set of live nodes) change.
+fn watch_heads(
+    lake: PathBuf,
+    shard_count: u16,
+    started: Instant,
+    live: Arc<std::sync::Mutex<std::collections::BTreeSet<usize>>>,
+    polls: Arc<std::sync::Mutex<Vec<OwnersAt>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let cfg = fleetline_cloud::lake::store::StorageConfig { url: lake.display().to_string(), ..Default::default() };
+        let Ok(store) =
+            fleetline_cloud::lake::store::StoreSpec::parse(&cfg).map_err(anyhow::Error::msg).and_then(|s| s.open(&cfg))
+        else {
+            return;
+        };
+        loop {
+            let mut owners = Vec::with_capacity(usize::from(shard_count));
+            for s in 0..shard_count {
+                let head = fleetline_cloud::shard::read_head(&store, s, shard_count).await;
+                owners.push(head.ok().and_then(|(h, _)| h.owner));
+            }
+            let live_ids: Vec<String> =
+                live.lock().map(|l| l.iter().map(|i| node_id(*i)).collect()).unwrap_or_default();
+            let unowned = owners.iter().filter(|o| !o.as_ref().is_some_and(|o| live_ids.contains(o))).count();
+            let t_ms = started.elapsed().as_millis() as u64;
+            if let Ok(mut p) = polls.lock()
+                && p.last().is_none_or(|last| last.owners != owners || last.unowned != unowned)
+            {
+                p.push(OwnersAt { t_ms, owners, unowned });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// Node id of cluster node `i`.
+fn node_id(i: usize) -> String {
+    format!("cloud-{i}")
 }
 
 /// The cloud's `analytics.silent_after` for a run: silence is judged on the
@@ -527,25 +594,86 @@ impl Services {
         })
     }
 
+    /// The gateway and the cloud as child processes. `nodes`: a cluster of that
+    /// many nodes plus slots for nodes added later, sharing a Mosquitto; `None`:
+    /// one node with its embedded broker.
     async fn children(
         dir: &std::path::Path,
         shard_count: u16,
         vehicles: usize,
         silent_after: Duration,
+        nodes: Option<(usize, usize)>,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let prov = dir.join("provisioning.toml");
-        let cloud_cfg = dir.join("cloud.toml");
-        let (cloud, broker_port) = start_on_free_port(&exe, "__cloud", &cloud_cfg, &dir.join("cloud.log"), |port| {
+        let common = |broker: &str, http: &str| {
             format!(
-                "node_id = \"cloud-1\"\nshard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+                "shard_count = {shard_count}\nprovisioning = \"{}\"\n[broker]\n{broker}\n[storage]\nurl = \"{}\"\n[segment]\nmax_age = \"1s\"\n[analytics]\nsilent_after = \"{}ms\"\n[http]\nlisten = \"{http}\"\n",
                 prov.display(),
                 dir.join("lake").display(),
                 silent_after.as_millis()
             )
-        })
-        .await?;
-        let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{broker_port}").parse()?).await?;
+        };
+        let (cloud_nodes, uplink_port, cluster) = match nodes {
+            None => {
+                let cloud_cfg = dir.join("cloud.toml");
+                let (cloud, broker_port) =
+                    start_on_free_port(&exe, "__cloud", &cloud_cfg, &dir.join("cloud.log"), |port| {
+                        format!(
+                            "node_id = \"cloud-1\"\n{}",
+                            common(&format!("listen = \"127.0.0.1:{port}\""), "127.0.0.1:0")
+                        )
+                    })
+                    .await?;
+                (vec![Arc::new(tokio::sync::Mutex::new(cloud))], broker_port, None)
+            }
+            Some((n, added)) => {
+                let broker = crate::chaos::Mosquitto::start(dir).await?;
+                let ports: Vec<u16> = (0..n + added).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+                let mut procs = Vec::new();
+                for (i, port) in ports.iter().enumerate() {
+                    let peers: Vec<String> = ports
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, p)| format!("\"127.0.0.1:{p}\""))
+                        .collect();
+                    let cfg = dir.join(format!("{}.toml", node_id(i)));
+                    std::fs::write(
+                        &cfg,
+                        format!(
+                            "node_id = \"{}\"\n{}[cluster]\nmode = \"static\"\npeers = [{}]\nstable_margin = \"2s\"\nprobe_interval = \"500ms\"\ndown_after = \"3s\"\nround_interval = \"500ms\"\nhandover_timeout = \"10s\"\n",
+                            node_id(i),
+                            common(
+                                &format!("url = \"mqtt://127.0.0.1:{}\"", broker.port),
+                                &format!("127.0.0.1:{port}")
+                            ),
+                            peers.join(", ")
+                        ),
+                    )?;
+                    let args = vec!["__cloud".to_string(), "--config".to_string(), cfg.display().to_string()];
+                    let mut p = ChildProc::new(&exe, args, &dir.join(format!("{}.log", node_id(i))));
+                    if i < n {
+                        p.restart().await.with_context(|| format!("starting {}", node_id(i)))?;
+                    }
+                    procs.push(Arc::new(tokio::sync::Mutex::new(p)));
+                }
+                let port = broker.port;
+                let live = Arc::new(std::sync::Mutex::new((0..n).collect()));
+                let polls = Arc::new(std::sync::Mutex::new(Vec::new()));
+                let watcher = watch_heads(dir.join("lake"), shard_count, Instant::now(), live.clone(), polls.clone());
+                let run = ClusterRun {
+                    broker,
+                    started: n,
+                    next: Arc::new(std::sync::atomic::AtomicUsize::new(n)),
+                    live,
+                    polls,
+                    watcher,
+                };
+                (procs, port, Some(run))
+            }
+        };
+        let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{uplink_port}").parse()?).await?;
         let gw_cfg = dir.join("gw-1.toml");
         let (gateway, devices_port) = start_on_free_port(&exe, "__gateway", &gw_cfg, &dir.join("gw-1.log"), |port| {
             format!(
@@ -560,9 +688,10 @@ impl Services {
         Ok(Self {
             devices_port,
             inner: Inner::Children {
-                cloud: Arc::new(tokio::sync::Mutex::new(cloud)),
+                nodes: cloud_nodes,
                 gateway: Arc::new(tokio::sync::Mutex::new(gateway)),
                 proxy: Arc::new(proxy),
+                cluster,
             },
         })
     }
@@ -574,29 +703,45 @@ impl Services {
         started: Instant,
         log: Arc<std::sync::Mutex<Vec<String>>>,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        let Inner::Children { cloud, gateway, proxy } = &self.inner else { return None };
-        let (cloud, gateway, proxy) = (cloud.clone(), gateway.clone(), proxy.clone());
+        let Inner::Children { nodes, gateway, proxy, cluster } = &self.inner else { return None };
+        let (nodes, gateway, proxy) = (nodes.clone(), gateway.clone(), proxy.clone());
+        let live = cluster.as_ref().map(|c| c.live.clone());
+        let next = cluster.as_ref().map(|c| c.next.clone());
         Some(tokio::spawn(async move {
             let mut running = Vec::new();
             for step in steps {
                 tokio::time::sleep_until((started + step.at).into()).await;
-                let (cloud, gateway, proxy, log) = (cloud.clone(), gateway.clone(), proxy.clone(), log.clone());
+                let (nodes, gateway, proxy, log) = (nodes.clone(), gateway.clone(), proxy.clone(), log.clone());
+                let (live, next) = (live.clone(), next.clone());
                 // Each step runs on its own, so a long stop does not delay the next step.
                 running.push(tokio::spawn(async move {
-                    let proc_of = |t: Target| if t == Target::Gateway { gateway.clone() } else { cloud.clone() };
+                    let set_live = |i: usize, up: bool| {
+                        if let Some(l) = &live
+                            && let Ok(mut l) = l.lock()
+                        {
+                            if up {
+                                l.insert(i)
+                            } else {
+                                l.remove(&i)
+                            };
+                        }
+                    };
+                    let node = |i: usize| nodes.get(i).cloned();
                     let t0 = started.elapsed();
                     let note = match step.action {
-                        Action::Kill(t) => {
-                            let p = proc_of(t);
-                            p.lock().await.kill9().await;
+                        Action::Kill(Target::Gateway) => {
+                            gateway.lock().await.kill9().await;
                             tokio::time::sleep(Duration::from_secs(1)).await;
-                            restart(&mut *p.lock().await).await
+                            restart(&mut *gateway.lock().await).await
                         }
-                        Action::Stop(t, d) => {
-                            let p = proc_of(t);
-                            let status = p.lock().await.terminate().await;
+                        Action::Stop(Target::Gateway, d) => {
+                            let status = gateway.lock().await.terminate().await;
                             tokio::time::sleep(d).await;
-                            format!("exit {:?}; {}", status.and_then(|s| s.code()), restart(&mut *p.lock().await).await)
+                            format!(
+                                "exit {:?}; {}",
+                                status.and_then(|s| s.code()),
+                                restart(&mut *gateway.lock().await).await
+                            )
                         }
                         Action::UplinkOutage(d) => {
                             proxy.set_up(false);
@@ -604,6 +749,72 @@ impl Services {
                             proxy.set_up(true);
                             "restored".to_string()
                         }
+                        Action::Kill(Target::Cloud) | Action::KillNode(..) => {
+                            let (i, back) = match step.action {
+                                Action::KillNode(i, back) => (i, back),
+                                _ => (0, Some(Duration::from_secs(1))),
+                            };
+                            match node(i) {
+                                None => format!("no node {i}"),
+                                Some(p) => {
+                                    set_live(i, false);
+                                    p.lock().await.kill9().await;
+                                    match back {
+                                        None => "killed".into(),
+                                        Some(d) => {
+                                            tokio::time::sleep(d).await;
+                                            let r = restart(&mut *p.lock().await).await;
+                                            set_live(i, true);
+                                            r
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Action::Stop(Target::Cloud, d) | Action::StopNode(_, d) => {
+                            let i = if let Action::StopNode(i, _) = step.action { i } else { 0 };
+                            match node(i) {
+                                None => format!("no node {i}"),
+                                Some(p) => {
+                                    set_live(i, false);
+                                    let status = p.lock().await.terminate().await;
+                                    tokio::time::sleep(d).await;
+                                    let r = restart(&mut *p.lock().await).await;
+                                    set_live(i, true);
+                                    format!("exit {:?}; {r}", status.and_then(|s| s.code()))
+                                }
+                            }
+                        }
+                        Action::FreezeNode(i, d) => match node(i) {
+                            None => format!("no node {i}"),
+                            Some(p) => {
+                                set_live(i, false);
+                                let stopped = p.lock().await.signal("STOP");
+                                tokio::time::sleep(d).await;
+                                let resumed = p.lock().await.signal("CONT");
+                                set_live(i, true);
+                                format!("SIGSTOP {stopped}, SIGCONT {resumed}")
+                            }
+                        },
+                        Action::AddNode => {
+                            let i = next.as_ref().map_or(usize::MAX, |n| n.fetch_add(1, Ordering::Relaxed));
+                            match node(i) {
+                                None => "no slot for another node".into(),
+                                Some(p) => {
+                                    let r = restart(&mut *p.lock().await).await;
+                                    set_live(i, true);
+                                    format!("{} {r}", node_id(i))
+                                }
+                            }
+                        }
+                        Action::DrainNode(i) => match node(i) {
+                            None => format!("no node {i}"),
+                            Some(p) => {
+                                set_live(i, false);
+                                let status = p.lock().await.terminate().await;
+                                format!("drained, exit {:?}", status.and_then(|s| s.code()))
+                            }
+                        },
                     };
                     let line = format!(
                         "{step} (at {:.1}s; {note} at {:.1}s)",
@@ -621,11 +832,58 @@ impl Services {
         }))
     }
 
-    async fn cloud_http(&self) -> Option<String> {
-        match &self.inner {
-            Inner::InProcess { .. } => None,
-            Inner::Children { cloud, .. } => cloud.lock().await.addr("http"),
+    /// The HTTP addresses of the cloud nodes running now.
+    async fn cloud_https(&self) -> Vec<String> {
+        let Inner::Children { nodes, .. } = &self.inner else { return Vec::new() };
+        let mut out = Vec::new();
+        for n in nodes {
+            let n = n.lock().await;
+            if n.running()
+                && let Some(h) = n.addr("http")
+            {
+                out.push(h);
+            }
         }
+        out
+    }
+
+    /// The cluster's part of the report: what each change did, and the check of
+    /// every shard's generations.
+    async fn cluster_report(
+        &self,
+        chaos: &[Step],
+        run_wall: Duration,
+        lake: &std::path::Path,
+        shard_count: u16,
+    ) -> anyhow::Result<Option<crate::report::ClusterReport>> {
+        let Inner::Children { cluster: Some(c), .. } = &self.inner else { return Ok(None) };
+        let polls = c.polls.lock().map(|p| p.clone()).unwrap_or_default();
+        let actions: Vec<(String, u64)> = chaos
+            .iter()
+            .filter(|s| {
+                s.action.is_cluster()
+                    || matches!(s.action, Action::Kill(Target::Cloud) | Action::Stop(Target::Cloud, _))
+            })
+            .map(|s| (s.to_string(), s.at.as_millis() as u64))
+            .collect();
+        let changes = crate::report::cluster_changes(&polls, &actions, run_wall.as_millis() as u64);
+        let mut lost: Vec<u64> =
+            changes.iter().filter(|c| c.unowned_max > 0).filter_map(|c| c.owned_again_ms).collect();
+        lost.sort_unstable();
+        let cfg = fleetline_cloud::lake::store::StorageConfig { url: lake.display().to_string(), ..Default::default() };
+        let store = fleetline_cloud::lake::store::StoreSpec::parse(&cfg).map_err(anyhow::Error::msg)?.open(&cfg)?;
+        let check = fleetline_cloud::jobs::generations::check(&store, shard_count).await?;
+        Ok(Some(crate::report::ClusterReport {
+            nodes: c.started,
+            owned_again_ms_p50: lost.get(lost.len() / 2).copied(),
+            owned_again_ms_max: lost.last().copied(),
+            shard_moves: changes.iter().map(|c| c.shards_moved).sum(),
+            changes,
+            files_checked: check.files,
+            generations_checked: check.generations,
+            claims_checked: check.claims,
+            generation_violations: check.violations,
+        }))
     }
 
     async fn gateway_status(&self) -> serde_json::Value {
@@ -644,9 +902,14 @@ impl Services {
         match &self.inner {
             Inner::InProcess { cloud_stats, .. } => CloudStats::get(&cloud_stats.readings_stored),
             Inner::Children { .. } => {
-                let Some(h) = self.cloud_http().await else { return 0 };
-                let s = http_get(&h, "/status").await.unwrap_or_default();
-                s["shards"].as_array().map_or(0, |a| a.iter().filter_map(|x| x["totals"]["readings"].as_u64()).sum())
+                let mut total = 0;
+                for h in self.cloud_https().await {
+                    let s = http_get(&h, "/status").await.unwrap_or_default();
+                    total += s["shards"]
+                        .as_array()
+                        .map_or(0, |a| a.iter().filter_map(|x| x["totals"]["readings"].as_u64()).sum::<u64>());
+                }
+                total
             }
         }
     }
@@ -657,13 +920,14 @@ impl Services {
                 cloud.shards.flush_all().await;
             }
             Inner::Children { .. } => {
-                if let Some(h) = self.cloud_http().await
-                    && let Ok(mut s) = tokio::net::TcpStream::connect(&h).await
-                {
-                    let req = "POST /admin/flush HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-                    let _ = s.write_all(req.as_bytes()).await;
-                    let mut out = Vec::new();
-                    let _ = s.read_to_end(&mut out).await;
+                for h in self.cloud_https().await {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(&h).await {
+                        let req =
+                            "POST /admin/flush HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                        let _ = s.write_all(req.as_bytes()).await;
+                        let mut out = Vec::new();
+                        let _ = s.read_to_end(&mut out).await;
+                    }
                 }
             }
         }
@@ -676,9 +940,17 @@ impl Services {
                 let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
                 cloud.shutdown().await;
             }
-            Inner::Children { cloud, gateway, .. } => {
+            Inner::Children { nodes, gateway, cluster, .. } => {
                 gateway.lock().await.terminate().await;
-                cloud.lock().await.terminate().await;
+                // A frozen node would never stop: wake it first.
+                for n in &nodes {
+                    n.lock().await.signal("CONT");
+                }
+                futures::future::join_all(nodes.iter().map(|n| async move { n.lock().await.terminate().await })).await;
+                if let Some(c) = cluster {
+                    c.watcher.abort();
+                    c.broker.stop().await;
+                }
             }
         }
     }

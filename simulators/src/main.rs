@@ -19,7 +19,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// A single-node cloud, a gateway and a simulated fleet on loopback; prints a report.
+    /// A cloud (one node, or a cluster), a gateway and a simulated fleet on loopback; prints a report.
     Demo {
         /// Vehicles.
         #[arg(long, default_value_t = 1000)]
@@ -56,6 +56,13 @@ enum Cmd {
         /// Activity profile.
         #[arg(long, value_enum, default_value_t = Profile::Steady)]
         profile: Profile,
+        /// Cloud nodes. More than one runs a cluster of child processes sharing a
+        /// Mosquitto broker (installed: `apt-get install mosquitto`), with static
+        /// membership; chaos can then `kill-node@T:i[+D]`, `stop-node@T:i+D`,
+        /// `freeze-node@T:i+D` (SIGSTOP, SIGCONT after D), `add-node@T`,
+        /// `drain-node@T:i`.
+        #[arg(long, default_value_t = 1)]
+        cloud_nodes: usize,
     },
     /// Drives simulated vehicles against a real gateway and reports what the units see.
     Fleet {
@@ -206,6 +213,7 @@ fn main() -> ExitCode {
             drain_timeout,
             chaos,
             profile,
+            cloud_nodes,
         } => {
             let Some(runtime) = runtime() else { return ExitCode::from(1) };
             let opts = DemoOptions {
@@ -219,6 +227,7 @@ fn main() -> ExitCode {
                 chaos: chaos.map(|c| c.0).unwrap_or_default(),
                 report_html,
                 profile,
+                cloud_nodes,
             };
             let report = match runtime.block_on(demo::run(opts)) {
                 Ok(r) => r,

@@ -12,6 +12,32 @@ use arrow_array::types::{Int64Type, TimestampMillisecondType};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    fn at(t_ms: u64, owners: &[Option<&str>], unowned: usize) -> OwnersAt {
+        OwnersAt { t_ms, owners: owners.iter().map(|o| o.map(str::to_string)).collect(), unowned }
+    }
+
+    #[test]
+    fn changes_are_measured_from_the_polls() {
+        let polls = vec![
+            at(0, &[Some("a"), Some("b")], 0),
+            at(1000, &[Some("a"), Some("b")], 1),
+            at(1500, &[Some("a"), None], 1),
+            at(2500, &[Some("a"), Some("a")], 0),
+            at(5000, &[Some("c"), Some("a")], 0),
+        ];
+        let c = cluster_changes(&polls, &[("kill b".into(), 1000), ("add c".into(), 4000)], 9000);
+        assert_eq!(c[0].owned_again_ms, Some(1500));
+        assert_eq!((c[0].shards_moved, c[0].settled_ms, c[0].unowned_max), (1, 1500, 1));
+        assert_eq!((c[1].owned_again_ms, c[1].shards_moved, c[1].settled_ms), (Some(0), 1, 1000));
+        let c = cluster_changes(&polls[..3], &[("kill b".into(), 1000)], 9000);
+        assert_eq!(c[0].owned_again_ms, None, "never recovered");
+    }
+}
+
 /// p50 / p99 / max of a latency, milliseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Latency {
@@ -273,16 +299,122 @@ pub struct Report {
     pub unit_resends: u64,
     /// Where the run's data lives.
     pub data_dir: String,
+    /// A cluster of cloud nodes: what its membership changes did to shard ownership,
+    /// and the check of every shard's generations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterReport>,
 }
 
 impl Report {
-    /// Whether everything acked reached `readings`, once.
+    /// Whether everything acked reached `readings`, once (and, for a cluster,
+    /// every shard was owned again after every change, with one writer per
+    /// generation).
     pub fn ok(&self) -> bool {
         self.samples_lost == 0
             && self.samples_still_queued == 0
             && self.samples_duplicated == 0
             && self.samples_acked > 0
+            && self.cluster.as_ref().is_none_or(ClusterReport::ok)
     }
+}
+
+/// Every shard's owner at one poll of the heads, and whether all are live nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnersAt {
+    /// Seconds from the start of the run.
+    pub t_ms: u64,
+    /// Owner per shard (`None`: released or never claimed).
+    pub owners: Vec<Option<String>>,
+    /// Shards whose owner is not a live node at that moment.
+    pub unowned: usize,
+}
+
+/// What one cluster change did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ClusterChange {
+    /// The chaos action.
+    pub action: String,
+    /// When, seconds from the start.
+    pub at_s: f64,
+    /// Most shards without a live owner at once after it.
+    pub unowned_max: usize,
+    /// From the action until every shard had a live owner again (0: none lost
+    /// one); `None`: not before the next action or the end.
+    pub owned_again_ms: Option<u64>,
+    /// From the action to the last ownership change it caused (rebalancing done).
+    pub settled_ms: u64,
+    /// Shards that changed owner (node to node).
+    pub shards_moved: u64,
+}
+
+/// The cluster part of a report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClusterReport {
+    /// Nodes at the start.
+    pub nodes: usize,
+    /// Per change.
+    pub changes: Vec<ClusterChange>,
+    /// Over the changes that took a node away: median time until every shard had a live owner again.
+    pub owned_again_ms_p50: Option<u64>,
+    /// … and the longest.
+    pub owned_again_ms_max: Option<u64>,
+    /// Shards that changed owner over the whole run.
+    pub shard_moves: u64,
+    /// The generation check: published files read.
+    pub files_checked: usize,
+    /// … (shard, generation) pairs.
+    pub generations_checked: usize,
+    /// … claims.
+    pub claims_checked: usize,
+    /// … what it found wrong (empty: one writer per generation, no fork).
+    pub generation_violations: Vec<String>,
+}
+
+impl ClusterReport {
+    /// Every change recovered, and the generations are sound.
+    pub fn ok(&self) -> bool {
+        self.generation_violations.is_empty() && self.changes.iter().all(|c| c.owned_again_ms.is_some())
+    }
+}
+
+/// What each change did, from the polls of the heads (`polls`, in time order,
+/// recorded whenever something changed) and the actions (name, ms from start).
+pub fn cluster_changes(polls: &[OwnersAt], actions: &[(String, u64)], end_ms: u64) -> Vec<ClusterChange> {
+    let mut out = Vec::new();
+    for (i, (action, at)) in actions.iter().enumerate() {
+        let until = actions.get(i + 1).map_or(end_ms, |(_, t)| *t);
+        let before = polls.iter().rev().find(|p| p.t_ms < *at);
+        let window: Vec<&OwnersAt> = polls.iter().filter(|p| p.t_ms >= *at && p.t_ms < until).collect();
+        let mut change = ClusterChange {
+            action: action.clone(),
+            at_s: *at as f64 / 1000.0,
+            unowned_max: window.iter().map(|p| p.unowned).max().unwrap_or(0),
+            ..Default::default()
+        };
+        change.owned_again_ms = match window.iter().position(|p| p.unowned > 0) {
+            None => Some(0),
+            Some(lost) => window[lost..].iter().find(|p| p.unowned == 0).map(|p| p.t_ms - at),
+        };
+        let mut last: Vec<Option<String>> = before.map(|p| p.owners.clone()).unwrap_or_default();
+        for p in &window {
+            last.resize(p.owners.len(), None);
+            let mut changed = false;
+            for (s, o) in p.owners.iter().enumerate() {
+                if o.is_some() && *o != last[s] {
+                    if last[s].is_some() {
+                        change.shards_moved += 1;
+                    }
+                    last[s] = o.clone();
+                    changed = true;
+                }
+            }
+            if changed {
+                change.settled_ms = p.t_ms - at;
+            }
+        }
+        out.push(change);
+    }
+    out
 }
 
 type Batches = HashMap<(String, u32, u32), u64>;

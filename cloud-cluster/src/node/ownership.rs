@@ -206,7 +206,7 @@ impl Ownership {
         let Some(target) = self.target() else { return };
         let me = self.cluster.me.id.clone();
         self.rounds += 1;
-        if self.rounds % VERIFY_EVERY == 0 {
+        if self.rounds.is_multiple_of(VERIFY_EVERY) {
             self.verify(&me).await;
         }
         let locals = self.cluster.locals();

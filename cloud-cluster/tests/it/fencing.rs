@@ -100,7 +100,7 @@ async fn assert_sound(store: &Store, seqs: std::ops::Range<i64>) {
 /// The frozen zombie: `a` holds the shard, takes a bundle, freezes before its
 /// commit; `b` claims the shard, commits twice (pruning every checkpoint `a` knew,
 /// and `b`'s own first one); `a` wakes and commits.
-pub async fn a_frozen_owner_wakes_up_fenced_out(store: &Store) {
+pub(crate) async fn a_frozen_owner_wakes_up_fenced_out(store: &Store) {
     let mut t = Traffic::new();
     let mut a = open(store, "a").await.unwrap();
     let b0 = t.bundle(0);
@@ -126,7 +126,7 @@ pub async fn a_frozen_owner_wakes_up_fenced_out(store: &Store) {
 
     // `a` wakes: its commit of generation 2 loses the head's swap.
     let files_before = store.list("readings").await.unwrap();
-    let err = a.commit().await.err().expect("a zombie's commit must fail");
+    let err = a.commit().await.expect_err("a zombie's commit must fail");
     assert!(matches!(&err, ShardError::Fenced { by, .. } if by.contains('b')), "{err}");
     assert_eq!(store.list("readings").await.unwrap(), files_before, "the zombie published nothing");
     assert!(store.list("_fleetline/staging/shard-000").await.unwrap().is_empty(), "and left nothing staged");
