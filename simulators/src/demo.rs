@@ -465,7 +465,7 @@ enum Inner {
         nodes: Vec<Arc<tokio::sync::Mutex<ChildProc>>>,
         gateway: Arc<tokio::sync::Mutex<ChildProc>>,
         proxy: Arc<Proxy>,
-        cluster: Option<ClusterRun>,
+        cluster: Option<Box<ClusterRun>>,
     },
 }
 
@@ -670,7 +670,7 @@ impl Services {
                     polls,
                     watcher,
                 };
-                (procs, port, Some(run))
+                (procs, port, Some(Box::new(run)))
             }
         };
         let proxy = Proxy::start("127.0.0.1:0".parse()?, format!("127.0.0.1:{uplink_port}").parse()?).await?;

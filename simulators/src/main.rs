@@ -251,6 +251,17 @@ fn main() -> ExitCode {
                     "fleetline-sim: {} acked samples lost, {} still queued at the gateway when the drain ended, {} duplicated",
                     report.samples_lost, report.samples_still_queued, report.samples_duplicated
                 );
+                if let Some(c) = &report.cluster {
+                    for ch in c.changes.iter().filter(|ch| ch.owned_again_ms.is_none()) {
+                        eprintln!(
+                            "fleetline-sim: after {} not every shard had a live owner again before the next change",
+                            ch.action
+                        );
+                    }
+                    for v in &c.generation_violations {
+                        eprintln!("fleetline-sim: generation check: {v}");
+                    }
+                }
                 ExitCode::from(3)
             }
         }

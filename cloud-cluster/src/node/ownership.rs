@@ -202,6 +202,19 @@ impl Ownership {
         Some(placement::target(self.setup.shard_count, &ingest).into_iter().map(|o| o.map(str::to_string)).collect())
     }
 
+    /// Placement over the stable view's members that are still discovered (the
+    /// stable view minus members that left since), when it differs from the view's.
+    fn fresh_target(&self) -> Option<Vec<Option<String>>> {
+        let view = self.view.as_ref()?;
+        let raw = self.cluster.raw();
+        let gone = view.members().iter().any(|m| !raw.contains(&m.id));
+        if !gone {
+            return None;
+        }
+        let ingest: Vec<&str> = view.with_role(Role::Ingest).into_iter().filter(|m| raw.contains(m)).collect();
+        Some(placement::target(self.setup.shard_count, &ingest).into_iter().map(|o| o.map(str::to_string)).collect())
+    }
+
     async fn round(&mut self) {
         let Some(target) = self.target() else { return };
         let me = self.cluster.me.id.clone();
@@ -230,11 +243,21 @@ impl Ownership {
         if self.draining.is_some() {
             return;
         }
-        let wanted: Vec<u16> = (0..self.setup.shard_count)
-            .filter(|s| target[usize::from(*s)].as_deref() == Some(me.as_str()) && !locals.contains_key(s))
-            .collect();
+        let mine = |t: &[Option<String>], s: u16| t[usize::from(s)].as_deref() == Some(me.as_str());
+        let mut wanted: Vec<u16> =
+            (0..self.setup.shard_count).filter(|s| mine(&target, *s) && !locals.contains_key(s)).collect();
         self.waiting.retain(|s, _| wanted.contains(s));
         self.wanted_at.retain(|s, _| wanted.contains(s) || locals.contains_key(s));
+        // A member that left gracefully released its shards and is gone from the
+        // discovered set already: their next owners under the set without it take
+        // them now rather than after the stable margin (released shards only).
+        let early: Vec<u16> = match self.fresh_target() {
+            Some(fresh) => (0..self.setup.shard_count)
+                .filter(|s| mine(&fresh, *s) && !mine(&target, *s) && !locals.contains_key(s))
+                .collect(),
+            None => Vec::new(),
+        };
+        wanted.extend(&early);
         if wanted.is_empty() {
             return;
         }
@@ -245,6 +268,16 @@ impl Ownership {
         let now = Instant::now();
         let mut take = Vec::new();
         for (s, head) in wanted.into_iter().zip(heads) {
+            if early.contains(&s) {
+                match head {
+                    Ok((h, _)) if h.owner.is_none() => {
+                        self.wanted_at.entry(s).or_insert((now, "released by a member that left"));
+                        take.push((s, "released by a member that left"));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
             let why = match head {
                 // The task will say what is wrong with it (and stay down).
                 Err(_) => "its head does not load",

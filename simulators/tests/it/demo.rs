@@ -122,6 +122,44 @@ fn a_ci_sized_chaos_demo_loses_nothing_and_duplicates_nothing() {
     );
 }
 
+/// Three cloud nodes sharing a Mosquitto, under a kill, a freeze past the probe
+/// timeout (the node wakes as a zombie), an added node and a drain.
+#[test]
+fn a_ci_sized_cluster_demo_loses_nothing_through_node_chaos() {
+    let (r, dir) = demo(&[
+        "--vehicles",
+        "40",
+        "--duration",
+        "32s",
+        "--seed",
+        "6",
+        "--cloud-nodes",
+        "3",
+        "--chaos",
+        "kill-node@4s:0,freeze-node@11s:1+6s,add-node@20s,drain-node@25s:2",
+    ]);
+    eprintln!("cluster demo report: {}", r["cluster"]);
+    assert_eq!(r["samples_lost"], 0);
+    assert_eq!(r["samples_duplicated"], 0);
+    assert_eq!(r["samples_stored"], r["samples_acked"]);
+    assert_eq!(r["samples_acked"], r["samples_sent"]);
+    let c = &r["cluster"];
+    assert_eq!(c["nodes"], 3);
+    assert_eq!(c["generation_violations"], serde_json::json!([]), "{c}");
+    assert!(c["generations_checked"].as_u64().unwrap() > 0 && c["claims_checked"].as_u64().unwrap() > 3, "{c}");
+    let changes = c["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 4, "{c}");
+    assert!(changes.iter().all(|x| x["owned_again_ms"].is_u64()), "every change recovered: {c}");
+    // The kill and the freeze took shards away from their owner; the others took them.
+    assert!(changes[0]["shards_moved"].as_u64().unwrap() > 0 && changes[1]["shards_moved"].as_u64().unwrap() > 0);
+    assert!(c["shard_moves"].as_u64().unwrap() >= 4, "{c}");
+    let chaos: Vec<&str> = r["chaos"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert!(chaos[3].contains("exit Some(0)"), "a drained node exits cleanly: {chaos:?}");
+    for i in 0..4 {
+        assert!(dir.path().join(format!("data/cloud-{i}.log")).exists());
+    }
+}
+
 /// A child process of the simulator's binary that prints one JSON line on start.
 struct Child(std::process::Child, Value);
 
