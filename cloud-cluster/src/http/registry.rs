@@ -84,6 +84,7 @@ async fn register(
         Ok(v) => Json(json!({"id": v.id, "version": v.version})).into_response(),
         Err(RegistryError::Invalid(m)) => reg_error(422, m),
         Err(e @ RegistryError::Incompatible(_)) => reg_error(409, e.to_string()),
+        Err(e @ RegistryError::Contended) => reg_error(503, e.to_string()),
         Err(e) => reg_error(500, e.to_string()),
     }
 }

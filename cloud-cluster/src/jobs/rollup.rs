@@ -339,15 +339,31 @@ impl RollupJob {
 
 /// Runs the job once at wall time `now_ms`.
 pub async fn run_once(store: &Store, grace: Duration, now_ms: i64) -> anyhow::Result<RollupReport> {
-    let mut state: State = match store.get(STATE).await? {
-        Some(b) => serde_json::from_slice(&b)?,
-        None => State { format: 1, outputs: BTreeMap::new() },
+    let (mut state, version): (State, _) = match store.get_versioned(STATE).await? {
+        Some((b, v)) => (serde_json::from_slice(&b)?, Some(v)),
+        None => (State { format: 1, outputs: BTreeMap::new() }, None),
     };
     let grace = grace.as_millis() as i64;
     let mut report = RollupReport::default();
+    // The state only moves by compare-and-swap from the version this run read: a
+    // second runner (a singleton briefly held twice) loses and stops; the outputs
+    // both wrote are the same bytes from the same sources.
+    let version = std::sync::Mutex::new(version);
     let save = async |state: &State| -> anyhow::Result<()> {
-        store.put(STATE, Bytes::from(serde_json::to_vec_pretty(state)?)).await?;
-        Ok(())
+        let expected = version.lock().map(|v| v.clone()).unwrap_or_default();
+        let bytes = Bytes::from(serde_json::to_vec_pretty(state)?);
+        match store.swap(STATE, expected.as_ref(), bytes).await {
+            Ok(v) => {
+                if let Ok(mut current) = version.lock() {
+                    *current = Some(v);
+                }
+                Ok(())
+            }
+            Err(crate::lake::store::SwapError::Lost { .. }) => {
+                anyhow::bail!("another node ran the rollup at the same time; this run stops, the other's state stands")
+            }
+            Err(crate::lake::store::SwapError::Store(e)) => Err(e.into()),
+        }
     };
 
     for (dir, files) in partitions(store, "readings").await? {

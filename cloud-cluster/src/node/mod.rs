@@ -80,6 +80,9 @@ pub struct Running {
 /// it costs a re-sent bundle, acked as a duplicate by the next node.
 const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(200);
 
+/// How often a cluster member reads the schema registry again.
+const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
+
 /// Longest a draining node waits for its shards to be handed over.
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
 
@@ -262,6 +265,10 @@ pub async fn start(
         counter,
     ));
 
+    if cfg.cluster.mode != Mode::Single {
+        // Other nodes register schemas too.
+        tasks.spawn(registry.clone().keep_fresh(REGISTRY_REFRESH));
+    }
     let rollup = Arc::new(crate::jobs::rollup::RollupJob::new(store.clone(), &cfg.rollup));
     if cfg.rollup.enabled && me.has(Role::Jobs) {
         // A singleton: in a cluster it runs on one `jobs` member at a time.

@@ -19,6 +19,11 @@
 //! - `NONE`: anything that parses.
 //!
 //! Re-registering a schema a subject already has returns its existing version.
+//!
+//! Several nodes share one registry: its state object changes only by
+//! compare-and-swap against the version a node read (a node that lost the race
+//! reads again and redoes its change), so two nodes never hand out one id twice;
+//! every node reads the state again every few seconds ([`Registry::refresh`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -26,7 +31,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::lake::store::Store;
+use crate::lake::store::{Store, SwapError, Version as ObjectVersion};
 
 pub mod model;
 
@@ -63,6 +68,9 @@ pub enum RegistryError {
     /// Persisting failed (HTTP 500).
     #[error("registry store: {0}")]
     Store(#[from] object_store::Error),
+    /// Other nodes kept changing the registry while this one tried (HTTP 503).
+    #[error("the registry kept changing under this change; try again")]
+    Contended,
 }
 
 /// A registered version.
@@ -83,6 +91,8 @@ pub struct Version {
 pub struct Registry {
     store: Store,
     state: RwLock<State>,
+    /// The stored state's version as last read or written (`None`: not stored yet).
+    version: RwLock<Option<ObjectVersion>>,
     parsed: RwLock<BTreeMap<u32, Arc<Schema>>>,
     write: tokio::sync::Mutex<()>,
 }
@@ -91,8 +101,24 @@ impl Registry {
     /// Loads the registry; on first start registers the signal table as
     /// `fleetline.readings` (id 1).
     pub async fn open(store: Store) -> Result<Self, RegistryError> {
-        let state = match store.get(STATE_PATH).await? {
-            Some(b) => {
+        let (state, version) = Self::load(&store).await?;
+        let parsed = Self::parse_all(&state)?;
+        let r = Self {
+            store,
+            state: RwLock::new(state),
+            version: RwLock::new(version),
+            parsed: RwLock::new(parsed),
+            write: Default::default(),
+        };
+        if r.versions(READINGS_SUBJECT).is_none() {
+            r.register(READINGS_SUBJECT, &Schema::signal_table().canonical()).await?;
+        }
+        Ok(r)
+    }
+
+    async fn load(store: &Store) -> Result<(State, Option<ObjectVersion>), RegistryError> {
+        Ok(match store.get_versioned(STATE_PATH).await? {
+            Some((b, version)) => {
                 let s: State =
                     serde_json::from_slice(&b).map_err(|e| RegistryError::Invalid(format!("registry state: {e}")))?;
                 if s.format != STATE_FORMAT {
@@ -101,19 +127,50 @@ impl Registry {
                         s.format
                     )));
                 }
-                s
+                (s, Some(version))
             }
-            None => State { format: STATE_FORMAT, next_id: 1, ..Default::default() },
-        };
+            None => (State { format: STATE_FORMAT, next_id: 1, ..Default::default() }, None),
+        })
+    }
+
+    fn parse_all(state: &State) -> Result<BTreeMap<u32, Arc<Schema>>, RegistryError> {
         let mut parsed = BTreeMap::new();
         for (id, text) in &state.schemas {
             parsed.insert(*id, Arc::new(Schema::parse(text).map_err(|e| RegistryError::Invalid(e.0))?));
         }
-        let r = Self { store, state: RwLock::new(state), parsed: RwLock::new(parsed), write: Default::default() };
-        if r.versions(READINGS_SUBJECT).is_none() {
-            r.register(READINGS_SUBJECT, &Schema::signal_table().canonical()).await?;
+        Ok(parsed)
+    }
+
+    /// Reads the stored state again if another node changed it; true if it had.
+    pub async fn refresh(&self) -> Result<bool, RegistryError> {
+        let (state, version) = Self::load(&self.store).await?;
+        if *self.version.read().unwrap_or_else(std::sync::PoisonError::into_inner) == version {
+            return Ok(false);
         }
-        Ok(r)
+        let parsed = Self::parse_all(&state)?;
+        if let Ok(mut p) = self.parsed.write() {
+            *p = parsed;
+        }
+        if let Ok(mut s) = self.state.write() {
+            *s = state;
+        }
+        if let Ok(mut v) = self.version.write() {
+            *v = version;
+        }
+        Ok(true)
+    }
+
+    /// Reads the state again every `every` until dropped (a cluster's nodes see
+    /// each other's registrations within that).
+    pub async fn keep_fresh(self: Arc<Self>, every: std::time::Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.refresh().await {
+                Ok(true) => tracing::info!("schema registry changed on another node; reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the schema registry; keeping what is loaded"),
+            }
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -177,52 +234,89 @@ impl Registry {
     pub async fn register(&self, subject: &str, text: &str) -> Result<Version, RegistryError> {
         let _w = self.write.lock().await;
         let canonical = Schema::parse(text).map_err(|e| RegistryError::Invalid(e.0))?.canonical();
-        let mut next = self.read().clone();
-        let existing = next.schemas.iter().find(|(_, t)| **t == canonical).map(|(id, _)| *id);
-        if let Some(id) = existing
-            && let Some(pos) = next.subjects.get(subject).and_then(|ids| ids.iter().position(|i| *i == id))
-        {
-            return Ok(Version { subject: subject.into(), version: pos as u32 + 1, id, schema: canonical });
+        let mut backoff = contention_backoff();
+        for _ in 0..SWAP_ATTEMPTS {
+            let mut next = self.read().clone();
+            let existing = next.schemas.iter().find(|(_, t)| **t == canonical).map(|(id, _)| *id);
+            if let Some(id) = existing
+                && let Some(pos) = next.subjects.get(subject).and_then(|ids| ids.iter().position(|i| *i == id))
+            {
+                return Ok(Version { subject: subject.into(), version: pos as u32 + 1, id, schema: canonical });
+            }
+            let problems = self.test(subject, &canonical)?;
+            if !problems.is_empty() {
+                return Err(RegistryError::Incompatible(problems));
+            }
+            let id = existing.unwrap_or_else(|| {
+                let id = next.next_id;
+                next.next_id += 1;
+                id
+            });
+            next.schemas.insert(id, canonical.clone());
+            let ids = next.subjects.entry(subject.into()).or_default();
+            ids.push(id);
+            let version = ids.len() as u32;
+            if !self.persist(next).await? {
+                // Another node changed it first: read theirs, decide again.
+                backoff.wait().await;
+                self.refresh().await?;
+                continue;
+            }
+            if let Ok(mut p) = self.parsed.write() {
+                p.entry(id)
+                    .or_insert_with(|| Arc::new(Schema::parse(&canonical).unwrap_or(Schema { signals: vec![] })));
+            }
+            return Ok(Version { subject: subject.into(), version, id, schema: canonical });
         }
-        let problems = self.test(subject, &canonical)?;
-        if !problems.is_empty() {
-            return Err(RegistryError::Incompatible(problems));
-        }
-        let id = existing.unwrap_or_else(|| {
-            let id = next.next_id;
-            next.next_id += 1;
-            id
-        });
-        next.schemas.insert(id, canonical.clone());
-        let ids = next.subjects.entry(subject.into()).or_default();
-        ids.push(id);
-        let version = ids.len() as u32;
-        self.persist(next).await?;
-        if let Ok(mut p) = self.parsed.write() {
-            p.entry(id).or_insert_with(|| Arc::new(Schema::parse(&canonical).unwrap_or(Schema { signals: vec![] })));
-        }
-        Ok(Version { subject: subject.into(), version, id, schema: canonical })
+        Err(RegistryError::Contended)
     }
 
     /// Sets the global mode, or a subject's.
     pub async fn set_compatibility(&self, subject: Option<&str>, mode: Compatibility) -> Result<(), RegistryError> {
         let _w = self.write.lock().await;
-        let mut next = self.read().clone();
-        match subject {
-            Some(s) => {
-                next.subject_compatibility.insert(s.into(), mode);
+        let mut backoff = contention_backoff();
+        for _ in 0..SWAP_ATTEMPTS {
+            let mut next = self.read().clone();
+            match subject {
+                Some(s) => {
+                    next.subject_compatibility.insert(s.into(), mode);
+                }
+                None => next.compatibility = mode,
             }
-            None => next.compatibility = mode,
+            if self.persist(next).await? {
+                return Ok(());
+            }
+            backoff.wait().await;
+            self.refresh().await?;
         }
-        self.persist(next).await
+        Err(RegistryError::Contended)
     }
 
-    async fn persist(&self, next: State) -> Result<(), RegistryError> {
+    /// Stores `next` if the stored state is still the one this node last read;
+    /// false if another node changed it since.
+    async fn persist(&self, next: State) -> Result<bool, RegistryError> {
         let bytes = serde_json::to_vec_pretty(&next).unwrap_or_default();
-        self.store.put(STATE_PATH, Bytes::from(bytes)).await?;
-        if let Ok(mut s) = self.state.write() {
-            *s = next;
+        let expected = self.version.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match self.store.swap(STATE_PATH, expected.as_ref(), Bytes::from(bytes)).await {
+            Ok(version) => {
+                if let Ok(mut s) = self.state.write() {
+                    *s = next;
+                }
+                if let Ok(mut v) = self.version.write() {
+                    *v = Some(version);
+                }
+                Ok(true)
+            }
+            Err(SwapError::Lost { .. }) => Ok(false),
+            Err(SwapError::Store(e)) => Err(e.into()),
         }
-        Ok(())
     }
+}
+
+/// How many times a change is redone when other nodes keep changing the registry.
+const SWAP_ATTEMPTS: u32 = 16;
+
+/// Jittered waits between attempts, so racing nodes stop meeting.
+fn contention_backoff() -> fleetline_service::Backoff {
+    fleetline_service::Backoff::new(std::time::Duration::from_millis(5), std::time::Duration::from_millis(200))
 }

@@ -228,3 +228,46 @@ async fn the_rest_api_is_shaped_like_confluents() {
     assert_eq!(http(addr, "POST", "/subjects/other/versions", Some(s2), Some("read-only")).await.0, 401);
     server.abort();
 }
+
+/// Two nodes' registries over one store (a local directory, where the swap is an
+/// OS lock): registrations racing from both never share an id, and each node sees
+/// the other's after a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_registering_at_once_never_reuse_an_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fleetline_cloud::lake::store::StorageConfig { url: dir.path().display().to_string(), ..Default::default() };
+    let open = || fleetline_cloud::lake::store::StoreSpec::parse(&cfg).unwrap().open(&cfg).unwrap();
+    let (a, b) = tokio::join!(Registry::open(open()), Registry::open(open()));
+    let (a, b) = (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+    // Both started on an empty store: one wrote the readings schema, the other took it.
+    assert_eq!(a.version(READINGS_SUBJECT, None).unwrap().id, 1);
+    assert_eq!(b.version(READINGS_SUBJECT, None).unwrap().id, 1);
+    let mut tasks = Vec::new();
+    for (n, reg) in [a.clone(), b.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..12u16 {
+                let text = schema(&[sig(1000 + i * 2 + n as u16, &format!("Vehicle.Node{n}.S{i}"), "km/h", 0.0, 1.0)]);
+                let v = reg.register(&format!("node{n}.s{i}"), &text).await.unwrap();
+                ids.push(v.id);
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let distinct: std::collections::BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "an id was handed out twice: {all:?}");
+    a.refresh().await.unwrap();
+    b.refresh().await.unwrap();
+    for reg in [&a, &b] {
+        assert_eq!(reg.subjects().len(), 25, "each node sees every subject");
+        for id in &all {
+            assert!(reg.schema(*id).is_some(), "schema {id} known");
+        }
+    }
+    // A third node opening now sees everything too.
+    assert_eq!(Registry::open(open()).await.unwrap().subjects().len(), 25);
+}
