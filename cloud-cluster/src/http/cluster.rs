@@ -145,3 +145,76 @@ pub(super) async fn from_owner(
             .into_response(),
     }
 }
+
+/// `POST /deadletter/replay` in a cluster: orchestrated by the `jobs` singleton (a
+/// request to another node is passed to it), which asks every `ingest` member to
+/// replay into its own shards (`?scope=local`) and sums their reports.
+pub(super) async fn replay(ops: &Ops, headers: &HeaderMap, body: axum::body::Bytes) -> Response {
+    let Some((view, _)) = ops.cluster.view() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no member set yet; try again").into_response();
+    };
+    let post = |member: &crate::cluster::Member, query: &str| {
+        let mut req = client()
+            .post(format!("http://{}/deadletter/replay{query}", member.http))
+            .timeout(std::time::Duration::from_secs(600))
+            .header(FORWARDED, ops.cluster.me.id.as_str())
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(auth) = headers.get("authorization") {
+            req = req.header("authorization", auth.as_bytes());
+        }
+        req.send()
+    };
+    if !ops.cluster.runs_singleton(crate::cluster::Role::Jobs) {
+        let holder = view.singleton(crate::cluster::Role::Jobs).and_then(|id| view.get(id)).cloned();
+        let Some(holder) = holder.filter(|_| !headers.contains_key(FORWARDED)) else {
+            return (StatusCode::SERVICE_UNAVAILABLE, "no jobs member runs the replay right now; try again")
+                .into_response();
+        };
+        return match post(&holder, "").await {
+            Ok(resp) => {
+                let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                (status, resp.bytes().await.unwrap_or_default()).into_response()
+            }
+            Err(e) => {
+                (StatusCode::BAD_GATEWAY, format!("the jobs member {} did not answer: {e}", holder.id)).into_response()
+            }
+        };
+    }
+    let members: Vec<crate::cluster::Member> =
+        view.members().iter().filter(|m| m.has(crate::cluster::Role::Ingest)).cloned().collect();
+    let answers = futures::future::join_all(members.iter().map(|m| async move {
+        let r = async {
+            let resp = post(m, "?scope=local").await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            if status.as_u16() == 404 {
+                return Err(String::from_utf8_lossy(&bytes).into_owned());
+            }
+            serde_json::from_slice::<crate::jobs::replay::ReplayReport>(&bytes)
+                .map_err(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))
+        }
+        .await;
+        (m.id.clone(), r)
+    }))
+    .await;
+    let mut reports = Vec::new();
+    let mut failed = Vec::new();
+    let mut subject = None;
+    for (id, r) in answers {
+        match r {
+            Ok(rep) => {
+                subject.get_or_insert_with(|| rep.subject.clone());
+                reports.push(rep);
+            }
+            Err(e) => failed.push(format!("{id}: {e}")),
+        }
+    }
+    let report = crate::jobs::replay::ReplayReport::merge(
+        subject.unwrap_or_else(|| crate::registry::READINGS_SUBJECT.to_string()),
+        reports,
+        failed,
+    );
+    let status = if report.errors.is_empty() { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };
+    (status, Json(report)).into_response()
+}

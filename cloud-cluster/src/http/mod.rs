@@ -171,7 +171,21 @@ struct ReplayRequest {
     subject: Option<String>,
 }
 
-async fn replay(State(ops): State<Ops>, body: axum::body::Bytes) -> Response {
+/// `?scope=local`: this node's shards only (how a cluster's orchestrator asks each member).
+#[derive(Debug, Default, serde::Deserialize)]
+struct ReplayScope {
+    scope: Option<String>,
+}
+
+async fn replay(
+    State(ops): State<Ops>,
+    axum::extract::Query(scope): axum::extract::Query<ReplayScope>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if ops.cluster.mode != crate::cluster::Mode::Single && scope.scope.as_deref() != Some("local") {
+        return cluster::replay(&ops, &headers, body).await;
+    }
     let req: ReplayRequest = if body.is_empty() {
         ReplayRequest::default()
     } else {
@@ -181,6 +195,11 @@ async fn replay(State(ops): State<Ops>, body: axum::body::Bytes) -> Response {
         }
     };
     let subject = req.subject.unwrap_or_else(|| crate::registry::READINGS_SUBJECT.to_string());
+    // A member asked by the orchestrator may not have seen a schema registered a
+    // moment ago on another node.
+    if ops.registry.latest(&subject).is_none() {
+        let _ = ops.registry.refresh().await;
+    }
     match replay_all(&ops.store, &ops.registry, &ops.shards, subject).await {
         Ok(report) if report.errors.is_empty() => Json(report).into_response(),
         Ok(report) => (StatusCode::INTERNAL_SERVER_ERROR, Json(report)).into_response(),

@@ -93,7 +93,7 @@ fn collect(b: &RecordBatch, out: &mut Vec<ReplayItem>) -> anyhow::Result<()> {
 }
 
 /// What a replay run did, over every shard.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ReplayReport {
     /// Subject judged by.
     pub subject: String,
@@ -103,6 +103,21 @@ pub struct ReplayReport {
     pub not_owned_here: u64,
     /// Shards that could not take their part (down, or a failed commit).
     pub errors: Vec<String>,
+}
+
+impl ReplayReport {
+    /// The report of a cluster from its members' reports on their own shards:
+    /// each dead letter went to the one member owning its shard (or to none).
+    pub fn merge(subject: String, reports: Vec<ReplayReport>, failed: Vec<String>) -> Self {
+        let total = reports.first().map_or(0, |r| r.not_owned_here + r.outcome.candidates);
+        let mut out = Self { subject, outcome: ReplayOutcome::default(), not_owned_here: 0, errors: failed };
+        for r in reports {
+            out.outcome += r.outcome;
+            out.errors.extend(r.errors);
+        }
+        out.not_owned_here = total.saturating_sub(out.outcome.candidates);
+        out
+    }
 }
 
 /// Why a replay could not run at all.

@@ -72,6 +72,8 @@ pub struct Running {
     tasks: JoinSet<()>,
     /// The broker runs in this process and dies with it.
     embedded_broker: bool,
+    /// How long a draining member keeps saying so before it stops.
+    leave_notice: Duration,
 }
 
 /// How long an embedded broker is kept up after the node's session has left, to
@@ -114,6 +116,10 @@ impl Running {
             {
                 tracing::warn!("shards still being handed over at the end of the drain; peers will take them over");
             }
+            // Peers learn that this node left from its health answer: keep answering
+            // for two of their probes, or they take its released shards only once
+            // its probes have failed for `down_after`.
+            tokio::time::sleep(self.leave_notice).await;
         }
         let (done, queued) = oneshot::channel();
         if self.released.send(Released::EndOfStream { done }).is_ok() {
@@ -319,5 +325,6 @@ pub async fn start(
         released,
         tasks,
         embedded_broker: cfg.broker.url.is_none(),
+        leave_notice: cfg.cluster.probe_interval * 2,
     })
 }

@@ -225,11 +225,15 @@ impl Ownership {
         let locals = self.cluster.locals();
         // 1. Hand over.
         let rollout = self.view.as_ref().is_some_and(View::rollout);
-        let mut handover: Vec<u16> = locals
-            .iter()
-            .filter(|(s, l)| l.state == Local::Owned && target[usize::from(**s)].as_deref() != Some(me.as_str()))
-            .map(|(s, _)| *s)
-            .collect();
+        // Not handed over: a shard placed here by the stable view, or by the set
+        // without members that left since (a released shard taken early).
+        let fresh = self.fresh_target();
+        let stays = |s: u16| {
+            target[usize::from(s)].as_deref() == Some(me.as_str())
+                || fresh.as_ref().is_some_and(|f| f[usize::from(s)].as_deref() == Some(me.as_str()))
+        };
+        let mut handover: Vec<u16> =
+            locals.iter().filter(|(s, l)| l.state == Local::Owned && !stays(**s)).map(|(s, _)| *s).collect();
         if self.draining.is_none() {
             if rollout {
                 handover.clear();
@@ -251,7 +255,7 @@ impl Ownership {
         // A member that left gracefully released its shards and is gone from the
         // discovered set already: their next owners under the set without it take
         // them now rather than after the stable margin (released shards only).
-        let early: Vec<u16> = match self.fresh_target() {
+        let early: Vec<u16> = match fresh {
             Some(fresh) => (0..self.setup.shard_count)
                 .filter(|s| mine(&fresh, *s) && !mine(&target, *s) && !locals.contains_key(s))
                 .collect(),

@@ -90,7 +90,7 @@ pub enum Undecodable {
 }
 
 /// What a replay did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplayOutcome {
     /// Dead letters read back that hold readings.
     pub candidates: u64,

@@ -228,6 +228,24 @@ async fn a_cluster_loses_nothing_through_a_kill_a_freeze_an_add_and_a_drain() {
     assert!(acked.len() > 50, "load ran: {} batches", acked.len());
     let (rows, dups) = duckdb_readings(&c.lake).await;
     assert_exactly_once(&acked, &rows, dups);
+    // Any node answers for any vehicle (the owner answers through it), and a
+    // dead-letter replay asked of any node runs once, across the members.
+    for n in [1, 3] {
+        let http = nodes[n].as_ref().unwrap().addr("http");
+        for d in 0..devices {
+            let r =
+                fleetline_testkit::http::request(http, "GET", &format!("/vehicles/acme/dev-{d:04}"), None, None).await;
+            assert_eq!(r.status, 200, "cloud-{n}, device {d}: {r:?}");
+        }
+        let r = fleetline_testkit::http::request(http, "POST", "/deadletter/replay", None, Some("{}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let rep: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(
+            (rep["not_owned_here"].as_u64(), rep["errors"].as_array().map(Vec::len)),
+            (Some(0), Some(0)),
+            "{rep}"
+        );
+    }
     let report = fleetline_cloud::jobs::generations::check(&c.store(), SHARDS).await.unwrap();
     assert!(report.ok(), "{report:#?}");
     let one = json(nodes[1].as_ref().unwrap().addr("http"), "/status").await;

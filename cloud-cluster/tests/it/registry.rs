@@ -235,7 +235,8 @@ async fn the_rest_api_is_shaped_like_confluents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_registering_at_once_never_reuse_an_id() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = fleetline_cloud::lake::store::StorageConfig { url: dir.path().display().to_string(), ..Default::default() };
+    let cfg =
+        fleetline_cloud::lake::store::StorageConfig { url: dir.path().display().to_string(), ..Default::default() };
     let open = || fleetline_cloud::lake::store::StoreSpec::parse(&cfg).unwrap().open(&cfg).unwrap();
     let (a, b) = tokio::join!(Registry::open(open()), Registry::open(open()));
     let (a, b) = (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
