@@ -15,13 +15,56 @@ pub enum Mode {
     Single,
     /// A fixed list of peers, probed over HTTP (`GET /cluster/health`).
     Static,
+    /// Pods of a label selector in this node's namespace, through the Kubernetes
+    /// API; every shard and singleton is held under a Lease.
+    Kubernetes,
+}
+
+/// `[cluster.kubernetes]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Namespace of the pods and leases (unset: `POD_NAMESPACE`, else the service
+    /// account's namespace file).
+    pub namespace: Option<String>,
+    /// Label selector of the cluster's pods.
+    pub selector: String,
+    /// Pod label holding a pod's roles (`ingest.jobs`); a pod without it has all.
+    pub roles_label: String,
+    /// Pod label holding a pod's version (a rollout: two values at once).
+    pub version_label: String,
+    /// The port of every pod's HTTP endpoint.
+    pub http_port: u16,
+    /// Names of the cluster's Lease objects start with this.
+    pub lease_prefix: String,
+    /// A lease not renewed for this long may be taken.
+    #[serde(with = "humantime_serde")]
+    pub lease_duration: Duration,
+    /// How often held leases are renewed.
+    #[serde(with = "humantime_serde")]
+    pub renew_every: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            selector: "app.kubernetes.io/name=fleetline-cloud".into(),
+            roles_label: "fleetline.io/roles".into(),
+            version_label: "app.kubernetes.io/version".into(),
+            http_port: 9580,
+            lease_prefix: "fleetline-".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The `[cluster]` section.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `single` (default) or `static`.
+    /// `single` (default), `static` or `kubernetes`.
     pub mode: Mode,
     /// This node's roles.
     pub roles: Vec<Role>,
@@ -53,6 +96,8 @@ pub struct ClusterConfig {
     /// bundles come again).
     #[serde(with = "humantime_serde")]
     pub handover_timeout: Duration,
+    /// Kubernetes mode.
+    pub kubernetes: KubernetesConfig,
 }
 
 impl Default for ClusterConfig {
@@ -69,6 +114,7 @@ impl Default for ClusterConfig {
             max_moves_per_round: 4,
             round_interval: Duration::from_secs(1),
             handover_timeout: Duration::from_secs(15),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -92,6 +138,20 @@ impl ClusterConfig {
         ] {
             if d.is_zero() {
                 return Err(format!("cluster.{name} must be positive"));
+            }
+        }
+        if self.mode == Mode::Kubernetes {
+            if !cfg!(feature = "kubernetes") {
+                return Err("cluster.mode = \"kubernetes\": this build has no Kubernetes support \
+                            (built without the `kubernetes` feature)"
+                    .into());
+            }
+            let k = &self.kubernetes;
+            if k.renew_every.is_zero() || k.lease_duration < k.renew_every * 2 {
+                return Err("cluster.kubernetes.lease_duration must be at least twice renew_every".into());
+            }
+            if k.selector.trim().is_empty() {
+                return Err("cluster.kubernetes.selector must select the cluster's pods".into());
             }
         }
         if self.down_after < self.probe_interval {

@@ -48,6 +48,8 @@ pub struct ClusterState {
     pub released: AtomicU64,
     /// Shards lost to another node's claim.
     pub lost: AtomicU64,
+    /// Kubernetes mode: this node holds the `jobs` singleton's lease.
+    pub singleton_lease: AtomicBool,
     inner: RwLock<Inner>,
 }
 
@@ -70,6 +72,7 @@ impl ClusterState {
             acquired: AtomicU64::new(0),
             released: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            singleton_lease: AtomicBool::new(false),
             inner: RwLock::default(),
         }
     }
@@ -138,6 +141,7 @@ impl ClusterState {
         match self.mode {
             Mode::Single => true,
             Mode::Static => self.read().view.as_ref().and_then(|v| v.singleton(role)) == Some(self.me.id.as_str()),
+            Mode::Kubernetes => self.singleton_lease.load(Ordering::Relaxed),
         }
     }
 }

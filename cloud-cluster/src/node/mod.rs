@@ -188,6 +188,38 @@ impl fleetline_broker::ReloadActions for NodeReloads {
     }
 }
 
+/// Kubernetes mode: the pod watch, shard leases for the manager, and the `jobs`
+/// singleton's lease.
+#[cfg(feature = "kubernetes")]
+async fn kubernetes(
+    cfg: &CloudConfig,
+    cluster: &Arc<ClusterState>,
+    manager: &mut Ownership,
+    tasks: &mut JoinSet<()>,
+    leaving: watch::Receiver<bool>,
+    raw: watch::Sender<View>,
+) -> anyhow::Result<()> {
+    use crate::cluster::kubernetes as k8s;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let k = &cfg.cluster.kubernetes;
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let ns =
+        k8s::namespace(k).context("cannot tell the namespace: set cluster.kubernetes.namespace or POD_NAMESPACE")?;
+    tasks.spawn(k8s::pods(kube::Api::namespaced(client.clone(), &ns), k.clone(), cfg.node_id.clone(), leaving, raw));
+    let leases = k8s::Leases::new(kube::Api::namespaced(client, &ns), &cfg.node_id, k);
+    manager.use_leases(Arc::new(leases.clone()), k.renew_every, k.lease_duration);
+    if cluster.me.has(Role::Jobs) {
+        let (wants, holds) = (cluster.clone(), cluster.clone());
+        tasks.spawn(k8s::singleton(
+            leases,
+            k.renew_every,
+            move || !wants.leaving.load(Ordering::Relaxed),
+            move |held| holds.singleton_lease.store(held, Ordering::Relaxed),
+        ));
+    }
+    Ok(())
+}
+
 /// Recovers the shards and starts every task; returns once the node takes data
 /// (a single node: every shard recovered; a cluster member: once it is up and
 /// looking for its peers — shards come as the member set settles).
@@ -244,6 +276,12 @@ pub async fn start(
             let probing =
                 discovery::Probing { interval: cfg.cluster.probe_interval, down_after: cfg.cluster.down_after };
             tasks.spawn(discovery::static_peers(me.clone(), cfg.cluster.peers.clone(), probing, leaving_rx, raw_tx));
+        }
+        Mode::Kubernetes => {
+            #[cfg(feature = "kubernetes")]
+            kubernetes(cfg, &cluster, &mut manager, &mut tasks, leaving_rx, raw_tx).await?;
+            #[cfg(not(feature = "kubernetes"))]
+            anyhow::bail!("cluster.mode = \"kubernetes\" needs a build with the `kubernetes` feature");
         }
     }
     // The leaving flag the discovery reads follows the cluster state's.

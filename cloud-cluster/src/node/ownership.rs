@@ -27,7 +27,7 @@ use tokio::task::{Id, JoinSet};
 
 use crate::cluster::placement;
 use crate::cluster::stable::Stabilizer;
-use crate::cluster::{ClusterConfig, ClusterState, Local, Role, View};
+use crate::cluster::{ClusterConfig, ClusterState, Local, RenewError, Role, ShardLeases, View};
 use crate::ingest::Route;
 use crate::shard::task::{Ended, ShardSetup};
 use crate::shard::{Published, ShardDirectory, ShardError, ShardHandle, read_head};
@@ -60,6 +60,12 @@ pub(super) struct Ownership {
     wanted_at: BTreeMap<u16, (Instant, &'static str)>,
     view: Option<View>,
     draining: Option<Vec<oneshot::Sender<()>>>,
+    /// Kubernetes mode: shards are taken only under their lease, renewed this often.
+    leases: Option<(Arc<dyn ShardLeases>, Duration)>,
+    /// … which lapses this long after its last renewal.
+    lease_duration: Duration,
+    /// Last renewal (or taking) of each lease held here.
+    renewed: BTreeMap<u16, Instant>,
 }
 
 /// Every how many rounds owned shards' heads are checked.
@@ -97,7 +103,16 @@ impl Ownership {
             wanted_at: BTreeMap::new(),
             view: None,
             draining: None,
+            leases: None,
+            lease_duration: Duration::ZERO,
+            renewed: BTreeMap::new(),
         }
+    }
+
+    /// Takes shards only under their lease from now on, renewing held ones every `renew_every`.
+    pub(super) fn use_leases(&mut self, leases: Arc<dyn ShardLeases>, renew_every: Duration, duration: Duration) {
+        self.leases = Some((leases, renew_every));
+        self.lease_duration = duration;
     }
 
     /// Opens `owned` together (the datasets listed once) and starts their tasks,
@@ -126,6 +141,8 @@ impl Ownership {
         let mut discovering = true;
         let mut tick = tokio::time::interval(self.cfg.round_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew = tokio::time::interval(self.leases.as_ref().map_or(Duration::from_secs(3600), |l| l.1));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = stable.next_check().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -140,6 +157,7 @@ impl Ownership {
                     }
                 }
                 _ = tick.tick() => {}
+                _ = renew.tick(), if self.leases.is_some() => self.renew_leases().await,
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 Some(joined) = self.tasks.join_next_with_id() => {
                     self.ended(joined);
@@ -271,7 +289,22 @@ impl Ownership {
                 .await;
         let now = Instant::now();
         let mut take = Vec::new();
+        let mut heads_epoch = BTreeMap::new();
         for (s, head) in wanted.into_iter().zip(heads) {
+            if let Ok((h, _)) = &head {
+                heads_epoch.insert(s, h.epoch);
+            }
+            if self.leases.is_some() {
+                // The lease decides: held and renewed by a live owner, or free.
+                let why = match &head {
+                    Ok((h, _)) if h.owner.is_none() => "released",
+                    Ok(_) => "its lease is free or expired",
+                    Err(_) => "its head does not load",
+                };
+                self.wanted_at.entry(s).or_insert((now, why));
+                take.push((s, why));
+                continue;
+            }
             if early.contains(&s) {
                 match head {
                     Ok((h, _)) if h.owner.is_none() => {
@@ -312,8 +345,55 @@ impl Ownership {
             }
         };
         for (s, why) in take {
+            let epoch = match &self.leases {
+                None => 0,
+                Some((leases, _)) => {
+                    let min_epoch = heads_epoch.get(&s).copied().unwrap_or(0);
+                    match leases.acquire(s, min_epoch).await {
+                        Ok(epoch) => {
+                            self.renewed.insert(s, Instant::now());
+                            epoch
+                        }
+                        Err(e) => {
+                            tracing::debug!(shard = s, error = e, "shard lease not taken; trying again next round");
+                            continue;
+                        }
+                    }
+                }
+            };
             self.waiting.remove(&s);
-            self.acquire(s, why, published.clone());
+            self.acquire(s, why, epoch, published.clone());
+        }
+    }
+
+    /// Renews the lease of every shard held here; a shard whose lease was lost
+    /// (this node was cut off past the lease) is dropped at once.
+    async fn renew_leases(&mut self) {
+        let Some((leases, _)) = self.leases.clone() else { return };
+        let held: Vec<u16> = self.cluster.locals().into_keys().collect();
+        let results = futures::future::join_all(held.iter().map(|s| leases.renew(*s))).await;
+        let (every, now) = (self.leases.as_ref().map_or(Duration::ZERO, |l| l.1), Instant::now());
+        for (s, r) in held.into_iter().zip(results) {
+            let why = match r {
+                Ok(()) => {
+                    self.renewed.insert(s, now);
+                    continue;
+                }
+                Err(RenewError::Lost(e)) => e,
+                // The API failed: the lease is still ours until it may lapse.
+                Err(RenewError::Failed(e)) => {
+                    let last = *self.renewed.entry(s).or_insert(now);
+                    if now.duration_since(last) + every < self.lease_duration {
+                        tracing::warn!(shard = s, error = e, "could not renew the shard's lease; trying again");
+                        continue;
+                    }
+                    format!("not renewed before it could lapse ({e})")
+                }
+            };
+            tracing::warn!(shard = s, why, "the shard's lease was lost; dropping the shard here");
+            if let Some(task) = self.aborts.get(&s) {
+                task.abort();
+            }
         }
     }
 
@@ -342,12 +422,13 @@ impl Ownership {
         }
     }
 
-    fn acquire(&mut self, id: u16, why: &'static str, published: Arc<Published>) {
-        tracing::info!(shard = id, why, "taking the shard");
+    fn acquire(&mut self, id: u16, why: &'static str, epoch: u64, published: Arc<Published>) {
+        tracing::info!(shard = id, why, epoch, "taking the shard");
         let (handle, inbox) = ShardHandle::channel(id, 64);
         self.shards.insert(handle);
         self.cluster.set_local(id, Some(Local::Acquiring), now_ms());
-        let setup = self.setup.clone();
+        let mut setup = self.setup.clone();
+        setup.epoch = epoch;
         let opened_tx = self.opened_tx.clone();
         let h = self.tasks.spawn(async move {
             let opened = setup.open(id, &published).await;
@@ -418,6 +499,12 @@ impl Ownership {
         self.aborts.remove(&id);
         self.shards.remove(id);
         self.cluster.set_local(id, None, now_ms());
+        self.renewed.remove(&id);
+        if let Some((leases, _)) = &self.leases {
+            // Only a lease still held here is let go.
+            let leases = leases.clone();
+            tokio::spawn(async move { leases.release(id).await });
+        }
         match ended {
             Ended::Released => {
                 self.cluster.released.fetch_add(1, Ordering::Relaxed);
