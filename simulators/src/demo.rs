@@ -50,6 +50,8 @@ pub struct DemoOptions {
     pub profile: Profile,
     /// Cloud nodes; more than one (or node chaos) runs a cluster sharing a Mosquitto.
     pub cloud_nodes: usize,
+    /// Run the cloud as a cluster (child processes, a shared Mosquitto) even with one node.
+    pub shared_broker: bool,
 }
 
 /// The fleet's id.
@@ -138,7 +140,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let shard_count = 16;
     let silent_after = silent_after(&opts);
 
-    let cluster = opts.cloud_nodes > 1 || opts.chaos.iter().any(|s| s.action.is_cluster());
+    let cluster = opts.cloud_nodes > 1 || opts.shared_broker || opts.chaos.iter().any(|s| s.action.is_cluster());
     let services = if opts.chaos.is_empty() && !cluster {
         Services::in_process(&dir, &prov, shard_count, opts.vehicles, silent_after).await?
     } else {

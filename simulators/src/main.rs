@@ -63,6 +63,10 @@ enum Cmd {
         /// `drain-node@T:i`.
         #[arg(long, default_value_t = 1)]
         cloud_nodes: usize,
+        /// Run the cloud as a cluster (child processes sharing a Mosquitto) even with
+        /// one node: the baseline a cluster's figures compare with.
+        #[arg(long)]
+        shared_broker: bool,
     },
     /// Drives simulated vehicles against a real gateway and reports what the units see.
     Fleet {
@@ -214,6 +218,7 @@ fn main() -> ExitCode {
             chaos,
             profile,
             cloud_nodes,
+            shared_broker,
         } => {
             let Some(runtime) = runtime() else { return ExitCode::from(1) };
             let opts = DemoOptions {
@@ -228,6 +233,7 @@ fn main() -> ExitCode {
                 report_html,
                 profile,
                 cloud_nodes,
+                shared_broker,
             };
             let report = match runtime.block_on(demo::run(opts)) {
                 Ok(r) => r,

@@ -183,7 +183,14 @@ impl Ownership {
                 self.new_view(view);
             }
             self.round().await;
-            if self.draining.is_some() && self.cluster.locals().is_empty() {
+            let locals = self.cluster.locals();
+            let count = |state: Local| locals.values().filter(|l| l.state == state).count();
+            self.setup.stats.emit(ev::ShardsHeld {
+                owned: count(Local::Owned),
+                acquiring: count(Local::Acquiring),
+                draining: count(Local::Draining),
+            });
+            if self.draining.is_some() && locals.is_empty() {
                 for done in self.draining.as_mut().map(std::mem::take).unwrap_or_default() {
                     let _ = done.send(());
                 }

@@ -285,6 +285,9 @@ impl InternalEvent for MembershipChanged<'_> {
     fn emit(self, _: &CloudStats) {
         metrics::counter!("fleetline_cloud_membership_changes_total").increment(1);
         metrics::gauge!("fleetline_cloud_members").set(self.members.len() as f64);
+        // `time() - this` is the time since the last change.
+        metrics::gauge!("fleetline_cloud_membership_changed_timestamp_seconds")
+            .set(fleetline_service::unix_ms() as f64 / 1000.0);
         let joined: Vec<&str> =
             self.members.iter().copied().filter(|m| !self.before.is_some_and(|b| b.contains(m))).collect();
         let left: Vec<&str> =
@@ -296,6 +299,24 @@ impl InternalEvent for MembershipChanged<'_> {
             rollout = self.rollout,
             "membership changed"
         );
+    }
+}
+
+/// How many shards this node runs now, by state.
+pub struct ShardsHeld {
+    /// Owned (taking bundles).
+    pub owned: usize,
+    /// Being taken (claiming, recovering).
+    pub acquiring: usize,
+    /// Being handed over.
+    pub draining: usize,
+}
+
+impl InternalEvent for ShardsHeld {
+    fn emit(self, _: &CloudStats) {
+        for (state, n) in [("owned", self.owned), ("acquiring", self.acquiring), ("draining", self.draining)] {
+            metrics::gauge!("fleetline_cloud_shards", "state" => state).set(n as f64);
+        }
     }
 }
 
