@@ -71,7 +71,8 @@ pub struct ClusterConfig {
     /// Where peers reach this node's HTTP endpoint (`host:port`); unset: the
     /// address `http.listen` is bound to.
     pub advertise: Option<String>,
-    /// Static mode: the other nodes' HTTP endpoints (`host:port`).
+    /// Static mode: the other nodes' HTTP endpoints (`host:port`); none: a
+    /// cluster of this node alone (on a shared broker, fenced like any other).
     pub peers: Vec<String>,
     /// This node's version as peers see it (two versions among the members: a
     /// rollout, during which live shards stay where they are). Unset: the build's.
@@ -124,9 +125,6 @@ impl ClusterConfig {
     pub fn check(&self) -> Result<(), String> {
         if self.roles.is_empty() {
             return Err("cluster.roles must name at least one role".into());
-        }
-        if self.mode == Mode::Static && self.peers.is_empty() {
-            return Err("cluster.mode = \"static\" needs cluster.peers".into());
         }
         if self.max_moves_per_round == 0 {
             return Err("cluster.max_moves_per_round must be at least 1".into());

@@ -1,6 +1,7 @@
-//! Finding the members. Every way of finding them sends raw member sets (this
-//! node included, unless it is leaving) into a watch channel; the node acts only
-//! on sets that held still ([`Stabilizer`](super::stable::Stabilizer)).
+//! Finding the members, behind one trait ([`Discovery`]): every way of finding
+//! them is a task that sends raw member sets (this node included, unless it is
+//! leaving) into a watch channel; the node acts only on sets that held still
+//! ([`Stabilizer`](super::stable::Stabilizer)).
 //!
 //! - `single`: this node alone, always.
 //! - `static`: a fixed peer list, each probed with `GET /cluster/health`; a peer
@@ -10,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -39,6 +41,41 @@ impl Health {
             roles: self.roles.iter().copied().collect(),
             version: self.version.clone(),
         }
+    }
+}
+
+/// A way of finding the members.
+pub trait Discovery: Send {
+    /// Runs until the node stops, sending the raw member set into `out` whenever
+    /// it may have changed (this node left out while `leaving`).
+    fn run(self: Box<Self>, leaving: watch::Receiver<bool>, out: watch::Sender<View>) -> BoxFuture<'static, ()>;
+}
+
+/// `single`: this node alone.
+pub struct Single {
+    /// This node.
+    pub me: Member,
+}
+
+impl Discovery for Single {
+    fn run(self: Box<Self>, leaving: watch::Receiver<bool>, out: watch::Sender<View>) -> BoxFuture<'static, ()> {
+        Box::pin(single(self.me, leaving, out))
+    }
+}
+
+/// `static`: a fixed peer list, probed over HTTP.
+pub struct StaticPeers {
+    /// This node.
+    pub me: Member,
+    /// The other nodes' HTTP endpoints (`host:port`).
+    pub peers: Vec<String>,
+    /// Probe timing.
+    pub probing: Probing,
+}
+
+impl Discovery for StaticPeers {
+    fn run(self: Box<Self>, leaving: watch::Receiver<bool>, out: watch::Sender<View>) -> BoxFuture<'static, ()> {
+        Box::pin(static_peers(self.me, self.peers, self.probing, leaving, out))
     }
 }
 

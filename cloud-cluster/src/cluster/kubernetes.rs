@@ -62,6 +62,22 @@ pub fn member_of(pod: &Pod, cfg: &KubernetesConfig) -> Option<Member> {
     Some(Member { id: meta.name.clone()?, http: format!("{host}:{}", cfg.http_port), roles, version })
 }
 
+/// `kubernetes` discovery: the pods of the selector in a namespace.
+pub struct Pods {
+    /// The namespace's pods.
+    pub api: Api<Pod>,
+    /// Selector and labels.
+    pub cfg: KubernetesConfig,
+    /// This node's id (its pod's name).
+    pub me: String,
+}
+
+impl super::discovery::Discovery for Pods {
+    fn run(self: Box<Self>, leaving: watch::Receiver<bool>, out: watch::Sender<View>) -> BoxFuture<'static, ()> {
+        Box::pin(pods(self.api, self.cfg, self.me, leaving, out))
+    }
+}
+
 /// Lists and watches the pods; sends the members (this node left out while it is
 /// leaving) after every complete listing and every change. A broken watch is
 /// resumed (with backoff) by kube's watcher, re-listing when it must.

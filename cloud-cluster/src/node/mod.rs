@@ -13,7 +13,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::cluster::discovery;
+use crate::cluster::discovery::{self, Discovery};
 use crate::cluster::{ClusterState, Member, Mode, Role, View};
 use crate::config::CloudConfig;
 use crate::http::{self, Ops, RenderMetrics};
@@ -188,25 +188,22 @@ impl fleetline_broker::ReloadActions for NodeReloads {
     }
 }
 
-/// Kubernetes mode: the pod watch, shard leases for the manager, and the `jobs`
-/// singleton's lease.
+/// Kubernetes mode: shard leases for the manager, the `jobs` singleton's lease,
+/// and the pod watch to find the members with.
 #[cfg(feature = "kubernetes")]
 async fn kubernetes(
     cfg: &CloudConfig,
     cluster: &Arc<ClusterState>,
     manager: &mut Ownership,
     tasks: &mut JoinSet<()>,
-    leaving: watch::Receiver<bool>,
-    raw: watch::Sender<View>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Box<dyn Discovery>> {
     use crate::cluster::kubernetes as k8s;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let k = &cfg.cluster.kubernetes;
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let ns =
         k8s::namespace(k).context("cannot tell the namespace: set cluster.kubernetes.namespace or POD_NAMESPACE")?;
-    tasks.spawn(k8s::pods(kube::Api::namespaced(client.clone(), &ns), k.clone(), cfg.node_id.clone(), leaving, raw));
-    let leases = k8s::Leases::new(kube::Api::namespaced(client, &ns), &cfg.node_id, k);
+    let leases = k8s::Leases::new(kube::Api::namespaced(client.clone(), &ns), &cfg.node_id, k);
     manager.use_leases(Arc::new(leases.clone()), k.renew_every, k.lease_duration);
     if cluster.me.has(Role::Jobs) {
         let (wants, holds) = (cluster.clone(), cluster.clone());
@@ -217,7 +214,7 @@ async fn kubernetes(
             move |held| holds.singleton_lease.store(held, Ordering::Relaxed),
         ));
     }
-    Ok(())
+    Ok(Box::new(k8s::Pods { api: kube::Api::namespaced(client, &ns), cfg: k.clone(), me: cfg.node_id.clone() }))
 }
 
 /// Recovers the shards and starts every task; returns once the node takes data
@@ -268,22 +265,23 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     let (raw_tx, raw_rx) = watch::channel(View::default());
     let (leaving_tx, leaving_rx) = watch::channel(false);
-    match cfg.cluster.mode {
-        Mode::Single => {
-            tasks.spawn(discovery::single(me.clone(), leaving_rx, raw_tx));
-        }
-        Mode::Static => {
-            let probing =
-                discovery::Probing { interval: cfg.cluster.probe_interval, down_after: cfg.cluster.down_after };
-            tasks.spawn(discovery::static_peers(me.clone(), cfg.cluster.peers.clone(), probing, leaving_rx, raw_tx));
-        }
+    let finder: Box<dyn Discovery> = match cfg.cluster.mode {
+        Mode::Single => Box::new(discovery::Single { me: me.clone() }),
+        Mode::Static => Box::new(discovery::StaticPeers {
+            me: me.clone(),
+            peers: cfg.cluster.peers.clone(),
+            probing: discovery::Probing { interval: cfg.cluster.probe_interval, down_after: cfg.cluster.down_after },
+        }),
         Mode::Kubernetes => {
             #[cfg(feature = "kubernetes")]
-            kubernetes(cfg, &cluster, &mut manager, &mut tasks, leaving_rx, raw_tx).await?;
+            {
+                kubernetes(cfg, &cluster, &mut manager, &mut tasks).await?
+            }
             #[cfg(not(feature = "kubernetes"))]
             anyhow::bail!("cluster.mode = \"kubernetes\" needs a build with the `kubernetes` feature");
         }
-    }
+    };
+    tasks.spawn(finder.run(leaving_rx, raw_tx));
     // The leaving flag the discovery reads follows the cluster state's.
     let leaving_cluster = cluster.clone();
     tasks.spawn(async move {
