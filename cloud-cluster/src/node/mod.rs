@@ -227,6 +227,22 @@ pub async fn start(
     stats: Arc<CloudStats>,
     render: Option<RenderMetrics>,
 ) -> anyhow::Result<Running> {
+    start_with(cfg, store, keys, stats, render, None).await
+}
+
+/// Shard leases from outside (tests of the lease path without an API server):
+/// the leases, how often held ones are renewed, and how long one lasts.
+pub type LeasesFrom = (Arc<dyn crate::cluster::ShardLeases>, Duration, Duration);
+
+/// [`start`], taking shards only under `leases` (Kubernetes mode makes its own).
+pub async fn start_with(
+    cfg: &CloudConfig,
+    store: Store,
+    keys: Arc<Keys>,
+    stats: Arc<CloudStats>,
+    render: Option<RenderMetrics>,
+    leases: Option<LeasesFrom>,
+) -> anyhow::Result<Running> {
     let registry = Arc::new(Registry::open(store.clone()).await.context("opening the schema registry")?);
     let (released, released_rx) = mpsc::unbounded_channel();
     let setup = ShardSetup {
@@ -256,6 +272,9 @@ pub async fn start(
     let shards = ShardDirectory::new(cfg.shard_count);
     let (routes, routes_rx) = mpsc::unbounded_channel();
     let mut manager = Ownership::new(cluster.clone(), cfg.cluster.clone(), setup, shards.clone(), routes);
+    if let Some((leases, renew_every, duration)) = leases {
+        manager.use_leases(leases, renew_every, duration);
+    }
     if cfg.cluster.mode == Mode::Single && me.has(Role::Ingest) {
         // Every shard is owned here: recovered before anything else starts.
         let owned: Vec<u16> = (0..cfg.shard_count).collect();

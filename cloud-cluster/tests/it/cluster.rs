@@ -261,3 +261,194 @@ async fn a_cluster_loses_nothing_through_a_kill_a_freeze_an_add_and_a_drain() {
         assert_eq!(n.terminate().await.code(), Some(0));
     }
 }
+
+/// Leases kept in memory and shared by a test's nodes: what the Kubernetes API
+/// does for Leases (holder, transitions, renew time), so the manager's lease path
+/// runs without an API server.
+#[derive(Default)]
+struct LeaseTable(std::sync::Mutex<BTreeMap<u16, Leased>>);
+
+/// A lease: holder, transitions, last renewal.
+type Leased = (Option<String>, u64, Instant);
+
+impl LeaseTable {
+    fn holders(&self) -> BTreeMap<u16, (Option<String>, u64)> {
+        self.0.lock().unwrap().iter().map(|(s, (h, t, _))| (*s, (h.clone(), *t))).collect()
+    }
+
+    fn set(&self, shard: u16, holder: Option<&str>) {
+        let mut t = self.0.lock().unwrap();
+        let e = t.entry(shard).or_insert((None, 0, Instant::now()));
+        if holder.is_some() {
+            e.1 += 1;
+        }
+        *e = (holder.map(str::to_string), e.1, Instant::now());
+    }
+}
+
+struct FakeLeases {
+    table: std::sync::Arc<LeaseTable>,
+    holder: String,
+}
+
+impl fleetline_cloud::cluster::ShardLeases for FakeLeases {
+    fn acquire(&self, shard: u16, min_epoch: u64) -> futures::future::BoxFuture<'_, Result<u64, String>> {
+        let mut t = self.table.0.lock().unwrap();
+        let e = t.entry(shard).or_insert((None, 0, Instant::now()));
+        let r = match &e.0 {
+            Some(h) if *h == self.holder => {
+                e.1 = e.1.max(min_epoch);
+                e.2 = Instant::now();
+                Ok(e.1)
+            }
+            // Nobody's leases lapse in this table: a holder holds until it lets go.
+            Some(h) => Err(format!("held by {h}")),
+            None => {
+                *e = (Some(self.holder.clone()), (e.1 + 1).max(min_epoch), Instant::now());
+                Ok(e.1)
+            }
+        };
+        Box::pin(async move { r })
+    }
+
+    fn renew(&self, shard: u16) -> futures::future::BoxFuture<'_, Result<(), fleetline_cloud::cluster::RenewError>> {
+        let t = self.table.0.lock().unwrap();
+        let r = match t.get(&shard) {
+            Some((Some(h), _, _)) if *h == self.holder => Ok(()),
+            other => Err(fleetline_cloud::cluster::RenewError::Lost(format!("{other:?}"))),
+        };
+        Box::pin(async move { r })
+    }
+
+    fn release(&self, shard: u16) -> futures::future::BoxFuture<'_, ()> {
+        let mut t = self.table.0.lock().unwrap();
+        if let Some(e) = t.get_mut(&shard)
+            && e.0.as_deref() == Some(self.holder.as_str())
+        {
+            e.0 = None;
+        }
+        Box::pin(async {})
+    }
+}
+
+/// The manager's lease path, with in-process nodes on a shared Mosquitto: a
+/// shard is taken only under its lease, with the lease's epoch in its head; a
+/// lease taken away drops the shard at the next renewal and it is not taken back
+/// while someone else holds it; a handover and a drain let go of the leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shards_are_taken_only_under_their_lease_and_dropped_when_it_is_lost() {
+    use fleetline_cloud::cluster::{ClusterConfig, Mode};
+    use fleetline_cloud::config::CloudConfig;
+    use std::sync::Arc;
+    const N: u16 = 8;
+    let mosquitto = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prov_path = dir.path().join("provisioning.toml");
+    let prov = fleet(2, 1);
+    prov.save(&prov_path).unwrap();
+    let lake = dir.path().join("lake");
+    let ports = [free_port(), free_port()];
+    let cfg = |i: usize| {
+        let mut c = CloudConfig {
+            node_id: format!("cloud-{i}"),
+            shard_count: N,
+            provisioning: prov_path.clone(),
+            ..Default::default()
+        };
+        c.broker.url = Some(format!("mqtt://127.0.0.1:{}", mosquitto.port));
+        c.storage.url = lake.display().to_string();
+        c.http.listen = format!("127.0.0.1:{}", ports[i]).parse().unwrap();
+        c.cluster = ClusterConfig {
+            mode: Mode::Static,
+            peers: vec![format!("127.0.0.1:{}", ports[1 - i])],
+            stable_margin: Duration::from_millis(500),
+            probe_interval: Duration::from_millis(200),
+            down_after: Duration::from_secs(1),
+            round_interval: Duration::from_millis(200),
+            max_moves_per_round: 8,
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        c
+    };
+    let table = Arc::new(LeaseTable::default());
+    let start = |i: usize| {
+        let (cfg, table, prov) = (cfg(i), table.clone(), prov.clone());
+        async move {
+            let store = StoreSpec::parse(&cfg.storage).unwrap().open(&cfg.storage).unwrap();
+            let leases = FakeLeases { table, holder: cfg.node_id.clone() };
+            fleetline_cloud::node::start_with(
+                &cfg,
+                store,
+                Arc::new(fleetline_cloud::keys::Keys::fixed(prov)),
+                Arc::default(),
+                None,
+                Some((Arc::new(leases), Duration::from_millis(200), Duration::from_secs(2))),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let store = {
+        let c = StorageConfig { url: lake.display().to_string(), ..Default::default() };
+        StoreSpec::parse(&c).unwrap().open(&c).unwrap()
+    };
+    // Every shard's head names the lease's holder, under the lease's epoch.
+    let agree = async |want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let leases = table.holders();
+            let mut ok = leases.len() == usize::from(N);
+            for s in 0..N {
+                let (h, _) = read_head(&store, s, N).await.unwrap();
+                let lease = leases.get(&s).cloned().unwrap_or((None, 0));
+                ok &= h.owner.is_some() && h.owner == lease.0 && h.epoch == lease.1;
+                ok &= h.owner.as_deref().is_some_and(|o| want.contains(&o));
+            }
+            if ok {
+                return leases;
+            }
+            assert!(Instant::now() < deadline, "heads and leases disagree: {leases:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    let a = start(0).await;
+    let leases = agree(&["cloud-0"]).await;
+    assert!(leases.values().all(|(_, epoch)| *epoch >= 1));
+
+    // The lease of shard 3 is taken away: the node drops the shard at its next
+    // renewal and does not take it back while the lease is held elsewhere.
+    table.set(3, Some("intruder"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.cluster.local(3).is_some() {
+        assert!(Instant::now() < deadline, "the shard was not dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.cluster.local(3).is_none(), "taken back while someone else holds the lease");
+    let (head, _) = read_head(&store, 3, N).await.unwrap();
+    assert_eq!(head.owner.as_deref(), Some("cloud-0"), "the head still names the last writer");
+    // Let go: taken again under a newer epoch.
+    let before = table.holders()[&3].1;
+    table.set(3, None);
+    let leases = agree(&["cloud-0"]).await;
+    assert!(leases[&3].1 > before, "{leases:?}");
+
+    // A second node: shards move to it under leases; the first let go of theirs.
+    let b = start(1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leases = agree(&["cloud-0", "cloud-1"]).await;
+        if leases.values().any(|(h, _)| h.as_deref() == Some("cloud-1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing moved to cloud-1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first node drains: everything is the second's, leases and heads.
+    a.shutdown().await;
+    agree(&["cloud-1"]).await;
+    b.shutdown().await;
+    assert!(table.holders().values().all(|(h, _)| h.is_none()), "a drained node lets go of its leases");
+}
