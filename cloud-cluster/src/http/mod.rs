@@ -63,6 +63,7 @@ pub fn serve(listener: tokio::net::TcpListener, ops: Ops) -> impl std::future::F
         .route("/health/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/status", get(status))
+        .route("/scaling/load", get(load))
         .route("/vehicles/{fleet}/{device}", get(vehicle))
         .route("/admin/flush", post(flush))
         .route("/deadletter/replay", post(replay))
@@ -125,6 +126,20 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "rollup_last": ops.rollup.last.lock().map(|l| *l).unwrap_or_default(),
         "logins_rejected": s.logins_rejected.lock().map(|m| m.clone()).unwrap_or_default(),
         "shards": shards,
+    }))
+}
+
+/// `GET /scaling/load`: this node's backlog now, the number an autoscaler's
+/// per-pod metric reads (KEDA `metrics-api`, `valueLocation: backlog_records`).
+async fn load(State(ops): State<Ops>) -> Json<serde_json::Value> {
+    let shards = ops.shards.statuses().await;
+    let oldest = shards.iter().filter_map(|s| s.oldest_uncommitted_ms).max().unwrap_or(0);
+    Json(json!({
+        "node": ops.node_id,
+        "shards_owned": shards.len(),
+        "backlog_records": shards.iter().map(|s| s.open_rows as u64).sum::<u64>(),
+        "backlog_bytes": shards.iter().map(|s| s.open_bytes).sum::<u64>(),
+        "oldest_uncommitted_seconds": oldest as f64 / 1000.0,
     }))
 }
 

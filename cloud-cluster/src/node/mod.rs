@@ -350,6 +350,23 @@ pub async fn start_with(
         read_token: cfg.http.read_token.clone(),
     };
     tasks.spawn(http::serve(http_listener, ops));
+    // Load signals for autoscalers, sampled every second.
+    let (load_shards, load_stats, shard_count) = (shards.clone(), stats.clone(), cfg.shard_count);
+    tasks.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let sample: Vec<(u16, u64, u64, f64)> = load_shards
+                .statuses()
+                .await
+                .iter()
+                .map(|s| {
+                    let age = s.oldest_uncommitted_ms.unwrap_or(0) as f64 / 1000.0;
+                    (s.shard, s.open_rows as u64, s.open_bytes, age)
+                })
+                .collect();
+            load_stats.emit(ev::Backlog { shard_count, shards: &sample });
+        }
+    });
     // Ready once the broker session is up (a single node has recovered every
     // shard already) and, in a cluster, once a stable member set was acted on.
     let ready_stats = stats.clone();

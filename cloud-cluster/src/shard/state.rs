@@ -58,6 +58,11 @@ pub struct ShardStatus {
     pub open_rows: usize,
     /// Bundles waiting for the next commit to be acked.
     pub pending_acks: usize,
+    /// Bytes of the bundles taken since the last commit (the segment's backlog).
+    pub open_bytes: u64,
+    /// How long the oldest of them has waited for its commit, ms (the task fills
+    /// it in: it owns the clock).
+    pub oldest_uncommitted_ms: Option<u64>,
     /// Devices known.
     pub devices: usize,
     /// Dedupe ranges held (memory is proportional).
@@ -130,6 +135,7 @@ pub struct ShardState {
     totals: Totals,
     rows: Rows,
     open_batches: u64,
+    open_bytes: u64,
     opened_at: Option<Instant>,
     acks: BTreeMap<String, BTreeSet<BundleId>>,
     registry: Option<Arc<Registry>>,
@@ -165,6 +171,7 @@ impl ShardState {
             totals: Totals::default(),
             rows: Rows::default(),
             open_batches: 0,
+            open_bytes: 0,
             opened_at: None,
             acks: BTreeMap::new(),
             registry: None,
@@ -215,6 +222,7 @@ impl ShardState {
         self.rows = Rows::default();
         self.dirty = false;
         self.open_batches = 0;
+        self.open_bytes = 0;
         self.opened_at = None;
         self.acks.clear();
         self.clocks.clear();
@@ -298,6 +306,7 @@ impl ShardState {
             self.gateway_tick(&gateway, e.received_at_ms as i64);
         }
         self.acks.entry(header.gateway).or_default().insert(header.id);
+        self.open_bytes += payload.len() as u64;
         self.opened_at.get_or_insert(now);
     }
 
@@ -552,6 +561,7 @@ impl ShardState {
         let acks: Acks =
             std::mem::take(&mut self.acks).into_iter().map(|(g, ids)| (g, ids.into_iter().collect())).collect();
         self.opened_at = None;
+        self.open_bytes = 0;
         if self.rows.is_empty() && !self.dirty {
             return (acks, None);
         }
@@ -612,6 +622,8 @@ impl ShardState {
             generation: self.generation,
             open_rows: self.rows.len(),
             pending_acks: self.acks.values().map(BTreeSet::len).sum(),
+            open_bytes: self.open_bytes,
+            oldest_uncommitted_ms: None,
             devices: self.devices.len(),
             dedupe_ranges: self.devices.values().map(|d| d.seen.range_count()).sum(),
             last_commit_ms: self.last_commit_ms,

@@ -245,7 +245,9 @@ impl ShardSetup {
                     };
                 }
                 ShardMsg::Status { reply } => {
-                    let _ = reply.send(shard.state.status());
+                    let mut status = shard.state.status();
+                    status.oldest_uncommitted_ms = shard.state.opened_at().map(|t| t.elapsed().as_millis() as u64);
+                    let _ = reply.send(status);
                 }
                 ShardMsg::Vehicle { fleet, device, reply } => {
                     let _ = reply.send(Ok(shard.state.vehicle(&fleet, &device)));

@@ -302,6 +302,34 @@ impl InternalEvent for MembershipChanged<'_> {
     }
 }
 
+/// The backlog of the shards this node runs, sampled: what an autoscaler reads.
+/// Per node it falls as nodes are added (each runs fewer shards).
+pub struct Backlog<'a> {
+    /// Shards in the keyspace (the gauges of shards not run here go to zero).
+    pub shard_count: u16,
+    /// Per shard run here: (shard, open records, open bytes, oldest uncommitted seconds).
+    pub shards: &'a [(u16, u64, u64, f64)],
+}
+
+impl InternalEvent for Backlog<'_> {
+    fn emit(self, _: &CloudStats) {
+        let (mut records, mut bytes, mut oldest) = (0u64, 0u64, 0f64);
+        for s in 0..self.shard_count {
+            let (r, b, age) = self.shards.iter().find(|x| x.0 == s).map_or((0, 0, 0.0), |&(_, r, b, age)| (r, b, age));
+            let shard = s.to_string();
+            metrics::gauge!("fleetline_cloud_shard_backlog_records", "shard" => shard.clone()).set(r as f64);
+            metrics::gauge!("fleetline_cloud_shard_backlog_bytes", "shard" => shard.clone()).set(b as f64);
+            metrics::gauge!("fleetline_cloud_shard_oldest_uncommitted_seconds", "shard" => shard).set(age);
+            records += r;
+            bytes += b;
+            oldest = oldest.max(age);
+        }
+        metrics::gauge!("fleetline_cloud_backlog_records").set(records as f64);
+        metrics::gauge!("fleetline_cloud_backlog_bytes").set(bytes as f64);
+        metrics::gauge!("fleetline_cloud_oldest_uncommitted_seconds").set(oldest);
+    }
+}
+
 /// How many shards this node runs now, by state.
 pub struct ShardsHeld {
     /// Owned (taking bundles).

@@ -155,6 +155,11 @@ async fn a_cluster_loses_nothing_through_a_kill_a_freeze_an_add_and_a_drain() {
     let owners: std::collections::BTreeSet<&str> =
         shards["shards"].as_array().unwrap().iter().filter_map(|s| s["owner"].as_str()).collect();
     assert_eq!(owners.len(), 3, "{shards}");
+    // What an autoscaler reads per pod: this node's share of the backlog.
+    let load = json(nodes[2].as_ref().unwrap().addr("http"), "/scaling/load").await;
+    let owned = shards["shards"].as_array().unwrap().iter().filter(|s| s["owner"] == "cloud-2").count();
+    assert_eq!(load["shards_owned"].as_u64(), Some(owned as u64), "{load}");
+    assert!(load["backlog_records"].is_u64() && load["oldest_uncommitted_seconds"].is_f64(), "{load}");
     let members = json(nodes[1].as_ref().unwrap().addr("http"), "/cluster/members").await;
     assert_eq!(members["members"]["members"].as_array().map(Vec::len), Some(3), "{members}");
 

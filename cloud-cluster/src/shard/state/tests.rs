@@ -61,7 +61,10 @@ fn new_batches_are_stored_once_and_their_bundles_acked_by_the_segment() {
     assert_eq!(CloudStats::get(&stats.samples_received), 15);
     let status = s.status();
     assert_eq!((status.pending_acks, status.devices), (2, 2));
+    // The backlog an autoscaler reads: the segment's rows and bundle bytes.
+    assert_eq!((status.open_rows, status.open_bytes), (15, (b1.len() + b2.len()) as u64));
     let (acks, rows) = s.take_segment();
+    assert_eq!(s.status().open_bytes, 0, "taken with the segment");
     assert_eq!(acks["gw-0"], vec![BundleId(1), BundleId(2)]);
     let rows = rows.expect("rows to write");
     assert_eq!(rows.readings(), 15);
