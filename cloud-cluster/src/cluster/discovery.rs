@@ -109,7 +109,7 @@ pub async fn static_peers(
     out: watch::Sender<View>,
 ) {
     // reqwest's TLS takes the process-wide rustls provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    fleetline_service::tls::install_ring_provider();
     let client = match reqwest::Client::builder()
         .timeout(probing.interval.max(Duration::from_millis(500)))
         .connect_timeout(probing.interval.max(Duration::from_millis(500)))

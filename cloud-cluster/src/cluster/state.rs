@@ -38,8 +38,9 @@ pub struct ClusterState {
     pub me: Member,
     /// How members are found.
     pub mode: Mode,
-    /// Draining: tells peers to take its shards and give it none.
-    pub leaving: AtomicBool,
+    /// Draining: tells peers to take its shards and give it none (a watch, so
+    /// discovery learns it at once).
+    leaving: tokio::sync::watch::Sender<bool>,
     /// Membership changes acted on.
     pub view_changes: AtomicU64,
     /// Shards taken over from a live or dead owner, or picked up after a release.
@@ -67,7 +68,7 @@ impl ClusterState {
         Self {
             me,
             mode,
-            leaving: AtomicBool::new(false),
+            leaving: tokio::sync::watch::Sender::new(false),
             view_changes: AtomicU64::new(0),
             acquired: AtomicU64::new(0),
             released: AtomicU64::new(0),
@@ -83,6 +84,21 @@ impl ClusterState {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this node is draining.
+    pub fn leaving(&self) -> bool {
+        *self.leaving.borrow()
+    }
+
+    /// The node starts draining (for good).
+    pub fn set_leaving(&self) {
+        self.leaving.send_replace(true);
+    }
+
+    /// Follows the draining flag.
+    pub fn watch_leaving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leaving.subscribe()
     }
 
     /// A new stable view, acted on at `now_ms`.
@@ -135,7 +151,7 @@ impl ClusterState {
     /// Whether this node runs the singletons of `role` (the lowest member with the
     /// role in the stable view).
     pub fn runs_singleton(&self, role: Role) -> bool {
-        if self.leaving.load(Ordering::Relaxed) || !self.me.has(role) {
+        if self.leaving() || !self.me.has(role) {
             return false;
         }
         match self.mode {

@@ -39,7 +39,7 @@ async fn health(State(ops): State<Ops>) -> Json<Health> {
         roles: me.roles.iter().copied().collect(),
         version: me.version.clone(),
         http: me.http.clone(),
-        leaving: ops.cluster.leaving.load(Ordering::Relaxed),
+        leaving: ops.cluster.leaving(),
     })
 }
 
@@ -50,7 +50,7 @@ async fn members(State(ops): State<Ops>) -> Json<serde_json::Value> {
     Json(json!({
         "node": c.me.id,
         "mode": format!("{:?}", c.mode).to_lowercase(),
-        "leaving": c.leaving.load(Ordering::Relaxed),
+        "leaving": c.leaving(),
         "members": view.map(|(v, _)| v),
         "members_since_ms": since,
         "ms_since_change": since.map(|t| fleetline_service::unix_ms() as i64 - t),
@@ -89,12 +89,29 @@ async fn shards(State(ops): State<Ops>) -> Response {
 fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        fleetline_service::tls::install_ring_provider();
         reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(5))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new())
     })
+}
+
+/// A request passed on to `member`: marked as passed on (never passed on again),
+/// with the caller's credentials.
+fn passed_on(
+    ops: &Ops,
+    headers: &HeaderMap,
+    method: reqwest::Method,
+    member: &crate::cluster::Member,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    let mut req =
+        client().request(method, format!("http://{}{path}", member.http)).header(FORWARDED, ops.cluster.me.id.as_str());
+    if let Some(auth) = headers.get("authorization") {
+        req = req.header("authorization", auth.as_bytes());
+    }
+    req
 }
 
 /// A vehicle asked of a node that does not own its shard: asks the owner (as the
@@ -120,12 +137,7 @@ pub(super) async fn from_owner(
         return (StatusCode::SERVICE_UNAVAILABLE, format!("shard {shard} has no live owner right now; try again"))
             .into_response();
     };
-    let mut req = client()
-        .get(format!("http://{}/vehicles/{}/{}", member.http, fleet, device))
-        .header(FORWARDED, ops.cluster.me.id.as_str());
-    if let Some(auth) = headers.get("authorization") {
-        req = req.header("authorization", auth.as_bytes());
-    }
+    let req = passed_on(ops, headers, reqwest::Method::GET, &member, &format!("/vehicles/{fleet}/{device}"));
     match req.send().await {
         Ok(resp) => {
             let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -154,16 +166,11 @@ pub(super) async fn replay(ops: &Ops, headers: &HeaderMap, body: axum::body::Byt
         return (StatusCode::SERVICE_UNAVAILABLE, "no member set yet; try again").into_response();
     };
     let post = |member: &crate::cluster::Member, query: &str| {
-        let mut req = client()
-            .post(format!("http://{}/deadletter/replay{query}", member.http))
+        passed_on(ops, headers, reqwest::Method::POST, member, &format!("/deadletter/replay{query}"))
             .timeout(std::time::Duration::from_secs(600))
-            .header(FORWARDED, ops.cluster.me.id.as_str())
             .header("content-type", "application/json")
-            .body(body.clone());
-        if let Some(auth) = headers.get("authorization") {
-            req = req.header("authorization", auth.as_bytes());
-        }
-        req.send()
+            .body(body.clone())
+            .send()
     };
     if !ops.cluster.runs_singleton(crate::cluster::Role::Jobs) {
         let holder = view.singleton(crate::cluster::Role::Jobs).and_then(|id| view.get(id)).cloned();

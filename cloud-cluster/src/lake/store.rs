@@ -109,7 +109,7 @@ impl StoreSpec {
             }
             Self::S3 { bucket, prefix } => {
                 // reqwest's TLS uses the process-wide rustls provider.
-                let _ = rustls::crypto::ring::default_provider().install_default();
+                fleetline_service::tls::install_ring_provider();
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_region(&cfg.region)

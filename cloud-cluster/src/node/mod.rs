@@ -198,7 +198,7 @@ async fn kubernetes(
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<Box<dyn Discovery>> {
     use crate::cluster::kubernetes as k8s;
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    fleetline_service::tls::install_ring_provider();
     let k = &cfg.cluster.kubernetes;
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let ns =
@@ -210,7 +210,7 @@ async fn kubernetes(
         tasks.spawn(k8s::singleton(
             leases,
             k.renew_every,
-            move || !wants.leaving.load(Ordering::Relaxed),
+            move || !wants.leaving(),
             move |held| holds.singleton_lease.store(held, Ordering::Relaxed),
         ));
     }
@@ -283,7 +283,6 @@ pub async fn start_with(
 
     let mut tasks = JoinSet::new();
     let (raw_tx, raw_rx) = watch::channel(View::default());
-    let (leaving_tx, leaving_rx) = watch::channel(false);
     let finder: Box<dyn Discovery> = match cfg.cluster.mode {
         Mode::Single => Box::new(discovery::Single { me: me.clone() }),
         Mode::Static => Box::new(discovery::StaticPeers {
@@ -300,16 +299,7 @@ pub async fn start_with(
             anyhow::bail!("cluster.mode = \"kubernetes\" needs a build with the `kubernetes` feature");
         }
     };
-    tasks.spawn(finder.run(leaving_rx, raw_tx));
-    // The leaving flag the discovery reads follows the cluster state's.
-    let leaving_cluster = cluster.clone();
-    tasks.spawn(async move {
-        while !leaving_cluster.leaving.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = leaving_tx.send(true);
-        std::future::pending::<()>().await;
-    });
+    tasks.spawn(finder.run(cluster.watch_leaving(), raw_tx));
     let (commands, commands_rx) = mpsc::channel(4);
     let ownership = tokio::spawn(manager.run(raw_rx, commands_rx));
 

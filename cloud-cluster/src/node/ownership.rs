@@ -165,7 +165,7 @@ impl Ownership {
                 Some((id, fenced)) = self.opened_rx.recv() => self.opened(id, fenced),
                 cmd = commands.recv() => match cmd {
                     Some(Command::Drain(done)) => {
-                        self.cluster.leaving.store(true, Ordering::Relaxed);
+                        self.cluster.set_leaving();
                         self.draining.get_or_insert_with(Vec::new).push(done);
                     }
                     Some(Command::Stop(done)) => {
@@ -206,25 +206,28 @@ impl Ownership {
             before: before.as_deref(),
             rollout: view.rollout(),
         });
+        self.cluster.set_view(view.clone(), now_ms());
+        self.view = Some(view);
         let now = Instant::now();
         let me = self.cluster.me.id.clone();
-        let ingest = view.with_role(Role::Ingest);
-        let target = placement::target(self.setup.shard_count, &ingest);
-        for (s, t) in target.iter().enumerate() {
+        for (s, t) in self.target().unwrap_or_default().iter().enumerate() {
             let s = s as u16;
-            if *t == Some(me.as_str()) && self.cluster.local(s).is_none() {
+            if t.as_deref() == Some(me.as_str()) && self.cluster.local(s).is_none() {
                 self.wanted_at.entry(s).or_insert((now, "membership change"));
             }
         }
-        self.cluster.set_view(view.clone(), now_ms());
-        self.view = Some(view);
     }
 
     /// Where every shard should be under the current view (`None` before the first).
     fn target(&self) -> Option<Vec<Option<String>>> {
         let view = self.view.as_ref()?;
         let ingest = if self.draining.is_some() { Vec::new() } else { view.with_role(Role::Ingest) };
-        Some(placement::target(self.setup.shard_count, &ingest).into_iter().map(|o| o.map(str::to_string)).collect())
+        Some(self.placed(&ingest))
+    }
+
+    /// Every shard's owner by placement over `ingest`.
+    fn placed(&self, ingest: &[&str]) -> Vec<Option<String>> {
+        placement::target(self.setup.shard_count, ingest).into_iter().map(|o| o.map(str::to_string)).collect()
     }
 
     /// Placement over the stable view's members that are still discovered (the
@@ -237,7 +240,7 @@ impl Ownership {
             return None;
         }
         let ingest: Vec<&str> = view.with_role(Role::Ingest).into_iter().filter(|m| raw.contains(m)).collect();
-        Some(placement::target(self.setup.shard_count, &ingest).into_iter().map(|o| o.map(str::to_string)).collect())
+        Some(self.placed(&ingest))
     }
 
     async fn round(&mut self) {

@@ -232,59 +232,67 @@ impl Registry {
 
     /// Registers `text` under `subject`; returns its version.
     pub async fn register(&self, subject: &str, text: &str) -> Result<Version, RegistryError> {
-        let _w = self.write.lock().await;
         let canonical = Schema::parse(text).map_err(|e| RegistryError::Invalid(e.0))?.canonical();
-        let mut backoff = contention_backoff();
-        for _ in 0..SWAP_ATTEMPTS {
-            let mut next = self.read().clone();
-            let existing = next.schemas.iter().find(|(_, t)| **t == canonical).map(|(id, _)| *id);
-            if let Some(id) = existing
-                && let Some(pos) = next.subjects.get(subject).and_then(|ids| ids.iter().position(|i| *i == id))
-            {
-                return Ok(Version { subject: subject.into(), version: pos as u32 + 1, id, schema: canonical });
-            }
-            let problems = self.test(subject, &canonical)?;
-            if !problems.is_empty() {
-                return Err(RegistryError::Incompatible(problems));
-            }
-            let id = existing.unwrap_or_else(|| {
-                let id = next.next_id;
-                next.next_id += 1;
-                id
-            });
-            next.schemas.insert(id, canonical.clone());
-            let ids = next.subjects.entry(subject.into()).or_default();
-            ids.push(id);
-            let version = ids.len() as u32;
-            if !self.persist(next).await? {
-                // Another node changed it first: read theirs, decide again.
-                backoff.wait().await;
-                self.refresh().await?;
-                continue;
-            }
-            if let Ok(mut p) = self.parsed.write() {
-                p.entry(id)
-                    .or_insert_with(|| Arc::new(Schema::parse(&canonical).unwrap_or(Schema { signals: vec![] })));
-            }
-            return Ok(Version { subject: subject.into(), version, id, schema: canonical });
+        let (id, version) = self
+            .change(|next| {
+                let existing = next.schemas.iter().find(|(_, t)| **t == canonical).map(|(id, _)| *id);
+                if let Some(id) = existing
+                    && let Some(pos) = next.subjects.get(subject).and_then(|ids| ids.iter().position(|i| *i == id))
+                {
+                    return Ok(Edit::Unchanged((id, pos as u32 + 1)));
+                }
+                let problems = self.test(subject, &canonical)?;
+                if !problems.is_empty() {
+                    return Err(RegistryError::Incompatible(problems));
+                }
+                let id = existing.unwrap_or_else(|| {
+                    let id = next.next_id;
+                    next.next_id += 1;
+                    id
+                });
+                next.schemas.insert(id, canonical.clone());
+                let ids = next.subjects.entry(subject.into()).or_default();
+                ids.push(id);
+                Ok(Edit::Changed((id, ids.len() as u32)))
+            })
+            .await?;
+        if let Ok(mut p) = self.parsed.write() {
+            p.entry(id).or_insert_with(|| Arc::new(Schema::parse(&canonical).unwrap_or(Schema { signals: vec![] })));
         }
-        Err(RegistryError::Contended)
+        Ok(Version { subject: subject.into(), version, id, schema: canonical })
     }
 
     /// Sets the global mode, or a subject's.
     pub async fn set_compatibility(&self, subject: Option<&str>, mode: Compatibility) -> Result<(), RegistryError> {
-        let _w = self.write.lock().await;
-        let mut backoff = contention_backoff();
-        for _ in 0..SWAP_ATTEMPTS {
-            let mut next = self.read().clone();
+        self.change(|next| {
             match subject {
                 Some(s) => {
                     next.subject_compatibility.insert(s.into(), mode);
                 }
                 None => next.compatibility = mode,
             }
+            Ok(Edit::Changed(()))
+        })
+        .await
+    }
+
+    /// Applies `edit` to the state as this node knows it and stores the result
+    /// by compare-and-swap; when another node changed the state first, reads
+    /// theirs (after a jittered wait) and edits again.
+    async fn change<R>(
+        &self,
+        mut edit: impl FnMut(&mut State) -> Result<Edit<R>, RegistryError>,
+    ) -> Result<R, RegistryError> {
+        let _w = self.write.lock().await;
+        let mut backoff = contention_backoff();
+        for _ in 0..SWAP_ATTEMPTS {
+            let mut next = self.read().clone();
+            let r = match edit(&mut next)? {
+                Edit::Unchanged(r) => return Ok(r),
+                Edit::Changed(r) => r,
+            };
             if self.persist(next).await? {
-                return Ok(());
+                return Ok(r);
             }
             backoff.wait().await;
             self.refresh().await?;
@@ -311,6 +319,14 @@ impl Registry {
             Err(SwapError::Store(e)) => Err(e.into()),
         }
     }
+}
+
+/// What an edit of the state came to.
+enum Edit<R> {
+    /// Nothing to store (the answer stands as it is).
+    Unchanged(R),
+    /// Store the edited state, then answer.
+    Changed(R),
 }
 
 /// How many times a change is redone when other nodes keep changing the registry.

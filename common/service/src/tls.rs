@@ -46,3 +46,10 @@ pub fn client_config(
     };
     Ok(Arc::new(config))
 }
+
+/// Makes ring the process-wide rustls provider, once (clients that build their
+/// TLS from the process default — reqwest, kube — need one installed); later
+/// calls change nothing.
+pub fn install_ring_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
