@@ -41,6 +41,9 @@ struct Args {
     /// Overrides `shard_count`.
     #[arg(long, env = "FLEETLINE_SHARD_COUNT")]
     shard_count: Option<u16>,
+    /// Overrides `cluster.roles` (`ingest,jobs`; dots or commas between names).
+    #[arg(long, env = "FLEETLINE_CLOUD_ROLES")]
+    roles: Option<String>,
     /// Prints the effective configuration and exits.
     #[arg(long)]
     check_config: bool,
@@ -89,6 +92,13 @@ fn load(args: &Args) -> anyhow::Result<CloudConfig> {
     }
     if let Some(v) = args.shard_count {
         cfg.shard_count = v;
+    }
+    if let Some(v) = &args.roles {
+        let (roles, unknown) = crate::cluster::Role::parse_list(v);
+        if !unknown.is_empty() {
+            anyhow::bail!("--roles: unknown role(s) {unknown:?} (roles: ingest, jobs, api, inference)");
+        }
+        cfg.cluster.roles = roles.into_iter().collect();
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(cfg)

@@ -16,10 +16,64 @@ fn client() -> (kube::Client, Handle) {
 }
 
 async fn next(handle: &mut Handle) -> (Request<Body>, mock::SendResponse<Response<Body>>) {
-    tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
         .await
         .expect("the client called the API in time")
-        .expect("the client is alive")
+        .expect("the client is alive");
+    let (group, resource, verb) = rbac_rule_of(&req);
+    assert!(
+        granted(&group, &resource, &verb),
+        "{} {} needs `{group} {resource} {verb}`, which rbac.txt (and the chart's Role) does not grant",
+        req.method(),
+        req.uri()
+    );
+    (req, send)
+}
+
+/// The RBAC rule a request needs: (apiGroup, resource, verb), `core` for the core group.
+fn rbac_rule_of(req: &Request<Body>) -> (String, String, String) {
+    let parts: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    // /api/v1/namespaces/{ns}/{resource}[/{name}]
+    // /apis/{group}/{version}/namespaces/{ns}/{resource}[/{name}]
+    let (group, rest) = match parts.as_slice() {
+        ["api", _v, rest @ ..] => ("core".to_string(), rest),
+        ["apis", g, _v, rest @ ..] => (g.to_string(), rest),
+        _ => panic!("unexpected API path {}", req.uri()),
+    };
+    let (resource, named) = match rest {
+        ["namespaces", _ns, resource] => (resource.to_string(), false),
+        ["namespaces", _ns, resource, _name] => (resource.to_string(), true),
+        _ => panic!("a cluster-scoped or unexpected path {} (the node is namespaced)", req.uri()),
+    };
+    let query = req.uri().query().unwrap_or_default();
+    let verb = match (req.method().as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if query.split('&').any(|kv| kv == "watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", false) => "create",
+        ("PUT", true) => "update",
+        ("PATCH", true) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        (m, _) => panic!("unexpected {m} {}", req.uri()),
+    };
+    (group, resource, verb.to_string())
+}
+
+/// Whether rbac.txt lists the rule.
+fn granted(group: &str, resource: &str, verb: &str) -> bool {
+    include_str!("rbac.txt").lines().filter(|l| !l.trim_start().starts_with('#')).any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some(group) && w.next() == Some(resource) && w.any(|v| v == verb)
+    })
+}
+
+#[test]
+fn the_rbac_list_is_read_as_the_chart_reads_it() {
+    assert!(granted("core", "pods", "watch"));
+    assert!(granted("coordination.k8s.io", "leases", "update"));
+    assert!(!granted("coordination.k8s.io", "leases", "delete"));
+    assert!(!granted("core", "secrets", "get"));
 }
 
 fn reply(status: u16, v: &Value) -> Response<Body> {
