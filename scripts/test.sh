@@ -18,6 +18,9 @@ as_root() {
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# Node.js: validates the charts' KEDA objects against KEDA's CRD schema.
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 # libfaketime: a gateway restarted with its clock stepped back.
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need_apt+=(libfaketime)
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -57,6 +60,14 @@ RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace --all-featur
 
 step "tests"
 cargo test --locked --workspace --all-features
+
+step "charts: Helm lint and render, Kubernetes and KEDA schemas, RBAC, the pods' configuration, the broker ACL"
+if ! cmp -s charts/tests/package-lock.json charts/tests/node_modules/.installed-lock.json 2>/dev/null; then
+    npm ci --prefix charts/tests --no-audit --no-fund --loglevel=error
+    cp charts/tests/package-lock.json charts/tests/node_modules/.installed-lock.json
+fi
+cargo build --locked -q -p fleetline-cloud -p fleetline-gateway --bins
+python3 charts/tests/check_charts.py --bin-dir "${CARGO_TARGET_DIR:-target}/debug"
 
 step "no_std proof"
 scripts/no-std-check.sh

@@ -15,8 +15,10 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// TOML configuration file; every setting has a default (see the README).
-    #[arg(long, short, env = "FLEETLINE_CLOUD_CONFIG")]
-    config: Option<PathBuf>,
+    /// Given more than once, later files override earlier ones key by key (a
+    /// base file and a site's changes).
+    #[arg(long, short, env = "FLEETLINE_CLOUD_CONFIG", value_delimiter = ',')]
+    config: Vec<PathBuf>,
     /// Overrides `node_id`.
     #[arg(long, env = "FLEETLINE_CLOUD_NODE_ID")]
     node_id: Option<String>,
@@ -41,6 +43,12 @@ struct Args {
     /// Overrides `shard_count`.
     #[arg(long, env = "FLEETLINE_SHARD_COUNT")]
     shard_count: Option<u16>,
+    /// Overrides `broker.username` (an external broker's login of this node).
+    #[arg(long, env = "FLEETLINE_CLOUD_BROKER_USERNAME")]
+    broker_username: Option<String>,
+    /// Overrides `broker.password`.
+    #[arg(long, env = "FLEETLINE_CLOUD_BROKER_PASSWORD", hide_env_values = true)]
+    broker_password: Option<String>,
     /// Overrides `cluster.roles` (`ingest,jobs`; dots or commas between names).
     #[arg(long, env = "FLEETLINE_CLOUD_ROLES")]
     roles: Option<String>,
@@ -65,10 +73,14 @@ enum Command {
     /// never forked (reads every published file's writer stamp and every head).
     /// Prints the report as JSON; exits 3 when it found a violation.
     CheckGenerations,
+    /// Prints `gateway:password` for every gateway in the provisioning file: the
+    /// MQTT logins gateways use, for an external broker's password file
+    /// (`mosquitto_passwd -U`) or user store. Sorted by gateway id.
+    BrokerLogins,
 }
 
 fn load(args: &Args) -> anyhow::Result<CloudConfig> {
-    let mut cfg: CloudConfig = fleetline_service::read_config(args.config.as_deref())?;
+    let mut cfg: CloudConfig = fleetline_service::read_config(&args.config)?;
     if let Some(v) = &args.node_id {
         cfg.node_id = v.clone();
     }
@@ -80,6 +92,12 @@ fn load(args: &Args) -> anyhow::Result<CloudConfig> {
     }
     if let Some(v) = &args.broker_url {
         cfg.broker.url = Some(v.clone());
+    }
+    if let Some(v) = &args.broker_username {
+        cfg.broker.username = Some(v.clone());
+    }
+    if let Some(v) = &args.broker_password {
+        cfg.broker.password = Some(v.clone());
     }
     if let Some(v) = args.broker_listen {
         cfg.broker.listen = v;
@@ -115,6 +133,7 @@ where
     match args.command {
         Some(Command::Repair { shard }) => return repair(load(&args), shard),
         Some(Command::CheckGenerations) => return check_generations(load(&args)),
+        Some(Command::BrokerLogins) => return broker_logins(load(&args)),
         None => {}
     }
     fleetline_service::run("fleetline-cloud", load(&args), args.check_config, |cfg, render, stop| {
@@ -187,4 +206,66 @@ fn check_generations(cfg: anyhow::Result<CloudConfig>) -> ExitCode {
         |r: &crate::jobs::generations::GenerationReport| !r.ok(),
         |store, cfg| async move { crate::jobs::generations::check(&store, cfg.shard_count).await },
     )
+}
+
+/// `broker-logins`.
+fn broker_logins(cfg: anyhow::Result<CloudConfig>) -> ExitCode {
+    let lines = cfg.and_then(|cfg| {
+        let p = fleetline_wire::provisioning::Provisioning::load(&cfg.provisioning)
+            .with_context(|| format!("reading {}", cfg.provisioning.display()))?;
+        Ok(logins(&p))
+    });
+    match lines {
+        Ok(lines) => {
+            #[allow(clippy::print_stdout)] // The command's output.
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetline-cloud broker-logins: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `gateway:password` per gateway, sorted.
+fn logins(p: &fleetline_wire::provisioning::Provisioning) -> Vec<String> {
+    let mut out: Vec<String> = p
+        .gateways()
+        .map(|g| {
+            let id = g.id.as_str();
+            format!("{id}:{}", String::from_utf8_lossy(&g.key.mqtt_password(id)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    #[test]
+    fn broker_logins_are_what_the_embedded_broker_accepts() {
+        use fleetline_broker::Logins;
+        let text = "format = 1\n[[gateways]]\nid = \"gw-b\"\nkey = \"".to_string()
+            + &"22".repeat(32)
+            + "\"\n[[gateways]]\nid = \"gw-a\"\nkey = \""
+            + &"11".repeat(32)
+            + "\"\n";
+        let p = fleetline_wire::provisioning::Provisioning::from_toml_str(&text).unwrap();
+        let lines = super::logins(&p);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("gw-a:") && lines[1].starts_with("gw-b:"), "{lines:?}");
+        let keys = crate::keys::Keys::fixed(p);
+        for l in &lines {
+            let (user, password) = l.split_once(':').unwrap();
+            assert_eq!(password.len(), 32, "a 128-bit tag in hex");
+            keys.check_login(user, user, password).unwrap();
+            let other = if password.starts_with('0') { "1" } else { "0" };
+            assert!(keys.check_login(user, user, &format!("{other}{}", &password[1..])).is_err());
+        }
+    }
 }

@@ -178,8 +178,12 @@ impl CloudConfig {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fleetline_wire::ids::ShortId::new(&self.node_id)
-            .map_err(|_| ConfigError::invalid(format!("node_id {:?} must match [a-z0-9-]{{1,32}}", self.node_id)))?;
+        // A DNS label, as a pod's name is (Kubernetes mode: the node id is the pod's name).
+        let id_ok = (1..=63).contains(&self.node_id.len())
+            && self.node_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !id_ok {
+            return Err(ConfigError::invalid(format!("node_id {:?} must match [a-z0-9-]{{1,63}}", self.node_id)));
+        }
         if self.shard_count == 0 {
             return Err(ConfigError::invalid("shard_count must be at least 1"));
         }

@@ -14,8 +14,10 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// TOML configuration file; every setting has a default (see the README).
-    #[arg(long, short, env = "FLEETLINE_GATEWAY_CONFIG")]
-    config: Option<PathBuf>,
+    /// Given more than once, later files override earlier ones key by key (a
+    /// base file and a site's changes).
+    #[arg(long, short, env = "FLEETLINE_GATEWAY_CONFIG", value_delimiter = ',')]
+    config: Vec<PathBuf>,
     /// Overrides `id`.
     #[arg(long, env = "FLEETLINE_GATEWAY_ID")]
     id: Option<String>,
@@ -43,7 +45,7 @@ struct Args {
 }
 
 fn load(args: &Args) -> anyhow::Result<GatewayConfig> {
-    let mut cfg: GatewayConfig = fleetline_service::read_config(args.config.as_deref())?;
+    let mut cfg: GatewayConfig = fleetline_service::read_config(&args.config)?;
     if let Some(v) = &args.id {
         cfg.id = v.clone();
     }

@@ -7,6 +7,8 @@
 //!   raw set being discovered.
 //! - `GET /cluster/shards`: every shard's head (owner, lease epoch, claim,
 //!   generation) as the lake has it, and where it stands on this node.
+//! - `GET /scaling/load?scope=cluster`: the backlog summed over the `ingest`
+//!   members, and per member.
 
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
@@ -224,4 +226,61 @@ pub(super) async fn replay(ops: &Ops, headers: &HeaderMap, body: axum::body::Byt
     );
     let status = if report.errors.is_empty() { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };
     (status, Json(report)).into_response()
+}
+
+/// `GET /scaling/load?scope=cluster`: every `ingest` member's load (this node's
+/// own without a request), summed, and per member. `backlog_records_per_pod` is
+/// the sum over the members that answered divided by the number of members; a
+/// member that did not answer is named under `unanswered` (its backlog is then
+/// missing from the sum: the figure errs low for one poll, never high).
+pub(super) async fn load(ops: &Ops) -> Response {
+    let members: Vec<crate::cluster::Member> = match ops.cluster.view() {
+        Some((view, _)) if ops.cluster.mode != crate::cluster::Mode::Single => {
+            view.members().iter().filter(|m| m.has(crate::cluster::Role::Ingest)).cloned().collect()
+        }
+        _ => Vec::new(),
+    };
+    let me = ops.cluster.me.id.clone();
+    let answers = futures::future::join_all(members.iter().filter(|m| m.id != me).map(|m| async move {
+        let r = async {
+            let resp = passed_on(ops, &HeaderMap::new(), reqwest::Method::GET, m, "/scaling/load?scope=local")
+                .timeout(std::time::Duration::from_secs(2))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            serde_json::from_slice::<super::LoadReport>(&bytes).map_err(|e| e.to_string())
+        }
+        .await;
+        (m.id.clone(), r)
+    }))
+    .await;
+    let mut nodes = Vec::new();
+    if members.is_empty() || members.iter().any(|m| m.id == me) {
+        nodes.push(super::local_load(ops).await);
+    }
+    let mut unanswered = Vec::new();
+    for (id, r) in answers {
+        match r {
+            Ok(l) => nodes.push(l),
+            Err(e) => unanswered.push(json!({"node": id, "error": e})),
+        }
+    }
+    let pods = members.len().max(1) as u64;
+    let records: u64 = nodes.iter().map(|n| n.backlog_records).sum();
+    Json(json!({
+        "scope": "cluster",
+        "ingest_members": members.len().max(nodes.len()),
+        "backlog_records": records,
+        "backlog_bytes": nodes.iter().map(|n| n.backlog_bytes).sum::<u64>(),
+        "backlog_records_per_pod": records.div_ceil(pods),
+        "oldest_uncommitted_seconds": nodes.iter().map(|n| n.oldest_uncommitted_seconds).fold(0.0, f64::max),
+        "shards_owned": nodes.iter().map(|n| n.shards_owned).sum::<usize>(),
+        "nodes": nodes,
+        "unanswered": unanswered,
+    }))
+    .into_response()
 }

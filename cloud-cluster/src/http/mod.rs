@@ -129,18 +129,49 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
     }))
 }
 
-/// `GET /scaling/load`: this node's backlog now, the number an autoscaler's
-/// per-pod metric reads (KEDA `metrics-api`, `valueLocation: backlog_records`).
-async fn load(State(ops): State<Ops>) -> Json<serde_json::Value> {
+/// `GET /scaling/load`: this node's backlog now. `?scope=cluster` sums the
+/// backlog of every `ingest` member (each asked for its own), and divides it by
+/// their number: what an autoscaler reading one URL needs (KEDA `metrics-api`
+/// with `valueLocation: backlog_records`, `AverageValue` target).
+async fn load(
+    State(ops): State<Ops>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    match q.get("scope").map(String::as_str) {
+        None | Some("local") => Json(local_load(&ops).await).into_response(),
+        Some("cluster") => cluster::load(&ops).await,
+        Some(other) => {
+            (StatusCode::BAD_REQUEST, format!("scope must be local or cluster, not {other:?}")).into_response()
+        }
+    }
+}
+
+/// This node's load as `/scaling/load` reports it.
+pub(crate) async fn local_load(ops: &Ops) -> LoadReport {
     let shards = ops.shards.statuses().await;
     let oldest = shards.iter().filter_map(|s| s.oldest_uncommitted_ms).max().unwrap_or(0);
-    Json(json!({
-        "node": ops.node_id,
-        "shards_owned": shards.len(),
-        "backlog_records": shards.iter().map(|s| s.open_rows as u64).sum::<u64>(),
-        "backlog_bytes": shards.iter().map(|s| s.open_bytes).sum::<u64>(),
-        "oldest_uncommitted_seconds": oldest as f64 / 1000.0,
-    }))
+    LoadReport {
+        node: ops.node_id.clone(),
+        shards_owned: shards.len(),
+        backlog_records: shards.iter().map(|s| s.open_rows as u64).sum(),
+        backlog_bytes: shards.iter().map(|s| s.open_bytes).sum(),
+        oldest_uncommitted_seconds: oldest as f64 / 1000.0,
+    }
+}
+
+/// One node's load.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LoadReport {
+    /// The node.
+    pub node: String,
+    /// Shards it owns now.
+    pub shards_owned: usize,
+    /// Records taken but not committed yet (open segments).
+    pub backlog_records: u64,
+    /// Their bytes (as received).
+    pub backlog_bytes: u64,
+    /// How long the oldest of them has waited.
+    pub oldest_uncommitted_seconds: f64,
 }
 
 async fn vehicle(

@@ -160,6 +160,14 @@ async fn a_cluster_loses_nothing_through_a_kill_a_freeze_an_add_and_a_drain() {
     let owned = shards["shards"].as_array().unwrap().iter().filter(|s| s["owner"] == "cloud-2").count();
     assert_eq!(load["shards_owned"].as_u64(), Some(owned as u64), "{load}");
     assert!(load["backlog_records"].is_u64() && load["oldest_uncommitted_seconds"].is_f64(), "{load}");
+    // What an autoscaler reading one URL sees: every ingest member's load, summed.
+    let all = json(nodes[0].as_ref().unwrap().addr("http"), "/scaling/load?scope=cluster").await;
+    assert_eq!(all["ingest_members"].as_u64(), Some(3), "{all}");
+    assert_eq!(all["nodes"].as_array().map(Vec::len), Some(3), "{all}");
+    assert_eq!(all["shards_owned"].as_u64(), Some(SHARDS as u64), "every shard owned once: {all}");
+    let per_node: u64 = all["nodes"].as_array().unwrap().iter().map(|n| n["backlog_records"].as_u64().unwrap()).sum();
+    assert_eq!(all["backlog_records"].as_u64(), Some(per_node), "{all}");
+    assert_eq!(all["unanswered"].as_array().map(Vec::len), Some(0), "{all}");
     let members = json(nodes[1].as_ref().unwrap().addr("http"), "/cluster/members").await;
     assert_eq!(members["members"]["members"].as_array().map(Vec::len), Some(3), "{members}");
 

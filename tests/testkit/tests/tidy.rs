@@ -219,7 +219,7 @@ const CLOUD_LAYERS: &[(&str, &[&str])] = &[
     ("http", &["cluster", "jobs", "lake", "registry", "shard", "telemetry"]),
     ("config", &["analytics", "cluster", "ingest", "jobs", "lake", "shard"]),
     ("node", &["cluster", "config", "http", "ingest", "jobs", "keys", "lake", "registry", "shard", "telemetry"]),
-    ("cli", &["config", "jobs", "lake", "node"]),
+    ("cli", &["cluster", "config", "jobs", "keys", "lake", "node"]),
 ];
 
 #[test]
