@@ -181,8 +181,16 @@ def check_keda(chart: Path, name: str, docs: list[dict]) -> None:
             elif t["type"] == "metrics-api":
                 if not md.get("url", "").endswith("/scaling/load?scope=cluster"):
                     fail(f"{chart.name} [{name}]: metrics-api must read /scaling/load?scope=cluster")
-                if md.get("valueLocation") != "backlog_records" or t.get("metricType") != "AverageValue":
-                    fail(f"{chart.name} [{name}]: metrics-api must average backlog_records over the pods")
+                # Each field of the load report with the target type that gives the rule.
+                expected = {"ingest_records_per_second": "AverageValue", "backlog_bytes_avg": "AverageValue",
+                            "oldest_uncommitted_seconds": "Value"}
+                loc = md.get("valueLocation")
+                if loc not in expected or t.get("metricType") != expected[loc]:
+                    fail(f"{chart.name} [{name}]: metrics-api {loc} with {t.get('metricType')}")
+                try:
+                    float(md["targetValue"])
+                except (KeyError, ValueError):
+                    fail(f"{chart.name} [{name}]: metrics-api targetValue must be a number string")
 
 
 def rbac_list() -> set[tuple[str, str, str]]:

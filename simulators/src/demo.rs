@@ -52,6 +52,17 @@ pub struct DemoOptions {
     pub cloud_nodes: usize,
     /// Run the cloud as a cluster (child processes, a shared Mosquitto) even with one node.
     pub shared_broker: bool,
+    /// Grow and shrink the cluster by the autoscaling rule (starts `cloud_nodes`).
+    pub autoscale: Option<AutoscaleOptions>,
+}
+
+/// `--autoscale`: the rule and how often it is applied.
+#[derive(Clone, Debug)]
+pub struct AutoscaleOptions {
+    /// The rule (bounds, target, schedule, stabilization).
+    pub rule: crate::autoscale::Rule,
+    /// How often the load is read and the rule applied.
+    pub poll: Duration,
 }
 
 /// The fleet's id.
@@ -140,11 +151,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let shard_count = 16;
     let silent_after = silent_after(&opts);
 
-    let cluster = opts.cloud_nodes > 1 || opts.shared_broker || opts.chaos.iter().any(|s| s.action.is_cluster());
+    let cluster = opts.cloud_nodes > 1
+        || opts.shared_broker
+        || opts.autoscale.is_some()
+        || opts.chaos.iter().any(|s| s.action.is_cluster());
+    if let Some(a) = &opts.autoscale {
+        anyhow::ensure!(opts.chaos.is_empty(), "--autoscale runs without --chaos (both would start and stop nodes)");
+        anyhow::ensure!(
+            a.rule.min <= opts.cloud_nodes.max(1) && opts.cloud_nodes.max(1) <= a.rule.max,
+            "--cloud-nodes must lie between the autoscaler's --min-nodes and --max-nodes"
+        );
+    }
     let services = if opts.chaos.is_empty() && !cluster {
         Services::in_process(&dir, &prov, shard_count, opts.vehicles, silent_after).await?
     } else {
-        let added = opts.chaos.iter().filter(|s| s.action == Action::AddNode).count();
+        let added = match &opts.autoscale {
+            Some(a) => a.rule.max - opts.cloud_nodes.max(1),
+            None => opts.chaos.iter().filter(|s| s.action == Action::AddNode).count(),
+        };
         let nodes = if cluster { Some((opts.cloud_nodes.max(1), added)) } else { None };
         Services::children(&dir, shard_count, opts.vehicles, silent_after, nodes).await?
     };
@@ -169,6 +193,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let start_unix_ms = unix_ms();
     let incidents = drive.incidents.clone();
     let chaos_task = services.run_chaos(opts.chaos.clone(), started, chaos_log.clone());
+    let fleet_clock = move || t0_ms as i64 + (started.elapsed().as_secs_f64() * scale * 1000.0) as i64;
+    let autoscaler = opts.autoscale.as_ref().and_then(|a| services.run_autoscaler(a, started, fleet_clock));
 
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(opts.duration.as_secs().max(1));
@@ -223,6 +249,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         sample(&mut ticks).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let autoscale = match autoscaler {
+        Some((stop, task)) => {
+            let _ = stop.send(true);
+            task.await.ok()
+        }
+        None => None,
+    };
     services.flush_cloud().await;
     let run_wall = started.elapsed();
     sample(&mut ticks).await;
@@ -236,7 +269,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             c.shutdown(Duration::from_millis(100)).await;
         }
     }
-    let cluster = services.cluster_report(&opts.chaos, run_wall, &lake, shard_count).await?;
+    let scale_steps: Vec<(String, u64)> = autoscale.as_ref().map(|a| a.step_times.clone()).unwrap_or_default();
+    let cluster = services.cluster_report(&opts.chaos, &scale_steps, run_wall, &lake, shard_count).await?;
     services.stop().await;
     // What the gateway still held when it stopped: acked to its unit, not yet to the cloud.
     let queued = if drained { HashMap::new() } else { still_queued(&dir.join("gw-1").join("queue"))? };
@@ -276,6 +310,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         unit_resends: totals.resends,
         data_dir: dir.display().to_string(),
         cluster,
+        autoscale: autoscale.map(|a| a.report),
     };
 
     if let Some(path) = &opts.report_html {
@@ -484,6 +519,8 @@ struct ClusterRun {
     /// The heads, polled.
     polls: Arc<std::sync::Mutex<Vec<OwnersAt>>>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Every slot's HTTP address.
+    http: Vec<String>,
 }
 
 /// Polls every shard's head every 100 ms; records the owners whenever they (or
@@ -520,6 +557,12 @@ fn watch_heads(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
+}
+
+/// What the autoscaler did, and when each step was taken (for the cluster report).
+struct AutoscaleOutcome {
+    report: crate::autoscale::AutoscaleReport,
+    step_times: Vec<(String, u64)>,
 }
 
 /// Node id of cluster node `i`.
@@ -671,6 +714,7 @@ impl Services {
                     live,
                     polls,
                     watcher,
+                    http: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
                 };
                 (procs, port, Some(Box::new(run)))
             }
@@ -834,6 +878,159 @@ impl Services {
         }))
     }
 
+    /// Applies the autoscaling rule every `poll` until told to stop: reads the
+    /// cluster's backlog from the lowest live node (`/scaling/load?scope=cluster`,
+    /// what KEDA reads), starts the lowest stopped slot to grow, drains the highest
+    /// live one (SIGTERM: its shards are handed over) to shrink, one drain at a
+    /// time. `fleet_clock` is the fleet's time (the schedule's clock).
+    fn run_autoscaler(
+        &self,
+        opts: &AutoscaleOptions,
+        started: Instant,
+        fleet_clock: impl Fn() -> i64 + Send + 'static,
+    ) -> Option<(watch::Sender<bool>, tokio::task::JoinHandle<AutoscaleOutcome>)> {
+        let Inner::Children { nodes, cluster: Some(c), .. } = &self.inner else { return None };
+        let (nodes, live, http) = (nodes.clone(), c.live.clone(), c.http.clone());
+        let mut scaler = crate::autoscale::Scaler::new(opts.rule.clone());
+        let poll = opts.poll;
+        let (stop_tx, mut stop) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let rule = scaler.rule().clone();
+            let mut out = AutoscaleOutcome {
+                report: crate::autoscale::AutoscaleReport {
+                    min: rule.min,
+                    max: rule.max,
+                    target_rate: rule.target_rate,
+                    target_per_pod: rule.target_per_pod,
+                    target_wait_s: rule.target_wait.as_secs_f64(),
+                    schedule: rule
+                        .schedule
+                        .iter()
+                        .map(|w| {
+                            format!(
+                                "{:02}:{:02}-{:02}:{:02}@{}={}",
+                                w.start_min / 60,
+                                w.start_min % 60,
+                                w.end_min / 60,
+                                w.end_min % 60,
+                                w.zone_name,
+                                w.replicas
+                            )
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+                step_times: Vec::new(),
+            };
+            let draining = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let live_now = |live: &Arc<std::sync::Mutex<std::collections::BTreeSet<usize>>>| {
+                live.lock().map(|l| l.clone()).unwrap_or_default()
+            };
+            loop {
+                let running = live_now(&live);
+                let mut load = None;
+                for i in &running {
+                    let got = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        http_get(&http[*i], "/scaling/load?scope=cluster"),
+                    )
+                    .await;
+                    if let Ok(Ok(v)) = got
+                        && let Some(b) = v["backlog_bytes_avg"].as_u64()
+                    {
+                        let records = v["backlog_records_avg"].as_u64().unwrap_or(0);
+                        let rate = v["ingest_records_per_second"].as_f64().unwrap_or(0.0);
+                        load = Some((b, records, rate, v["oldest_uncommitted_seconds"].as_f64().unwrap_or(0.0)));
+                        break;
+                    }
+                }
+                let now_ms = fleet_clock();
+                match load {
+                    None => out.report.unread_polls += 1,
+                    Some((backlog, records, rate, oldest_s)) => {
+                        let current = running.len();
+                        let wait = Duration::from_secs_f64(oldest_s.clamp(0.0, 86_400.0));
+                        let load = crate::autoscale::Load { rate, backlog, wait };
+                        let d = scaler.decide(Instant::now(), current, load, now_ms);
+                        let t = started.elapsed();
+                        out.report.timeline.push(crate::autoscale::Point {
+                            t: (t.as_millis() as f64) / 1000.0,
+                            fleet_time: jiff::Timestamp::from_millisecond(now_ms)
+                                .map(|ts| ts.to_string())
+                                .unwrap_or_default(),
+                            nodes: current,
+                            rate,
+                            backlog_bytes: backlog,
+                            backlog_records: records,
+                            oldest_s,
+                            decision: d,
+                        });
+                        let busy = draining.load(Ordering::Relaxed) > 0;
+                        let step = if d.target > current {
+                            // Grow: the lowest stopped slots, as a StatefulSet adds ordinals.
+                            let free: Vec<usize> =
+                                (0..nodes.len()).filter(|i| !running.contains(i)).take(d.target - current).collect();
+                            for i in &free {
+                                let r = restart(&mut *nodes[*i].lock().await).await;
+                                if let Ok(mut l) = live.lock()
+                                    && r == "restarted"
+                                {
+                                    l.insert(*i);
+                                }
+                            }
+                            Some(format!("scale {current} -> {} (add {:?})", current + free.len(), free))
+                        } else if d.target < current && !busy {
+                            // Shrink: drain the highest live slot.
+                            let i = *running.iter().next_back().unwrap_or(&0);
+                            if let Ok(mut l) = live.lock() {
+                                l.remove(&i);
+                            }
+                            let (p, draining) = (nodes[i].clone(), draining.clone());
+                            draining.fetch_add(1, Ordering::Relaxed);
+                            tokio::spawn(async move {
+                                p.lock().await.terminate().await;
+                                draining.fetch_sub(1, Ordering::Relaxed);
+                            });
+                            Some(format!("scale {current} -> {} (drain {})", current - 1, node_id(i)))
+                        } else {
+                            None
+                        };
+                        if let Some(step) = step {
+                            let why = format!(
+                                "{rate:.0} records/s -> {} node(s), backlog {} KiB -> {} node(s), oldest wait {oldest_s:.1}s -> {} node(s), schedule {} node(s)",
+                                d.for_rate,
+                                backlog / 1024,
+                                d.for_backlog,
+                                d.for_wait,
+                                d.scheduled
+                            );
+                            let n = live_now(&live).len();
+                            out.report.steps.push(format!("{step} at {:.1}s: {why}", t.as_secs_f64()));
+                            out.step_times.push((step, t.as_millis() as u64));
+                            if out.report.node_counts.last() != Some(&n) {
+                                out.report.node_counts.push(n);
+                            }
+                        }
+                        if out.report.node_counts.is_empty() {
+                            out.report.node_counts.push(current);
+                        }
+                        out.report.peak_nodes = out.report.peak_nodes.max(live_now(&live).len());
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+            // A drain still running finishes before the run's totals are read.
+            while draining.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out
+        });
+        Some((stop_tx, task))
+    }
+
     /// The HTTP addresses of the cloud nodes running now.
     async fn cloud_https(&self) -> Vec<String> {
         let Inner::Children { nodes, .. } = &self.inner else { return Vec::new() };
@@ -854,6 +1051,7 @@ impl Services {
     async fn cluster_report(
         &self,
         chaos: &[Step],
+        scale_steps: &[(String, u64)],
         run_wall: Duration,
         lake: &std::path::Path,
         shard_count: u16,
@@ -867,6 +1065,7 @@ impl Services {
                     || matches!(s.action, Action::Kill(Target::Cloud) | Action::Stop(Target::Cloud, _))
             })
             .map(|s| (s.to_string(), s.at.as_millis() as u64))
+            .chain(scale_steps.iter().cloned())
             .collect();
         let changes = crate::report::cluster_changes(&polls, &actions, run_wall.as_millis() as u64);
         let mut lost: Vec<u64> =

@@ -2,6 +2,7 @@
 //! one-command demo (single-node cloud, a gateway and a fleet on loopback), and the
 //! load-test report.
 
+pub mod autoscale;
 pub mod chaos;
 pub mod demo;
 pub mod drive;

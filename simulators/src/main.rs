@@ -67,6 +67,43 @@ enum Cmd {
         /// one node: the baseline a cluster's figures compare with.
         #[arg(long)]
         shared_broker: bool,
+        /// Grow and shrink the cloud cluster as the chart's KEDA rule would:
+        /// nodes = max(schedule(t), ceil(records per second / --target-rate),
+        /// ceil(backlog / --target-backlog), ceil(nodes · oldest wait /
+        /// --target-wait)) within
+        /// --min-nodes..--max-nodes, scale-down held by the stabilization window
+        /// and done one drain at a time. Starts --cloud-nodes.
+        #[arg(long)]
+        autoscale: bool,
+        /// Fewest cloud nodes with --autoscale.
+        #[arg(long, default_value_t = 1)]
+        min_nodes: usize,
+        /// Most cloud nodes with --autoscale.
+        #[arg(long, default_value_t = 3)]
+        max_nodes: usize,
+        /// Records per second one node is meant to take.
+        #[arg(long, default_value_t = 20000.0)]
+        target_rate: f64,
+        /// Backlog (bytes taken, not yet committed) one node is meant to carry.
+        #[arg(long, default_value = "4 MiB", value_parser = parse_bytes)]
+        target_backlog: u64,
+        /// The oldest uncommitted record's wait (since its gateway received it)
+        /// the cluster aims under: nodes = ceil(nodes · wait / target).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        target_wait: Duration,
+        /// Follow-the-sun windows on the fleet's clock, comma-separated:
+        /// `08:00-20:00@Europe/Berlin=3,07:00-19:00@America/Chicago=2`.
+        #[arg(long, value_delimiter = ',')]
+        schedule: Vec<fleetline_sim::autoscale::Window>,
+        /// A scale-down goes only to the highest recommendation of this long.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        scale_down_stabilization: Duration,
+        /// At most one node is drained per this long.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        scale_down_every: Duration,
+        /// How often the autoscaler reads the load.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        scale_poll: Duration,
     },
     /// Drives simulated vehicles against a real gateway and reports what the units see.
     Fleet {
@@ -219,6 +256,16 @@ fn main() -> ExitCode {
             profile,
             cloud_nodes,
             shared_broker,
+            autoscale,
+            min_nodes,
+            max_nodes,
+            target_rate,
+            target_backlog,
+            target_wait,
+            schedule,
+            scale_down_stabilization,
+            scale_down_every,
+            scale_poll,
         } => {
             let Some(runtime) = runtime() else { return ExitCode::from(1) };
             let opts = DemoOptions {
@@ -234,6 +281,19 @@ fn main() -> ExitCode {
                 profile,
                 cloud_nodes,
                 shared_broker,
+                autoscale: autoscale.then(|| demo::AutoscaleOptions {
+                    rule: fleetline_sim::autoscale::Rule {
+                        min: min_nodes.max(1),
+                        max: max_nodes.max(min_nodes).max(1),
+                        target_rate: target_rate.max(1.0),
+                        target_per_pod: target_backlog.max(1),
+                        target_wait,
+                        schedule,
+                        stabilization: scale_down_stabilization,
+                        scale_down_every,
+                    },
+                    poll: scale_poll,
+                }),
             };
             let report = match runtime.block_on(demo::run(opts)) {
                 Ok(r) => r,
@@ -272,6 +332,10 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    fleetline_service::ByteSize::parse(s).map(|b| b.0).map_err(|e| e.to_string())
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {

@@ -303,6 +303,10 @@ pub struct Report {
     /// and the check of every shard's generations.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterReport>,
+    /// With `--autoscale`: node counts over time, each scale step and why, and
+    /// the signals read at every poll.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::autoscale::AutoscaleReport>,
 }
 
 impl Report {

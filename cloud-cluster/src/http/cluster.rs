@@ -230,7 +230,8 @@ pub(super) async fn replay(ops: &Ops, headers: &HeaderMap, body: axum::body::Byt
 
 /// `GET /scaling/load?scope=cluster`: every `ingest` member's load (this node's
 /// own without a request), summed, and per member. `backlog_records_per_pod` is
-/// the sum over the members that answered divided by the number of members; a
+/// the averaged backlog summed over the members that answered, divided by the
+/// number of members; a
 /// member that did not answer is named under `unanswered` (its backlog is then
 /// missing from the sum: the figure errs low for one poll, never high).
 pub(super) async fn load(ops: &Ops) -> Response {
@@ -271,12 +272,19 @@ pub(super) async fn load(ops: &Ops) -> Response {
     }
     let pods = members.len().max(1) as u64;
     let records: u64 = nodes.iter().map(|n| n.backlog_records).sum();
+    let records_avg: u64 = nodes.iter().map(|n| n.backlog_records_avg).sum();
+    let bytes_avg: u64 = nodes.iter().map(|n| n.backlog_bytes_avg).sum();
     Json(json!({
         "scope": "cluster",
         "ingest_members": members.len().max(nodes.len()),
         "backlog_records": records,
         "backlog_bytes": nodes.iter().map(|n| n.backlog_bytes).sum::<u64>(),
-        "backlog_records_per_pod": records.div_ceil(pods),
+        "backlog_bundles_waiting": nodes.iter().map(|n| n.backlog_bundles_waiting).sum::<u64>(),
+        "backlog_records_avg": records_avg,
+        "ingest_records_per_second": nodes.iter().map(|n| n.ingest_records_per_second).sum::<f64>(),
+        "backlog_bytes_avg": bytes_avg,
+        "backlog_bytes_per_pod": bytes_avg.div_ceil(pods),
+        "backlog_records_per_pod": records_avg.div_ceil(pods),
         "oldest_uncommitted_seconds": nodes.iter().map(|n| n.oldest_uncommitted_seconds).fold(0.0, f64::max),
         "shards_owned": nodes.iter().map(|n| n.shards_owned).sum::<usize>(),
         "nodes": nodes,

@@ -129,10 +129,13 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
     }))
 }
 
-/// `GET /scaling/load`: this node's backlog now. `?scope=cluster` sums the
-/// backlog of every `ingest` member (each asked for its own), and divides it by
-/// their number: what an autoscaler reading one URL needs (KEDA `metrics-api`
-/// with `valueLocation: backlog_records`, `AverageValue` target).
+/// `GET /scaling/load`: this node's backlog now and averaged over the last
+/// [`LOAD_WINDOW`](crate::telemetry::LOAD_WINDOW), the records it took per
+/// second, and the oldest uncommitted wait. `?scope=cluster` sums every
+/// `ingest` member's (each asked for its own): what an autoscaler reading one
+/// URL needs (KEDA `metrics-api`: `ingest_records_per_second` and the backlog
+/// with `AverageValue` targets per pod, `oldest_uncommitted_seconds` with a
+/// `Value` target).
 async fn load(
     State(ops): State<Ops>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
@@ -148,13 +151,18 @@ async fn load(
 
 /// This node's load as `/scaling/load` reports it.
 pub(crate) async fn local_load(ops: &Ops) -> LoadReport {
-    let shards = ops.shards.statuses().await;
-    let oldest = shards.iter().filter_map(|s| s.oldest_uncommitted_ms).max().unwrap_or(0);
+    let loads = ops.shards.loads();
+    let oldest = loads.iter().map(|l| l.oldest_wait_ms).max().unwrap_or(0);
+    let mean = ops.stats.mean_load();
     LoadReport {
         node: ops.node_id.clone(),
-        shards_owned: shards.len(),
-        backlog_records: shards.iter().map(|s| s.open_rows as u64).sum(),
-        backlog_bytes: shards.iter().map(|s| s.open_bytes).sum(),
+        shards_owned: loads.len(),
+        backlog_records: loads.iter().map(|l| l.open_rows).sum(),
+        backlog_bytes: loads.iter().map(|l| l.bytes).sum(),
+        backlog_bundles_waiting: loads.iter().map(|l| l.inbox_bundles).sum(),
+        backlog_records_avg: mean.records,
+        backlog_bytes_avg: mean.bytes,
+        ingest_records_per_second: (mean.records_per_second * 10.0).round() / 10.0,
         oldest_uncommitted_seconds: oldest as f64 / 1000.0,
     }
 }
@@ -168,8 +176,18 @@ pub struct LoadReport {
     pub shards_owned: usize,
     /// Records taken but not committed yet (open segments).
     pub backlog_records: u64,
-    /// Their bytes (as received).
+    /// Bytes taken but not committed yet (as received): the open segments'
+    /// bundles and those waiting in the shards' mailboxes.
     pub backlog_bytes: u64,
+    /// Bundles waiting in the shards' mailboxes (not yet in a segment).
+    pub backlog_bundles_waiting: u64,
+    /// Records taken but not committed, averaged over the last
+    /// [`LOAD_WINDOW`](crate::telemetry::LOAD_WINDOW) (sampled ten times a second).
+    pub backlog_records_avg: u64,
+    /// Their bytes, averaged the same way.
+    pub backlog_bytes_avg: u64,
+    /// Records taken per second over the same window.
+    pub ingest_records_per_second: f64,
     /// How long the oldest of them has waited.
     pub oldest_uncommitted_seconds: f64,
 }

@@ -340,21 +340,24 @@ pub async fn start_with(
         read_token: cfg.http.read_token.clone(),
     };
     tasks.spawn(http::serve(http_listener, ops));
-    // Load signals for autoscalers, sampled every second.
+    // Load signals for autoscalers: the backlog sampled ten times a second for
+    // the window's mean (a commit empties a segment once per `segment.max_age`,
+    // so a slower sampler would beat against it), the gauges set every second.
     let (load_shards, load_stats, shard_count) = (shards.clone(), stats.clone(), cfg.shard_count);
     tasks.spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut tick = tokio::time::interval(crate::telemetry::LOAD_SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 0u64.. {
+            tick.tick().await;
             let sample: Vec<(u16, u64, u64, f64)> = load_shards
-                .statuses()
-                .await
+                .loads()
                 .iter()
-                .map(|s| {
-                    let age = s.oldest_uncommitted_ms.unwrap_or(0) as f64 / 1000.0;
-                    (s.shard, s.open_rows as u64, s.open_bytes, age)
-                })
+                .map(|l| (l.shard, l.open_rows, l.bytes, l.oldest_wait_ms as f64 / 1000.0))
                 .collect();
-            load_stats.emit(ev::Backlog { shard_count, shards: &sample });
+            load_stats.sample_load(sample.iter().map(|s| s.1).sum(), sample.iter().map(|s| s.2).sum());
+            if n % 10 == 0 {
+                load_stats.emit(ev::Backlog { shard_count, shards: &sample });
+            }
         }
     });
     // Ready once the broker session is up (a single node has recovered every

@@ -2,6 +2,11 @@
 //! and the directory of the shards a node owns. Everything outside `shard/`
 //! (ingest, HTTP, jobs, the node) reaches a shard only through these.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
@@ -89,18 +94,122 @@ pub enum ShardMsg {
     },
 }
 
+/// What a shard holds that is not committed yet, readable without asking its
+/// task (which may be busy committing): bundles in its mailbox, and the open
+/// segment as the task last left it. The load signals are read from here.
+#[derive(Debug, Default)]
+pub struct ShardLoad {
+    inbox_bundles: AtomicU64,
+    inbox_bytes: AtomicU64,
+    /// When each bundle in the mailbox was put there (the mailbox is FIFO).
+    inbox_since: Mutex<VecDeque<Instant>>,
+    open_rows: AtomicU64,
+    open_bytes: AtomicU64,
+    /// Wall ms from which the open segment's oldest record has waited; 0: none.
+    open_since_ms: AtomicI64,
+}
+
+/// A shard's load at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadSample {
+    /// The shard.
+    pub shard: u16,
+    /// Rows in the open segment.
+    pub open_rows: u64,
+    /// Bytes taken and not committed: the open segment's bundles and those
+    /// waiting in the mailbox.
+    pub bytes: u64,
+    /// Bundles waiting in the mailbox.
+    pub inbox_bundles: u64,
+    /// How long the oldest of them has waited, ms (the open segment's oldest
+    /// record since its gateway received it, or the mailbox's oldest bundle).
+    pub oldest_wait_ms: u64,
+}
+
+impl ShardLoad {
+    fn queued(&self, bytes: u64) {
+        if let Ok(mut q) = self.inbox_since.lock() {
+            q.push_back(Instant::now());
+        }
+        self.inbox_bundles.fetch_add(1, Ordering::Relaxed);
+        self.inbox_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn dequeued(&self, bytes: u64) {
+        if let Ok(mut q) = self.inbox_since.lock() {
+            q.pop_front();
+        }
+        self.inbox_bundles.fetch_sub(1, Ordering::Relaxed);
+        self.inbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// The task's note of its open segment: rows, bytes, and the wall ms from
+    /// which its oldest record has waited (`None`: nothing open).
+    pub fn set_open(&self, rows: u64, bytes: u64, since_ms: Option<i64>) {
+        self.open_rows.store(rows, Ordering::Relaxed);
+        self.open_bytes.store(bytes, Ordering::Relaxed);
+        self.open_since_ms.store(since_ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The load at wall time `now_ms`.
+    pub fn sample(&self, shard: u16, now_ms: i64) -> LoadSample {
+        let since = self.open_since_ms.load(Ordering::Relaxed);
+        let open_wait = if since > 0 { now_ms.saturating_sub(since).max(0) as u64 } else { 0 };
+        let inbox_wait =
+            self.inbox_since.lock().ok().and_then(|q| q.front().map(|t| t.elapsed().as_millis() as u64)).unwrap_or(0);
+        LoadSample {
+            shard,
+            open_rows: self.open_rows.load(Ordering::Relaxed),
+            bytes: self.open_bytes.load(Ordering::Relaxed) + self.inbox_bytes.load(Ordering::Relaxed),
+            inbox_bundles: self.inbox_bundles.load(Ordering::Relaxed),
+            oldest_wait_ms: open_wait.max(inbox_wait),
+        }
+    }
+}
+
+/// The receiving end of a shard's mailbox, keeping [`ShardLoad`]'s mailbox
+/// figures as bundles are taken out.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: mpsc::Receiver<ShardMsg>,
+    load: Arc<ShardLoad>,
+}
+
+impl Inbox {
+    /// The next message (cancel-safe, as `mpsc::Receiver::recv`).
+    pub async fn recv(&mut self) -> Option<ShardMsg> {
+        let m = self.rx.recv().await;
+        if let Some(ShardMsg::Bundle { payload }) = &m {
+            self.load.dequeued(payload.len() as u64);
+        }
+        m
+    }
+
+    /// The shard's load, for the task to note its open segment in.
+    pub fn load(&self) -> &ShardLoad {
+        &self.load
+    }
+}
+
 /// A shard's mailbox.
 #[derive(Clone, Debug)]
 pub struct ShardHandle {
     shard: u16,
     tx: mpsc::Sender<ShardMsg>,
+    load: Arc<ShardLoad>,
 }
 
 impl ShardHandle {
     /// A handle and the receiving end of its mailbox, holding `depth` messages.
-    pub fn channel(shard: u16, depth: usize) -> (Self, mpsc::Receiver<ShardMsg>) {
+    pub fn channel(shard: u16, depth: usize) -> (Self, Inbox) {
         let (tx, rx) = mpsc::channel(depth);
-        (Self { shard, tx }, rx)
+        let load = Arc::new(ShardLoad::default());
+        (Self { shard, tx, load: load.clone() }, Inbox { rx, load })
+    }
+
+    /// The shard's load now (wall time `now_ms`), without asking its task.
+    pub fn load(&self, now_ms: i64) -> LoadSample {
+        self.load.sample(self.shard, now_ms)
     }
 
     /// The shard.
@@ -111,7 +220,10 @@ impl ShardHandle {
     /// Hands a bundle to the shard, waiting while its mailbox is full (the
     /// back-pressure towards the broker).
     pub async fn bundle(&self, payload: Bytes) -> Result<(), ShardUnavailable> {
-        self.tx.send(ShardMsg::Bundle { payload }).await.map_err(|_| self.stopped())
+        let permit = self.tx.reserve().await.map_err(|_| self.stopped())?;
+        self.load.queued(payload.len() as u64);
+        permit.send(ShardMsg::Bundle { payload });
+        Ok(())
     }
 
     /// Commits the shard now.
@@ -208,6 +320,13 @@ impl ShardDirectory {
     /// Every owned shard's handle.
     pub fn owned(&self) -> Vec<ShardHandle> {
         self.read().iter().flatten().cloned().collect()
+    }
+
+    /// Every owned shard's load now, without asking their tasks.
+    pub fn loads(&self) -> Vec<LoadSample> {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        self.read().iter().flatten().map(|h| h.load(now_ms)).collect()
     }
 
     /// Commits every owned shard now (concurrently); one result per shard.

@@ -25,6 +25,6 @@ pub mod validate;
 
 pub use commit::{Committed, Published, Shard, read_head};
 pub use error::ShardError;
-pub use handle::{Released, ShardDirectory, ShardHandle, ShardMsg, ShardUnavailable};
+pub use handle::{Inbox, LoadSample, Released, ShardDirectory, ShardHandle, ShardLoad, ShardMsg, ShardUnavailable};
 pub use state::{SegmentConfig, ShardState, ShardStatus, VehicleState};
 pub use validate::ValidationConfig;

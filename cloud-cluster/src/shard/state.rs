@@ -649,6 +649,16 @@ impl ShardState {
         })
     }
 
+    /// Rows in the open segment.
+    pub fn open_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Bytes of the bundles in the open segment.
+    pub fn open_bytes(&self) -> u64 {
+        self.open_bytes
+    }
+
     /// When the open segment was opened (none: nothing is open).
     pub fn opened_at(&self) -> Option<Instant> {
         self.opened_at

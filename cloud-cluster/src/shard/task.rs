@@ -93,7 +93,7 @@ impl ShardSetup {
     /// Runs shard `id` until its mailbox closes, it is released, or another node
     /// claims it, starting from `opened` (the shard, or why it could not be opened);
     /// commits what it holds before it ends (unless fenced out).
-    pub async fn run(self, id: u16, opened: Result<Shard, ShardError>, mut inbox: mpsc::Receiver<ShardMsg>) -> Ended {
+    pub async fn run(self, id: u16, opened: Result<Shard, ShardError>, mut inbox: super::Inbox) -> Ended {
         let mut shard = match self.wait_until_open(id, opened, &mut inbox).await {
             Ok(shard) => shard,
             Err(ended) => return ended,
@@ -121,7 +121,7 @@ impl ShardSetup {
         &self,
         id: u16,
         mut opened: Result<Shard, ShardError>,
-        inbox: &mut mpsc::Receiver<ShardMsg>,
+        inbox: &mut super::Inbox,
     ) -> Result<Shard, Ended> {
         let mut backoff = fleetline_service::Backoff::new(Duration::from_secs(1), SHARD_RETRY_MAX);
         loop {
@@ -167,10 +167,14 @@ impl ShardSetup {
 
     /// The actor loop: takes bundles, commits on the segment's deadline, answers
     /// requests; when the mailbox closes, commits what it holds and ends.
-    async fn serve(&self, mut shard: Shard, mut inbox: mpsc::Receiver<ShardMsg>) -> Ended {
+    async fn serve(&self, mut shard: Shard, mut inbox: super::Inbox) -> Ended {
         let id = shard.id();
         let fenced = |by: String| Ended::Fenced { by };
         loop {
+            // What the load signals read: the open segment as it stands now.
+            let now_ms = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let since = shard.state.opened_at().map(|t| now_ms - t.elapsed().as_millis() as i64);
+            inbox.load().set_open(shard.state.open_rows() as u64, shard.state.open_bytes(), since);
             let msg = match shard.state.deadline() {
                 Some(d) => tokio::select! {
                     m = inbox.recv() => m,

@@ -73,7 +73,38 @@ pub struct CloudStats {
     pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) deadletters: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) events: Mutex<BTreeMap<&'static str, u64>>,
+    /// The node's backlog (open records, open bytes), sampled every
+    /// [`LOAD_SAMPLE_EVERY`] over the last [`LOAD_WINDOW`]: an autoscaler's steady
+    /// signal (the instant backlog swings between a segment's fill and zero at
+    /// each commit).
+    pub(crate) load_window: Mutex<std::collections::VecDeque<LoadPoint>>,
 }
+
+/// One sample of the node's load.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LoadPoint {
+    at: std::time::Instant,
+    records: u64,
+    bytes: u64,
+    /// `samples_received` then.
+    taken: u64,
+}
+
+/// The node's load over the last [`LOAD_WINDOW`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MeanLoad {
+    /// Records in open segments, mean.
+    pub records: u64,
+    /// Bytes taken and not committed, mean.
+    pub bytes: u64,
+    /// Records taken per second.
+    pub records_per_second: f64,
+}
+
+/// How long the backlog is averaged over for `/scaling/load`.
+pub const LOAD_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the backlog is sampled.
+pub const LOAD_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl CloudStats {
     /// Emits an event: its log line, counter and status entry.
@@ -100,6 +131,30 @@ impl CloudStats {
     /// Owned shards that are down, and why.
     pub fn shards_down(&self) -> BTreeMap<u16, String> {
         self.shards_down.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Adds a backlog sample (open records, bytes taken and not committed),
+    /// dropping those older than the window.
+    pub fn sample_load(&self, records: u64, bytes: u64) {
+        let taken = Self::get(&self.samples_received);
+        if let Ok(mut w) = self.load_window.lock() {
+            w.push_back(LoadPoint { at: std::time::Instant::now(), records, bytes, taken });
+            let keep = (LOAD_WINDOW.as_millis() / LOAD_SAMPLE_EVERY.as_millis()) as usize;
+            while w.len() > keep {
+                w.pop_front();
+            }
+        }
+    }
+
+    /// The load over the window; zero before the first samples.
+    pub fn mean_load(&self) -> MeanLoad {
+        let Ok(w) = self.load_window.lock() else { return MeanLoad::default() };
+        let (Some(first), Some(last)) = (w.front(), w.back()) else { return MeanLoad::default() };
+        let n = w.len() as u64;
+        let (r, b) = w.iter().fold((0u64, 0u64), |(r, b), x| (r + x.records, b + x.bytes));
+        let secs = last.at.duration_since(first.at).as_secs_f64();
+        let records_per_second = if secs > 0.0 { last.taken.saturating_sub(first.taken) as f64 / secs } else { 0.0 };
+        MeanLoad { records: r.div_ceil(n), bytes: b.div_ceil(n), records_per_second }
     }
 
     /// Ready: recovered, subscribed, and no owned shard down.

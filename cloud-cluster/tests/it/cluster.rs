@@ -168,6 +168,8 @@ async fn a_cluster_loses_nothing_through_a_kill_a_freeze_an_add_and_a_drain() {
     let per_node: u64 = all["nodes"].as_array().unwrap().iter().map(|n| n["backlog_records"].as_u64().unwrap()).sum();
     assert_eq!(all["backlog_records"].as_u64(), Some(per_node), "{all}");
     assert_eq!(all["unanswered"].as_array().map(Vec::len), Some(0), "{all}");
+    let avg: u64 = all["nodes"].as_array().unwrap().iter().map(|n| n["backlog_records_avg"].as_u64().unwrap()).sum();
+    assert_eq!(all["backlog_records_avg"].as_u64(), Some(avg), "{all}");
     let members = json(nodes[1].as_ref().unwrap().addr("http"), "/cluster/members").await;
     assert_eq!(members["members"]["members"].as_array().map(Vec::len), Some(3), "{members}");
 

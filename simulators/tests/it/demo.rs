@@ -160,6 +160,54 @@ fn a_ci_sized_cluster_demo_loses_nothing_through_node_chaos() {
     }
 }
 
+/// The autoscaler grows the cluster for the surge profile's reserve vehicles and
+/// shrinks it again (each scale-in a drain), and nothing is lost or duplicated.
+#[test]
+fn a_ci_sized_autoscaled_surge_grows_and_shrinks_the_cluster_and_loses_nothing() {
+    let (r, _dir) = demo(&[
+        "--vehicles",
+        "40",
+        "--duration",
+        "45s",
+        "--seed",
+        "8",
+        "--profile",
+        "surge",
+        "--autoscale",
+        "--min-nodes",
+        "1",
+        "--max-nodes",
+        "3",
+        // About 1 300 records/s before the surge and 1 900 during it (the reserve
+        // third drives from 40 % to 70 % of the run).
+        "--target-rate",
+        "1600",
+        "--scale-down-stabilization",
+        "5s",
+        "--scale-down-every",
+        "5s",
+    ]);
+    let a = &r["autoscale"];
+    eprintln!("autoscale: {}", a["steps"]);
+    assert_eq!(r["samples_lost"], 0);
+    assert_eq!(r["samples_duplicated"], 0);
+    assert_eq!(r["samples_stored"], r["samples_acked"]);
+    assert_eq!(r["samples_acked"], r["samples_sent"]);
+    let counts: Vec<u64> = a["node_counts"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    assert_eq!(counts.first(), Some(&1), "{a}");
+    assert!(a["peak_nodes"].as_u64().unwrap() >= 2, "the surge added a node: {}", a["steps"]);
+    assert_eq!(counts.last(), Some(&1), "and the cluster shrank back after it: {}", a["steps"]);
+    let timeline = a["timeline"].as_array().unwrap();
+    assert!(timeline.len() > 30, "one reading a second");
+    let peak_rate = timeline.iter().map(|p| p["rate"].as_f64().unwrap()).fold(0.0, f64::max);
+    assert!(peak_rate > 1600.0, "the surge shows in the rate: {peak_rate}");
+    let c = &r["cluster"];
+    assert_eq!(c["generation_violations"], serde_json::json!([]), "{c}");
+    let changes = c["changes"].as_array().unwrap();
+    assert!(changes.len() >= 2, "{c}");
+    assert!(changes.iter().all(|x| x["owned_again_ms"].is_u64()), "every scale step left every shard owned: {c}");
+}
+
 /// A child process of the simulator's binary that prints one JSON line on start.
 struct Child(std::process::Child, Value);
 
