@@ -21,6 +21,8 @@ command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 # Node.js: validates the charts' KEDA objects against KEDA's CRD schema.
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# systemd-analyze: checks the gateway's systemd unit.
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # libfaketime: a gateway restarted with its clock stepped back.
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || need_apt+=(libfaketime)
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -17,7 +17,8 @@ Go SDK), offline:
   (`--check-config`, with the environment the pods get);
 - the bundled Mosquitto's rendered configuration and ACL, run by a real Mosquitto:
   each gateway reaches only the ingest topics and its own acks, each alert reader
-  only its fleets, wrong passwords are refused.
+  only its fleets, wrong passwords are refused;
+- the gateway's systemd unit, read by `systemd-analyze verify`.
 
 Usage: check_charts.py --bin-dir DIR   (DIR holds fleetline-cloud and fleetline-gateway)
 """
@@ -470,6 +471,22 @@ def acl_cases(port: int, logins: dict[str, str]) -> None:
         fail("ACL: a wrong gateway password was accepted")
 
 
+def check_systemd_unit(bin_dir: Path) -> None:
+    """The gateway's systemd unit, as systemd reads it (with the built binary)."""
+    unit = ROOT / "packaging/systemd/fleetline-gateway.service"
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        fail("systemd-analyze is needed to check the gateway's unit (apt-get install systemd)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / unit.name
+        local.write_text(unit.read_text().replace("/usr/local/bin/fleetline-gateway", str(bin_dir / "fleetline-gateway")))
+        r = subprocess.run([tool, "verify", str(local)], capture_output=True, text=True, timeout=60)
+        noise = [l for l in (r.stdout + r.stderr).splitlines() if unit.name in l or "fleetline" in l]
+        if r.returncode != 0 or noise:
+            fail(f"systemd-analyze verify {unit.name}: {noise or r.stderr.strip()[-500:]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin-dir", type=Path, required=True)
@@ -488,6 +505,8 @@ def main() -> int:
             check_configs(chart, name, docs, args.bin_dir)
     print("== bundled broker ACL (real Mosquitto)", flush=True)
     check_broker_acl(args.bin_dir)
+    print("== the gateway's systemd unit", flush=True)
+    check_systemd_unit(args.bin_dir)
     print(f"charts: {len(charts())}, renders: {checked['renders']}, objects validated: {checked['objects']}, "
           f"failures: {len(failures)}")
     return 1 if failures else 0
