@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 out="${1:-$target/images}"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
+epoch="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 storage=(--storage-driver vfs --root "$out/.storage" --runroot "$out/.run")
 
@@ -25,6 +25,8 @@ done
 echo "==> cargo build --release"
 cargo build --release --locked -p fleetline-cloud -p fleetline-gateway -p fleetline-sim --bins
 mkdir -p "$out"
+# Set after the build: cargo would rebuild crates whose build scripts watch it.
+export SOURCE_DATE_EPOCH="$epoch"
 
 image() {
     local bin="$1" ports="$2" title="$3"
@@ -65,11 +67,15 @@ check() {
     chroot --userspec="$user:$user" "$rootfs" "$entry" --version | sed 's/^/    /'
     if [ "$bin" != fleetline-sim ]; then
         echo "    \$ chroot --userspec=$user:$user rootfs $entry --check-config"
-        chroot --userspec="$user:$user" "$rootfs" "$entry" --check-config | head -5 | sed 's/^/    /'
-        echo "    ..."
+        local cfg
+        cfg="$(chroot --userspec="$user:$user" "$rootfs" "$entry" --check-config)"
+        printf '%s\n' "$cfg" | head -4 | sed 's/^/    /'
+        echo "    ... ($(printf '%s\n' "$cfg" | wc -l) lines)"
     else
         echo "    \$ chroot --userspec=$user:$user rootfs $entry --help"
-        chroot --userspec="$user:$user" "$rootfs" "$entry" --help | head -3 | sed 's/^/    /'
+        local help
+        help="$(chroot --userspec="$user:$user" "$rootfs" "$entry" --help)"
+        printf '%s\n' "$help" | head -3 | sed 's/^/    /'
     fi
     rm -rf "$dir"
 }

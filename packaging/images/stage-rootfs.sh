@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Lays out the root filesystem of a Fleetline image: the release binary (debug
-# symbols stripped), exactly the shared libraries it loads, CA certificates, and
+# Lays out the root filesystem of a Fleetline image: the release binary (symbols
+# stripped; panics still name their source line), exactly the shared libraries it loads, CA certificates, and
 # a non-root user (65532). Used by scripts/build-images.sh (buildah, from
 # scratch) and by the Containerfiles' build stage, so both give the same files.
 #
@@ -14,11 +14,11 @@ rm -rf "$root"
 mkdir -p "$root"/{usr/local/bin,etc/ssl/certs,tmp,var/lib/fleetline}
 chmod 1777 "$root/tmp"
 
-objcopy --strip-debug "$bin" "$root/usr/local/bin/$name"
+objcopy --strip-all "$bin" "$root/usr/local/bin/$name"
 chmod 0755 "$root/usr/local/bin/$name"
 
 # The dynamic loader and every library the binary needs, at the paths it looks for them.
-ldd "$bin" | awk '/=> \// {print $3} /^\s*\/[^ ]+ \(/ {print $1}' | sort -u | while read -r lib; do
+ldd "$bin" | awk '/=> \// {print $3} /^[ \t]*\/[^ ]+ \(/ {print $1}' | sort -u | while read -r lib; do
     real="$(readlink -f "$lib")"
     mkdir -p "$root$(dirname "$lib")"
     cp "$real" "$root$lib"

@@ -70,10 +70,9 @@ where
         }
     };
     if check_config {
-        #[allow(clippy::print_stdout)] // The flag's output.
-        {
-            println!("{cfg:#?}");
-        }
+        // The flag's output; a reader that stops early (`| head`) is not an error.
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), "{cfg:#?}");
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
