@@ -248,6 +248,23 @@ mod tests {
     #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
     #[test]
+    fn roles_and_broker_logins_come_from_flags_and_bad_roles_are_refused() {
+        use clap::Parser;
+        let args = super::Args::parse_from(["fleetline-cloud", "--roles", "ingest.jobs", "--broker-username", "n1"]);
+        let cfg = super::load(&args).unwrap();
+        let roles: Vec<&str> = cfg.cluster.roles.iter().map(|r| r.as_str()).collect();
+        assert_eq!(roles, ["ingest", "jobs"]);
+        assert_eq!(cfg.broker.username.as_deref(), Some("n1"));
+        let bad = super::Args::parse_from(["fleetline-cloud", "--roles", "ingest,gardening"]);
+        let e = super::load(&bad).unwrap_err().to_string();
+        assert!(e.contains("gardening"), "{e}");
+        let long = super::Args::parse_from(["fleetline-cloud", "--node-id", &"a".repeat(64)]);
+        assert!(super::load(&long).is_err(), "a node id longer than a DNS label");
+        let pod = super::Args::parse_from(["fleetline-cloud", "--node-id", "fleet-fleetline-cloud-inference-0"]);
+        assert!(super::load(&pod).is_ok(), "a StatefulSet pod's name");
+    }
+
+    #[test]
     fn broker_logins_are_what_the_embedded_broker_accepts() {
         use fleetline_broker::Logins;
         let text = "format = 1\n[[gateways]]\nid = \"gw-b\"\nkey = \"".to_string()
