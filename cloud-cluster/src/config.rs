@@ -108,6 +108,8 @@ pub struct SubscriberLogin {
     pub username: String,
     /// Password.
     pub password: String,
+    /// The fleets whose alerts it may read (`"*"`: every fleet).
+    pub fleets: Vec<String>,
 }
 
 impl Default for BrokerConfig {

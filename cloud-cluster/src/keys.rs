@@ -56,4 +56,24 @@ impl fleetline_broker::Logins for Keys {
             Err(fleetline_broker::reason::BAD_PASSWORD)
         }
     }
+
+    /// A gateway publishes bundles on the ingest topics and reads its own acks.
+    fn grants(&self, _client_id: &str, username: &str) -> Arc<dyn fleetline_broker::Grants> {
+        Arc::new(GatewayGrants { ack: fleetline_wire::topics::bundle_ack_topic(username).as_str().to_string() })
+    }
+}
+
+/// A gateway's topics at the cloud's broker.
+struct GatewayGrants {
+    ack: String,
+}
+
+impl fleetline_broker::Grants for GatewayGrants {
+    fn may_publish(&self, topic: &str) -> bool {
+        fleetline_wire::topics::parse_ingest_topic(topic).is_some()
+    }
+
+    fn may_subscribe(&self, filter: &str) -> bool {
+        filter == self.ack
+    }
 }

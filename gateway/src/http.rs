@@ -113,6 +113,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         },
         "rejected": s.rejected(),
         "logins_rejected": s.logins_rejected(),
+        "packets_refused": s.packets_refused(),
         "dropped": {
             "batches": GatewayStats::get(&s.dropped_batches),
             "samples": GatewayStats::get(&s.dropped_samples),

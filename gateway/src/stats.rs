@@ -68,6 +68,7 @@ pub struct UplinkStatus {
 pub struct GatewayStats {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    packets_refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Batches appended to the queue.
     pub batches_accepted: AtomicU64,
     /// Samples in them.
@@ -130,6 +131,11 @@ impl GatewayStats {
         self.rejected.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// Sessions ended for a packet outside the unit's grants, by reason.
+    pub fn packets_refused(&self) -> BTreeMap<&'static str, u64> {
+        self.packets_refused.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
     /// Refused logins by reason.
     pub fn logins_rejected(&self) -> BTreeMap<&'static str, u64> {
         self.logins_rejected.lock().map(|m| m.clone()).unwrap_or_default()
@@ -166,6 +172,11 @@ pub use fleetline_service::unix_ms;
 impl fleetline_broker::FrontEvents for GatewayStats {
     fn login_refused(&self, reason: &'static str) {
         self.reject_login(reason);
+    }
+
+    fn packet_refused(&self, reason: &'static str) {
+        bump(&self.packets_refused, reason);
+        metrics::counter!("fleetline_gateway_refused_packets_total", "reason" => reason).increment(1);
     }
 
     fn tls_session(&self) {

@@ -961,3 +961,103 @@ async fn a_unit_reconnecting_in_a_tight_loop_does_not_take_the_broker_down() {
     assert_delivered(&env.cloud, &acked).await;
     gw.terminate().await;
 }
+
+/// A logged-in MQTT session of device `i`, spoken by hand.
+async fn raw_session(port: u16, i: usize) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let user = format!("acme.{}", device_id(i));
+    let pass = device_key(i).mqtt_password(&user);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&fleetline_testkit::raw::connect_packet(4, &user, Some((&user, &pass[..])), 30)).await.unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack[3], 0, "logged in");
+    s
+}
+
+/// Sends `packet` on a fresh session of device `i`; what came back: `None` when
+/// the front closed the session, else the first byte of the answer.
+async fn answer_to(port: u16, i: usize, packet: &[u8]) -> Option<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = raw_session(port, i).await;
+    s.write_all(packet).await.unwrap();
+    let mut first = [0u8; 1];
+    let got = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0]),
+        Ok(_) => None,
+        Err(_) => panic!("neither an answer nor a close within 5 s"),
+    };
+    drop(s);
+    // Let the broker finish with this client id before the next session takes it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    got
+}
+
+/// SUBSCRIBE (QoS 1) to `filters`, packet id 1.
+fn subscribe_packet(filters: &[String]) -> Vec<u8> {
+    let mut body = vec![0x00, 0x01];
+    for f in filters {
+        body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
+        body.push(1);
+    }
+    let mut out = vec![0x82];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A unit publishes only its own batches and reads only its own acks and
+/// commands; anything else ends its session and is counted, and an honest unit
+/// next to it loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_may_use_only_its_own_topics() {
+    let env = Env::new(3).await;
+    let port = free_port();
+    let gw = Gateway::start(&env.config(0, port, "")).await;
+    let mut honest = Fleet::start(1, port, Duration::from_millis(20), OutboxFull::Block);
+    let own = |channel: &str| format!("fleetline/v1/acme/{}/{channel}", device_id(1));
+
+    // Its own batch topic works; another unit's, or a retained message, does not.
+    assert!(pub_as(port, 1, 1, &batch(1, 1, 1, None), &[]).await, "own topic");
+    assert!(!pub_as(port, 1, 0, &batch(1, 1, 2, None), &[]).await, "another unit's topic");
+    assert!(!pub_as(port, 1, 1, &batch(1, 1, 3, None), &["-r"]).await, "retained");
+    // Subscriptions: its own acks and commands only, and not too many.
+    let suback = Some(0x90);
+    assert_eq!(answer_to(port, 1, &subscribe_packet(&[own("ack"), own("cmd")])).await, suback, "own ack and cmd");
+    assert_eq!(answer_to(port, 1, &subscribe_packet(&["#".into()])).await, None, "everything");
+    let other = format!("fleetline/v1/acme/{}/ack", device_id(0));
+    assert_eq!(answer_to(port, 1, &subscribe_packet(&[other])).await, None, "another unit's acks");
+    assert_eq!(answer_to(port, 1, &subscribe_packet(&vec![own("ack"); 17])).await, None, "17 filters");
+    // A packet only a server sends, after a valid login.
+    assert_eq!(answer_to(port, 1, &[0x90, 0x03, 0x00, 0x01, 0x00]).await, None, "a SUBACK from a client");
+
+    let status = gw.status().await;
+    let r = &status["packets_refused"];
+    eprintln!("packets refused: {r}");
+    assert_eq!(r["publish_denied"], 1, "{status}");
+    assert_eq!(r["retain_denied"], 1, "{status}");
+    assert_eq!(r["subscribe_denied"], 2, "{status}");
+    assert_eq!(r["too_many_filters"], 1, "{status}");
+    assert_eq!(r["malformed"], 1, "{status}");
+    // Nothing refused reached the queue: only the one good batch of unit 1.
+    honest.stop().await;
+    let acked = honest.drain(Duration::from_secs(30)).await;
+    assert_delivered(&env.cloud, &acked).await;
+    let c = env.cloud.wait_for(Duration::from_secs(10), |c| c.device_batches("dev-0001") == 1).await;
+    assert_eq!(c.device_batches("dev-0001"), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.cloud.snapshot().device_batches("dev-0001"), 1, "the refused batches never arrived");
+    gw.terminate().await;
+}

@@ -125,6 +125,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "alerts_sent": g(&s.alerts_sent),
         "rollup_last": ops.rollup.last.lock().map(|l| *l).unwrap_or_default(),
         "logins_rejected": s.logins_rejected.lock().map(|m| m.clone()).unwrap_or_default(),
+        "packets_refused": s.packets_refused.lock().map(|m| m.clone()).unwrap_or_default(),
         "shards": shards,
     }))
 }

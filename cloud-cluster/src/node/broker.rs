@@ -136,4 +136,68 @@ impl fleetline_broker::Logins for NodeLogins {
         }
         self.keys.check_login(client_id, username, password)
     }
+
+    fn grants(&self, client_id: &str, username: &str) -> Arc<dyn fleetline_broker::Grants> {
+        match self.subscribers.iter().find(|s| s.username == username) {
+            Some(s) => Arc::new(AlertGrants { fleets: s.fleets.clone() }),
+            None => self.keys.grants(client_id, username),
+        }
+    }
+}
+
+/// An alert subscriber's topics: its fleets' alerts, nothing to publish.
+struct AlertGrants {
+    fleets: Vec<String>,
+}
+
+impl fleetline_broker::Grants for AlertGrants {
+    fn may_publish(&self, _: &str) -> bool {
+        false
+    }
+
+    /// `fleetline/v1/alerts/{fleet}`, then `#`, `+` or a device id; with `"*"`
+    /// also any fleet, `+` or `#` in the fleet's place.
+    fn may_subscribe(&self, filter: &str) -> bool {
+        let Some(rest) = filter.strip_prefix("fleetline/v1/alerts/") else { return false };
+        let (fleet, device) = rest.split_once('/').map_or((rest, None), |(f, d)| (f, Some(d)));
+        let device_ok = match device {
+            None => fleet == "#",
+            Some(d) => d == "#" || d == "+" || (!d.is_empty() && !d.contains(['/', '+', '#'])),
+        };
+        let any = self.fleets.iter().any(|f| f == "*");
+        let fleet_ok = if any {
+            fleet == "+" || fleet == "#" || (!fleet.is_empty() && !fleet.contains(['+', '#']))
+        } else {
+            self.fleets.iter().any(|f| f == fleet)
+        };
+        fleet_ok && device_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetline_broker::Grants;
+
+    #[test]
+    fn alert_readers_read_only_their_fleets() {
+        let acme = super::AlertGrants { fleets: vec!["acme".into()] };
+        for ok in ["fleetline/v1/alerts/acme/#", "fleetline/v1/alerts/acme/+", "fleetline/v1/alerts/acme/truck-1"] {
+            assert!(acme.may_subscribe(ok), "{ok}");
+        }
+        for bad in [
+            "fleetline/v1/alerts/#",
+            "fleetline/v1/alerts/+/truck-1",
+            "fleetline/v1/alerts/globex/#",
+            "fleetline/v1/alerts/acme/truck-1/#",
+            "fleetline/v1/ingest/#",
+            "#",
+            "fleetline/v1/gw/gw-1/ack",
+        ] {
+            assert!(!acme.may_subscribe(bad), "{bad}");
+        }
+        assert!(!acme.may_publish("fleetline/v1/alerts/acme/truck-1"));
+        let all = super::AlertGrants { fleets: vec!["*".into()] };
+        assert!(all.may_subscribe("fleetline/v1/alerts/#") && all.may_subscribe("fleetline/v1/alerts/globex/+"));
+        assert!(!all.may_subscribe("fleetline/v1/#") && !all.may_subscribe("fleetline/v1/ingest/3"));
+    }
 }

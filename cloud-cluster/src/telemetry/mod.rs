@@ -71,6 +71,8 @@ pub struct CloudStats {
     pub sessions_ended_by_keys: AtomicU64,
     /// Refused gateway logins (embedded broker), by reason.
     pub logins_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Embedded broker sessions ended for a packet outside the login's grants, by reason.
+    pub packets_refused: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) deadletters: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) events: Mutex<BTreeMap<&'static str, u64>>,
     /// The node's backlog (open records, open bytes), sampled every
@@ -181,5 +183,12 @@ impl fleetline_broker::FrontEvents for CloudStats {
 
     fn tls_timed_out(&self) {
         metrics::counter!("fleetline_cloud_tls_handshakes_timed_out_total").increment(1);
+    }
+
+    fn packet_refused(&self, reason: &'static str) {
+        metrics::counter!("fleetline_cloud_refused_packets_total", "reason" => reason).increment(1);
+        if let Ok(mut m) = self.packets_refused.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
     }
 }

@@ -644,7 +644,7 @@ async fn events_are_published_as_alerts_with_ids() {
     let env = Env::new(2, |lake| {
         (
             format!(
-                "[broker]\nlisten = \"127.0.0.1:0\"\nsubscribers = [{{ username = \"ops.alerts\", password = \"alerts-password-1\" }}]\n[storage]\nurl = \"{}\"\n",
+                "[broker]\nlisten = \"127.0.0.1:0\"\nsubscribers = [{{ username = \"ops.alerts\", password = \"alerts-password-1\", fleets = [\"acme\"] }}]\n[storage]\nurl = \"{}\"\n",
                 lake.display()
             ),
             1,
@@ -653,7 +653,7 @@ async fn events_are_published_as_alerts_with_ids() {
     let cloud = env.cloud(None).await;
     let port = cloud.addr("broker").port();
     let ops = ["-i", "ops.alerts-1", "-u", "ops.alerts", "-P", "alerts-password-1"];
-    let mut sub = Sub::start_with(port, "fleetline/v1/alerts/#", &ops).await;
+    let mut sub = Sub::start_with(port, "fleetline/v1/alerts/acme/#", &ops).await;
     // The subscriber login is checked like any other.
     assert!(!publish(port, "x", b"x", &["-i", "ops.alerts-2", "-u", "ops.alerts", "-P", "wrong-password"]).await);
 
@@ -682,9 +682,46 @@ print(json.dumps(duckdb.connect().execute(f"SELECT id, kind FROM read_parquet('{
 "#;
     let v = py(code, &[env.lake.to_str().unwrap()]).await;
     assert_eq!(v, serde_json::json!([[id, "overspeed"]]));
+    // Each login keeps to its grants: a gateway publishes only bundles and reads
+    // only its own acks, the reader reads only its fleets' alerts, nobody but the
+    // node publishes alerts.
+    let forged = br#"{"kind":"overspeed"}"#;
+    assert!(!publish(port, "fleetline/v1/alerts/acme/dev-0000", forged, &login).await, "a gateway's alert");
+    let reader = ["-i", "ops.alerts-3", "-u", "ops.alerts", "-P", "alerts-password-1"];
+    assert!(!publish(port, "fleetline/v1/alerts/acme/dev-0000", forged, &reader).await, "a reader's alert");
+    let retained = ["-i", "gw-1", "-u", "gw-1", "-P", pass.as_str(), "-r"];
+    assert!(!publish(port, &format!("fleetline/v1/ingest/{shard}"), &payload, &retained).await, "retained");
+    let sub_for = |args: Vec<String>| async move {
+        tokio::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-W", "2"])
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .unwrap();
+    };
+    let as_gw = |t: &str| ["-i", "gw-1", "-u", "gw-1", "-P", pass.as_str(), "-t", t].map(String::from).to_vec();
+    sub_for(as_gw("fleetline/v1/ingest/#")).await;
+    sub_for(as_gw("fleetline/v1/gw/gw-2/ack")).await;
+    let as_reader = |t: &str| {
+        ["-i", "ops.alerts-4", "-u", "ops.alerts", "-P", "alerts-password-1", "-t", t].map(String::from).to_vec()
+    };
+    sub_for(as_reader("fleetline/v1/alerts/globex/#")).await;
     let status = cloud.status().await;
     assert_eq!(status["events"]["overspeed"], 1, "{status}");
     assert_eq!(status["alerts_sent"], 1, "{status}");
+    let r = &status["packets_refused"];
+    eprintln!("packets refused at the embedded broker: {r}");
+    assert_eq!(r["publish_denied"], 2, "{status}");
+    assert_eq!(r["retain_denied"], 1, "{status}");
+    // mosquitto_sub tries again after a refusal, so each attempt counts at least once.
+    assert!(r["subscribe_denied"].as_u64().unwrap_or(0) >= 3, "{status}");
+    // Nothing forged reached the honest reader.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub.next()).await.is_err(),
+        "the reader got only the node's alert"
+    );
     assert_eq!(cloud.terminate().await.code(), Some(0));
 }
 

@@ -29,6 +29,8 @@ pub struct Broker {
     pub health: Arc<BrokerHealth>,
     /// The supervisor task (it owns the listener task and restarts it).
     pub server: JoinHandle<()>,
+    /// Largest packet it takes (the front refuses larger ones first).
+    pub max_packet: usize,
 }
 
 impl Broker {
@@ -170,7 +172,14 @@ pub async fn start(cfg: &BrokerSettings, secret: Arc<str>) -> anyhow::Result<(Br
                 health.healthy.store(true, Ordering::Relaxed);
                 let supervisor =
                     tokio::spawn(supervise(cfg.clone(), addr, make.clone(), secret.clone(), task, health.clone()));
-                let broker = Broker { addr, secret, sessions: Arc::default(), health, server: supervisor };
+                let broker = Broker {
+                    addr,
+                    secret,
+                    sessions: Arc::default(),
+                    health,
+                    server: supervisor,
+                    max_packet: cfg.max_packet,
+                };
                 return Ok((broker, link_tx, link_rx));
             }
             None => last_err = Some(format!("could not listen on {addr}")),

@@ -6,7 +6,11 @@
 //! says nothing delays nobody else. Credentials are checked by [`Logins`] here: a refused login gets a CONNACK with a reason code and is counted by
 //! reason; an accepted one is passed to the broker's loopback listener with its
 //! password replaced by a per-process secret, and the rest of the connection is
-//! spliced through.
+//! relayed: every packet the client sends is parsed (rumqttc's codec) and held
+//! to the login's [`Grants`] — the topics it may publish to and the filters it
+//! may subscribe to, no retained messages, a cap on filters — before its bytes go
+//! on unchanged; a packet outside them ends the session and is counted by
+//! reason. What the broker sends the client is copied as it comes.
 //!
 //! Checking logins here, not only in rumqttd's auth hook, also keeps the broker
 //! away from a failure mode of rumqttd 0.20: a failed login leaves a stale will
@@ -60,10 +64,38 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A repeated error is logged at most once per this interval.
 pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// What one session may do once logged in.
+pub trait Grants: Send + Sync {
+    /// Whether it may publish to `topic`.
+    fn may_publish(&self, topic: &str) -> bool;
+    /// Whether it may subscribe to `filter` (as written, wildcards included).
+    fn may_subscribe(&self, filter: &str) -> bool;
+}
+
+/// Grants everything (a broker whose logins need no topic permissions).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Everything;
+
+impl Grants for Everything {
+    fn may_publish(&self, _: &str) -> bool {
+        true
+    }
+
+    fn may_subscribe(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Most topic filters one session may subscribe to.
+pub const MAX_FILTERS_PER_SESSION: usize = 16;
+
 /// Checks a login (client id, username, password); the error is a reason to count.
 pub trait Logins: Send + Sync + 'static {
     /// `Ok` to let the session through.
     fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str>;
+
+    /// What a session that passed [`check_login`](Self::check_login) may do.
+    fn grants(&self, client_id: &str, username: &str) -> Arc<dyn Grants>;
 }
 
 /// Where the front reports what it refused and what TLS did.
@@ -76,6 +108,8 @@ pub trait FrontEvents: Send + Sync + 'static {
     fn tls_failed(&self);
     /// A TLS client that did not finish its handshake in time.
     fn tls_timed_out(&self);
+    /// A session ended for a packet outside its grants, by reason.
+    fn packet_refused(&self, reason: &'static str);
 }
 
 /// What each connection needs.
@@ -98,6 +132,8 @@ pub struct Front {
     pub sessions: Arc<crate::sessions::Sessions>,
     /// Failed accepts make the broker unhealthy for a while.
     pub health: Arc<crate::BrokerHealth>,
+    /// Largest packet a client may send.
+    pub max_packet: usize,
 }
 
 impl Front {
@@ -117,6 +153,7 @@ impl Front {
             max_sessions,
             sessions: broker.sessions.clone(),
             health: broker.health.clone(),
+            max_packet: broker.max_packet,
         }
     }
 
@@ -270,6 +307,8 @@ impl Front {
         if let Some(l) = &connect.login {
             session.remember_login(&l.username, &l.password);
         }
+        let grants = self.logins.grants(&connect.client_id, user);
+        let client_id = connect.client_id.clone();
         let username = connect.client_id.clone();
         connect.set_login(username, self.secret.to_string());
         if connect.keep_alive == 0 {
@@ -288,8 +327,8 @@ impl Front {
             return;
         };
         let _ = broker.set_nodelay(true);
-        // The rewritten CONNECT, then whatever the client already sent after it.
-        out.extend_from_slice(&buf);
+        // The rewritten CONNECT; what the client already sent after it is relayed
+        // (and checked) below.
         if broker.write_all(&out).await.is_err() {
             return;
         }
@@ -309,11 +348,21 @@ impl Front {
         if client.write_all(&connack).await.is_err() {
             return;
         }
-        tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
-            _ = session.stop.wait_for(|s| *s) => {}
+        {
+            let (mut from_client, mut to_client) = tokio::io::split(client);
+            let (mut from_broker, mut to_broker) = broker.split();
+            let up = relay_checked(&mut from_client, &mut to_broker, buf, &*grants, self.max_packet);
+            tokio::select! {
+                ended = up => {
+                    if let Relayed::Refused(why) = ended {
+                        self.events.packet_refused(why);
+                        tracing::info!(%peer, client_id, reason = why, "session ended: packet refused");
+                    }
+                }
+                _ = tokio::io::copy(&mut from_broker, &mut to_client) => {}
+                _ = session.stop.wait_for(|s| *s) => {}
+            }
         }
-        drop(client);
         // The session is over for the broker only once rumqttd has closed its end:
         // it does that after queueing the disconnect for its router, so the next
         // session of this id reaches the router after that disconnect. (A CONNECT
@@ -323,6 +372,97 @@ impl Front {
         close_broker_side(&mut broker).await;
         drop(session);
     }
+}
+
+/// How a relay from the client ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Relayed {
+    /// The client or the broker closed, or a write failed.
+    Closed,
+    /// A packet outside the grants (or not a client's packet); nothing of it was passed on.
+    Refused(&'static str),
+}
+
+/// Relays the client's packets to the broker, `pending` first: each whole packet
+/// is parsed and checked against `grants`; its bytes go on unchanged. Packets
+/// read together are written together.
+async fn relay_checked<R, W>(
+    from: &mut R,
+    to: &mut W,
+    mut pending: BytesMut,
+    grants: &dyn Grants,
+    max_packet: usize,
+) -> Relayed
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use bytes::Buf;
+    let mut filters = 0usize;
+    let mut out = BytesMut::new();
+    loop {
+        loop {
+            let n = match rumqttc::mqttbytes::check(pending.iter(), max_packet) {
+                Ok(header) => header.frame_length(),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(_) => return Relayed::Refused(reason::MALFORMED),
+            };
+            let mut frame = BytesMut::from(&pending[..n]);
+            let Ok(packet) = Packet::read(&mut frame, max_packet) else { return Relayed::Refused(reason::MALFORMED) };
+            if let Err(why) = check_packet(&packet, grants, &mut filters) {
+                return Relayed::Refused(why);
+            }
+            out.extend_from_slice(&pending[..n]);
+            pending.advance(n);
+        }
+        if !out.is_empty() {
+            if to.write_all(&out).await.is_err() {
+                return Relayed::Closed;
+            }
+            out.clear();
+        }
+        pending.reserve(16 * 1024);
+        match from.read_buf(&mut pending).await {
+            Ok(0) | Err(_) => return Relayed::Closed,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Whether a client's packet is within its grants; `filters` counts the session's
+/// subscriptions.
+fn check_packet(packet: &Packet, grants: &dyn Grants, filters: &mut usize) -> Result<(), &'static str> {
+    match packet {
+        Packet::Publish(p) => {
+            if p.retain {
+                return Err(reason::RETAIN_DENIED);
+            }
+            if !grants.may_publish(&p.topic) {
+                return Err(reason::PUBLISH_DENIED);
+            }
+        }
+        Packet::Subscribe(s) => {
+            if s.filters.iter().any(|f| !grants.may_subscribe(&f.path)) {
+                return Err(reason::SUBSCRIBE_DENIED);
+            }
+            *filters += s.filters.len();
+            if *filters > MAX_FILTERS_PER_SESSION {
+                return Err(reason::TOO_MANY_FILTERS);
+            }
+        }
+        Packet::PubAck(_)
+        | Packet::PubRec(_)
+        | Packet::PubRel(_)
+        | Packet::PubComp(_)
+        | Packet::Unsubscribe(_)
+        | Packet::PingReq
+        | Packet::Disconnect => {}
+        // A second CONNECT, or what only a server sends.
+        Packet::Connect(_) | Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+            return Err(reason::MALFORMED);
+        }
+    }
+    Ok(())
 }
 
 /// Half-closes the front's connection to the broker and waits (bounded) until the

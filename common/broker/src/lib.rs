@@ -14,7 +14,7 @@ pub mod reload;
 pub mod sessions;
 
 pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
-pub use front::{Front, FrontEvents, Listening, Logins, TlsFiles};
+pub use front::{Everything, Front, FrontEvents, Grants, Listening, Logins, TlsFiles};
 pub use reload::{ReloadActions, keep_provisioning};
 
 /// Reasons a connection is refused before or at login.
@@ -37,6 +37,17 @@ pub mod reason {
     pub const TAKEOVER_STUCK: &str = "takeover_stuck";
     /// A listener could not accept a connection (out of file descriptors and the like).
     pub const ACCEPT_FAILED: &str = "accept_failed";
+    /// Session: a PUBLISH on a topic the login may not publish to.
+    pub const PUBLISH_DENIED: &str = "publish_denied";
+    /// Session: a SUBSCRIBE to a filter the login may not read.
+    pub const SUBSCRIBE_DENIED: &str = "subscribe_denied";
+    /// Session: a retained PUBLISH (nothing in the system retains messages).
+    pub const RETAIN_DENIED: &str = "retain_denied";
+    /// Session: more topic filters than a session may hold.
+    pub const TOO_MANY_FILTERS: &str = "too_many_filters";
+    /// Session: a packet that does not parse, is too large, or is one only a
+    /// server sends (or a second CONNECT).
+    pub const MALFORMED: &str = "malformed";
 }
 
 /// A random secret, hex, for the broker's loopback listener.

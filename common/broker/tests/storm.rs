@@ -19,6 +19,10 @@ impl Logins for AnyLogin {
     fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
         if client_id == username && password == "pw" { Ok(()) } else { Err(fleetline_broker::reason::BAD_PASSWORD) }
     }
+
+    fn grants(&self, _: &str, _: &str) -> Arc<dyn fleetline_broker::Grants> {
+        Arc::new(fleetline_broker::Everything)
+    }
 }
 
 struct NoEvents;
@@ -27,6 +31,7 @@ impl FrontEvents for NoEvents {
     fn tls_session(&self) {}
     fn tls_failed(&self) {}
     fn tls_timed_out(&self) {}
+    fn packet_refused(&self, _: &'static str) {}
 }
 
 fn settings() -> BrokerSettings {

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use fleetline_service::ProvisioningFile;
 use fleetline_service::provisioning::Reloaded;
 use fleetline_wire::provisioning::{DeviceEntry, Provisioning, ProvisioningError};
+use fleetline_wire::topics::{self, Channel};
 use fleetline_wire::{DeviceId, FleetId};
 
 use crate::stats::reason;
@@ -81,5 +82,35 @@ pub fn parse_username(username: &str) -> Option<(FleetId, DeviceId)> {
 impl fleetline_broker::Logins for Registry {
     fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
         Registry::check_login(self, client_id, username, password)
+    }
+
+    /// A unit publishes only its own batches and reads only its own acks and
+    /// commands.
+    fn grants(&self, _client_id: &str, username: &str) -> Arc<dyn fleetline_broker::Grants> {
+        Arc::new(match parse_username(username) {
+            Some((fleet, device)) => UnitGrants {
+                up: topics::device_topic(&fleet, &device, Channel::Up).as_str().to_string(),
+                ack: topics::device_topic(&fleet, &device, Channel::Ack).as_str().to_string(),
+                cmd: topics::device_topic(&fleet, &device, Channel::Cmd).as_str().to_string(),
+            },
+            None => UnitGrants { up: String::new(), ack: String::new(), cmd: String::new() },
+        })
+    }
+}
+
+/// One unit's topics.
+struct UnitGrants {
+    up: String,
+    ack: String,
+    cmd: String,
+}
+
+impl fleetline_broker::Grants for UnitGrants {
+    fn may_publish(&self, topic: &str) -> bool {
+        !self.up.is_empty() && topic == self.up
+    }
+
+    fn may_subscribe(&self, filter: &str) -> bool {
+        !self.ack.is_empty() && (filter == self.ack || filter == self.cmd)
     }
 }
