@@ -993,31 +993,6 @@ async fn answer_to(port: u16, i: usize, packet: &[u8]) -> Option<u8> {
     got
 }
 
-/// SUBSCRIBE (QoS 1) to `filters`, packet id 1.
-fn subscribe_packet(filters: &[String]) -> Vec<u8> {
-    let mut body = vec![0x00, 0x01];
-    for f in filters {
-        body.extend_from_slice(&(f.len() as u16).to_be_bytes());
-        body.extend_from_slice(f.as_bytes());
-        body.push(1);
-    }
-    let mut out = vec![0x82];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
-}
-
 /// A unit publishes only its own batches and reads only its own acks and
 /// commands; anything else ends its session and is counted, and an honest unit
 /// next to it loses nothing.
@@ -1035,11 +1010,23 @@ async fn a_unit_may_use_only_its_own_topics() {
     assert!(!pub_as(port, 1, 1, &batch(1, 1, 3, None), &["-r"]).await, "retained");
     // Subscriptions: its own acks and commands only, and not too many.
     let suback = Some(0x90);
-    assert_eq!(answer_to(port, 1, &subscribe_packet(&[own("ack"), own("cmd")])).await, suback, "own ack and cmd");
-    assert_eq!(answer_to(port, 1, &subscribe_packet(&["#".into()])).await, None, "everything");
+    assert_eq!(
+        answer_to(port, 1, &fleetline_testkit::raw::subscribe_packet(&[own("ack"), own("cmd")])).await,
+        suback,
+        "own ack and cmd"
+    );
+    assert_eq!(answer_to(port, 1, &fleetline_testkit::raw::subscribe_packet(&["#".into()])).await, None, "everything");
     let other = format!("fleetline/v1/acme/{}/ack", device_id(0));
-    assert_eq!(answer_to(port, 1, &subscribe_packet(&[other])).await, None, "another unit's acks");
-    assert_eq!(answer_to(port, 1, &subscribe_packet(&vec![own("ack"); 17])).await, None, "17 filters");
+    assert_eq!(
+        answer_to(port, 1, &fleetline_testkit::raw::subscribe_packet(&[other])).await,
+        None,
+        "another unit's acks"
+    );
+    assert_eq!(
+        answer_to(port, 1, &fleetline_testkit::raw::subscribe_packet(&vec![own("ack"); 17])).await,
+        None,
+        "17 filters"
+    );
     // A packet only a server sends, after a valid login.
     assert_eq!(answer_to(port, 1, &[0x90, 0x03, 0x00, 0x01, 0x00]).await, None, "a SUBACK from a client");
 

@@ -27,6 +27,19 @@ fn push_remaining_length(out: &mut Vec<u8>, mut len: usize) {
     }
 }
 
+/// A SUBSCRIBE packet (QoS 1 for every filter, packet id 1).
+pub fn subscribe_packet(filters: &[String]) -> Vec<u8> {
+    let mut body = vec![0x00, 0x01];
+    for f in filters {
+        push_str(&mut body, f.as_bytes());
+        body.push(1);
+    }
+    let mut out = vec![0x82];
+    push_remaining_length(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
 /// A CONNECT packet. `level` is the protocol level: 3 (MQTT 3.1, "MQIsdp"),
 /// 4 (3.1.1) or 5 (MQTT 5, with an empty property block).
 pub fn connect_packet(level: u8, client_id: &str, login: Option<(&str, &[u8])>, keep_alive: u16) -> Vec<u8> {
