@@ -60,6 +60,14 @@ impl FromStr for Window {
     }
 }
 
+impl std::fmt::Display for Window {
+    /// As parsed: `HH:MM-HH:MM@Area/City=N`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = (self.start_min, self.end_min);
+        write!(f, "{:02}:{:02}-{:02}:{:02}@{}={}", a / 60, a % 60, b / 60, b % 60, self.zone_name, self.replicas)
+    }
+}
+
 impl Window {
     /// Whether the window is open at Unix milliseconds `unix_ms`.
     pub fn open_at(&self, unix_ms: i64) -> bool {
@@ -241,6 +249,21 @@ pub struct AutoscaleReport {
     pub unread_polls: u64,
 }
 
+impl AutoscaleReport {
+    /// An empty report of a run under `rule`.
+    pub fn for_rule(rule: &Rule) -> Self {
+        Self {
+            min: rule.min,
+            max: rule.max,
+            target_rate: rule.target_rate,
+            target_per_pod: rule.target_per_pod,
+            target_wait_s: rule.target_wait.as_secs_f64(),
+            schedule: rule.schedule.iter().map(Window::to_string).collect(),
+            ..Self::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
@@ -287,6 +310,13 @@ mod tests {
         assert_eq!(night.scheduled(ms("2026-01-15T14:00:00Z")), 2, "23:00 in Tokyo");
         assert_eq!(night.scheduled(ms("2026-01-15T20:00:00Z")), 2, "05:00 in Tokyo");
         assert_eq!(night.scheduled(ms("2026-01-15T22:00:00Z")), 0, "07:00 in Tokyo");
+    }
+
+    #[test]
+    fn a_window_prints_as_it_is_written() {
+        for w in ["08:00-20:00@Europe/Berlin=3", "22:00-06:00@Asia/Tokyo=2", "00:00-24:00@UTC=1"] {
+            assert_eq!(w.parse::<Window>().unwrap().to_string(), w);
+        }
     }
 
     #[test]

@@ -895,31 +895,8 @@ impl Services {
         let poll = opts.poll;
         let (stop_tx, mut stop) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let rule = scaler.rule().clone();
             let mut out = AutoscaleOutcome {
-                report: crate::autoscale::AutoscaleReport {
-                    min: rule.min,
-                    max: rule.max,
-                    target_rate: rule.target_rate,
-                    target_per_pod: rule.target_per_pod,
-                    target_wait_s: rule.target_wait.as_secs_f64(),
-                    schedule: rule
-                        .schedule
-                        .iter()
-                        .map(|w| {
-                            format!(
-                                "{:02}:{:02}-{:02}:{:02}@{}={}",
-                                w.start_min / 60,
-                                w.start_min % 60,
-                                w.end_min / 60,
-                                w.end_min % 60,
-                                w.zone_name,
-                                w.replicas
-                            )
-                        })
-                        .collect(),
-                    ..Default::default()
-                },
+                report: crate::autoscale::AutoscaleReport::for_rule(scaler.rule()),
                 step_times: Vec::new(),
             };
             let draining = Arc::new(std::sync::atomic::AtomicUsize::new(0));

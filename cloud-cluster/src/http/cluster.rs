@@ -261,7 +261,7 @@ pub(super) async fn load(ops: &Ops) -> Response {
     .await;
     let mut nodes = Vec::new();
     if members.is_empty() || members.iter().any(|m| m.id == me) {
-        nodes.push(super::local_load(ops).await);
+        nodes.push(super::local_load(ops));
     }
     let mut unanswered = Vec::new();
     for (id, r) in answers {

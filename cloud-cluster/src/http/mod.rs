@@ -142,7 +142,7 @@ async fn load(
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
     match q.get("scope").map(String::as_str) {
-        None | Some("local") => Json(local_load(&ops).await).into_response(),
+        None | Some("local") => Json(local_load(&ops)).into_response(),
         Some("cluster") => cluster::load(&ops).await,
         Some(other) => {
             (StatusCode::BAD_REQUEST, format!("scope must be local or cluster, not {other:?}")).into_response()
@@ -151,7 +151,7 @@ async fn load(
 }
 
 /// This node's load as `/scaling/load` reports it.
-pub(crate) async fn local_load(ops: &Ops) -> LoadReport {
+pub(crate) fn local_load(ops: &Ops) -> LoadReport {
     let loads = ops.shards.loads();
     let oldest = loads.iter().map(|l| l.oldest_wait_ms).max().unwrap_or(0);
     let mean = ops.stats.mean_load();

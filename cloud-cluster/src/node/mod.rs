@@ -349,14 +349,12 @@ pub async fn start_with(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for n in 0u64.. {
             tick.tick().await;
-            let sample: Vec<(u16, u64, u64, f64)> = load_shards
-                .loads()
-                .iter()
-                .map(|l| (l.shard, l.open_rows, l.bytes, l.oldest_wait_ms as f64 / 1000.0))
-                .collect();
-            load_stats.sample_load(sample.iter().map(|s| s.1).sum(), sample.iter().map(|s| s.2).sum());
+            let loads = load_shards.loads();
+            load_stats.sample_load(loads.iter().map(|l| l.open_rows).sum(), loads.iter().map(|l| l.bytes).sum());
             if n % 10 == 0 {
-                load_stats.emit(ev::Backlog { shard_count, shards: &sample });
+                let shards: Vec<(u16, u64, u64, f64)> =
+                    loads.iter().map(|l| (l.shard, l.open_rows, l.bytes, l.oldest_wait_ms as f64 / 1000.0)).collect();
+                load_stats.emit(ev::Backlog { shard_count, shards: &shards });
             }
         }
     });

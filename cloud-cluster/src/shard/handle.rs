@@ -3,7 +3,7 @@
 //! (ingest, HTTP, jobs, the node) reaches a shard only through these.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -99,14 +99,19 @@ pub enum ShardMsg {
 /// segment as the task last left it. The load signals are read from here.
 #[derive(Debug, Default)]
 pub struct ShardLoad {
-    inbox_bundles: AtomicU64,
     inbox_bytes: AtomicU64,
     /// When each bundle in the mailbox was put there (the mailbox is FIFO).
     inbox_since: Mutex<VecDeque<Instant>>,
     open_rows: AtomicU64,
     open_bytes: AtomicU64,
-    /// Wall ms from which the open segment's oldest record has waited; 0: none.
-    open_since_ms: AtomicI64,
+    /// When the open segment was opened, as [`mono_ms`] + 1; 0: nothing open.
+    open_since: AtomicU64,
+}
+
+/// Milliseconds on the process's monotonic clock (clock steps do not move it).
+fn mono_ms(at: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    at.saturating_duration_since(*BASE.get_or_init(Instant::now)).as_millis() as u64
 }
 
 /// A shard's load at one instant.
@@ -121,8 +126,8 @@ pub struct LoadSample {
     pub bytes: u64,
     /// Bundles waiting in the mailbox.
     pub inbox_bundles: u64,
-    /// How long the oldest of them has waited, ms (the open segment's oldest
-    /// record since its gateway received it, or the mailbox's oldest bundle).
+    /// How long the oldest of them has waited here, ms: since the open segment
+    /// was opened, or since the mailbox's oldest bundle was put there.
     pub oldest_wait_ms: u64,
 }
 
@@ -131,7 +136,6 @@ impl ShardLoad {
         if let Ok(mut q) = self.inbox_since.lock() {
             q.push_back(Instant::now());
         }
-        self.inbox_bundles.fetch_add(1, Ordering::Relaxed);
         self.inbox_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -139,29 +143,30 @@ impl ShardLoad {
         if let Ok(mut q) = self.inbox_since.lock() {
             q.pop_front();
         }
-        self.inbox_bundles.fetch_sub(1, Ordering::Relaxed);
         self.inbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// The task's note of its open segment: rows, bytes, and the wall ms from
-    /// which its oldest record has waited (`None`: nothing open).
-    pub fn set_open(&self, rows: u64, bytes: u64, since_ms: Option<i64>) {
+    /// The task's note of its open segment: rows, bytes, and when it was opened
+    /// (`None`: nothing open).
+    pub fn set_open(&self, rows: u64, bytes: u64, opened_at: Option<Instant>) {
         self.open_rows.store(rows, Ordering::Relaxed);
         self.open_bytes.store(bytes, Ordering::Relaxed);
-        self.open_since_ms.store(since_ms.unwrap_or(0), Ordering::Relaxed);
+        self.open_since.store(opened_at.map_or(0, |t| mono_ms(t) + 1), Ordering::Relaxed);
     }
 
-    /// The load at wall time `now_ms`.
-    pub fn sample(&self, shard: u16, now_ms: i64) -> LoadSample {
-        let since = self.open_since_ms.load(Ordering::Relaxed);
-        let open_wait = if since > 0 { now_ms.saturating_sub(since).max(0) as u64 } else { 0 };
-        let inbox_wait =
-            self.inbox_since.lock().ok().and_then(|q| q.front().map(|t| t.elapsed().as_millis() as u64)).unwrap_or(0);
+    /// The load now.
+    pub fn sample(&self, shard: u16) -> LoadSample {
+        let now = Instant::now();
+        let since = self.open_since.load(Ordering::Relaxed);
+        let open_wait = if since > 0 { mono_ms(now).saturating_sub(since - 1) } else { 0 };
+        let (inbox_bundles, inbox_wait) = self.inbox_since.lock().map_or((0, 0), |q| {
+            (q.len() as u64, q.front().map_or(0, |t| now.saturating_duration_since(*t).as_millis() as u64))
+        });
         LoadSample {
             shard,
             open_rows: self.open_rows.load(Ordering::Relaxed),
             bytes: self.open_bytes.load(Ordering::Relaxed) + self.inbox_bytes.load(Ordering::Relaxed),
-            inbox_bundles: self.inbox_bundles.load(Ordering::Relaxed),
+            inbox_bundles,
             oldest_wait_ms: open_wait.max(inbox_wait),
         }
     }
@@ -207,9 +212,9 @@ impl ShardHandle {
         (Self { shard, tx, load: load.clone() }, Inbox { rx, load })
     }
 
-    /// The shard's load now (wall time `now_ms`), without asking its task.
-    pub fn load(&self, now_ms: i64) -> LoadSample {
-        self.load.sample(self.shard, now_ms)
+    /// The shard's load now, without asking its task.
+    pub fn load(&self) -> LoadSample {
+        self.load.sample(self.shard)
     }
 
     /// The shard.
@@ -324,9 +329,7 @@ impl ShardDirectory {
 
     /// Every owned shard's load now, without asking their tasks.
     pub fn loads(&self) -> Vec<LoadSample> {
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        self.read().iter().flatten().map(|h| h.load(now_ms)).collect()
+        self.read().iter().flatten().map(ShardHandle::load).collect()
     }
 
     /// Commits every owned shard now (concurrently); one result per shard.

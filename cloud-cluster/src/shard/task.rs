@@ -172,9 +172,7 @@ impl ShardSetup {
         let fenced = |by: String| Ended::Fenced { by };
         loop {
             // What the load signals read: the open segment as it stands now.
-            let now_ms = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-            let since = shard.state.opened_at().map(|t| now_ms - t.elapsed().as_millis() as i64);
-            inbox.load().set_open(shard.state.open_rows() as u64, shard.state.open_bytes(), since);
+            inbox.load().set_open(shard.state.open_rows() as u64, shard.state.open_bytes(), shard.state.opened_at());
             let msg = match shard.state.deadline() {
                 Some(d) => tokio::select! {
                     m = inbox.recv() => m,

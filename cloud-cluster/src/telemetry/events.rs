@@ -66,9 +66,7 @@ pub struct DeadLettered<'a> {
 
 impl InternalEvent for DeadLettered<'_> {
     fn emit(self, s: &CloudStats) {
-        if let Ok(mut m) = s.deadletters.lock() {
-            *m.entry(self.reason).or_default() += 1;
-        }
+        super::bump(&s.deadletters, self.reason);
         metrics::counter!("fleetline_cloud_deadletters_total", "reason" => self.reason).increment(1);
         tracing::debug!(shard = self.shard, reason = self.reason, detail = self.detail, "dead letter");
     }
@@ -108,9 +106,7 @@ pub struct EventRaised<'a> {
 
 impl InternalEvent for EventRaised<'_> {
     fn emit(self, s: &CloudStats) {
-        if let Ok(mut m) = s.events.lock() {
-            *m.entry(self.kind).or_default() += 1;
-        }
+        super::bump(&s.events, self.kind);
         metrics::counter!("fleetline_cloud_events_total", "kind" => self.kind).increment(1);
         tracing::debug!(kind = self.kind, fleet = self.fleet, device = self.device, "event raised");
     }

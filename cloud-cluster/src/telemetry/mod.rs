@@ -82,6 +82,13 @@ pub struct CloudStats {
     pub(crate) load_window: Mutex<std::collections::VecDeque<LoadPoint>>,
 }
 
+/// Counts one more under `key`.
+pub(crate) fn bump(map: &Mutex<BTreeMap<&'static str, u64>>, key: &'static str) {
+    if let Ok(mut m) = map.lock() {
+        *m.entry(key).or_default() += 1;
+    }
+}
+
 /// One sample of the node's load.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LoadPoint {
@@ -168,9 +175,7 @@ impl CloudStats {
 impl fleetline_broker::FrontEvents for CloudStats {
     fn login_refused(&self, reason: &'static str) {
         metrics::counter!("fleetline_cloud_rejected_logins_total", "reason" => reason).increment(1);
-        if let Ok(mut m) = self.logins_rejected.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+        bump(&self.logins_rejected, reason);
     }
 
     fn tls_session(&self) {
@@ -187,8 +192,6 @@ impl fleetline_broker::FrontEvents for CloudStats {
 
     fn packet_refused(&self, reason: &'static str) {
         metrics::counter!("fleetline_cloud_refused_packets_total", "reason" => reason).increment(1);
-        if let Ok(mut m) = self.packets_refused.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+        bump(&self.packets_refused, reason);
     }
 }

@@ -397,29 +397,26 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    use bytes::Buf;
     let mut filters = 0usize;
-    let mut out = BytesMut::new();
     loop {
+        // The whole packets at the front of `pending`, each checked, go on as one write.
+        let mut checked = 0;
         loop {
-            let n = match rumqttc::mqttbytes::check(pending.iter(), max_packet) {
+            let rest = &pending[checked..];
+            let n = match rumqttc::mqttbytes::check(rest.iter(), max_packet) {
                 Ok(header) => header.frame_length(),
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
                 Err(_) => return Relayed::Refused(reason::MALFORMED),
             };
-            let mut frame = BytesMut::from(&pending[..n]);
+            let mut frame = BytesMut::from(&rest[..n]);
             let Ok(packet) = Packet::read(&mut frame, max_packet) else { return Relayed::Refused(reason::MALFORMED) };
             if let Err(why) = check_packet(&packet, grants, &mut filters) {
                 return Relayed::Refused(why);
             }
-            out.extend_from_slice(&pending[..n]);
-            pending.advance(n);
+            checked += n;
         }
-        if !out.is_empty() {
-            if to.write_all(&out).await.is_err() {
-                return Relayed::Closed;
-            }
-            out.clear();
+        if checked > 0 && to.write_all(&pending.split_to(checked)).await.is_err() {
+            return Relayed::Closed;
         }
         pending.reserve(16 * 1024);
         match from.read_buf(&mut pending).await {
