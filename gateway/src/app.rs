@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use fleetline_wire::GatewayId;
 use fleetline_wire::topics::device_username;
-use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -20,7 +19,7 @@ use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
-use fleetline_broker::{BrokerSettings, Front, ReloadActions, TlsFiles, keep_provisioning};
+use fleetline_broker::{Front, Switchboard, ReloadActions, TlsFiles, keep_provisioning};
 use fleetline_service::provisioning::Reloaded;
 use fleetline_wire::provisioning::ProvisioningError;
 
@@ -80,9 +79,9 @@ pub async fn run(
         acks: acks_tx,
         dropped: dropped_tx,
     });
-    let ingest_task = tokio::spawn(ingest.run(devices.link_rx));
+    let ingest_task = tokio::spawn(ingest.run(devices.inbound));
     let counter = Arc::new(fleetline_service::counter::PersistentCounter::open(&cfg.data_dir.join("ack-counter"))?);
-    let acker_task = tokio::spawn(run_acker(devices.link_tx, acks_rx, cfg.id.clone(), stats.clone(), counter));
+    let acker_task = tokio::spawn(run_acker(devices.board.clone(), acks_rx, cfg.id.clone(), stats.clone(), counter));
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
     let uplink = Uplink {
@@ -99,8 +98,8 @@ pub async fn run(
         registry.file(),
         cfg.provisioning_reload,
         cfg.provisioning_max_removal,
-        Some((devices.broker.sessions.clone(), logins)),
-        GatewayReloads { sessions: devices.broker.sessions.clone(), stats: stats.clone() },
+        Some((devices.sessions.clone(), logins)),
+        GatewayReloads { sessions: devices.sessions.clone(), stats: stats.clone() },
     ));
 
     let ops = http::Ops {
@@ -110,7 +109,8 @@ pub async fn run(
         metrics,
         devices_addr: devices.listening.plain,
         tls_addr: devices.listening.tls,
-        broker: Some(devices.broker.health.clone()),
+        broker: Some(devices.health.clone()),
+        board: Some(devices.board.clone()),
         sessions: devices.sessions_active,
     };
     let (http_addr, http_server) = http::bind(cfg.http.listen, ops).await?;
@@ -129,8 +129,7 @@ pub async fn run(
     tracing::info!("shutting down");
     stats.ready.store(false, Ordering::Relaxed);
     fronts.shutdown().await;
-    devices.broker.server.abort();
-    // The ingest task ends with the link, and with it the last sender of durable
+    // The ingest task ends, and with it the last sender of durable
     // batches: the acker sends what the queue made durable, then ends.
     ingest_task.abort();
     let _ = ingest_task.await;
@@ -179,11 +178,13 @@ fn open_queue(
     Ok((queue, first_unacked.unwrap_or(RecordId(0)), queue_thread))
 }
 
-/// The device side: the broker on loopback and the front listeners that check logins.
+/// The device side: the front listeners that check logins and serve unit sessions
+/// themselves, and the switchboard between those sessions and the ingest.
 struct Devices {
-    broker: fleetline_broker::Broker,
-    link_tx: LinkTx,
-    link_rx: LinkRx,
+    board: Arc<Switchboard>,
+    inbound: mpsc::UnboundedReceiver<fleetline_broker::Inbound>,
+    health: Arc<fleetline_broker::BrokerHealth>,
+    sessions: Arc<fleetline_broker::sessions::Sessions>,
     listening: fleetline_broker::Listening,
     sessions_active: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -194,28 +195,17 @@ async fn start_devices(
     stats: &Arc<GatewayStats>,
     fronts: &mut JoinSet<()>,
 ) -> anyhow::Result<Devices> {
-    let secret = fleetline_broker::new_secret();
-    let settings = BrokerSettings {
-        name: "devices".into(),
-        max_connections: cfg.devices.max_connections,
-        max_packet: cfg.devices.max_packet.0 as usize,
-        log_bytes: cfg.devices.broker_log.0 as usize,
-        // Each device's ack and command topic gets a log of its own; keep those
-        // small (32 KiB, about 300 acks), or memory grows with every device ever
-        // connected. A device that falls that far behind on acks just re-sends
-        // and is acked again.
-        small_logs: [fleetline_wire::topics::ACK_FILTER, fleetline_wire::topics::CMD_FILTER]
-            .map(|f| (f.to_string(), 32 * 1024))
-            .to_vec(),
-        // Devices' client ids are `{fleet}.{device}`: no clash possible.
-        link_id: "fleetline-gateway-ingest".into(),
-        link_filters: vec![UP_FILTER.into()],
-    };
-    let (broker, link_tx, link_rx) = fleetline_broker::start(&settings, secret).await?;
-    // Sessions the file table can hold: three descriptors each, with headroom for
+    // What units hand over and the ingest has not yet taken is bounded; past it
+    // the front stops reading from units until the ingest catches up.
+    let (board, inbound) = Switchboard::new(cfg.devices.ingest_buffer.0 as usize);
+    // Sessions the file table can hold: one descriptor each, with headroom for
     // queue segments, the uplink and HTTP. Past that, units are refused at once
     // ("server busy", counted) instead of failing accepts for everyone.
-    let (max_sessions, lowered) = fleetline_broker::session_cap(cfg.devices.max_connections, FD_HEADROOM);
+    let (max_sessions, lowered) = fleetline_broker::session_cap(
+        cfg.devices.max_connections,
+        FD_HEADROOM,
+        fleetline_broker::FDS_PER_DIRECT_SESSION,
+    );
     if lowered {
         tracing::warn!(
             configured = cfg.devices.max_connections,
@@ -225,8 +215,11 @@ async fn start_devices(
         );
     }
     stats.session_cap.store(max_sessions as u64, Ordering::Relaxed);
-    let front = Front::new(registry.clone(), stats.clone(), &broker, max_sessions);
+    let front =
+        Front::direct(registry.clone(), stats.clone(), board.clone(), max_sessions, cfg.devices.max_packet.0 as usize);
     let sessions_active = front.active.clone();
+    let health = front.health.clone();
+    let sessions = front.sessions.clone();
     let tls = cfg.devices.tls.as_ref().map(|t| TlsFiles {
         listen: t.listen,
         cert: &t.cert,
@@ -234,7 +227,7 @@ async fn start_devices(
         handshake_timeout: t.handshake_timeout,
     });
     let listening = front.listen(cfg.devices.listen, tls, fronts).await?;
-    Ok(Devices { broker, link_tx, link_rx, listening, sessions_active })
+    Ok(Devices { board, inbound, health, sessions, listening, sessions_active })
 }
 
 /// Provisioning reloads at the gateway: revoked units are disconnected; sessions

@@ -59,7 +59,7 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Devices' MQTT broker (embedded rumqttd, MQTT 3.1.1).
+/// The devices' MQTT listeners (MQTT 3.1.1, sessions served by the gateway itself).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DevicesConfig {
@@ -73,9 +73,11 @@ pub struct DevicesConfig {
     pub max_connections: usize,
     /// Largest MQTT packet accepted from a device.
     pub max_packet: ByteSize,
-    /// Memory the broker may hold for one topic filter before a slow reader skips
-    /// ahead (devices re-send what was skipped; nothing acked is lost).
-    pub broker_log: ByteSize,
+    /// Batches units have handed over and the ingest has not yet checked, at most
+    /// (all sessions together); past it the gateway stops reading from units until
+    /// the ingest catches up. `broker_log` is the old name.
+    #[serde(alias = "broker_log")]
+    pub ingest_buffer: ByteSize,
 }
 
 impl Default for DevicesConfig {
@@ -85,7 +87,7 @@ impl Default for DevicesConfig {
             tls: None,
             max_connections: 10_000,
             max_packet: ByteSize(72 * 1024),
-            broker_log: ByteSize(16 << 20),
+            ingest_buffer: ByteSize(16 << 20),
         }
     }
 }

@@ -32,8 +32,10 @@ pub struct Ops {
     pub devices_addr: SocketAddr,
     /// TLS device listener.
     pub tls_addr: Option<SocketAddr>,
-    /// The device broker's health.
+    /// The device front's health (failed accepts).
     pub broker: Option<Arc<fleetline_broker::BrokerHealth>>,
+    /// The switchboard between unit sessions and the ingest.
+    pub board: Option<Arc<fleetline_broker::Switchboard>>,
     /// Device sessions open now (both listeners).
     pub sessions: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -110,6 +112,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
             "duplicates": GatewayStats::get(&s.duplicates),
             "unknown_kind_series": GatewayStats::get(&s.unknown_kinds),
             "device_acks_sent": GatewayStats::get(&s.device_acks_sent),
+            "device_acks_undelivered": GatewayStats::get(&s.device_acks_undelivered),
         },
         "rejected": s.rejected(),
         "logins_rejected": s.logins_rejected(),
@@ -128,6 +131,13 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "sessions_ended_by_keys": GatewayStats::get(&s.sessions_ended_by_keys),
         "provisioning_refused": GatewayStats::get(&s.provisioning_refused),
         "broker": ops.broker.as_ref().map(|b| b.status()),
+        "front": ops.board.as_ref().map(|b| serde_json::json!({
+            "backlog_bytes": b.backlog_bytes(),
+            "held_back": b.held_back.load(Ordering::Relaxed),
+            "deliveries": b.delivered.load(Ordering::Relaxed),
+            "deliveries_dropped": b.dropped.load(Ordering::Relaxed),
+            "filters": b.filters(),
+        })),
         "session_cap": GatewayStats::get(&s.session_cap),
         "sessions": ops.sessions.load(Ordering::Relaxed),
         "devices": s.devices(),

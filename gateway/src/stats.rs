@@ -75,8 +75,11 @@ pub struct GatewayStats {
     pub samples_accepted: AtomicU64,
     /// Batches received again after they were durable (re-acked, not stored twice).
     pub duplicates: AtomicU64,
-    /// Acks published to devices.
+    /// Acks queued for a unit's session.
     pub device_acks_sent: AtomicU64,
+    /// Acks with no session to take them (the unit was not connected or not
+    /// subscribed); its re-send is acked again.
+    pub device_acks_undelivered: AtomicU64,
     /// Batches dropped by the drop-oldest policy.
     pub dropped_batches: AtomicU64,
     /// Samples in them.

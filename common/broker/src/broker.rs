@@ -65,6 +65,11 @@ impl BrokerHealth {
         self.healthy.load(Ordering::Relaxed) && !recent
     }
 
+    /// Sets whether the broker answers (a front serving sessions itself always does).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
     /// A front listener failed to accept a connection.
     pub fn accept_failed(&self) {
         self.accept_failures.fetch_add(1, Ordering::Relaxed);

@@ -112,6 +112,20 @@ pub trait FrontEvents: Send + Sync + 'static {
     fn packet_refused(&self, reason: &'static str);
 }
 
+/// Where a front sends the sessions it lets in.
+#[derive(Clone)]
+pub enum Backend {
+    /// Spliced into the embedded broker's loopback listener (one socket pair each).
+    Splice {
+        /// The broker's loopback listener.
+        broker: SocketAddr,
+        /// Password the broker accepts from the front only.
+        secret: Arc<str>,
+    },
+    /// Served by the front itself (one socket each).
+    Direct(Arc<crate::direct::Switchboard>),
+}
+
 /// What each connection needs.
 #[derive(Clone)]
 pub struct Front {
@@ -119,10 +133,8 @@ pub struct Front {
     pub logins: Arc<dyn Logins>,
     /// Counters.
     pub events: Arc<dyn FrontEvents>,
-    /// The broker's loopback listener.
-    pub broker: SocketAddr,
-    /// Password the broker accepts from the front only.
-    pub secret: Arc<str>,
+    /// Where accepted sessions go.
+    pub backend: Backend,
     /// Sessions spliced to the broker now.
     pub active: Arc<std::sync::atomic::AtomicUsize>,
     /// Most sessions; more get CONNACK "server unavailable" here, before the
@@ -147,13 +159,34 @@ impl Front {
         Self {
             logins,
             events,
-            broker: broker.addr,
-            secret: broker.secret.clone(),
+            backend: Backend::Splice { broker: broker.addr, secret: broker.secret.clone() },
             active: Default::default(),
             max_sessions,
             sessions: broker.sessions.clone(),
             health: broker.health.clone(),
             max_packet: broker.max_packet,
+        }
+    }
+
+    /// A front that serves sessions itself through `board` (see [`crate::direct`]).
+    pub fn direct(
+        logins: Arc<dyn Logins>,
+        events: Arc<dyn FrontEvents>,
+        board: Arc<crate::direct::Switchboard>,
+        max_sessions: usize,
+        max_packet: usize,
+    ) -> Self {
+        let health = crate::BrokerHealth::default();
+        health.set_healthy(true);
+        Self {
+            logins,
+            events,
+            backend: Backend::Direct(board),
+            active: Default::default(),
+            max_sessions,
+            sessions: Arc::default(),
+            health: Arc::new(health),
+            max_packet,
         }
     }
 
@@ -308,9 +341,31 @@ impl Front {
             session.remember_login(&l.username, &l.password);
         }
         let grants = self.logins.grants(&connect.client_id, user);
+        let (broker_addr, secret) = match &self.backend {
+            Backend::Splice { broker, secret } => (*broker, secret.clone()),
+            Backend::Direct(board) => {
+                let keep_alive = if connect.keep_alive == 0 { DEFAULT_KEEP_ALIVE } else { connect.keep_alive };
+                let ended = crate::direct::serve(
+                    board,
+                    client,
+                    &connect.client_id,
+                    &*grants,
+                    keep_alive,
+                    self.max_packet,
+                    buf,
+                    &mut session.stop,
+                )
+                .await;
+                if let crate::direct::Ended::Refused(why) = ended {
+                    self.events.packet_refused(why);
+                    tracing::info!(%peer, client_id = connect.client_id, reason = why, "session ended: packet refused");
+                }
+                return;
+            }
+        };
         let client_id = connect.client_id.clone();
         let username = connect.client_id.clone();
-        connect.set_login(username, self.secret.to_string());
+        connect.set_login(username, secret.to_string());
         if connect.keep_alive == 0 {
             connect.keep_alive = DEFAULT_KEEP_ALIVE;
         }
@@ -322,8 +377,8 @@ impl Front {
         if Packet::Connect(connect).write(&mut out, MAX_CONNECT * 2).is_err() {
             return;
         }
-        let Ok(mut broker) = TcpStream::connect(self.broker).await else {
-            tracing::error!(broker = %self.broker, "broker listener unreachable");
+        let Ok(mut broker) = TcpStream::connect(broker_addr).await else {
+            tracing::error!(broker = %broker_addr, "broker listener unreachable");
             return;
         };
         let _ = broker.set_nodelay(true);
@@ -341,7 +396,7 @@ impl Front {
         match tokio::time::timeout(CONNECT_TIMEOUT, broker.read_exact(&mut connack)).await {
             Ok(Ok(_)) => {}
             _ => {
-                tracing::warn!(broker = %self.broker, "broker sent no CONNACK");
+                tracing::warn!(broker = %broker_addr, "broker sent no CONNACK");
                 return;
             }
         }
@@ -428,7 +483,7 @@ where
 
 /// Whether a client's packet is within its grants; `filters` counts the session's
 /// subscriptions.
-fn check_packet(packet: &Packet, grants: &dyn Grants, filters: &mut usize) -> Result<(), &'static str> {
+pub(crate) fn check_packet(packet: &Packet, grants: &dyn Grants, filters: &mut usize) -> Result<(), &'static str> {
     match packet {
         Packet::Publish(p) => {
             if p.retain {

@@ -9,12 +9,14 @@
 //! password rewritten to the secret.
 
 pub mod broker;
+pub mod direct;
 pub mod front;
 pub mod reload;
 pub mod sessions;
 
 pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
-pub use front::{Everything, Front, FrontEvents, Grants, Listening, Logins, TlsFiles};
+pub use direct::{Inbound, Switchboard};
+pub use front::{Backend, Everything, Front, FrontEvents, Grants, Listening, Logins, TlsFiles};
 pub use reload::{ReloadActions, keep_provisioning};
 
 /// Reasons a connection is refused before or at login.
@@ -59,15 +61,18 @@ pub fn new_secret() -> std::sync::Arc<str> {
 
 /// File descriptors each spliced MQTT session holds in this process: the client's
 /// socket, the front's socket to the broker, and the broker's end of it.
-pub const FDS_PER_SESSION: u64 = 3;
+pub const FDS_PER_SPLICED_SESSION: u64 = 3;
+/// File descriptors a session served by the front itself holds: its socket.
+pub const FDS_PER_DIRECT_SESSION: u64 = 1;
 
 /// The most sessions a listener may take: the configured number, or fewer when the
 /// process's file limit (less `headroom` for files, upstream sockets and HTTP)
-/// cannot hold that many. Returns (sessions, whether the limit lowered it).
-pub fn session_cap(configured: usize, headroom: u64) -> (usize, bool) {
+/// cannot hold that many at `fds_per_session` each. Returns (sessions, whether the
+/// limit lowered it).
+pub fn session_cap(configured: usize, headroom: u64, fds_per_session: u64) -> (usize, bool) {
     match fleetline_service::open_files_limit() {
         Some(limit) => {
-            let fits = (limit.saturating_sub(headroom) / FDS_PER_SESSION) as usize;
+            let fits = (limit.saturating_sub(headroom) / fds_per_session.max(1)) as usize;
             if fits < configured { (fits.max(1), true) } else { (configured, false) }
         }
         None => (configured, false),

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fleetline_wire::control::{MAX_ACK_LEN, random_nonce, ranges_from, seal_ack};
 use fleetline_wire::provisioning::Provisioning;
@@ -16,8 +16,6 @@ use fleetline_wire::seqset::SeqSet;
 use fleetline_wire::shard::shard_of;
 use fleetline_wire::topics::{self, Channel};
 use fleetline_wire::{DeviceId, DeviceKey, FleetId, peek_header};
-use rumqttd::Notification;
-use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::mpsc;
 
 use crate::queue::{QueueError, QueueHandle, RecordMeta};
@@ -162,24 +160,10 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Reads the ingest link until the broker goes away.
-    pub async fn run(self: Arc<Self>, mut rx: LinkRx) {
-        loop {
-            match rx.next().await {
-                Ok(Some(Notification::Forward(f))) => self.handle(&f.publish.topic, &f.publish.payload).await,
-                Ok(Some(Notification::Unschedule)) => {
-                    // The router paused this link because its buffer filled; resume it.
-                    if let Err(e) = rx.wake().await {
-                        tracing::error!(error = %e, "ingest link could not resume");
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "ingest link closed");
-                    return;
-                }
-            }
+    /// Takes what unit sessions hand over until the front is gone.
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<fleetline_broker::Inbound>) {
+        while let Some(msg) = rx.recv().await {
+            self.handle(msg.topic.as_bytes(), &msg.payload).await;
         }
     }
 
@@ -269,7 +253,7 @@ type AcksByDevice = HashMap<(FleetId, DeviceId), (DeviceKey, Vec<(u32, u32)>)>;
 /// Publishes acks to devices, grouping whatever became durable together into one
 /// ack per device.
 pub async fn run_acker(
-    mut link: LinkTx,
+    board: Arc<fleetline_broker::Switchboard>,
     mut rx: mpsc::UnboundedReceiver<Durable>,
     gateway_id: String,
     stats: Arc<GatewayStats>,
@@ -298,18 +282,12 @@ pub async fn run_acker(
                     }
                 };
                 let Ok(n) = seal_ack(&mut buf, &key, &gateway_id, c, nonce, chunk) else { continue };
-                let mut tries = 0;
-                while let Err(e) = link.try_publish(topic.as_str().to_string(), buf[..n].to_vec()) {
-                    tries += 1;
-                    if tries > 200 {
-                        // The device re-sends; its next batch or re-send gets acked.
-                        tracing::warn!(error = %e, device = %device, "could not publish ack");
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                if tries <= 200 {
+                // Queued for the unit's session if it is connected and subscribed;
+                // otherwise the unit re-sends and is acked again.
+                if board.publish(topic.as_str(), bytes::Bytes::copy_from_slice(&buf[..n])) > 0 {
                     GatewayStats::add(&stats.device_acks_sent, 1);
+                } else {
+                    GatewayStats::add(&stats.device_acks_undelivered, 1);
                 }
             }
         }

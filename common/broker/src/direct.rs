@@ -1,0 +1,436 @@
+//! Sessions served by the front itself, without a broker behind it.
+//!
+//! Where every login may only publish to the owner and read what the owner sends
+//! it (a gateway's units: batches up, acks and commands down), a broker's router
+//! adds nothing but cost: a loopback socket pair per session and a single thread
+//! matching every topic against every filter. Here the front answers the CONNECT,
+//! hands each checked PUBLISH to the owner through one channel, and delivers what
+//! the owner publishes to the sessions subscribed to it through each session's
+//! own channel. A session costs one file descriptor (its socket).
+//!
+//! MQTT 3.1.1 for the client: CONNACK, PUBACK once the owner has taken the
+//! message (QoS 1), PUBREC/PUBCOMP (QoS 2, delivered once per packet id),
+//! SUBACK with the granted QoS (at most 1), UNSUBACK, PINGRESP, and the session
+//! closed when nothing arrives within one and a half keep-alives. Clean sessions
+//! only; nothing is retained.
+//!
+//! Back-pressure instead of loss: what sessions hand to the owner is bounded in
+//! bytes for all sessions together and in messages per session; a session over
+//! either stops being read (TCP holds the client back) until the owner catches
+//! up. Deliveries to a session whose own queue is full are dropped and counted
+//! (the owner's messages here are acks, which the unit's re-send brings again).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
+use rumqttc::mqttbytes::{QoS, has_wildcards, matches};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::front::{Grants, check_packet};
+use crate::reason;
+
+/// A message a session handed to the owner. Its permits go back when it is dropped.
+pub struct Inbound {
+    /// Client id of the session that sent it.
+    pub client_id: Arc<str>,
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    _bytes: OwnedSemaphorePermit,
+    _session: OwnedSemaphorePermit,
+}
+
+/// One delivery to a session.
+struct Outbound {
+    topic: Arc<str>,
+    payload: Bytes,
+}
+
+/// A session's subscription.
+struct Route {
+    serial: u64,
+    qos: QoS,
+    tx: mpsc::Sender<(Outbound, QoS)>,
+}
+
+/// Messages a session may have handed to the owner and not yet had taken.
+pub const SESSION_INFLIGHT_IN: usize = 64;
+/// QoS 1 deliveries a session may have unacknowledged; more wait in its queue.
+pub const SESSION_INFLIGHT_OUT: usize = 32;
+/// Deliveries waiting for one session; more are dropped and counted.
+const SESSION_QUEUE: usize = 256;
+/// A write to a client that takes longer ends its session.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Accounting unit of the byte budget.
+const BUDGET_UNIT: usize = 1024;
+
+/// Routes between the sessions and the owner.
+pub struct Switchboard {
+    inbound: mpsc::UnboundedSender<Inbound>,
+    budget: Arc<Semaphore>,
+    budget_units: usize,
+    exact: Mutex<HashMap<Arc<str>, Vec<Route>>>,
+    wild: Mutex<Vec<(Arc<str>, Route)>>,
+    next_serial: AtomicU64,
+    /// Deliveries dropped because the session's queue was full.
+    pub dropped: AtomicU64,
+    /// Deliveries made.
+    pub delivered: AtomicU64,
+    /// Times a session waited for the owner (the byte budget was spent).
+    pub held_back: AtomicU64,
+}
+
+impl Switchboard {
+    /// A switchboard whose sessions may hand the owner up to `budget_bytes` not yet
+    /// taken; the owner reads what they send from the returned receiver.
+    pub fn new(budget_bytes: usize) -> (Arc<Self>, mpsc::UnboundedReceiver<Inbound>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let units = budget_bytes.div_ceil(BUDGET_UNIT).max(1);
+        let board = Self {
+            inbound: tx,
+            budget: Arc::new(Semaphore::new(units)),
+            budget_units: units,
+            exact: Mutex::default(),
+            wild: Mutex::default(),
+            next_serial: AtomicU64::new(1),
+            dropped: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+        };
+        (Arc::new(board), rx)
+    }
+
+    /// Bytes handed to the owner and not yet taken (in whole KiB).
+    pub fn backlog_bytes(&self) -> usize {
+        (self.budget_units - self.budget.available_permits()) * BUDGET_UNIT
+    }
+
+    /// Publishes `payload` on `topic` to every session subscribed to it, at once
+    /// and without waiting; returns how many sessions it was queued for.
+    pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
+        let topic: Arc<str> = topic.into();
+        let mut sent = 0;
+        let mut offer = |r: &Route| {
+            let out = Outbound { topic: topic.clone(), payload: payload.clone() };
+            match r.tx.try_send((out, r.qos)) {
+                Ok(()) => sent += 1,
+                Err(_) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("fleetline_broker_deliveries_dropped_total").increment(1);
+                }
+            }
+        };
+        if let Ok(exact) = self.exact.lock()
+            && let Some(routes) = exact.get(&*topic)
+        {
+            routes.iter().for_each(&mut offer);
+        }
+        if let Ok(wild) = self.wild.lock() {
+            wild.iter().filter(|(f, _)| matches(&topic, f)).for_each(|(_, r)| offer(r));
+        }
+        self.delivered.fetch_add(sent as u64, Ordering::Relaxed);
+        sent
+    }
+
+    fn subscribe(&self, filter: &str, route: Route) {
+        if has_wildcards(filter) {
+            if let Ok(mut wild) = self.wild.lock() {
+                wild.retain(|(f, r)| !(r.serial == route.serial && &**f == filter));
+                wild.push((filter.into(), route));
+            }
+        } else if let Ok(mut exact) = self.exact.lock() {
+            let routes = exact.entry(filter.into()).or_default();
+            routes.retain(|r| r.serial != route.serial);
+            routes.push(route);
+        }
+    }
+
+    fn unsubscribe(&self, filter: &str, serial: u64) {
+        if has_wildcards(filter) {
+            if let Ok(mut wild) = self.wild.lock() {
+                wild.retain(|(f, r)| !(r.serial == serial && &**f == filter));
+            }
+        } else if let Ok(mut exact) = self.exact.lock()
+            && let Some(routes) = exact.get_mut(filter)
+        {
+            routes.retain(|r| r.serial != serial);
+            if routes.is_empty() {
+                exact.remove(filter);
+            }
+        }
+    }
+
+    /// Filters with at least one subscriber (exact and wildcard).
+    pub fn filters(&self) -> usize {
+        self.exact.lock().map_or(0, |m| m.len()) + self.wild.lock().map_or(0, |w| w.len())
+    }
+}
+
+/// How a direct session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The client closed, said DISCONNECT, or a write failed.
+    Closed,
+    /// Nothing arrived within one and a half keep-alives.
+    KeepAlive,
+    /// Taken over or kicked.
+    Stopped,
+    /// A packet outside the grants; the reason to count.
+    Refused(&'static str),
+}
+
+/// A session's state while it runs.
+struct Session<'a> {
+    board: &'a Switchboard,
+    serial: u64,
+    client_id: Arc<str>,
+    grants: &'a dyn Grants,
+    per_session: Arc<Semaphore>,
+    filters: Vec<String>,
+    filter_count: usize,
+    /// QoS 2 packet ids handed over and not yet released.
+    qos2: HashSet<u16>,
+    /// QoS 1 deliveries not yet acknowledged.
+    unacked: HashSet<u16>,
+    next_pkid: u16,
+    out: BytesMut,
+    tx: mpsc::Sender<(Outbound, QoS)>,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        for f in std::mem::take(&mut self.filters) {
+            self.board.unsubscribe(&f, self.serial);
+        }
+    }
+}
+
+/// Serves a logged-in session: CONNACK, then packets both ways until it ends.
+/// `pending` holds what the client sent after its CONNECT.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    board: &Switchboard,
+    client: S,
+    client_id: &str,
+    grants: &dyn Grants,
+    keep_alive: u16,
+    max_packet: usize,
+    mut pending: BytesMut,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Ended {
+    let (mut rd, mut wr) = tokio::io::split(client);
+    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    let mut s = Session {
+        board,
+        serial: board.next_serial.fetch_add(1, Ordering::Relaxed),
+        client_id: client_id.into(),
+        grants,
+        per_session: Arc::new(Semaphore::new(SESSION_INFLIGHT_IN)),
+        filters: Vec::new(),
+        filter_count: 0,
+        qos2: HashSet::new(),
+        unacked: HashSet::new(),
+        next_pkid: 0,
+        out: BytesMut::with_capacity(256),
+        tx,
+    };
+    if ConnAck::new(ConnectReturnCode::Success, false).write(&mut s.out).is_err() || !flush(&mut wr, &mut s.out).await
+    {
+        return Ended::Closed;
+    }
+    let idle = Duration::from_millis(u64::from(keep_alive.max(1)) * 1500);
+    let mut deadline = tokio::time::Instant::now() + idle;
+    // A PUBLISH waiting for budget, with the permits it needs.
+    let mut held: Option<(Publish, u32)> = None;
+    loop {
+        // Whole packets already buffered, unless one is held for budget.
+        while held.is_none() {
+            match next_packet(&mut pending, max_packet) {
+                Ok(None) => break,
+                Ok(Some(packet)) => match s.on_packet(packet) {
+                    Step::Go => {}
+                    Step::Hold(p, units) => held = Some((p, units)),
+                    Step::End(e) => {
+                        let _ = flush(&mut wr, &mut s.out).await;
+                        return e;
+                    }
+                },
+                Err(why) => return Ended::Refused(why),
+            }
+        }
+        if !s.out.is_empty() && !flush(&mut wr, &mut s.out).await {
+            return Ended::Closed;
+        }
+        let room = s.unacked.len() < SESSION_INFLIGHT_OUT;
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => return Ended::Stopped,
+            _ = tokio::time::sleep_until(deadline) => return Ended::KeepAlive,
+            Some((out, qos)) = rx.recv(), if room => s.deliver(out, qos),
+            permits = acquire(board, &s.per_session, held.as_ref().map(|h| h.1)), if held.is_some() => {
+                let Some((p, _)) = held.take() else { continue };
+                match permits {
+                    Some(permits) => s.hand_over(p, permits),
+                    None => return Ended::Closed,
+                }
+            }
+            read = rd.read_buf(&mut pending), if held.is_none() => match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {
+                    deadline = tokio::time::Instant::now() + idle;
+                    pending.reserve(4096);
+                }
+            },
+        }
+    }
+}
+
+/// What to do after a packet.
+enum Step {
+    Go,
+    /// A PUBLISH that waits for this many budget units.
+    Hold(Publish, u32),
+    End(Ended),
+}
+
+impl Session<'_> {
+    fn on_packet(&mut self, packet: Packet) -> Step {
+        if let Err(why) = check_packet(&packet, self.grants, &mut self.filter_count) {
+            return Step::End(Ended::Refused(why));
+        }
+        match packet {
+            Packet::Publish(p) => {
+                if p.qos == QoS::ExactlyOnce && self.qos2.contains(&p.pkid) {
+                    // A re-send of a message already handed over: acknowledge only.
+                    self.write(&Packet::PubRec(PubRec::new(p.pkid)));
+                    return Step::Go;
+                }
+                let units = p.payload.len().div_ceil(BUDGET_UNIT).max(1) as u32;
+                match (
+                    self.board.budget.clone().try_acquire_many_owned(units),
+                    self.per_session.clone().try_acquire_owned(),
+                ) {
+                    (Ok(bytes), Ok(session)) => self.hand_over(p, (bytes, session)),
+                    _ => {
+                        self.board.held_back.fetch_add(1, Ordering::Relaxed);
+                        return Step::Hold(p, units);
+                    }
+                }
+            }
+            Packet::PubAck(a) => {
+                self.unacked.remove(&a.pkid);
+            }
+            Packet::PubRel(r) => {
+                self.qos2.remove(&r.pkid);
+                self.write(&Packet::PubComp(PubComp::new(r.pkid)));
+            }
+            // Nothing is sent at QoS 2, so these have nothing to complete.
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::Subscribe(sub) => {
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                for f in sub.filters {
+                    let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    self.board.subscribe(&f.path, Route { serial: self.serial, qos, tx: self.tx.clone() });
+                    if !self.filters.contains(&f.path) {
+                        self.filters.push(f.path);
+                    }
+                    codes.push(SubscribeReasonCode::Success(qos));
+                }
+                self.write(&Packet::SubAck(SubAck::new(sub.pkid, codes)));
+            }
+            Packet::Unsubscribe(u) => {
+                for t in &u.topics {
+                    self.board.unsubscribe(t, self.serial);
+                    self.filters.retain(|f| f != t);
+                }
+                self.write(&Packet::UnsubAck(UnsubAck::new(u.pkid)));
+            }
+            Packet::PingReq => self.write(&Packet::PingResp),
+            Packet::Disconnect => return Step::End(Ended::Closed),
+            // `check_packet` refused the rest.
+            _ => return Step::End(Ended::Refused(reason::MALFORMED)),
+        }
+        Step::Go
+    }
+
+    /// Gives a PUBLISH to the owner and acknowledges it to the client.
+    fn hand_over(&mut self, p: Publish, (bytes, session): (OwnedSemaphorePermit, OwnedSemaphorePermit)) {
+        let (qos, pkid) = (p.qos, p.pkid);
+        let inbound = Inbound {
+            client_id: self.client_id.clone(),
+            topic: p.topic,
+            payload: p.payload,
+            _bytes: bytes,
+            _session: session,
+        };
+        // The owner gone means the process is stopping; the client re-sends later.
+        if self.board.inbound.send(inbound).is_err() {
+            return;
+        }
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.write(&Packet::PubAck(PubAck::new(pkid))),
+            QoS::ExactlyOnce => {
+                self.qos2.insert(pkid);
+                self.write(&Packet::PubRec(PubRec::new(pkid)));
+            }
+        }
+    }
+
+    /// Writes one delivery to the client.
+    fn deliver(&mut self, out: Outbound, qos: QoS) {
+        let mut p = Publish::new(&*out.topic, qos, Vec::new());
+        p.payload = out.payload;
+        if qos != QoS::AtMostOnce {
+            // Packet ids not in use, 1..=65535.
+            loop {
+                self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+                if !self.unacked.contains(&self.next_pkid) {
+                    break;
+                }
+            }
+            p.pkid = self.next_pkid;
+            self.unacked.insert(p.pkid);
+        }
+        self.write(&Packet::Publish(p));
+    }
+
+    fn write(&mut self, packet: &Packet) {
+        // Every packet written here is far below the limit.
+        let _ = packet.write(&mut self.out, usize::MAX);
+    }
+}
+
+/// Waits for `units` of the shared byte budget and a slot of the session's own.
+async fn acquire(
+    board: &Switchboard,
+    session: &Arc<Semaphore>,
+    units: Option<u32>,
+) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    let units = units?;
+    let own = session.clone().acquire_owned().await.ok()?;
+    let bytes = board.budget.clone().acquire_many_owned(units).await.ok()?;
+    Some((bytes, own))
+}
+
+/// The next whole packet in `buf`, if there is one.
+fn next_packet(buf: &mut BytesMut, max_packet: usize) -> Result<Option<Packet>, &'static str> {
+    match Packet::read(buf, max_packet) {
+        Ok(p) => Ok(Some(p)),
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(_) => Err(reason::MALFORMED),
+    }
+}
+
+async fn flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
+    let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await, Ok(Ok(())));
+    out.clear();
+    ok
+}
