@@ -19,7 +19,7 @@ use crate::http::{self, RenderMetrics};
 use crate::queue::{self, QueueConfig, RecordId};
 use crate::stats::GatewayStats;
 use crate::uplink::Uplink;
-use fleetline_broker::{Front, Switchboard, ReloadActions, TlsFiles, keep_provisioning};
+use fleetline_broker::{Front, ReloadActions, Switchboard, TlsFiles, keep_provisioning};
 use fleetline_service::provisioning::Reloaded;
 use fleetline_wire::provisioning::ProvisioningError;
 

@@ -1048,3 +1048,44 @@ async fn a_unit_may_use_only_its_own_topics() {
     assert_eq!(env.cloud.snapshot().device_batches("dev-0001"), 1, "the refused batches never arrived");
     gw.terminate().await;
 }
+
+/// Open file descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A connected unit costs the gateway one file descriptor (its socket): the
+/// front serves sessions itself, with no loopback pair into a broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connected_unit_costs_one_file_descriptor() {
+    let units = if full_size() { 1_000 } else { 200 };
+    let env = Env::new(units).await;
+    let port = free_port();
+    let gw = Gateway::start(&env.config(0, port, "")).await;
+    let pid = gw.child.id().unwrap();
+    let before = open_fds(pid);
+    let mut fleet = Fleet::start(units, port, Duration::from_millis(200), OutboxFull::Block);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = gw.status().await;
+        let acked_everyone = fleet.clients.iter().all(|c| c.stats().core.batches_acked > 0);
+        if s["sessions"] == units && acked_everyone {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let during = open_fds(pid);
+    let per_unit = (during - before) as f64 / units as f64;
+    eprintln!("{units} units: {before} descriptors before, {during} with them: {per_unit:.3} per unit");
+    assert!(per_unit <= 1.05, "{per_unit:.3} descriptors per unit");
+    assert_eq!(s["front"]["deliveries_dropped"], 0, "{s}");
+    fleet.stop().await;
+    drop(fleet);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_fds(pid) > before + 2 {
+        assert!(Instant::now() < deadline, "descriptors released when units leave: {}", open_fds(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}

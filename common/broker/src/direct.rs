@@ -27,14 +27,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode,
-    UnsubAck,
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{QoS, has_wildcards, matches};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::front::{Grants, check_packet};
+use crate::grants::{Grants, check_packet};
 use crate::reason;
 
 /// A message a session handed to the owner. Its permits go back when it is dropped.
@@ -175,6 +174,19 @@ impl Switchboard {
     }
 }
 
+/// Who a session is and what it may do.
+#[derive(Clone, Copy)]
+pub struct Login<'a> {
+    /// Client id.
+    pub client_id: &'a str,
+    /// Its grants.
+    pub grants: &'a dyn Grants,
+    /// Keep-alive in seconds (at least 1).
+    pub keep_alive: u16,
+    /// Largest packet it may send.
+    pub max_packet: usize,
+}
+
 /// How a direct session ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -219,13 +231,11 @@ impl Drop for Session<'_> {
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     board: &Switchboard,
     client: S,
-    client_id: &str,
-    grants: &dyn Grants,
-    keep_alive: u16,
-    max_packet: usize,
+    login: Login<'_>,
     mut pending: BytesMut,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Ended {
+    let Login { client_id, grants, keep_alive, max_packet } = login;
     let (mut rd, mut wr) = tokio::io::split(client);
     let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
     let mut s = Session {
@@ -242,8 +252,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         out: BytesMut::with_capacity(256),
         tx,
     };
-    if ConnAck::new(ConnectReturnCode::Success, false).write(&mut s.out).is_err() || !flush(&mut wr, &mut s.out).await
-    {
+    if ConnAck::new(ConnectReturnCode::Success, false).write(&mut s.out).is_err() || !flush(&mut wr, &mut s.out).await {
         return Ended::Closed;
     }
     let idle = Duration::from_millis(u64::from(keep_alive.max(1)) * 1500);
@@ -433,4 +442,256 @@ async fn flush<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut BytesMut) -> bool {
     let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await, Ok(Ok(())));
     out.clear();
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rumqttc::mqttbytes::v4::{PubRel, Subscribe, Unsubscribe};
+    use tokio::io::DuplexStream;
+
+    /// May publish to `up/…` and read `down/…` only.
+    struct UpDown;
+
+    impl Grants for UpDown {
+        fn may_publish(&self, topic: &str) -> bool {
+            topic.starts_with("up/")
+        }
+
+        fn may_subscribe(&self, filter: &str) -> bool {
+            filter.starts_with("down/")
+        }
+    }
+
+    struct Client {
+        io: DuplexStream,
+        buf: BytesMut,
+    }
+
+    impl Client {
+        async fn send(&mut self, p: Packet) {
+            let mut out = BytesMut::new();
+            p.write(&mut out, usize::MAX).unwrap();
+            self.io.write_all(&out).await.unwrap();
+        }
+
+        async fn recv(&mut self) -> Packet {
+            tokio::time::timeout(Duration::from_secs(5), self.try_recv()).await.expect("a packet in time").unwrap()
+        }
+
+        /// The next packet, or `None` if none comes within 200 ms.
+        async fn quiet(&mut self) -> Option<Packet> {
+            tokio::time::timeout(Duration::from_millis(200), self.try_recv()).await.ok().flatten()
+        }
+
+        async fn try_recv(&mut self) -> Option<Packet> {
+            loop {
+                if let Ok(p) = Packet::read(&mut self.buf, 1 << 20) {
+                    return Some(p);
+                }
+                if self.io.read_buf(&mut self.buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn publish(topic: &str, qos: QoS, pkid: u16, len: usize) -> Packet {
+        let mut p = Publish::new(topic, qos, vec![7u8; len]);
+        p.pkid = pkid;
+        Packet::Publish(p)
+    }
+
+    /// Starts a session on `board` with `keep_alive`; returns the client side, the
+    /// session's end and its stop switch.
+    async fn session(
+        board: &Arc<Switchboard>,
+        keep_alive: u16,
+    ) -> (Client, tokio::task::JoinHandle<Ended>, tokio::sync::watch::Sender<bool>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let board = board.clone();
+        let task = tokio::spawn(async move {
+            let login = Login { client_id: "unit-1", grants: &UpDown, keep_alive, max_packet: 64 * 1024 };
+            serve(&board, server, login, BytesMut::new(), &mut stop).await
+        });
+        let mut c = Client { io: client, buf: BytesMut::new() };
+        assert!(matches!(c.recv().await, Packet::ConnAck(_)));
+        (c, task, stop_tx)
+    }
+
+    #[tokio::test]
+    async fn a_publish_is_handed_over_then_acknowledged_and_pings_are_answered() {
+        let (board, mut rx) = Switchboard::new(1 << 20);
+        let (mut c, task, _stop) = session(&board, 60).await;
+        c.send(publish("up/1", QoS::AtLeastOnce, 7, 100)).await;
+        assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(7)));
+        let got = rx.recv().await.unwrap();
+        assert_eq!((&*got.client_id, got.topic.as_str(), got.payload.len()), ("unit-1", "up/1", 100));
+        c.send(publish("up/1", QoS::AtMostOnce, 0, 10)).await;
+        c.send(Packet::PingReq).await;
+        assert_eq!(c.recv().await, Packet::PingResp);
+        assert_eq!(rx.recv().await.unwrap().payload.len(), 10);
+        c.send(Packet::Disconnect).await;
+        assert_eq!(task.await.unwrap(), Ended::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_qos2_message_is_handed_over_once_per_packet_id() {
+        let (board, mut rx) = Switchboard::new(1 << 20);
+        let (mut c, _task, _stop) = session(&board, 60).await;
+        for _ in 0..2 {
+            c.send(publish("up/1", QoS::ExactlyOnce, 3, 10)).await;
+            assert_eq!(c.recv().await, Packet::PubRec(PubRec::new(3)));
+        }
+        c.send(Packet::PubRel(PubRel::new(3))).await;
+        assert_eq!(c.recv().await, Packet::PubComp(PubComp::new(3)));
+        assert!(rx.recv().await.is_some());
+        assert!(rx.try_recv().is_err(), "handed over once");
+    }
+
+    #[tokio::test]
+    async fn deliveries_reach_subscribed_sessions_only_and_end_with_the_session() {
+        let (board, _rx) = Switchboard::new(1 << 20);
+        let (mut c, task, stop) = session(&board, 60).await;
+        c.send(Packet::Subscribe(Subscribe::new("down/1", QoS::AtLeastOnce))).await;
+        let Packet::SubAck(ack) = c.recv().await else { panic!("suback") };
+        assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+        // QoS 2 is granted as QoS 1.
+        c.send(Packet::Subscribe(Subscribe::new("down/+", QoS::ExactlyOnce))).await;
+        let Packet::SubAck(ack) = c.recv().await else { panic!("suback") };
+        assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+        assert_eq!(board.publish("down/1", Bytes::from_static(b"a")), 2, "the exact and the wildcard filter");
+        assert_eq!(board.publish("down/2", Bytes::from_static(b"b")), 1);
+        assert_eq!(board.publish("elsewhere", Bytes::from_static(b"c")), 0);
+        let mut ids = HashSet::new();
+        for _ in 0..3 {
+            let Packet::Publish(p) = c.recv().await else { panic!("publish") };
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+            assert!(ids.insert(p.pkid), "distinct packet ids");
+        }
+        c.send(Packet::Unsubscribe(Unsubscribe::new("down/+"))).await;
+        assert!(matches!(c.recv().await, Packet::UnsubAck(_)));
+        assert_eq!(board.publish("down/2", Bytes::from_static(b"b")), 0);
+        assert_eq!(board.filters(), 1);
+        stop.send(true).unwrap();
+        assert_eq!(task.await.unwrap(), Ended::Stopped);
+        assert_eq!(board.filters(), 0, "a session's filters go with it");
+        assert_eq!(board.publish("down/1", Bytes::from_static(b"a")), 0);
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_deliveries_are_capped_and_an_overflowing_queue_drops() {
+        let (board, _rx) = Switchboard::new(1 << 20);
+        let (mut c, _task, _stop) = session(&board, 60).await;
+        c.send(Packet::Subscribe(Subscribe::new("down/1", QoS::AtLeastOnce))).await;
+        assert!(matches!(c.recv().await, Packet::SubAck(_)));
+        let offered = SESSION_INFLIGHT_OUT + SESSION_QUEUE + 10;
+        let queued: usize = (0..offered).map(|_| board.publish("down/1", Bytes::from_static(b"x"))).sum();
+        assert!(queued < offered && board.dropped.load(Ordering::Relaxed) as usize == offered - queued);
+        let mut first = None;
+        for _ in 0..SESSION_INFLIGHT_OUT {
+            let Packet::Publish(p) = c.recv().await else { panic!("publish") };
+            first.get_or_insert(p.pkid);
+        }
+        assert!(c.quiet().await.is_none(), "no more than {SESSION_INFLIGHT_OUT} unacknowledged");
+        c.send(Packet::PubAck(PubAck::new(first.unwrap()))).await;
+        assert!(matches!(c.recv().await, Packet::Publish(_)), "one acknowledged, one more sent");
+    }
+
+    #[tokio::test]
+    async fn a_session_over_the_byte_budget_or_its_own_cap_is_held_back_not_dropped() {
+        // Budget: 4 KiB for everyone.
+        let (board, mut rx) = Switchboard::new(4 * 1024);
+        let (mut c, _task, _stop) = session(&board, 60).await;
+        for pkid in 1..=6 {
+            c.send(publish("up/1", QoS::AtLeastOnce, pkid, 1000)).await;
+        }
+        for pkid in 1..=4 {
+            assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(pkid)));
+        }
+        assert!(c.quiet().await.is_none(), "held back: nothing acknowledged past the budget");
+        assert_eq!(board.backlog_bytes(), 4 * 1024);
+        assert!(board.held_back.load(Ordering::Relaxed) >= 1);
+        // The owner takes two: the held messages go through.
+        drop((rx.recv().await, rx.recv().await));
+        for pkid in 5..=6 {
+            assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(pkid)));
+        }
+        let mut got = 2;
+        while let Ok(m) = rx.try_recv() {
+            drop(m);
+            got += 1;
+        }
+        assert_eq!(got, 6, "nothing lost");
+
+        // One session alone may not have more than its own share waiting.
+        let (board, mut rx) = Switchboard::new(16 << 20);
+        let (mut c, _task, _stop) = session(&board, 60).await;
+        let n = SESSION_INFLIGHT_IN as u16 + 2;
+        for pkid in 1..=n {
+            c.send(publish("up/1", QoS::AtLeastOnce, pkid, 10)).await;
+        }
+        for pkid in 1..=SESSION_INFLIGHT_IN as u16 {
+            assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(pkid)));
+        }
+        assert!(c.quiet().await.is_none());
+        drop(rx.recv().await);
+        assert_eq!(c.recv().await, Packet::PubAck(PubAck::new(SESSION_INFLIGHT_IN as u16 + 1)));
+    }
+
+    #[tokio::test]
+    async fn packets_outside_the_grants_end_the_session_and_nothing_goes_on() {
+        let cases: Vec<(Packet, &str)> = vec![
+            (publish("down/1", QoS::AtLeastOnce, 1, 10), reason::PUBLISH_DENIED),
+            (Packet::Subscribe(Subscribe::new("up/#", QoS::AtLeastOnce)), reason::SUBSCRIBE_DENIED),
+            (
+                {
+                    let mut p = Publish::new("up/1", QoS::AtLeastOnce, vec![1]);
+                    p.retain = true;
+                    p.pkid = 1;
+                    Packet::Publish(p)
+                },
+                reason::RETAIN_DENIED,
+            ),
+            (Packet::PingResp, reason::MALFORMED),
+        ];
+        for (packet, why) in cases {
+            let (board, mut rx) = Switchboard::new(1 << 20);
+            let (mut c, task, _stop) = session(&board, 60).await;
+            c.send(packet).await;
+            assert_eq!(task.await.unwrap(), Ended::Refused(why));
+            assert!(rx.try_recv().is_err());
+        }
+        // More filters than a session may hold.
+        let (board, _rx) = Switchboard::new(1 << 20);
+        let (mut c, task, _stop) = session(&board, 60).await;
+        for i in 0..=crate::grants::MAX_FILTERS_PER_SESSION {
+            c.send(Packet::Subscribe(Subscribe::new(format!("down/{i}"), QoS::AtLeastOnce))).await;
+        }
+        assert_eq!(task.await.unwrap(), Ended::Refused(reason::TOO_MANY_FILTERS));
+        assert_eq!(board.filters(), 0);
+        // Garbage, and a packet over the size limit.
+        for bytes in [vec![0xf0u8, 0x00], {
+            let mut out = BytesMut::new();
+            publish("up/1", QoS::AtLeastOnce, 1, 70 * 1024).write(&mut out, usize::MAX).unwrap();
+            out.to_vec()
+        }] {
+            let (board, _rx) = Switchboard::new(1 << 20);
+            let (mut c, task, _stop) = session(&board, 60).await;
+            c.io.write_all(&bytes).await.unwrap();
+            assert_eq!(task.await.unwrap(), Ended::Refused(reason::MALFORMED));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_closed_after_one_and_a_half_keep_alives() {
+        let (board, _rx) = Switchboard::new(1 << 20);
+        let started = std::time::Instant::now();
+        let (_c, task, _stop) = session(&board, 1).await;
+        assert_eq!(task.await.unwrap(), Ended::KeepAlive);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(4), "{took:?}");
+    }
 }

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::grants::{Grants, check_packet};
 use crate::reason;
 
 /// A TLS listener's address and PEM files.
@@ -63,31 +64,6 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A repeated error is logged at most once per this interval.
 pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// What one session may do once logged in.
-pub trait Grants: Send + Sync {
-    /// Whether it may publish to `topic`.
-    fn may_publish(&self, topic: &str) -> bool;
-    /// Whether it may subscribe to `filter` (as written, wildcards included).
-    fn may_subscribe(&self, filter: &str) -> bool;
-}
-
-/// Grants everything (a broker whose logins need no topic permissions).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Everything;
-
-impl Grants for Everything {
-    fn may_publish(&self, _: &str) -> bool {
-        true
-    }
-
-    fn may_subscribe(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// Most topic filters one session may subscribe to.
-pub const MAX_FILTERS_PER_SESSION: usize = 16;
 
 /// Checks a login (client id, username, password); the error is a reason to count.
 pub trait Logins: Send + Sync + 'static {
@@ -345,17 +321,13 @@ impl Front {
             Backend::Splice { broker, secret } => (*broker, secret.clone()),
             Backend::Direct(board) => {
                 let keep_alive = if connect.keep_alive == 0 { DEFAULT_KEEP_ALIVE } else { connect.keep_alive };
-                let ended = crate::direct::serve(
-                    board,
-                    client,
-                    &connect.client_id,
-                    &*grants,
+                let login = crate::direct::Login {
+                    client_id: &connect.client_id,
+                    grants: &*grants,
                     keep_alive,
-                    self.max_packet,
-                    buf,
-                    &mut session.stop,
-                )
-                .await;
+                    max_packet: self.max_packet,
+                };
+                let ended = crate::direct::serve(board, client, login, buf, &mut session.stop).await;
                 if let crate::direct::Ended::Refused(why) = ended {
                     self.events.packet_refused(why);
                     tracing::info!(%peer, client_id = connect.client_id, reason = why, "session ended: packet refused");
@@ -479,42 +451,6 @@ where
             Ok(_) => {}
         }
     }
-}
-
-/// Whether a client's packet is within its grants; `filters` counts the session's
-/// subscriptions.
-pub(crate) fn check_packet(packet: &Packet, grants: &dyn Grants, filters: &mut usize) -> Result<(), &'static str> {
-    match packet {
-        Packet::Publish(p) => {
-            if p.retain {
-                return Err(reason::RETAIN_DENIED);
-            }
-            if !grants.may_publish(&p.topic) {
-                return Err(reason::PUBLISH_DENIED);
-            }
-        }
-        Packet::Subscribe(s) => {
-            if s.filters.iter().any(|f| !grants.may_subscribe(&f.path)) {
-                return Err(reason::SUBSCRIBE_DENIED);
-            }
-            *filters += s.filters.len();
-            if *filters > MAX_FILTERS_PER_SESSION {
-                return Err(reason::TOO_MANY_FILTERS);
-            }
-        }
-        Packet::PubAck(_)
-        | Packet::PubRec(_)
-        | Packet::PubRel(_)
-        | Packet::PubComp(_)
-        | Packet::Unsubscribe(_)
-        | Packet::PingReq
-        | Packet::Disconnect => {}
-        // A second CONNECT, or what only a server sends.
-        Packet::Connect(_) | Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-            return Err(reason::MALFORMED);
-        }
-    }
-    Ok(())
 }
 
 /// Half-closes the front's connection to the broker and waits (bounded) until the

@@ -1,22 +1,26 @@
-//! An embedded MQTT broker (rumqttd) that clients reach only through listeners of
-//! our own, which check every login before the broker sees it.
+//! MQTT listeners of our own that check every login and every packet, in front of
+//! an embedded broker (rumqttd) or of nothing.
 //!
-//! The gateway runs one for its devices, a single-node cloud one for its gateways.
-//! rumqttd's router runs on its own thread, its listener on loopback with a
-//! per-process secret; [`Front`] accepts plain and TLS connections, reads and
-//! checks the CONNECT under a timeout in each connection's own task, answers a
-//! refusal with a CONNACK code, and splices accepted sessions through with the
-//! password rewritten to the secret.
+//! [`Front`] accepts plain and TLS connections, reads and checks the CONNECT under
+//! a timeout in each connection's own task, answers a refusal with a CONNACK code,
+//! and holds every later packet to the login's [`Grants`]. An accepted session is
+//! then either spliced into rumqttd's loopback listener with the password rewritten
+//! to a per-process secret (the single-node cloud: gateways and alert readers need
+//! a broker's fan-out), or served by the front itself through a [`Switchboard`]
+//! (the gateway: a unit only talks to the gateway, and a session costs one
+//! descriptor and no router work).
 
 pub mod broker;
 pub mod direct;
 pub mod front;
+pub mod grants;
 pub mod reload;
 pub mod sessions;
 
 pub use broker::{Broker, BrokerHealth, BrokerSettings, free_port, start};
 pub use direct::{Inbound, Switchboard};
-pub use front::{Backend, Everything, Front, FrontEvents, Grants, Listening, Logins, TlsFiles};
+pub use front::{Backend, Front, FrontEvents, Listening, Logins, TlsFiles};
+pub use grants::{Everything, Grants, MAX_FILTERS_PER_SESSION};
 pub use reload::{ReloadActions, keep_provisioning};
 
 /// Reasons a connection is refused before or at login.
