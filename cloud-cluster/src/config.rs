@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::lake::store::StorageConfig;
-pub use crate::shard::{SegmentConfig, ValidationConfig};
+pub use crate::shard::{DeadLetterConfig, SegmentConfig, ValidationConfig};
 pub use fleetline_service::ByteSize;
 use serde::Deserialize;
 
@@ -39,6 +39,8 @@ pub struct CloudConfig {
     pub http: HttpConfig,
     /// Clock sanity checks on readings.
     pub validation: ValidationConfig,
+    /// How much dead-letter data one sender may have stored.
+    pub deadletters: DeadLetterConfig,
     /// Per-vehicle windows and event detection.
     pub analytics: crate::analytics::AnalyticsConfig,
     /// Hourly compacted readings and daily per-vehicle rollups.
@@ -60,6 +62,7 @@ impl Default for CloudConfig {
             segment: SegmentConfig::default(),
             http: HttpConfig::default(),
             validation: ValidationConfig::default(),
+            deadletters: DeadLetterConfig::default(),
             analytics: Default::default(),
             rollup: Default::default(),
             cluster: Default::default(),
@@ -204,6 +207,9 @@ impl CloudConfig {
         }
         if self.http.read_token.is_some() && self.http.token.is_none() {
             return Err(ConfigError::invalid("http.read_token needs http.token (without it nothing is protected)"));
+        }
+        if self.deadletters.quota.0 == 0 || self.deadletters.per.is_zero() {
+            return Err(ConfigError::invalid("deadletters.quota and deadletters.per must be positive"));
         }
         if self.segment.max_rows == 0 || self.segment.dedupe_epochs == 0 {
             return Err(ConfigError::invalid("segment.max_rows and segment.dedupe_epochs must be positive"));

@@ -256,7 +256,7 @@ async fn run_unit(
         tokio::select! {
             _ = tick.tick() => {
                 if stopping.load(Ordering::Relaxed) {
-                    if readings % rate.batch_every != 0 {
+                    if !readings.is_multiple_of(rate.batch_every) {
                         let _ = client.flush().await;
                         counters.sealed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -271,10 +271,10 @@ async fn run_unit(
                     Reading { kind: kind::SPEED, time_ms: t_ms, value: 40.0 + (readings % 30) as f64 },
                     Reading { kind: kind::HEADING, time_ms: t_ms, value: (readings * 3 % 360) as f64 },
                 ];
-                if (readings * rate.every_s) % 10 == 0 {
+                if (readings * rate.every_s).is_multiple_of(10) {
                     batch.push(Reading { kind: kind::FUEL_RELATIVE_LEVEL, time_ms: t_ms, value: 60.0 - s * 1e-3 });
                 }
-                if (readings * rate.every_s) % 30 == 0 {
+                if (readings * rate.every_s).is_multiple_of(30) {
                     for w in 0..4u8 {
                         let wheel = kind::Wheel { row: 1 + w / 2, right: w % 2 == 1 };
                         batch.push(Reading { kind: kind::tire_pressure(wheel).unwrap(), time_ms: t_ms, value: 240.0 });
@@ -284,7 +284,7 @@ async fn run_unit(
                 if let Ok(summary) = client.record_all(batch).await {
                     counters.refused.fetch_add(summary.refused as u64, Ordering::Relaxed);
                 }
-                if readings % rate.batch_every == 0 && client.flush().await.is_ok() {
+                if readings.is_multiple_of(rate.batch_every) && client.flush().await.is_ok() {
                     seals.push_back((next_seq, Instant::now()));
                     next_seq += 1;
                     counters.sealed.fetch_add(1, Ordering::Relaxed);
@@ -436,7 +436,8 @@ async fn orchestrate(args: &[String]) {
     let units: usize = flag(args, "--units").map_or(3_000, |v| v.parse().unwrap());
     let night = args.iter().any(|a| a == "--night");
     let storm = args.iter().any(|a| a == "--storm");
-    let window = Duration::from_secs(flag(args, "--window").map_or(if night { 180 } else { 60 }, |v| v.parse().unwrap()));
+    let window =
+        Duration::from_secs(flag(args, "--window").map_or(if night { 180 } else { 60 }, |v| v.parse().unwrap()));
     let n_workers: usize =
         flag(args, "--workers").map_or(units.div_ceil(UNITS_PER_WORKER).max(2), |v| v.parse().unwrap());
     let rate = if night { NIGHT } else { DAY };

@@ -118,6 +118,7 @@ async fn status(State(ops): State<Ops>) -> Json<serde_json::Value> {
         "fencing_refusals": g(&s.fencing_refusals),
         "misrouted_bundles": g(&s.misrouted),
         "deadletters": s.deadletters(),
+        "deadletters_over_quota": s.deadletters_over_quota(),
         "events": s.events(),
         "aggregates": g(&s.aggregates),
         "late_samples": g(&s.late_samples),

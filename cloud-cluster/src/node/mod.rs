@@ -257,6 +257,7 @@ pub async fn start_with(
         keys: keys.clone(),
         released: released.clone(),
         stats: stats.clone(),
+        deadletter_quota: Arc::new(crate::shard::DeadLetterQuota::new(cfg.deadletters.clone())),
     };
     let http_listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await

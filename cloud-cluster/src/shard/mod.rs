@@ -9,7 +9,7 @@
 //! - [`handle`]: the typed mailbox; the only way in from outside `shard/`.
 //! - [`task`]: the actor that owns a shard.
 //! - [`state`] (pure): ingest, dedupe, validation, silence, the open segment.
-//! - [`validate`] (pure): reading checks. [`replay`] (pure): dead letters taken in again.
+//! - [`quota`] (pure): dead-letter bytes per sender. [`validate`] (pure): reading checks. [`replay`] (pure): dead letters taken in again.
 //! - [`checkpoint`] (pure): the checkpoint format. [`head`] (pure): the head, its claims and fencing.
 //! - [`commit`]: commit and recovery against the lake, with fault points.
 
@@ -18,6 +18,7 @@ pub mod commit;
 mod error;
 pub mod handle;
 pub mod head;
+pub mod quota;
 pub mod replay;
 pub mod state;
 pub mod task;
@@ -26,5 +27,6 @@ pub mod validate;
 pub use commit::{Committed, Published, Shard, read_head};
 pub use error::ShardError;
 pub use handle::{Inbox, LoadSample, Released, ShardDirectory, ShardHandle, ShardLoad, ShardMsg, ShardUnavailable};
+pub use quota::{DeadLetterConfig, DeadLetterQuota};
 pub use state::{SegmentConfig, ShardState, ShardStatus, VehicleState};
 pub use validate::ValidationConfig;

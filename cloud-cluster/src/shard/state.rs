@@ -18,6 +18,7 @@ use fleetline_wire::{BatchHeader, DeviceId, FleetId, GatewayId, WireError, peek_
 use serde::Deserialize;
 
 use super::checkpoint::{Checkpoint, DEADLETTER_SEEN_MAX, DeviceState, GatewayClock, Publish, Totals};
+use super::quota::{DeadLetterQuota, Sender};
 use super::validate::{ValidationConfig, check_value};
 use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
 use crate::lake::reason;
@@ -148,6 +149,10 @@ pub struct ShardState {
     resend: Vec<Event>,
     /// State changed since the last commit (a commit without rows still checkpoints it).
     dirty: bool,
+    /// Dead-letter bytes per sender, shared by the node's shards.
+    quota: Arc<DeadLetterQuota>,
+    /// The `now` of the bundle being taken in.
+    now: Option<Instant>,
 }
 
 fn device_key(fleet: &str, device: &str) -> String {
@@ -181,6 +186,8 @@ impl ShardState {
             waiting: HashMap::new(),
             resend: Vec::new(),
             dirty: false,
+            quota: Arc::default(),
+            now: None,
         }
     }
 
@@ -202,6 +209,11 @@ impl ShardState {
     /// Analytics settings.
     pub fn set_analytics(&mut self, cfg: AnalyticsConfig) {
         self.analytics = cfg;
+    }
+
+    /// The node's dead-letter allowance per sender (see [`super::quota`]).
+    pub fn set_deadletter_quota(&mut self, quota: Arc<DeadLetterQuota>) {
+        self.quota = quota;
     }
 
     /// Validates readings against the registry: a batch's schema id must be
@@ -267,6 +279,7 @@ impl ShardState {
     /// that makes them durable.
     pub fn ingest(&mut self, payload: &[u8], prov: &Provisioning, now: Instant, wall: SystemTime) {
         self.stats.emit(ev::BundleReceived);
+        self.now = Some(now);
         let header = match peek_bundle(payload) {
             Ok(h) => h,
             Err(e) => return self.bundle_deadletter(reason::BUNDLE_MALFORMED, e.to_string(), None, None, payload, now),
@@ -315,7 +328,7 @@ impl ShardState {
     fn ingest_batch(&mut self, from: &Receipt<'_>, sealed: &[u8], prov: &Provisioning, wall: SystemTime) {
         let (header, decoded) = match self.authenticate(from, sealed, prov, wall) {
             Ok(opened) => opened,
-            Err(d) => return self.hashed_deadletter(*d),
+            Err(d) => return self.hashed_deadletter(*d, Sender::Proven(from.gateway)),
         };
         // Authentic from here on: (device, epoch, seq) identifies the batch.
         let dkey = device_key(header.fleet, header.device);
@@ -325,12 +338,8 @@ impl ShardState {
             // replay of a captured batch, or a backlog older than anything kept.
             // Kept as a dead letter (once per distinct batch), never stored again.
             let detail = format!("boot epoch {} is below the device's epoch floor {}", header.epoch, floor);
-            return self.hashed_deadletter(from.deadletter(
-                reason::STALE_EPOCH,
-                detail,
-                Some(&header),
-                sealed.to_vec(),
-            ));
+            let d = from.deadletter(reason::STALE_EPOCH, detail, Some(&header), sealed.to_vec());
+            return self.hashed_deadletter(d, Sender::Proven(from.gateway));
         }
         if !self.first_sight(&dkey, &header) {
             self.stats.emit(ev::Duplicate);
@@ -353,7 +362,7 @@ impl ShardState {
             Ok((decoded, schema)) => self.store_readings(from, &header, &dkey, decoded, schema.as_deref()),
             Err(d) => {
                 // Authentic but unusable: kept whole, and analytics moves past it.
-                self.push_deadletter(d);
+                self.push_deadletter(d, Sender::Proven(from.gateway));
                 Vec::new()
             }
         };
@@ -460,13 +469,13 @@ impl ShardState {
             let mut d = from.deadletter(r.reason, r.detail, Some(header), s.value.to_le_bytes().to_vec());
             d.kind = Some(s.kind.0);
             d.ts_ms = Some(s.ts_ms);
-            self.push_deadletter(d);
+            self.push_deadletter(d, Sender::Proven(from.gateway));
         }
         for u in decoded.unknown {
             let detail = format!("reading kind {} is not in schema {}", u.kind.0, header.schema);
             let mut d = from.deadletter(reason::UNKNOWN_KIND, detail, Some(header), u.raw);
             d.kind = Some(u.kind.0);
-            self.push_deadletter(d);
+            self.push_deadletter(d, Sender::Proven(from.gateway));
         }
         pts
     }
@@ -514,16 +523,17 @@ impl ShardState {
         payload: &[u8],
         now: Instant,
     ) {
-        self.hashed_deadletter(DeadLetter {
+        let d = DeadLetter {
             gateway: gateway.map(Into::into),
             bundle_id: bundle,
             ..DeadLetter::new(reason, detail, payload.to_vec())
-        });
+        };
+        self.hashed_deadletter(d, Sender::Claimed(gateway));
         self.opened_at.get_or_insert(now);
     }
 
     /// A dead letter whose sender is not authenticated: deduped by a hash of its bytes.
-    fn hashed_deadletter(&mut self, d: DeadLetter) {
+    fn hashed_deadletter(&mut self, d: DeadLetter, sender: Sender<'_>) {
         let h = fnv1a64(&d.raw) ^ fnv1a64(d.reason.as_bytes()).rotate_left(1);
         if !self.deadletter_set.insert(h) {
             self.stats.emit(ev::Duplicate);
@@ -535,10 +545,19 @@ impl ShardState {
                 self.deadletter_set.remove(&old);
             }
         }
-        self.push_deadletter(d);
+        self.push_deadletter(d, sender);
     }
 
-    fn push_deadletter(&mut self, d: DeadLetter) {
+    /// Keeps a dead letter if its sender's allowance holds its bytes; counts and
+    /// drops it otherwise.
+    fn push_deadletter(&mut self, d: DeadLetter, sender: Sender<'_>) {
+        let bytes = d.raw.len() as u64;
+        if let Some(now) = self.now
+            && !self.quota.admit(sender, bytes, now)
+        {
+            self.stats.emit(ev::DeadLetterOverQuota { shard: self.id, reason: d.reason, bytes });
+            return;
+        }
         self.stats.emit(ev::DeadLettered { shard: self.id, reason: d.reason, detail: &d.detail });
         self.rows.push_deadletter(d);
     }

@@ -73,6 +73,8 @@ pub struct ShardSetup {
     pub released: mpsc::UnboundedSender<Released>,
     /// Counters.
     pub stats: Arc<CloudStats>,
+    /// Dead-letter bytes per sender, shared by the node's shards.
+    pub deadletter_quota: Arc<super::DeadLetterQuota>,
 }
 
 impl ShardSetup {
@@ -99,6 +101,7 @@ impl ShardSetup {
             Err(ended) => return ended,
         };
         shard.state.set_registry(self.registry.clone());
+        shard.state.set_deadletter_quota(self.deadletter_quota.clone());
         shard.state.set_validation(self.validation.clone());
         shard.state.set_analytics(self.analytics.clone());
         // Alerts of the last commit before a restart may not have left: again, same ids.

@@ -72,6 +72,30 @@ impl InternalEvent for DeadLettered<'_> {
     }
 }
 
+/// A dead letter over its sender's allowance: counted, not kept.
+pub struct DeadLetterOverQuota {
+    /// Shard.
+    pub shard: u16,
+    /// One of `crate::lake::reason`.
+    pub reason: &'static str,
+    /// Its size.
+    pub bytes: u64,
+}
+
+impl InternalEvent for DeadLetterOverQuota {
+    fn emit(self, s: &CloudStats) {
+        super::bump(&s.deadletters_over_quota, self.reason);
+        metrics::counter!("fleetline_cloud_deadletters_over_quota_total", "reason" => self.reason).increment(1);
+        metrics::counter!("fleetline_cloud_deadletter_bytes_over_quota_total").increment(self.bytes);
+        tracing::debug!(
+            shard = self.shard,
+            reason = self.reason,
+            bytes = self.bytes,
+            "dead letter over quota, dropped"
+        );
+    }
+}
+
 /// Analytics processed a batch: windows closed, readings that came late, gaps skipped.
 pub struct AnalyticsAdvanced {
     /// Aggregate rows produced.

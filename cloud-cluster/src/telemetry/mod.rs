@@ -74,6 +74,7 @@ pub struct CloudStats {
     /// Embedded broker sessions ended for a packet outside the login's grants, by reason.
     pub packets_refused: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) deadletters: Mutex<BTreeMap<&'static str, u64>>,
+    pub(crate) deadletters_over_quota: Mutex<BTreeMap<&'static str, u64>>,
     pub(crate) events: Mutex<BTreeMap<&'static str, u64>>,
     /// The node's backlog (open records, open bytes), sampled every
     /// [`LOAD_SAMPLE_EVERY`] over the last [`LOAD_WINDOW`]: an autoscaler's steady
@@ -135,6 +136,11 @@ impl CloudStats {
     /// Dead letters by reason.
     pub fn deadletters(&self) -> BTreeMap<&'static str, u64> {
         self.deadletters.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Dead letters over their sender's allowance (dropped), by reason.
+    pub fn deadletters_over_quota(&self) -> BTreeMap<&'static str, u64> {
+        self.deadletters_over_quota.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Owned shards that are down, and why.

@@ -158,6 +158,51 @@ fn what_cannot_be_used_becomes_a_dead_letter_once() {
 }
 
 #[test]
+fn dead_letters_of_one_sender_are_bounded_per_interval_and_forgers_cannot_spend_a_gateways_allowance() {
+    use crate::shard::{DeadLetterConfig, DeadLetterQuota};
+    let (home, _) = devices();
+    let prov = fleet(200, 1);
+    let (mut s, stats) = state(SegmentConfig::default());
+    let per = Duration::from_secs(60);
+    s.set_deadletter_quota(Arc::new(DeadLetterQuota::new(DeadLetterConfig {
+        quota: fleetline_service::ByteSize(64 * 1024),
+        per,
+    })));
+    let t0 = Instant::now();
+    // A stranger naming gw-0 floods 16 KiB bundles of garbage (each distinct).
+    let garbage = |i: u32| {
+        // Incompressible: bundles may be compressed.
+        let mut x = u64::from(i) + 1;
+        let g: Vec<u8> = (0..16 * 1024)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (x >> 56) as u8
+            })
+            .collect();
+        bundle(&gateway_key(7), "gw-0", u64::from(i), 0, &[g], BASE_MS)
+    };
+    for i in 0..10 {
+        s.ingest(&garbage(i), &prov, t0, wall());
+    }
+    let kept = stats.deadletters().values().sum::<u64>();
+    let over = stats.deadletters_over_quota().values().sum::<u64>();
+    assert!((3..=4).contains(&kept), "64 KiB of 16+ KiB letters: {kept}");
+    assert_eq!(kept + over, 10, "every one counted, kept or over");
+    assert!(stats.deadletters_over_quota().contains_key(reason::BUNDLE_AUTH_FAILED));
+    // gw-0 itself (its seal verifies) still has its whole allowance: an unknown
+    // reading kind from one of its units is kept.
+    let wrong_key = sealed_batch(device_id(home[1]).as_str(), &device_key(150), 1, 0, BASE_MS, 5, None);
+    s.ingest(&gw_bundle(100, &[wrong_key]), &prov, t0, wall());
+    assert_eq!(stats.deadletters().get(reason::AUTH_FAILED), Some(&1));
+    // The next interval starts afresh for the claimed sender too.
+    s.ingest(&garbage(11), &prov, t0 + per, wall());
+    assert_eq!(stats.deadletters().values().sum::<u64>(), kept + 2);
+    // What was dropped is not in the segment.
+    let (_, rows) = s.take_segment();
+    assert_eq!(rows.unwrap().deadletters() as u64, kept + 2);
+}
+
+#[test]
 fn readings_dated_in_the_future_or_before_the_floor_are_refused_late_ones_kept() {
     let (home, _) = devices();
     let prov = fleet(200, 1);
