@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use fleetline_wire::{DeviceId, FleetId};
 use serde::Serialize;
 
 /// Why a device message or login was refused.
@@ -105,7 +106,7 @@ pub struct GatewayStats {
     pub ready: AtomicBool,
     /// Most device sessions at once (configured, or lowered to fit the file limit).
     pub session_cap: AtomicU64,
-    devices: Mutex<HashMap<String, DeviceSeen>>,
+    devices: Mutex<HashMap<(FleetId, DeviceId), DeviceSeen>>,
     /// The uplink's state.
     pub uplink: Mutex<UplinkStatus>,
 }
@@ -145,9 +146,9 @@ impl GatewayStats {
     }
 
     /// Records an accepted batch from `device` (`fleet/device`).
-    pub fn seen(&self, device: &str, now_ms: u64) {
+    pub fn seen(&self, fleet: FleetId, device: DeviceId, now_ms: u64) {
         if let Ok(mut m) = self.devices.lock() {
-            let e = m.entry(device.to_string()).or_insert(DeviceSeen { last_seen_ms: now_ms, batches: 0 });
+            let e = m.entry((fleet, device)).or_insert(DeviceSeen { last_seen_ms: now_ms, batches: 0 });
             e.last_seen_ms = now_ms;
             e.batches += 1;
         }
@@ -155,7 +156,7 @@ impl GatewayStats {
 
     /// Devices heard from, by `fleet/device`.
     pub fn devices(&self) -> BTreeMap<String, DeviceSeen> {
-        self.devices.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
+        self.devices.lock().map(|m| m.iter().map(|((f, d), v)| (format!("{f}/{d}"), *v)).collect()).unwrap_or_default()
     }
 
     /// Adds to a counter.

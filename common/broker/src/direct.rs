@@ -113,14 +113,17 @@ impl Switchboard {
         (self.budget_units - self.budget.available_permits()) * BUDGET_UNIT
     }
 
-    /// Publishes `payload` on `topic` to every session subscribed to it, at once
-    /// and without waiting; returns how many sessions it was queued for.
-    pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
+    /// Publishes `payload` on `topic` at `qos` (at most) to every session
+    /// subscribed to it, at once and without waiting; returns how many sessions it
+    /// was queued for. Sessions are clean, so QoS 1 adds nothing to TCP's own
+    /// delivery but an acknowledgement packet: idempotent messages go at QoS 0.
+    pub fn publish(&self, topic: &str, payload: Bytes, qos: QoS) -> usize {
         let topic: Arc<str> = topic.into();
         let mut sent = 0;
         let mut offer = |r: &Route| {
             let out = Outbound { topic: topic.clone(), payload: payload.clone() };
-            match r.tx.try_send((out, r.qos)) {
+            let qos = if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { r.qos };
+            match r.tx.try_send((out, qos)) {
                 Ok(()) => sent += 1,
                 Err(_) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -282,7 +285,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             _ = stop.wait_for(|v| *v) => return Ended::Stopped,
             _ = tokio::time::sleep_until(deadline) => return Ended::KeepAlive,
-            Some((out, qos)) = rx.recv(), if room => s.deliver(out, qos),
+            Some((out, qos)) = rx.recv(), if room => {
+                s.deliver(out, qos);
+                // What else is queued goes out in the same write.
+                while s.unacked.len() < SESSION_INFLIGHT_OUT && s.out.len() < 64 * 1024 {
+                    let Ok((out, qos)) = rx.try_recv() else { break };
+                    s.deliver(out, qos);
+                }
+            }
             permits = acquire(board, &s.per_session, held.as_ref().map(|h| h.1)), if held.is_some() => {
                 let Some((p, _)) = held.take() else { continue };
                 match permits {
@@ -562,23 +572,27 @@ mod tests {
         c.send(Packet::Subscribe(Subscribe::new("down/+", QoS::ExactlyOnce))).await;
         let Packet::SubAck(ack) = c.recv().await else { panic!("suback") };
         assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
-        assert_eq!(board.publish("down/1", Bytes::from_static(b"a")), 2, "the exact and the wildcard filter");
-        assert_eq!(board.publish("down/2", Bytes::from_static(b"b")), 1);
-        assert_eq!(board.publish("elsewhere", Bytes::from_static(b"c")), 0);
+        assert_eq!(board.publish("down/1", Bytes::from_static(b"a"), QoS::AtLeastOnce), 2, "the exact and the wildcard filter");
+        assert_eq!(board.publish("down/2", Bytes::from_static(b"b"), QoS::AtLeastOnce), 1);
+        assert_eq!(board.publish("elsewhere", Bytes::from_static(b"c"), QoS::AtLeastOnce), 0);
         let mut ids = HashSet::new();
         for _ in 0..3 {
             let Packet::Publish(p) = c.recv().await else { panic!("publish") };
             assert_eq!(p.qos, QoS::AtLeastOnce);
             assert!(ids.insert(p.pkid), "distinct packet ids");
         }
+        // At QoS 0 when the owner says so, whatever the subscription.
+        assert_eq!(board.publish("down/2", Bytes::from_static(b"q0"), QoS::AtMostOnce), 1);
+        let Packet::Publish(p) = c.recv().await else { panic!("publish") };
+        assert_eq!((p.qos, p.pkid), (QoS::AtMostOnce, 0));
         c.send(Packet::Unsubscribe(Unsubscribe::new("down/+"))).await;
         assert!(matches!(c.recv().await, Packet::UnsubAck(_)));
-        assert_eq!(board.publish("down/2", Bytes::from_static(b"b")), 0);
+        assert_eq!(board.publish("down/2", Bytes::from_static(b"b"), QoS::AtLeastOnce), 0);
         assert_eq!(board.filters(), 1);
         stop.send(true).unwrap();
         assert_eq!(task.await.unwrap(), Ended::Stopped);
         assert_eq!(board.filters(), 0, "a session's filters go with it");
-        assert_eq!(board.publish("down/1", Bytes::from_static(b"a")), 0);
+        assert_eq!(board.publish("down/1", Bytes::from_static(b"a"), QoS::AtLeastOnce), 0);
     }
 
     #[tokio::test]
@@ -588,7 +602,7 @@ mod tests {
         c.send(Packet::Subscribe(Subscribe::new("down/1", QoS::AtLeastOnce))).await;
         assert!(matches!(c.recv().await, Packet::SubAck(_)));
         let offered = SESSION_INFLIGHT_OUT + SESSION_QUEUE + 10;
-        let queued: usize = (0..offered).map(|_| board.publish("down/1", Bytes::from_static(b"x"))).sum();
+        let queued: usize = (0..offered).map(|_| board.publish("down/1", Bytes::from_static(b"x"), QoS::AtLeastOnce)).sum();
         assert!(queued < offered && board.dropped.load(Ordering::Relaxed) as usize == offered - queued);
         let mut first = None;
         for _ in 0..SESSION_INFLIGHT_OUT {

@@ -314,6 +314,14 @@ pub fn random_nonce() -> Result<[u8; NONCE_LEN], WireError> {
     Ok(n)
 }
 
+/// A control nonce from `random` bytes (from a cryptographic generator the
+/// caller keeps, where one system call per nonce would cost too much): its first
+/// byte becomes the control domain.
+pub fn control_nonce(mut random: [u8; NONCE_LEN]) -> [u8; NONCE_LEN] {
+    random[0] = DOMAIN_CONTROL;
+    random
+}
+
 /// Compresses `(epoch, seq)` pairs into as few ranges as possible.
 #[cfg(feature = "std")]
 pub fn ranges_from(mut seqs: std::vec::Vec<(u32, u32)>) -> std::vec::Vec<AckRange> {

@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use fleetline_wire::control::{MAX_ACK_LEN, random_nonce, ranges_from, seal_ack};
+use fleetline_wire::control::{MAX_ACK_LEN, control_nonce, ranges_from, seal_ack};
 use fleetline_wire::provisioning::Provisioning;
 use fleetline_wire::seqset::SeqSet;
 use fleetline_wire::shard::shard_of;
 use fleetline_wire::topics::{self, Channel};
 use fleetline_wire::{DeviceId, DeviceKey, FleetId, peek_header};
+use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
 use crate::queue::{QueueError, QueueHandle, RecordMeta};
@@ -162,13 +163,27 @@ pub struct Ingest {
 impl Ingest {
     /// Takes what unit sessions hand over until the front is gone.
     pub async fn run(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<fleetline_broker::Inbound>) {
+        // Appends become durable in the order they were queued: one task waits for
+        // them in that order (no task per batch).
+        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+        let waiter = tokio::spawn(self.clone().settle(pending_rx));
         while let Some(msg) = rx.recv().await {
-            self.handle(msg.topic.as_bytes(), &msg.payload).await;
+            self.handle(msg.topic.as_bytes(), &msg.payload, &pending_tx).await;
+        }
+        drop(pending_tx);
+        let _ = waiter.await;
+    }
+
+    /// Waits for each queued append in turn and acks what became durable.
+    async fn settle(self: Arc<Self>, mut pending: mpsc::UnboundedReceiver<Pending>) {
+        while let Some(p) = pending.recv().await {
+            let result = p.rx.await;
+            self.settled(p.durable, p.samples, p.received_ms, result);
         }
     }
 
-    /// Handles one publish.
-    pub async fn handle(&self, topic: &[u8], payload: &[u8]) {
+    /// Handles one publish; a queued append goes to `pending` to be waited for.
+    async fn handle(&self, topic: &[u8], payload: &[u8], pending_tx: &mpsc::UnboundedSender<Pending>) {
         let checked = match check(topic, payload, &self.registry.snapshot(), SystemTime::now()) {
             Ok(c) => c,
             Err(why) => {
@@ -206,45 +221,56 @@ impl Ingest {
                 return;
             }
         };
-        let stats = self.stats.clone();
-        let durables = self.durables.clone();
-        let acks = self.acks.clone();
-        let dropped_tx = self.dropped.clone();
-        tokio::spawn(async move {
-            match pending.await {
-                Ok(Ok(appended)) => {
-                    durables.insert(fleet, device, epoch, seq);
-                    GatewayStats::add(&stats.batches_accepted, 1);
-                    GatewayStats::add(&stats.samples_accepted, u64::from(samples));
-                    metrics::counter!("fleetline_gateway_batches_accepted_total").increment(1);
-                    metrics::counter!("fleetline_gateway_samples_accepted_total").increment(u64::from(samples));
-                    stats.seen(&format!("{fleet}/{device}"), now);
-                    if !appended.dropped.is_empty() {
-                        let samples: u64 = appended.dropped.iter().map(|d| u64::from(d.meta.samples)).sum();
-                        GatewayStats::add(&stats.dropped_batches, appended.dropped.len() as u64);
-                        GatewayStats::add(&stats.dropped_samples, samples);
-                        metrics::counter!("fleetline_gateway_dropped_batches_total")
-                            .increment(appended.dropped.len() as u64);
-                        metrics::counter!("fleetline_gateway_dropped_samples_total").increment(samples);
-                        tracing::warn!(
-                            batches = appended.dropped.len(),
-                            samples,
-                            first = appended.dropped[0].id.0,
-                            "queue full: dropped the oldest batches (drop-oldest policy)"
-                        );
-                        let _ = dropped_tx.send(appended.dropped.iter().map(|d| d.id).collect());
-                    }
-                    let _ = acks.send(durable);
-                }
-                Ok(Err(QueueError::Full)) => stats.reject(reason::QUEUE_FULL),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "batch not stored; the device will re-send it");
-                    stats.reject(reason::QUEUE_ERROR);
-                }
-                Err(_) => stats.reject(reason::QUEUE_ERROR),
-            }
-        });
+        let _ = pending_tx.send(Pending { rx: pending, durable, samples, received_ms: now });
     }
+
+    /// What became of one append.
+    fn settled(&self, durable: Durable, samples: u32, received_ms: u64, result: AppendResult) {
+        let stats = &self.stats;
+        match result {
+            Ok(Ok(appended)) => {
+                self.durables.insert(durable.fleet, durable.device, durable.epoch, durable.seq);
+                GatewayStats::add(&stats.batches_accepted, 1);
+                GatewayStats::add(&stats.samples_accepted, u64::from(samples));
+                metrics::counter!("fleetline_gateway_batches_accepted_total").increment(1);
+                metrics::counter!("fleetline_gateway_samples_accepted_total").increment(u64::from(samples));
+                stats.seen(durable.fleet, durable.device, received_ms);
+                if !appended.dropped.is_empty() {
+                    let samples: u64 = appended.dropped.iter().map(|d| u64::from(d.meta.samples)).sum();
+                    GatewayStats::add(&stats.dropped_batches, appended.dropped.len() as u64);
+                    GatewayStats::add(&stats.dropped_samples, samples);
+                    metrics::counter!("fleetline_gateway_dropped_batches_total")
+                        .increment(appended.dropped.len() as u64);
+                    metrics::counter!("fleetline_gateway_dropped_samples_total").increment(samples);
+                    tracing::warn!(
+                        batches = appended.dropped.len(),
+                        samples,
+                        first = appended.dropped[0].id.0,
+                        "queue full: dropped the oldest batches (drop-oldest policy)"
+                    );
+                    let _ = self.dropped.send(appended.dropped.iter().map(|d| d.id).collect());
+                }
+                let _ = self.acks.send(durable);
+            }
+            Ok(Err(QueueError::Full)) => stats.reject(reason::QUEUE_FULL),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "batch not stored; the device will re-send it");
+                stats.reject(reason::QUEUE_ERROR);
+            }
+            Err(_) => stats.reject(reason::QUEUE_ERROR),
+        }
+    }
+}
+
+/// The queue's answer to one append.
+type AppendResult = Result<Result<crate::queue::Appended, QueueError>, tokio::sync::oneshot::error::RecvError>;
+
+/// An append queued and not yet durable.
+struct Pending {
+    rx: tokio::sync::oneshot::Receiver<Result<crate::queue::Appended, QueueError>>,
+    durable: Durable,
+    samples: u32,
+    received_ms: u64,
 }
 
 /// Durable (epoch, seq) pairs per device, with the key to seal their ack.
@@ -260,6 +286,8 @@ pub async fn run_acker(
     counter: Arc<fleetline_service::counter::PersistentCounter>,
 ) {
     let mut buf = vec![0u8; MAX_ACK_LEN];
+    // A cryptographic generator seeded from the system once, not a system call per ack.
+    let mut rng = rand::rngs::StdRng::from_entropy();
     while let Some(first) = rx.recv().await {
         let mut group: AcksByDevice = HashMap::new();
         let mut add = |d: Durable| {
@@ -272,7 +300,7 @@ pub async fn run_acker(
         for ((fleet, device), (key, seqs)) in group {
             let topic = topics::device_topic(&fleet, &device, Channel::Ack);
             for chunk in ranges_from(seqs).chunks(fleetline_wire::control::MAX_ACK_RANGES) {
-                let Ok(nonce) = random_nonce() else { continue };
+                let nonce = control_nonce(rng.r#gen());
                 let c = match counter.next() {
                     Ok(c) => c,
                     Err(e) => {
@@ -284,7 +312,10 @@ pub async fn run_acker(
                 let Ok(n) = seal_ack(&mut buf, &key, &gateway_id, c, nonce, chunk) else { continue };
                 // Queued for the unit's session if it is connected and subscribed;
                 // otherwise the unit re-sends and is acked again.
-                if board.publish(topic.as_str(), bytes::Bytes::copy_from_slice(&buf[..n])) > 0 {
+                // Acks are idempotent and sessions clean: QoS 0 (a lost one is
+                // answered by the unit's re-send).
+                let payload = bytes::Bytes::copy_from_slice(&buf[..n]);
+                if board.publish(topic.as_str(), payload, rumqttc::QoS::AtMostOnce) > 0 {
                     GatewayStats::add(&stats.device_acks_sent, 1);
                 } else {
                     GatewayStats::add(&stats.device_acks_undelivered, 1);
