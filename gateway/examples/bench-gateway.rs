@@ -2,8 +2,16 @@
 //! 200 concurrent devices, through the Fleetline gateway (durable: every batch is
 //! fsynced before its device is acked, and kept until the consumer acks it) and
 //! through Mosquitto bridging to an upstream Mosquitto (in memory), on this machine,
-//! with the same payloads. Prints one JSON line with both rates and their ratio, and
-//! the gateway's resident memory idle and under load.
+//! with the same payloads.
+//!
+//! For each setting of batches in flight per device (`BENCH_IN_FLIGHT`, a comma
+//! list, default `8,16,32`) the two are run `BENCH_REPEAT` times (default 3),
+//! alternating, each after its own warm-up. One JSON line per setting: the median
+//! rate of each with its min and max, the ratio of the medians and the min/max
+//! of the per-round ratios; and CPU microseconds per batch of the broker side
+//! (the gateway process; both Mosquittos) and of the devices' side (this process:
+//! the load generator and the consumer), so a difference in rate can be read
+//! against where the machine's two cores went. Also the gateway's resident memory.
 //!
 //! `scripts/bench-gateway.sh` builds and runs it (release), with the gateway binary.
 
@@ -32,7 +40,28 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// outbox depth (32 for `LinuxDevice`), and the Mosquitto publishers' MQTT in-flight
 /// window. `BENCH_IN_FLIGHT` overrides the default of 32.
 fn in_flight() -> u64 {
-    std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(32)
+    IN_FLIGHT.load(Ordering::Relaxed)
+}
+
+static IN_FLIGHT: AtomicU64 = AtomicU64::new(32);
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// One run: samples per second, CPU µs per batch of the broker side and of this
+/// process, peak RSS of the gateway (KiB, 0 for Mosquitto).
+struct Run {
+    rate: f64,
+    broker_us_per_batch: f64,
+    devices_us_per_batch: f64,
+    peak_kib: u64,
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -97,23 +126,33 @@ async fn consumer(port: u16, prov: Option<Provisioning>, delivered: Arc<AtomicU6
     });
 }
 
-/// Samples per second over the window, and peak RSS of `pid` during it.
-async fn measure(delivered: &AtomicU64, pid: Option<u32>) -> (f64, u64) {
+/// Samples per second over the window, CPU per batch of `brokers` and of this
+/// process, and peak RSS of `rss_of` during it.
+async fn measure(delivered: &AtomicU64, brokers: &[u32], rss_of: Option<u32>) -> Run {
     tokio::time::sleep(WARMUP).await;
     let start_count = delivered.load(Ordering::Relaxed);
+    let me = std::process::id();
+    let cpu = || (brokers.iter().map(|p| cpu_seconds(*p)).sum::<f64>(), cpu_seconds(me));
+    let (broker0, me0) = cpu();
     let start = Instant::now();
     let mut peak = 0;
     while start.elapsed() < WINDOW {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Some(pid) = pid {
+        if let Some(pid) = rss_of {
             peak = peak.max(rss_kib(pid));
         }
     }
-    let batches = delivered.load(Ordering::Relaxed) - start_count;
-    ((batches * SAMPLES_PER_BATCH as u64) as f64 / start.elapsed().as_secs_f64(), peak)
+    let (broker1, me1) = cpu();
+    let batches = (delivered.load(Ordering::Relaxed) - start_count).max(1);
+    Run {
+        rate: (batches * SAMPLES_PER_BATCH as u64) as f64 / start.elapsed().as_secs_f64(),
+        broker_us_per_batch: (broker1 - broker0) * 1e6 / batches as f64,
+        devices_us_per_batch: (me1 - me0) * 1e6 / batches as f64,
+        peak_kib: peak,
+    }
 }
 
-async fn fleetline(prov: &Provisioning) -> (f64, u64, u64) {
+async fn fleetline(prov: &Provisioning) -> (Run, u64) {
     let dir = tempfile::tempdir().unwrap();
     let prov_path = dir.path().join("provisioning.toml");
     prov.save(&prov_path).unwrap();
@@ -179,17 +218,19 @@ async fn fleetline(prov: &Provisioning) -> (f64, u64, u64) {
             }
         }));
     }
-    let (rate, peak) = measure(&delivered, Some(pid)).await;
+    let brokers: Vec<u32> = [Some(pid), upstream.pid()].into_iter().flatten().collect();
+    let run = measure(&delivered, &brokers, Some(pid)).await;
     running.store(false, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
     let _ = gw.start_kill();
+    let _ = gw.wait().await;
     upstream.stop().await;
-    (rate, idle, peak)
+    (run, idle)
 }
 
-async fn mosquitto_bridge(batch: Vec<u8>) -> (f64, u64) {
+async fn mosquitto_bridge(batch: Vec<u8>) -> Run {
     let upstream = Mosquitto::start().await;
     let up = upstream.port;
     let edge = Mosquitto::start_with(None, move |_| {
@@ -226,15 +267,29 @@ async fn mosquitto_bridge(batch: Vec<u8>) -> (f64, u64) {
             }
         }));
     }
-    let pid = None;
-    let (rate, _) = measure(&delivered, pid).await;
+    let brokers: Vec<u32> = [edge.pid(), upstream.pid()].into_iter().flatten().collect();
+    let run = measure(&delivered, &brokers, None).await;
     running.store(false, Ordering::Relaxed);
     for t in tasks {
         t.abort();
     }
     edge.stop().await;
     upstream.stop().await;
-    (rate, 0)
+    run
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+}
+
+fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 #[tokio::main]
@@ -263,21 +318,58 @@ async fn main() {
         buf.truncate(n);
         buf
     };
-    let (fleetline_rate, idle_kib, load_kib) = fleetline(&prov).await;
-    let (mosquitto_rate, _) = mosquitto_bridge(sample.clone()).await;
-    let line = serde_json::json!({
-        "devices": DEVICES,
-        "samples_per_batch": SAMPLES_PER_BATCH,
-        "batch_bytes": sample.len(),
-        "window_s": WINDOW.as_secs(),
-        "in_flight_per_device": in_flight(),
-        "fleetline_samples_per_s": fleetline_rate.round(),
-        "mosquitto_bridge_samples_per_s": mosquitto_rate.round(),
-        "ratio": (fleetline_rate / mosquitto_rate * 1000.0).round() / 1000.0,
-        "gateway_rss_idle_kib": idle_kib,
-        "gateway_rss_load_kib": load_kib,
-        "fleetline_durable": true,
-        "mosquitto_durable": false,
-    });
-    println!("{line}");
+    let settings: Vec<u64> = std::env::var("BENCH_IN_FLIGHT")
+        .unwrap_or_else(|_| "8,16,32".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    for setting in settings {
+        IN_FLIGHT.store(setting, Ordering::Relaxed);
+        let (mut fl, mut mq, mut idle) = (Vec::new(), Vec::new(), 0);
+        for round in 0..repeat {
+            // Alternate which goes first, so a drift of the machine hits both.
+            if round % 2 == 0 {
+                let (run, i) = fleetline(&prov).await;
+                fl.push(run);
+                idle = i;
+                mq.push(mosquitto_bridge(sample.clone()).await);
+            } else {
+                mq.push(mosquitto_bridge(sample.clone()).await);
+                let (run, i) = fleetline(&prov).await;
+                fl.push(run);
+                idle = i;
+            }
+        }
+        let rates = |runs: &[Run]| runs.iter().map(|r| r.rate).collect::<Vec<_>>();
+        let (fr, mr) = (rates(&fl), rates(&mq));
+        let ratios: Vec<f64> = fr.iter().zip(&mr).map(|(f, m)| f / m).collect();
+        let (fmin, fmax) = spread(&fr);
+        let (mmin, mmax) = spread(&mr);
+        let (rmin, rmax) = spread(&ratios);
+        let med = |runs: &[Run], f: fn(&Run) -> f64| (median(runs.iter().map(f).collect()) * 10.0).round() / 10.0;
+        let line = serde_json::json!({
+            "devices": DEVICES,
+            "in_flight_per_device": setting,
+            "rounds": repeat,
+            "samples_per_batch": SAMPLES_PER_BATCH,
+            "batch_bytes": sample.len(),
+            "window_s": WINDOW.as_secs(),
+            "fleetline_samples_per_s": { "median": median(fr.clone()).round(), "min": fmin.round(), "max": fmax.round() },
+            "mosquitto_bridge_samples_per_s": { "median": median(mr.clone()).round(), "min": mmin.round(), "max": mmax.round() },
+            "ratio": r3(median(fr) / median(mr)),
+            "ratio_per_round": { "min": r3(rmin), "max": r3(rmax) },
+            "cpu_us_per_batch": {
+                "gateway": med(&fl, |r| r.broker_us_per_batch),
+                "mosquitto_edge_and_upstream": med(&mq, |r| r.broker_us_per_batch),
+                "fleetline_devices_and_consumer": med(&fl, |r| r.devices_us_per_batch),
+                "mosquitto_publishers_and_consumer": med(&mq, |r| r.devices_us_per_batch),
+            },
+            "gateway_rss_idle_kib": idle,
+            "gateway_rss_load_kib": fl.iter().map(|r| r.peak_kib).max(),
+            "fleetline_durable": true,
+            "mosquitto_durable": false,
+        });
+        println!("{line}");
+    }
 }

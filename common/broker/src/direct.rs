@@ -67,6 +67,8 @@ pub const SESSION_INFLIGHT_IN: usize = 64;
 pub const SESSION_INFLIGHT_OUT: usize = 32;
 /// Deliveries waiting for one session; more are dropped and counted.
 const SESSION_QUEUE: usize = 256;
+/// Longest a PUBACK waits to share a write with what follows it.
+const PUBACK_HOLD: Duration = Duration::from_millis(5);
 /// A write to a client that takes longer ends its session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Accounting unit of the byte budget.
@@ -218,6 +220,10 @@ struct Session<'a> {
     unacked: HashSet<u16>,
     next_pkid: u16,
     out: BytesMut,
+    /// `out` holds something other than PUBACKs: write it now.
+    urgent: bool,
+    /// PUBACKs alone in `out` are written by then.
+    hold_until: Option<tokio::time::Instant>,
     tx: mpsc::Sender<(Outbound, QoS)>,
 }
 
@@ -253,6 +259,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         unacked: HashSet::new(),
         next_pkid: 0,
         out: BytesMut::with_capacity(256),
+        urgent: false,
+        hold_until: None,
         tx,
     };
     if ConnAck::new(ConnectReturnCode::Success, false).write(&mut s.out).is_err() || !flush(&mut wr, &mut s.out).await {
@@ -278,13 +286,25 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(why) => return Ended::Refused(why),
             }
         }
-        if !s.out.is_empty() && !flush(&mut wr, &mut s.out).await {
-            return Ended::Closed;
+        // PUBACKs alone wait a moment for company (the ack that follows a durable
+        // batch, more PUBACKs): one write and one segment instead of several.
+        let now = tokio::time::Instant::now();
+        let due = s.out.len() >= 16 * 1024 || s.urgent || s.hold_until.is_some_and(|t| t <= now);
+        if !s.out.is_empty() && due {
+            if !flush(&mut wr, &mut s.out).await {
+                return Ended::Closed;
+            }
+            s.urgent = false;
+            s.hold_until = None;
+        } else if !s.out.is_empty() && s.hold_until.is_none() {
+            s.hold_until = Some(now + PUBACK_HOLD);
         }
+        let hold_until = s.hold_until;
         let room = s.unacked.len() < SESSION_INFLIGHT_OUT;
         tokio::select! {
             _ = stop.wait_for(|v| *v) => return Ended::Stopped,
             _ = tokio::time::sleep_until(deadline) => return Ended::KeepAlive,
+            _ = tokio::time::sleep_until(hold_until.unwrap_or(deadline)), if hold_until.is_some() => {}
             Some((out, qos)) = rx.recv(), if room => {
                 s.deliver(out, qos);
                 // What else is queued goes out in the same write.
@@ -422,6 +442,7 @@ impl Session<'_> {
     }
 
     fn write(&mut self, packet: &Packet) {
+        self.urgent |= !matches!(packet, Packet::PubAck(_));
         // Every packet written here is far below the limit.
         let _ = packet.write(&mut self.out, usize::MAX);
     }

@@ -181,7 +181,7 @@ const TIRES: [[SignalSpec; 2]; 8] = [
 ];
 
 /// Schema version 1, ordered by kind id.
-pub static SIGNALS: [SignalSpec; 26] = [
+const TABLE: [SignalSpec; 26] = [
     signal!(1, "Vehicle.CurrentLocation.Latitude", Degree, WireType::Delta, -7, -90.0, 90.0),
     signal!(2, "Vehicle.CurrentLocation.Longitude", Degree, WireType::Delta, -7, -180.0, 180.0),
     signal!(3, "Vehicle.Speed", KilometrePerHour, WireType::Delta, -1, 0.0, 400.0),
@@ -290,9 +290,34 @@ pub mod kind {
     }
 }
 
+/// Every signal of schema version 1, sorted by kind.
+pub static SIGNALS: [SignalSpec; 26] = TABLE;
+
+/// Kinds below this are looked up by index (every kind of the table is).
+const DIRECT: usize = 64;
+
+/// Position in the table by kind, `u8::MAX` for none: a lookup per reading on
+/// every unit must not search.
+static BY_KIND: [u8; DIRECT] = {
+    let mut t = [u8::MAX; DIRECT];
+    let mut i = 0;
+    while i < TABLE.len() {
+        let k = TABLE[i].kind.0 as usize;
+        if k < DIRECT {
+            t[k] = i as u8;
+        }
+        i += 1;
+    }
+    t
+};
+
 /// Looks a kind up in schema version 1.
 pub fn spec(kind: SignalKind) -> Option<&'static SignalSpec> {
-    SIGNALS.binary_search_by_key(&kind, |s| s.kind).ok().map(|i| &SIGNALS[i])
+    match BY_KIND.get(usize::from(kind.0)) {
+        Some(&u8::MAX) => None,
+        Some(&i) => SIGNALS.get(usize::from(i)),
+        None => SIGNALS.binary_search_by_key(&kind, |s| s.kind).ok().map(|i| &SIGNALS[i]),
+    }
 }
 
 /// Looks a VSS path up in schema version 1.
@@ -303,6 +328,15 @@ pub fn spec_by_path(path: &str) -> Option<&'static SignalSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_direct_lookup_agrees_with_a_search() {
+        for k in 0..=u16::from(u8::MAX) * 2 {
+            let kind = SignalKind(k);
+            let searched = SIGNALS.iter().find(|s| s.kind == kind);
+            assert_eq!(spec(kind).map(|s| s.kind), searched.map(|s| s.kind), "{k}");
+        }
+    }
 
     #[test]
     fn table_is_sorted_unique_and_fits_the_device_raw_type() {

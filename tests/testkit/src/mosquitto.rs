@@ -23,6 +23,11 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Starts on a free port, anonymous access.
     pub async fn start() -> Self {
         Self::start_with(None, |_| String::new()).await
