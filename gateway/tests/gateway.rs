@@ -1089,3 +1089,44 @@ async fn a_connected_unit_costs_one_file_descriptor() {
     }
     assert_eq!(gw.terminate().await.code(), Some(0));
 }
+
+/// The connect storm: every unit connected, the gateway killed and started again;
+/// all of them are back within 60 s, none refused for reconnecting too fast or a
+/// take-over that did not finish, and every acked batch reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_unit_is_back_soon_after_a_gateway_restart() {
+    let units = if full_size() { 2_000 } else { 300 };
+    let env = Env::new(units).await;
+    let port = free_port();
+    let cfg = env.config(0, port, "");
+    let gw = Gateway::start(&cfg).await;
+    let mut fleet = Fleet::start(units, port, Duration::from_millis(500), OutboxFull::Block);
+    let all_connected = |s: &Value| s["sessions"] == units;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !all_connected(&gw.status().await) {
+        assert!(Instant::now() < deadline, "first connect wave: {}", gw.status().await["sessions"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gw.kill9().await;
+    let mut acked = fleet.acked();
+    let gw = Gateway::start(&cfg).await;
+    let restarted = Instant::now();
+    let s = loop {
+        let s = gw.status().await;
+        if all_connected(&s) {
+            break s;
+        }
+        assert!(restarted.elapsed() < Duration::from_secs(60), "not every unit back in 60 s: {}", s["sessions"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let back = restarted.elapsed();
+    eprintln!("{units} units back {back:?} after the restart; logins refused: {}", s["logins_rejected"]);
+    for why in ["reconnect_rate", "takeover_stuck", "server_busy", "accept_failed"] {
+        assert!(s["logins_rejected"][why].is_null(), "{why}: {s}");
+    }
+    fleet.stop().await;
+    acked.extend(fleet.drain(Duration::from_secs(60)).await);
+    assert_delivered(&env.cloud, &acked).await;
+    assert_eq!(gw.terminate().await.code(), Some(0));
+}

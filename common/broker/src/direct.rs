@@ -593,7 +593,11 @@ mod tests {
         c.send(Packet::Subscribe(Subscribe::new("down/+", QoS::ExactlyOnce))).await;
         let Packet::SubAck(ack) = c.recv().await else { panic!("suback") };
         assert_eq!(ack.return_codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
-        assert_eq!(board.publish("down/1", Bytes::from_static(b"a"), QoS::AtLeastOnce), 2, "the exact and the wildcard filter");
+        assert_eq!(
+            board.publish("down/1", Bytes::from_static(b"a"), QoS::AtLeastOnce),
+            2,
+            "the exact and the wildcard filter"
+        );
         assert_eq!(board.publish("down/2", Bytes::from_static(b"b"), QoS::AtLeastOnce), 1);
         assert_eq!(board.publish("elsewhere", Bytes::from_static(b"c"), QoS::AtLeastOnce), 0);
         let mut ids = HashSet::new();
@@ -623,7 +627,8 @@ mod tests {
         c.send(Packet::Subscribe(Subscribe::new("down/1", QoS::AtLeastOnce))).await;
         assert!(matches!(c.recv().await, Packet::SubAck(_)));
         let offered = SESSION_INFLIGHT_OUT + SESSION_QUEUE + 10;
-        let queued: usize = (0..offered).map(|_| board.publish("down/1", Bytes::from_static(b"x"), QoS::AtLeastOnce)).sum();
+        let queued: usize =
+            (0..offered).map(|_| board.publish("down/1", Bytes::from_static(b"x"), QoS::AtLeastOnce)).sum();
         assert!(queued < offered && board.dropped.load(Ordering::Relaxed) as usize == offered - queued);
         let mut first = None;
         for _ in 0..SESSION_INFLIGHT_OUT {
