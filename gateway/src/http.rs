@@ -52,6 +52,9 @@ pub async fn bind(listen: SocketAddr, ops: Ops) -> anyhow::Result<(SocketAddr, i
 }
 
 /// Ready while started, the disk queue can append, and the device broker answers.
+/// Batches waiting this long with none taken make the gateway unready.
+const INGEST_WEDGED_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
     if !ops.stats.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting");
@@ -63,6 +66,12 @@ async fn ready(State(ops): State<Ops>) -> impl IntoResponse {
         && !health.healthy()
     {
         return (StatusCode::SERVICE_UNAVAILABLE, "device broker not answering");
+    }
+    if let Some(board) = &ops.board
+        && board.wedged(unix_ms(), INGEST_WEDGED_AFTER)
+    {
+        // Batches wait and the ingest has finished none for a while (a hung disk).
+        return (StatusCode::SERVICE_UNAVAILABLE, "ingest not taking batches");
     }
     if ops.sessions.load(Ordering::Relaxed) as u64 >= GatewayStats::get(&ops.stats.session_cap) {
         // Full: a balancer should send new units elsewhere (more are refused, counted).

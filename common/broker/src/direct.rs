@@ -46,6 +46,13 @@ pub struct Inbound {
     pub payload: Bytes,
     _bytes: OwnedSemaphorePermit,
     _session: OwnedSemaphorePermit,
+    taken: Arc<AtomicU64>,
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        self.taken.store(fleetline_service::unix_ms(), Ordering::Relaxed);
+    }
 }
 
 /// One delivery to a session.
@@ -88,6 +95,8 @@ pub struct Switchboard {
     pub delivered: AtomicU64,
     /// Times a session waited for the owner (the byte budget was spent).
     pub held_back: AtomicU64,
+    /// When the owner last finished with a message, ms since the Unix epoch.
+    taken: Arc<AtomicU64>,
 }
 
 impl Switchboard {
@@ -106,6 +115,7 @@ impl Switchboard {
             dropped: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
+            taken: Arc::new(AtomicU64::new(fleetline_service::unix_ms())),
         };
         (Arc::new(board), rx)
     }
@@ -113,6 +123,13 @@ impl Switchboard {
     /// Bytes handed to the owner and not yet taken (in whole KiB).
     pub fn backlog_bytes(&self) -> usize {
         (self.budget_units - self.budget.available_permits()) * BUDGET_UNIT
+    }
+
+    /// Whether the owner is wedged: messages wait for it and it has finished
+    /// none for `after` (readiness turns false).
+    pub fn wedged(&self, now_ms: u64, after: Duration) -> bool {
+        let idle = now_ms.saturating_sub(self.taken.load(Ordering::Relaxed));
+        self.backlog_bytes() > 0 && idle >= after.as_millis() as u64
     }
 
     /// Publishes `payload` on `topic` at `qos` (at most) to every session
@@ -408,6 +425,7 @@ impl Session<'_> {
             payload: p.payload,
             _bytes: bytes,
             _session: session,
+            taken: self.board.taken.clone(),
         };
         // The owner gone means the process is stopping; the client re-sends later.
         if self.board.inbound.send(inbound).is_err() {
@@ -654,6 +672,8 @@ mod tests {
         assert!(c.quiet().await.is_none(), "held back: nothing acknowledged past the budget");
         assert_eq!(board.backlog_bytes(), 4 * 1024);
         assert!(board.held_back.load(Ordering::Relaxed) >= 1);
+        assert!(!board.wedged(fleetline_service::unix_ms(), Duration::from_secs(5)));
+        assert!(board.wedged(fleetline_service::unix_ms() + 5_000, Duration::from_secs(5)), "waiting, nothing taken");
         // The owner takes two: the held messages go through.
         drop((rx.recv().await, rx.recv().await));
         for pkid in 5..=6 {
@@ -665,6 +685,7 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 6, "nothing lost");
+        assert!(!board.wedged(fleetline_service::unix_ms() + 60_000, Duration::from_secs(5)), "nothing waits");
 
         // One session alone may not have more than its own share waiting.
         let (board, mut rx) = Switchboard::new(16 << 20);
