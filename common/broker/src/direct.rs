@@ -283,6 +283,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if ConnAck::new(ConnectReturnCode::Success, false).write(&mut s.out).is_err() || !flush(&mut wr, &mut s.out).await {
         return Ended::Closed;
     }
+    // A read into a buffer without spare room would look like the end of the stream.
+    pending.reserve(read_room(&pending, max_packet));
     let idle = Duration::from_millis(u64::from(keep_alive.max(1)) * 1500);
     let mut deadline = tokio::time::Instant::now() + idle;
     // A PUBLISH waiting for budget, with the permits it needs.
@@ -341,7 +343,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(0) | Err(_) => return Ended::Closed,
                 Ok(_) => {
                     deadline = tokio::time::Instant::now() + idle;
-                    pending.reserve(4096);
+                    // Room for the rest of a partial packet, or a small read: an
+                    // idle session of a depot's thousands holds little.
+                    pending.reserve(read_room(&pending, max_packet));
                 }
             },
         }
@@ -477,6 +481,18 @@ async fn acquire(
     let bytes = board.budget.clone().acquire_many_owned(units).await.ok()?;
     Some((bytes, own))
 }
+
+/// Spare capacity to read into next: what a partial packet at the front still
+/// needs, at least [`READ_CHUNK`].
+fn read_room(buf: &BytesMut, max_packet: usize) -> usize {
+    match rumqttc::mqttbytes::check(buf.iter(), max_packet) {
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => n.max(READ_CHUNK),
+        _ => READ_CHUNK,
+    }
+}
+
+/// Smallest read.
+const READ_CHUNK: usize = 1024;
 
 /// The next whole packet in `buf`, if there is one.
 fn next_packet(buf: &mut BytesMut, max_packet: usize) -> Result<Option<Packet>, &'static str> {

@@ -228,7 +228,7 @@ impl Front {
                         Some((acceptor, timeout)) => match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
                                 front.events.tls_session();
-                                front.serve(tls, peer).await;
+                                Box::pin(front.serve(tls, peer)).await;
                             }
                             Ok(Err(e)) => {
                                 front.events.tls_failed();
@@ -271,7 +271,6 @@ impl Front {
                 return;
             }
         };
-        let mut connect = connect;
         let (user, pass) = connect.login.as_ref().map_or(("", ""), |l| (l.username.as_str(), l.password.as_str()));
         if let Err(why) = self.logins.check_login(&connect.client_id, user, pass) {
             self.events.login_refused(why);
@@ -327,7 +326,7 @@ impl Front {
                     keep_alive,
                     max_packet: self.max_packet,
                 };
-                let ended = crate::direct::serve(board, client, login, buf, &mut session.stop).await;
+                let ended = Box::pin(crate::direct::serve(board, client, login, buf, &mut session.stop)).await;
                 if let crate::direct::Ended::Refused(why) = ended {
                     self.events.packet_refused(why);
                     tracing::info!(%peer, client_id = connect.client_id, reason = why, "session ended: packet refused");
@@ -335,6 +334,23 @@ impl Front {
                 return;
             }
         };
+        // Each path's state lives in its own allocation: a depot's thousands of
+        // idle direct sessions do not each carry the splice path's buffers.
+        Box::pin(self.splice(client, connect, buf, &*grants, session, (broker_addr, secret), peer)).await;
+    }
+
+    /// An accepted session spliced into the broker's loopback listener.
+    #[allow(clippy::too_many_arguments)]
+    async fn splice<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut client: S,
+        mut connect: rumqttc::mqttbytes::v4::Connect,
+        buf: BytesMut,
+        grants: &dyn Grants,
+        mut session: crate::sessions::SessionGuard<'_>,
+        (broker_addr, secret): (SocketAddr, Arc<str>),
+        peer: SocketAddr,
+    ) {
         let client_id = connect.client_id.clone();
         let username = connect.client_id.clone();
         connect.set_login(username, secret.to_string());
@@ -378,7 +394,7 @@ impl Front {
         {
             let (mut from_client, mut to_client) = tokio::io::split(client);
             let (mut from_broker, mut to_broker) = broker.split();
-            let up = relay_checked(&mut from_client, &mut to_broker, buf, &*grants, self.max_packet);
+            let up = relay_checked(&mut from_client, &mut to_broker, buf, grants, self.max_packet);
             tokio::select! {
                 ended = up => {
                     if let Relayed::Refused(why) = ended {
