@@ -75,7 +75,7 @@ pub const SESSION_INFLIGHT_OUT: usize = 32;
 /// Deliveries waiting for one session; more are dropped and counted.
 const SESSION_QUEUE: usize = 256;
 /// Longest a PUBACK waits to share a write with what follows it.
-const PUBACK_HOLD: Duration = Duration::from_millis(5);
+const PUBACK_HOLD: Duration = Duration::from_millis(20);
 /// A write to a client that takes longer ends its session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Accounting unit of the byte budget.
