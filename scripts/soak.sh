@@ -9,11 +9,13 @@ export PROPTEST_CASES="${PROPTEST_CASES:-5000}"
 scripts/test.sh
 echo "==> gateway figures at full size (crash, outage, budgets, bad input, write errors)"
 cargo test --locked -p fleetline-gateway --test gateway -- --nocapture --test-threads 1 2>&1 \
-    | grep -oE '(crash test|outage test|drop-oldest|write errors|bad input).*' || true
+    | grep -oE '(crash test|outage test|drop-oldest|write errors|bad input|units back|descriptors before).*' || true
 echo "==> wire size and encode cost"
 cargo run --locked --release -p fleetline-device --example wire_size
 echo "==> gateway throughput against a Mosquitto bridge"
 scripts/bench-gateway.sh
+echo "==> a depot: 3,000 / 8,000 / 15,000 units on one gateway, the connect storm, 15,000 at night"
+scripts/bench-depot.sh
 echo "==> cloud figures at full size (SIGKILLs and crashes inside commits, external broker + S3)"
 cargo test --locked -p fleetline-cloud --test it e2e:: -- --nocapture --test-threads 1 2>&1 \
     | grep -oE '(cloud crash test|external broker|TLS \+ bad input).*' || true
