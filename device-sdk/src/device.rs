@@ -252,6 +252,9 @@ pub struct Device<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: 
     cfg: Config,
     epoch: u32,
     next_seq: u32,
+    /// The open batch's header length for (epoch, seq, base time): it is asked
+    /// for every reading and changes only with the batch.
+    header_memo: core::cell::Cell<(u32, u32, u64, usize)>,
     seq_exhausted: bool,
     last_command: u64,
     batcher: Batcher<SAMPLES>,
@@ -273,6 +276,7 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
         Ok(Self {
             epoch: boot.epoch,
             next_seq: 0,
+            header_memo: core::cell::Cell::new((0, 0, 0, 0)),
             seq_exhausted: false,
             last_command: boot.last_command_counter,
             batcher: Batcher::new(),
@@ -390,8 +394,15 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
     }
 
     fn header_len(&self, base_time_ms: u64) -> usize {
-        batch_header(self.cfg.fleet.as_str(), self.cfg.device.as_str(), self.epoch, self.next_seq, base_time_ms)
-            .encoded_len()
+        let (epoch, seq, base, len) = self.header_memo.get();
+        if len > 0 && (epoch, seq, base) == (self.epoch, self.next_seq, base_time_ms) {
+            return len;
+        }
+        let len =
+            batch_header(self.cfg.fleet.as_str(), self.cfg.device.as_str(), self.epoch, self.next_seq, base_time_ms)
+                .encoded_len();
+        self.header_memo.set((self.epoch, self.next_seq, base_time_ms, len));
+        len
     }
 
     /// Seals the open batch into the outbox now, if it holds anything.
