@@ -67,7 +67,51 @@ pub struct BundleEntry {
     /// Gateway time of receipt, Unix ms.
     pub received_at_ms: u64,
     /// The sealed device batch, byte for byte.
+    #[serde(with = "as_bytes")]
     pub batch: Vec<u8>,
+}
+
+/// A byte vector as serde bytes: in postcard the same encoding as a sequence of
+/// `u8` (a varint length, then the bytes), written and read in one piece instead
+/// of byte by byte.
+mod as_bytes {
+    use std::vec::Vec;
+
+    use serde::{Deserializer, Serializer, de};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> de::Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+            while let Some(b) = seq.next_element::<u8>()? {
+                v.push(b);
+            }
+            Ok(v)
+        }
+    }
 }
 
 /// Seals `entries` into a bundle.
@@ -175,6 +219,24 @@ pub fn open_bundle_ack(sealed: &[u8], key: &DeviceKey) -> Result<(String, u64, V
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn entries_encode_as_they_did_as_a_sequence_of_u8() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain {
+            received_at_ms: u64,
+            batch: Vec<u8>,
+        }
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let batch: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let plain = Plain { received_at_ms: 1_790_000_000_123, batch: batch.clone() };
+            let entry = BundleEntry { received_at_ms: plain.received_at_ms, batch };
+            let old = postcard::to_allocvec(&plain).unwrap();
+            assert_eq!(postcard::to_allocvec(&entry).unwrap(), old, "{len}");
+            assert_eq!(postcard::from_bytes::<BundleEntry>(&old).unwrap(), entry);
+        }
+    }
+
     use super::*;
 
     fn entries() -> Vec<BundleEntry> {
