@@ -31,6 +31,7 @@ use fleetline_device::wire::FleetId;
 use fleetline_device::wire::signals::kind;
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
 use fleetline_testkit::cloud::FakeCloud;
+use fleetline_testkit::procfs::{bench_gateway_config, cpu_seconds, open_fds, status_kib};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet};
 use fleetline_testkit::{Mosquitto, free_port};
 use serde_json::{Value, json};
@@ -370,28 +371,6 @@ fn sum(workers: &[Worker], key: &str) -> u64 {
     workers.iter().map(|w| w.get(key)).sum()
 }
 
-fn proc_field(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-/// CPU seconds (user + system) of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
 struct GatewayProc {
     child: tokio::process::Child,
     pid: u32,
@@ -449,20 +428,10 @@ async fn orchestrate(args: &[String]) {
     let upstream = Mosquitto::start().await;
     let cloud = FakeCloud::start(upstream.port, prov.clone()).await;
     let port = free_port();
-    let cfg = dir.path().join("gw.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "id = \"gw-0\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = 16\n[devices]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = 20000\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            dir.path().join("data").display(),
-            prov_path.display(),
-            upstream.port
-        ),
-    )
-    .unwrap();
+    let cfg = bench_gateway_config(dir.path(), &prov_path, port, upstream.port, "max_connections = 20000");
     let mut gw = start_gateway(&cfg).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss_idle, fds_idle) = (proc_field(gw.pid, "VmRSS:"), open_fds(gw.pid));
+    let (rss_idle, fds_idle) = (status_kib(gw.pid, "VmRSS:"), open_fds(gw.pid));
 
     // Units come up over 10 s (a depot's units do not all start in one instant).
     let spread = Duration::from_secs(10);
@@ -474,7 +443,7 @@ async fn orchestrate(args: &[String]) {
         .collect();
     let connect_s = wait_connected(&workers, units as u64, started, Duration::from_secs(300)).await;
     let errors_after_wave = sum(&workers, "connection_errors");
-    let (rss_connected, fds_connected) = (proc_field(gw.pid, "VmRSS:"), open_fds(gw.pid));
+    let (rss_connected, fds_connected) = (status_kib(gw.pid, "VmRSS:"), open_fds(gw.pid));
 
     // Warm up for two batch periods, then measure.
     tokio::time::sleep(Duration::from_secs(rate.every_s * rate.batch_every * 2).max(Duration::from_secs(5))).await;
@@ -488,7 +457,7 @@ async fn orchestrate(args: &[String]) {
     let mut min_connected = u64::MAX;
     while t0.elapsed() < window {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        rss_peak = rss_peak.max(proc_field(gw.pid, "VmRSS:"));
+        rss_peak = rss_peak.max(status_kib(gw.pid, "VmRSS:"));
         min_connected = min_connected.min(sum(&workers, "connected"));
     }
     let secs = t0.elapsed().as_secs_f64();

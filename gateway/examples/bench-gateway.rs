@@ -25,6 +25,7 @@ use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
 use fleetline_device::wire::signals::kind;
 use fleetline_device::wire::{BatchHeader, BatchWriter, FleetId, SCHEMA_V1};
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
+use fleetline_testkit::procfs::{bench_gateway_config, cpu_seconds, status_kib};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet};
 use fleetline_testkit::{Mosquitto, free_port};
 use fleetline_wire::bundle::{peek_bundle, seal_bundle_ack};
@@ -45,16 +46,6 @@ fn in_flight() -> u64 {
 
 static IN_FLIGHT: AtomicU64 = AtomicU64::new(32);
 
-/// CPU seconds (user + system) of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
-}
-
 /// One run: samples per second, CPU µs per batch of the broker side and of this
 /// process, peak RSS of the gateway (KiB, 0 for Mosquitto).
 struct Run {
@@ -62,14 +53,6 @@ struct Run {
     broker_us_per_batch: f64,
     devices_us_per_batch: f64,
     peak_kib: u64,
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// 60 readings: 20 × (speed, latitude, longitude) one second apart.
@@ -139,7 +122,7 @@ async fn measure(delivered: &AtomicU64, brokers: &[u32], rss_of: Option<u32>) ->
     while start.elapsed() < WINDOW {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if let Some(pid) = rss_of {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(status_kib(pid, "VmRSS:"));
         }
     }
     let (broker1, me1) = cpu();
@@ -160,17 +143,7 @@ async fn fleetline(prov: &Provisioning) -> (Run, u64) {
     let delivered = Arc::new(AtomicU64::new(0));
     consumer(upstream.port, Some(prov.clone()), delivered.clone()).await;
     let port = free_port();
-    let cfg = dir.path().join("gw.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "id = \"gw-0\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = 16\n[devices]\nlisten = \"127.0.0.1:{port}\"\n[uplink]\nhost = \"127.0.0.1\"\nport = {}\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            dir.path().join("data").display(),
-            prov_path.display(),
-            upstream.port
-        ),
-    )
-    .unwrap();
+    let cfg = bench_gateway_config(dir.path(), &prov_path, port, upstream.port, "");
     let exe = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("fleetline-gateway");
     assert!(exe.exists(), "build the gateway first: cargo build --release -p fleetline-gateway");
     let mut gw = tokio::process::Command::new(exe)
@@ -185,7 +158,7 @@ async fn fleetline(prov: &Provisioning) -> (Run, u64) {
     lines.next_line().await.unwrap();
     let pid = gw.id().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = rss_kib(pid);
+    let idle = status_kib(pid, "VmRSS:");
 
     let running = Arc::new(AtomicBool::new(true));
     let mut tasks = vec![];

@@ -17,6 +17,7 @@ use fleetline_device::wire::FleetId;
 use fleetline_device::wire::signals::kind;
 use fleetline_testkit::cloud::FakeCloud;
 use fleetline_testkit::fleet::{Fleet, Lcg, device_config, http_get};
+use fleetline_testkit::procfs::open_fds;
 use fleetline_testkit::provisioning::{device_id, device_key, fleet};
 use fleetline_testkit::{Mosquitto, SwitchProxy, free_port};
 use fleetline_wire::provisioning::Provisioning;
@@ -1047,11 +1048,6 @@ async fn a_unit_may_use_only_its_own_topics() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.cloud.snapshot().device_batches("dev-0001"), 1, "the refused batches never arrived");
     gw.terminate().await;
-}
-
-/// Open file descriptors of a process.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// A connected unit costs the gateway one file descriptor (its socket): the

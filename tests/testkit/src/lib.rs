@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod http;
 mod mosquitto;
 mod pki;
+pub mod procfs;
 pub mod provisioning;
 mod proxy;
 pub mod raw;
