@@ -53,6 +53,8 @@ struct Run {
     broker_us_per_batch: f64,
     devices_us_per_batch: f64,
     peak_kib: u64,
+    /// Acks the gateway sent per batch it took (Fleetline only).
+    acks_per_batch: f64,
 }
 
 /// 60 readings: 20 × (speed, latitude, longitude) one second apart.
@@ -132,6 +134,7 @@ async fn measure(delivered: &AtomicU64, brokers: &[u32], rss_of: Option<u32>) ->
         broker_us_per_batch: (broker1 - broker0) * 1e6 / batches as f64,
         devices_us_per_batch: (me1 - me0) * 1e6 / batches as f64,
         peak_kib: peak,
+        acks_per_batch: 0.0,
     }
 }
 
@@ -155,7 +158,8 @@ async fn fleetline(prov: &Provisioning) -> (Run, u64) {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(gw.stdout.take().unwrap()).lines();
-    lines.next_line().await.unwrap();
+    let listening: serde_json::Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    let http: std::net::SocketAddr = listening["http"].as_str().unwrap().parse().unwrap();
     let pid = gw.id().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = status_kib(pid, "VmRSS:");
@@ -177,22 +181,28 @@ async fn fleetline(prov: &Provisioning) -> (Run, u64) {
         tasks.push(tokio::spawn(async move {
             let mut t = 1_790_000_000_000u64;
             while running.load(Ordering::Relaxed) {
+                // At the window: wait for an ack (the client's state changes), as
+                // the Mosquitto publishers wait for a PUBACK.
                 if client.stats().outbox_batches >= in_flight() {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    client.wait_for(Duration::from_millis(100), |s| s.outbox_batches < in_flight()).await;
                     continue;
                 }
                 let taken = client.record_all(readings(t)).await.unwrap();
                 client.flush().await.unwrap();
                 if taken.refused > 0 {
-                    // Outbox full: wait for acks rather than spin.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    // Outbox full: wait for an ack rather than spin.
+                    client.wait_for(Duration::from_millis(100), |s| s.outbox_batches < in_flight()).await;
                 }
                 t += 60_000;
             }
         }));
     }
     let brokers: Vec<u32> = [Some(pid), upstream.pid()].into_iter().flatten().collect();
-    let run = measure(&delivered, &brokers, Some(pid)).await;
+    let mut run = measure(&delivered, &brokers, Some(pid)).await;
+    let status: serde_json::Value =
+        serde_json::from_str(&fleetline_testkit::fleet::http_get(http, "/status").await).unwrap_or_default();
+    let batches = status["accepted"]["batches"].as_f64().unwrap_or(0.0);
+    run.acks_per_batch = status["accepted"]["device_acks_sent"].as_f64().unwrap_or(0.0) / batches.max(1.0);
     running.store(false, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -338,6 +348,7 @@ async fn main() {
                 "fleetline_devices_and_consumer": med(&fl, |r| r.devices_us_per_batch),
                 "mosquitto_publishers_and_consumer": med(&mq, |r| r.devices_us_per_batch),
             },
+            "gateway_acks_per_batch": (median(fl.iter().map(|r| r.acks_per_batch).collect()) * 1000.0).round() / 1000.0,
             "gateway_rss_idle_kib": idle,
             "gateway_rss_load_kib": fl.iter().map(|r| r.peak_kib).max(),
             "fleetline_durable": true,
