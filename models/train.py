@@ -223,8 +223,14 @@ def export(model, name, n_features, classifier):
     onx.producer_name = "fleetline-models"
     onx.producer_version = "1"
     onx.doc_string = f"Fleetline {name} model"
-    # skl2onnx names the graph with a random UUID; a fixed name keeps the bytes reproducible.
+    # skl2onnx names the graph with a random UUID and lists the operator sets in
+    # the order of a Python set: a fixed name and a sorted list keep the bytes
+    # reproducible from one run to the next.
     onx.graph.name = f"fleetline_{name}"
+    imports = sorted((o.domain, o.version) for o in onx.opset_import)
+    del onx.opset_import[:]
+    for domain, version in imports:
+        onx.opset_import.add(domain=domain, version=version)
     return onx
 
 
