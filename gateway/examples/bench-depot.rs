@@ -20,7 +20,6 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)] // A benchmark over known-good input.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +29,9 @@ use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
 use fleetline_device::wire::FleetId;
 use fleetline_device::wire::signals::kind;
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
+use fleetline_testkit::bench::{BenchGateway, bench_gateway_config};
 use fleetline_testkit::cloud::FakeCloud;
-use fleetline_testkit::procfs::{bench_gateway_config, cpu_seconds, open_fds, status_kib};
+use fleetline_testkit::procfs::{cpu_seconds, open_fds, status_kib};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet};
 use fleetline_testkit::{Mosquitto, free_port};
 use serde_json::{Value, json};
@@ -371,35 +371,6 @@ fn sum(workers: &[Worker], key: &str) -> u64 {
     workers.iter().map(|w| w.get(key)).sum()
 }
 
-struct GatewayProc {
-    child: tokio::process::Child,
-    pid: u32,
-    http: String,
-}
-
-async fn start_gateway(cfg: &Path) -> GatewayProc {
-    let exe = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("fleetline-gateway");
-    assert!(exe.exists(), "build the gateway first: cargo build --release -p fleetline-gateway");
-    let mut child = tokio::process::Command::new(exe)
-        .arg("--config")
-        .arg(cfg)
-        .env("RUST_LOG", std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next_line().await.unwrap().unwrap();
-    let v: Value = serde_json::from_str(&line).unwrap();
-    let pid = child.id().unwrap();
-    GatewayProc { child, pid, http: v["http"].as_str().unwrap().to_string() }
-}
-
-async fn status(http: &str) -> Value {
-    let body = fleetline_testkit::fleet::http_get(http.parse().unwrap(), "/status").await;
-    serde_json::from_str(&body).unwrap_or(Value::Null)
-}
-
 /// Waits until `n` units are connected; returns the time it took from `since`.
 async fn wait_connected(workers: &[Worker], n: u64, since: Instant, timeout: Duration) -> Option<f64> {
     while since.elapsed() < timeout {
@@ -429,7 +400,7 @@ async fn orchestrate(args: &[String]) {
     let cloud = FakeCloud::start(upstream.port, prov.clone()).await;
     let port = free_port();
     let cfg = bench_gateway_config(dir.path(), &prov_path, port, upstream.port, "max_connections = 20000");
-    let mut gw = start_gateway(&cfg).await;
+    let mut gw = BenchGateway::start(&cfg).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (rss_idle, fds_idle) = (status_kib(gw.pid, "VmRSS:"), open_fds(gw.pid));
 
@@ -469,20 +440,19 @@ async fn orchestrate(args: &[String]) {
     let samples_per_s = (sum(&workers, "samples_acked") - samples0) as f64 / secs;
     let gateway_cores = (cpu_seconds(gw.pid) - cpu0) / secs;
     let errors_in_window = sum(&workers, "connection_errors") - errors_after_wave;
-    let gw_status = status(&gw.http).await;
+    let gw_status = gw.status().await;
 
     // The connect storm: the gateway killed and started again with every unit connected.
     let storm_report = if storm {
-        let _ = gw.child.start_kill();
-        let _ = gw.child.wait().await;
+        gw.kill().await;
         let down = Instant::now();
         while sum(&workers, "connected") > 0 && down.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        gw = start_gateway(&cfg).await;
+        gw = BenchGateway::start(&cfg).await;
         let restarted = Instant::now();
         let back = wait_connected(&workers, units as u64, restarted, Duration::from_secs(120)).await;
-        let s = status(&gw.http).await;
+        let s = gw.status().await;
         Some(json!({
             "all_back_s": back,
             "logins_rejected": s["logins_rejected"],
@@ -558,6 +528,6 @@ async fn orchestrate(args: &[String]) {
         },
     });
     println!("{line}");
-    let _ = gw.child.start_kill();
+    gw.kill().await;
     upstream.stop().await;
 }

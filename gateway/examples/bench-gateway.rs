@@ -25,13 +25,13 @@ use fleetline_device::client::{ClientConfig, DeviceClient, SystemClock};
 use fleetline_device::wire::signals::kind;
 use fleetline_device::wire::{BatchHeader, BatchWriter, FleetId, SCHEMA_V1};
 use fleetline_device::{BootState, Config, FlushPolicy, OutboxFull, Reading};
-use fleetline_testkit::procfs::{bench_gateway_config, cpu_seconds, status_kib};
+use fleetline_testkit::bench::{BenchGateway, bench_gateway_config};
+use fleetline_testkit::procfs::{cpu_seconds, status_kib};
 use fleetline_testkit::provisioning::{device_id, device_key, fleet};
 use fleetline_testkit::{Mosquitto, free_port};
 use fleetline_wire::bundle::{peek_bundle, seal_bundle_ack};
 use fleetline_wire::provisioning::Provisioning;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::io::AsyncBufReadExt;
 
 const DEVICES: usize = 200;
 const SAMPLES_PER_BATCH: usize = 60;
@@ -147,20 +147,8 @@ async fn fleetline(prov: &Provisioning) -> (Run, u64) {
     consumer(upstream.port, Some(prov.clone()), delivered.clone()).await;
     let port = free_port();
     let cfg = bench_gateway_config(dir.path(), &prov_path, port, upstream.port, "");
-    let exe = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("fleetline-gateway");
-    assert!(exe.exists(), "build the gateway first: cargo build --release -p fleetline-gateway");
-    let mut gw = tokio::process::Command::new(exe)
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", std::env::var("BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn,rumqttd=error".into()))
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(gw.stdout.take().unwrap()).lines();
-    let listening: serde_json::Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-    let http: std::net::SocketAddr = listening["http"].as_str().unwrap().parse().unwrap();
-    let pid = gw.id().unwrap();
+    let mut gw = BenchGateway::start(&cfg).await;
+    let pid = gw.pid;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = status_kib(pid, "VmRSS:");
 
@@ -199,16 +187,14 @@ async fn fleetline(prov: &Provisioning) -> (Run, u64) {
     }
     let brokers: Vec<u32> = [Some(pid), upstream.pid()].into_iter().flatten().collect();
     let mut run = measure(&delivered, &brokers, Some(pid)).await;
-    let status: serde_json::Value =
-        serde_json::from_str(&fleetline_testkit::fleet::http_get(http, "/status").await).unwrap_or_default();
+    let status = gw.status().await;
     let batches = status["accepted"]["batches"].as_f64().unwrap_or(0.0);
     run.acks_per_batch = status["accepted"]["device_acks_sent"].as_f64().unwrap_or(0.0) / batches.max(1.0);
     running.store(false, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
-    let _ = gw.start_kill();
-    let _ = gw.wait().await;
+    gw.kill().await;
     upstream.stop().await;
     (run, idle)
 }

@@ -26,9 +26,6 @@ use fleetline_wire::provisioning::ProvisioningError;
 /// File descriptors kept free of device sessions: queue segments, the uplink, HTTP.
 const FD_HEADROOM: u64 = 1024;
 
-/// Filter the ingest link subscribes to.
-pub use fleetline_wire::topics::UP_FILTER;
-
 /// Addresses the gateway listens on, printed at start-up as one JSON line.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Listening {

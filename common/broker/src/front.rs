@@ -316,14 +316,18 @@ impl Front {
             session.remember_login(&l.username, &l.password);
         }
         let grants = self.logins.grants(&connect.client_id, user);
-        let (broker_addr, secret) = match &self.backend {
-            Backend::Splice { broker, secret } => (*broker, secret.clone()),
+        let mut connect = connect;
+        if connect.keep_alive == 0 {
+            connect.keep_alive = DEFAULT_KEEP_ALIVE;
+        }
+        // Each path's state lives in its own allocation: a depot's thousands of
+        // idle direct sessions do not each carry the splice path's buffers.
+        match &self.backend {
             Backend::Direct(board) => {
-                let keep_alive = if connect.keep_alive == 0 { DEFAULT_KEEP_ALIVE } else { connect.keep_alive };
                 let login = crate::direct::Login {
                     client_id: &connect.client_id,
                     grants: &*grants,
-                    keep_alive,
+                    keep_alive: connect.keep_alive,
                     max_packet: self.max_packet,
                 };
                 let ended = Box::pin(crate::direct::serve(board, client, login, buf, &mut session.stop)).await;
@@ -331,12 +335,12 @@ impl Front {
                     self.events.packet_refused(why);
                     tracing::info!(%peer, client_id = connect.client_id, reason = why, "session ended: packet refused");
                 }
-                return;
             }
-        };
-        // Each path's state lives in its own allocation: a depot's thousands of
-        // idle direct sessions do not each carry the splice path's buffers.
-        Box::pin(self.splice(client, connect, buf, &*grants, session, (broker_addr, secret), peer)).await;
+            Backend::Splice { broker, secret } => {
+                let to = (*broker, secret.clone());
+                Box::pin(self.splice(client, connect, buf, &*grants, session, to, peer)).await;
+            }
+        }
     }
 
     /// An accepted session spliced into the broker's loopback listener.
@@ -354,9 +358,6 @@ impl Front {
         let client_id = connect.client_id.clone();
         let username = connect.client_id.clone();
         connect.set_login(username, secret.to_string());
-        if connect.keep_alive == 0 {
-            connect.keep_alive = DEFAULT_KEEP_ALIVE;
-        }
         // What the system does not use is not passed on: wills (a unit could
         // publish anywhere on disconnect) and persistent sessions.
         connect.last_will = None;

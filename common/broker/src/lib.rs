@@ -63,9 +63,6 @@ pub fn new_secret() -> std::sync::Arc<str> {
     raw.iter().map(|b| format!("{b:02x}")).collect::<String>().into()
 }
 
-/// File descriptors each spliced MQTT session holds in this process: the client's
-/// socket, the front's socket to the broker, and the broker's end of it.
-pub const FDS_PER_SPLICED_SESSION: u64 = 3;
 /// File descriptors a session served by the front itself holds: its socket.
 pub const FDS_PER_DIRECT_SESSION: u64 = 1;
 

@@ -11,6 +11,7 @@
 //! - [`raw`]: hand-made MQTT CONNECTs and reconnect loops for attack tests.
 
 pub mod batches;
+pub mod bench;
 pub mod cloud;
 pub mod fleet;
 pub mod http;

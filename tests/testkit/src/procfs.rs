@@ -24,23 +24,3 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
-
-/// A gateway configuration for benchmarks: everything on loopback, 16 shards,
-/// devices on `devices_port`, the uplink to a broker on `upstream_port`; `extra`
-/// goes into the `[devices]` table.
-pub fn bench_gateway_config(
-    dir: &std::path::Path,
-    provisioning: &std::path::Path,
-    devices_port: u16,
-    upstream_port: u16,
-    extra: &str,
-) -> std::path::PathBuf {
-    let path = dir.join("gw.toml");
-    let text = format!(
-        "id = \"gw-0\"\ndata_dir = \"{}\"\nprovisioning = \"{}\"\nshard_count = 16\n[devices]\nlisten = \"127.0.0.1:{devices_port}\"\n{extra}\n[uplink]\nhost = \"127.0.0.1\"\nport = {upstream_port}\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        dir.join("data").display(),
-        provisioning.display(),
-    );
-    std::fs::write(&path, text).expect("writing the gateway configuration");
-    path
-}
