@@ -71,8 +71,9 @@ fi
 cargo build --locked -q -p fleetline-cloud -p fleetline-gateway --bins
 python3 charts/tests/check_charts.py --bin-dir "${CARGO_TARGET_DIR:-target}/debug"
 
-step "models: ONNX files against their cards, onnxruntime on the held-out seed, retrained bit for bit"
-python3 models/check_models.py
+step "models: ONNX files against their cards, onnxruntime on the held-out seed, tract against onnxruntime, retrained bit for bit"
+cargo build --locked -q -p fleetline-inference --example score
+python3 models/check_models.py --tract "${CARGO_TARGET_DIR:-target}/debug/examples/score"
 
 step "no_std proof"
 scripts/no-std-check.sh
