@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod inference;
 pub mod ingest;
 pub mod jobs;
 pub mod keys;

@@ -22,11 +22,14 @@ pub enum EventKind {
     Overspeed,
     /// A unit its gateway no longer hears while it hears others.
     Silent,
+    /// The tire-risk model's score crossed its alert threshold (a leak or
+    /// puncture predicted; raised by a live variant, never by a shadow).
+    TireRisk,
 }
 
 impl EventKind {
     /// Every kind.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::LowPressure,
         Self::SlowLeak,
         Self::Puncture,
@@ -34,6 +37,7 @@ impl EventKind {
         Self::Refuel,
         Self::Overspeed,
         Self::Silent,
+        Self::TireRisk,
     ];
 
     /// Its name in the datasets and alerts.
@@ -46,6 +50,7 @@ impl EventKind {
             Self::Refuel => "refuel",
             Self::Overspeed => "overspeed",
             Self::Silent => "silent",
+            Self::TireRisk => "tire_risk",
         }
     }
 

@@ -1,6 +1,6 @@
 //! The one bearer-token layer in front of every route. With a write token
 //! configured, every request that changes something needs it; a vehicle's data
-//! needs it or the read token; everything else (health, metrics, status, schema
+//! and a model's file need it or the read token; everything else (health, metrics, status, schema
 //! reads and compatibility checks) is open. Without a token nothing is checked.
 
 use axum::extract::{Request, State};
@@ -27,7 +27,7 @@ enum Need {
 
 fn need(method: &Method, path: &str) -> Need {
     let reading = matches!(*method, Method::GET | Method::HEAD);
-    if reading && path.starts_with("/vehicles/") {
+    if reading && (path.starts_with("/vehicles/") || (path.starts_with("/models/") && path.ends_with("/onnx"))) {
         Need::Read
     } else if reading || path.starts_with("/compatibility/") {
         // A compatibility check posts a schema but changes nothing.

@@ -21,6 +21,7 @@ use serde_json::json;
 
 mod auth;
 mod cluster;
+mod models;
 pub mod registry;
 
 use auth::Tokens;
@@ -49,6 +50,8 @@ pub struct Ops {
     pub read_token: Option<String>,
     /// The schema registry.
     pub registry: Arc<crate::registry::Registry>,
+    /// The model registry.
+    pub models: Arc<crate::inference::ModelRegistry>,
     /// The object store (dead letters are read back from it).
     pub store: crate::lake::store::Store,
     /// The rollup job (one run at a time).
@@ -69,6 +72,7 @@ pub fn serve(listener: tokio::net::TcpListener, ops: Ops) -> impl std::future::F
         .route("/deadletter/replay", post(replay))
         .route("/admin/rollup", post(rollup))
         .merge(registry::router())
+        .merge(models::router())
         .merge(cluster::router())
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require_token))
         .with_state(ops);

@@ -99,6 +99,7 @@ pub async fn repair(
         outbox: Vec::new(),
         claim: 0,
         epoch: 0,
+        models: Vec::new(),
     });
 
     let published = Published::list(store).await?;

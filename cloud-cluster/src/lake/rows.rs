@@ -1,8 +1,8 @@
-//! Rows of the `readings`, `deadletter`, `aggregates` and `events` datasets, and
-//! their Parquet encoding.
+//! Rows of the `readings`, `deadletter`, `aggregates`, `events` and
+//! `predictions` datasets, and their Parquet encoding.
 //!
 //! Rows are buffered per Hive partition (`dt=YYYY-MM-DD/hour=HH`, UTC): readings
-//! by the reading's own time, aggregates by their window's start, events by when
+//! by the reading's own time, aggregates and predictions by their window's start, events by when
 //! their condition began, dead letters by the time they were stored. A commit
 //! writes one zstd Parquet file per dataset and partition it touched.
 //!
@@ -19,7 +19,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use super::partition::{hour_of, partition_dir};
-use super::schema::{AGGREGATES_SCHEMA, DEADLETTER_SCHEMA, EVENTS_SCHEMA, READINGS_SCHEMA};
+use super::schema::{AGGREGATES_SCHEMA, DEADLETTER_SCHEMA, EVENTS_SCHEMA, PREDICTIONS_SCHEMA, READINGS_SCHEMA};
 use crate::analytics::{AggregateRow, Event};
 
 /// Strings shared by every row of one batch.
@@ -108,12 +108,36 @@ struct Aggregate {
     row: AggregateRow,
 }
 
+/// One row of `predictions`: a model's answer for a vehicle's closed window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// Fleet.
+    pub fleet: Arc<str>,
+    /// Device.
+    pub device: Arc<str>,
+    /// Window start, Unix ms.
+    pub window_start: i64,
+    /// Window end, Unix ms.
+    pub window_end: i64,
+    /// Model name.
+    pub model: &'static str,
+    /// Version that made it.
+    pub version: u32,
+    /// Variant label, or `shadow`.
+    pub variant: Arc<str>,
+    /// Risk (classifier) or value (regressor), in the model's unit.
+    pub score: f32,
+    /// Hash of the feature row it was made from.
+    pub feature_hash: u64,
+}
+
 /// Rows waiting for the next commit, by partition.
 #[derive(Debug, Default)]
 pub struct Rows {
     readings: BTreeMap<i64, Vec<Reading>>,
     aggregates: BTreeMap<i64, Vec<Aggregate>>,
     events: BTreeMap<i64, Vec<Event>>,
+    predictions: BTreeMap<i64, Vec<Prediction>>,
     deadletter: Vec<DeadLetter>,
     readings_len: usize,
     len: usize,
@@ -138,6 +162,17 @@ impl Rows {
     pub fn push_event(&mut self, e: Event) {
         self.events.entry(hour_of(e.ts_ms)).or_default().push(e);
         self.len += 1;
+    }
+
+    /// Adds one prediction.
+    pub fn push_prediction(&mut self, p: Prediction) {
+        self.predictions.entry(hour_of(p.window_start)).or_default().push(p);
+        self.len += 1;
+    }
+
+    /// Predictions held.
+    pub fn predictions(&self) -> impl Iterator<Item = &Prediction> {
+        self.predictions.values().flatten()
     }
 
     /// Readings rows held.
@@ -207,6 +242,14 @@ impl Rows {
                 bytes: write_parquet(&events_batch(rows, stored_at_ms)?)?,
             });
         }
+        for (hour, rows) in &self.predictions {
+            out.push(EncodedFile {
+                dataset: "predictions",
+                partition: partition_dir(*hour),
+                rows: rows.len(),
+                bytes: write_parquet(&predictions_batch(rows, stored_at_ms)?)?,
+            });
+        }
         if !self.deadletter.is_empty() {
             let batch = deadletter_batch(&self.deadletter, stored_at_ms)?;
             out.push(EncodedFile {
@@ -223,7 +266,7 @@ impl Rows {
 /// One Parquet file of a commit.
 #[derive(Debug)]
 pub struct EncodedFile {
-    /// `readings`, `aggregates`, `events` or `deadletter`.
+    /// `readings`, `aggregates`, `events`, `deadletter` or `predictions`.
     pub dataset: &'static str,
     /// `dt=…/hour=…`.
     pub partition: String,
@@ -326,6 +369,29 @@ fn events_batch(rows: &[Event], stored_at_ms: i64) -> Result<RecordBatch, arrow_
         Arc::new(arrow_array::TimestampMillisecondArray::from_value(stored_at_ms, n).with_timezone("UTC")),
     ];
     RecordBatch::try_new(EVENTS_SCHEMA.clone(), columns)
+}
+
+fn predictions_batch(rows: &[Prediction], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let strings = |f: &dyn Fn(&Prediction) -> &str| -> ArrayRef {
+        Arc::new(arrow_array::StringArray::from_iter_values(rows.iter().map(f)))
+    };
+    let times = |f: &dyn Fn(&Prediction) -> i64| -> ArrayRef {
+        Arc::new(arrow_array::TimestampMillisecondArray::from_iter_values(rows.iter().map(f)).with_timezone("UTC"))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        strings(&|p| &p.fleet),
+        strings(&|p| &p.device),
+        times(&|p| p.window_start),
+        times(&|p| p.window_end),
+        strings(&|p| p.model),
+        Arc::new(arrow_array::Int64Array::from_iter_values(rows.iter().map(|p| i64::from(p.version)))),
+        strings(&|p| &p.variant),
+        Arc::new(arrow_array::Float64Array::from_iter_values(rows.iter().map(|p| f64::from(p.score)))),
+        Arc::new(arrow_array::StringArray::from_iter_values(rows.iter().map(|p| format!("{:016x}", p.feature_hash)))),
+        Arc::new(arrow_array::TimestampMillisecondArray::from_value(stored_at_ms, n).with_timezone("UTC")),
+    ];
+    RecordBatch::try_new(PREDICTIONS_SCHEMA.clone(), columns)
 }
 
 fn deadletter_batch(rows: &[DeadLetter], stored_at_ms: i64) -> Result<RecordBatch, arrow_schema::ArrowError> {

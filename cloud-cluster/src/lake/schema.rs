@@ -75,6 +75,16 @@ pub mod col {
     pub const DETECTED_TS: &str = "detected_ts";
     /// `wheel`.
     pub const WHEEL: &str = "wheel";
+    /// `model`.
+    pub const MODEL: &str = "model";
+    /// `version`.
+    pub const VERSION: &str = "version";
+    /// `variant`.
+    pub const VARIANT: &str = "variant";
+    /// `score`.
+    pub const SCORE: &str = "score";
+    /// `feature_hash`.
+    pub const FEATURE_HASH: &str = "feature_hash";
 }
 
 /// Timestamps: milliseconds, UTC.
@@ -155,6 +165,23 @@ pub static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(col::WHEEL, DataType::Utf8, true),
         Field::new(col::VALUE, DataType::Float64, true),
         Field::new(col::DETAIL, DataType::Utf8, false),
+        Field::new(col::STORED_AT, ts_type(), false),
+    ]))
+});
+
+/// Schema of `predictions`: one row per vehicle, closed window, model and
+/// variant (the shadow's included).
+pub static PREDICTIONS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new(col::FLEET, DataType::Utf8, false),
+        Field::new(col::DEVICE_ID, DataType::Utf8, false),
+        Field::new(col::WINDOW_START, ts_type(), false),
+        Field::new(col::WINDOW_END, ts_type(), false),
+        Field::new(col::MODEL, DataType::Utf8, false),
+        Field::new(col::VERSION, DataType::Int64, false),
+        Field::new(col::VARIANT, DataType::Utf8, false),
+        Field::new(col::SCORE, DataType::Float64, false),
+        Field::new(col::FEATURE_HASH, DataType::Utf8, false),
         Field::new(col::STORED_AT, ts_type(), false),
     ]))
 });

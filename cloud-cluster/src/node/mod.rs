@@ -17,6 +17,7 @@ use crate::cluster::discovery::{self, Discovery};
 use crate::cluster::{ClusterState, Member, Mode, Role, View};
 use crate::config::CloudConfig;
 use crate::http::{self, Ops, RenderMetrics};
+use crate::inference::ModelRegistry;
 use crate::ingest;
 use crate::keys::Keys;
 use crate::lake::store::{Store, StoreSpec};
@@ -244,6 +245,8 @@ pub async fn start_with(
     leases: Option<LeasesFrom>,
 ) -> anyhow::Result<Running> {
     let registry = Arc::new(Registry::open(store.clone()).await.context("opening the schema registry")?);
+    let models =
+        Arc::new(ModelRegistry::open(store.clone(), stats.clone()).await.context("opening the model registry")?);
     let (released, released_rx) = mpsc::unbounded_channel();
     let setup = ShardSetup {
         store: store.clone(),
@@ -252,6 +255,7 @@ pub async fn start_with(
         epoch: 0,
         segment: cfg.segment.clone(),
         registry: registry.clone(),
+        models: Some(models.clone()),
         validation: cfg.validation.clone(),
         analytics: cfg.analytics.clone(),
         keys: keys.clone(),
@@ -318,8 +322,9 @@ pub async fn start_with(
     ));
 
     if cfg.cluster.mode != Mode::Single {
-        // Other nodes register schemas too.
+        // Other nodes register schemas and deploy models too.
         tasks.spawn(registry.clone().keep_fresh(REGISTRY_REFRESH));
+        tasks.spawn(models.clone().keep_fresh(crate::inference::MODELS_REFRESH));
     }
     let rollup = Arc::new(crate::jobs::rollup::RollupJob::new(store.clone(), &cfg.rollup));
     if cfg.rollup.enabled && me.has(Role::Jobs) {
@@ -331,6 +336,7 @@ pub async fn start_with(
         rollup,
         store,
         registry,
+        models,
         node_id: cfg.node_id.clone(),
         shard_count: cfg.shard_count,
         stats: stats.clone(),

@@ -9,7 +9,11 @@
 //! Format 2 added each device's analytics state and the commit's alert outbox;
 //! format 3 each device's epoch floor (batches from boot epochs below it are
 //! refused: their dedupe state was forgotten); format 4 the writer's claim and
-//! lease epoch (see [`head`](super::head)). Formats 1 to 3 are still read
+//! lease epoch (see [`head`](super::head)); format 5 each vehicle's last closed
+//! windows for the models' features and whether its tire risk is above the
+//! alert threshold. Formats 1 to 4 are still read (format 4 and older: no
+//! window history, so a vehicle's first windows after the upgrade have fewer
+//! predictions)
 //! (format-1 devices start analytics afresh; older devices' floors start at the
 //! oldest epoch their dedupe state holds, which is what format 2 could still tell;
 //! before format 4 there were no claims: 0).
@@ -22,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::analytics::{DeviceAnalytics, Event};
 
 /// Version of the layout in this module.
-pub const CHECKPOINT_FORMAT: u16 = 4;
+pub const CHECKPOINT_FORMAT: u16 = 5;
 
 const MAGIC: &[u8; 6] = b"FLCKPT";
 
@@ -45,7 +49,7 @@ pub fn generation_of(path: &str) -> Option<u64> {
 }
 
 /// The datasets a shard publishes files into.
-pub const DATASETS: [&str; 4] = ["readings", "aggregates", "events", "deadletter"];
+pub const DATASETS: [&str; 5] = ["readings", "aggregates", "events", "deadletter", "predictions"];
 
 /// A published file's object name: `{dataset}/{partition}/shard-NNN-GGGGGGGGGGGG.parquet`.
 pub fn published_path(dataset: &str, partition: &str, shard: u16, generation: u64) -> String {
@@ -178,6 +182,23 @@ pub struct Checkpoint {
     pub claim: u64,
     /// The writer's lease epoch (0 without leases).
     pub epoch: u64,
+    /// Per vehicle with closed windows: what the models remember.
+    pub models: Vec<ModelMemory>,
+}
+
+/// What the models remember of one vehicle between commits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelMemory {
+    /// Fleet id.
+    pub fleet: String,
+    /// Device id.
+    pub device: String,
+    /// Its last closed one-minute windows, oldest first (as many as the
+    /// model that looks furthest back needs).
+    pub windows: Vec<fleetline_inference::Window>,
+    /// Its tire risk was at or above the alert threshold in its newest
+    /// scored window (an event is raised when this turns true).
+    pub risk_high: bool,
 }
 
 /// A gateway's clock as a shard hears it: the latest receipt time of its entries,
@@ -251,6 +272,7 @@ mod v1 {
                 outbox: Vec::new(),
                 claim: 0,
                 epoch: 0,
+                models: Vec::new(),
             }
         }
     }
@@ -322,6 +344,7 @@ mod v2 {
                 outbox: c.outbox,
                 claim: 0,
                 epoch: 0,
+                models: Vec::new(),
             }
         }
     }
@@ -363,6 +386,51 @@ mod v3 {
                 outbox: c.outbox,
                 claim: 0,
                 epoch: 0,
+                models: Vec::new(),
+            }
+        }
+    }
+}
+
+/// Format 4, read for upgrades.
+mod v4 {
+    use super::{DeviceState, Event, GatewayClock, Publish, Totals};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Checkpoint {
+        pub shard: u16,
+        pub shard_count: u16,
+        pub generation: u64,
+        pub committed_at_ms: i64,
+        pub node: String,
+        pub devices: Vec<DeviceState>,
+        pub deadletter_seen: Vec<u64>,
+        pub publish: Vec<Publish>,
+        pub totals: Totals,
+        pub clocks: Vec<GatewayClock>,
+        pub outbox: Vec<Event>,
+        pub claim: u64,
+        pub epoch: u64,
+    }
+
+    impl From<Checkpoint> for super::Checkpoint {
+        fn from(c: Checkpoint) -> Self {
+            Self {
+                shard: c.shard,
+                shard_count: c.shard_count,
+                generation: c.generation,
+                committed_at_ms: c.committed_at_ms,
+                node: c.node,
+                devices: c.devices,
+                deadletter_seen: c.deadletter_seen,
+                publish: c.publish,
+                totals: c.totals,
+                clocks: c.clocks,
+                outbox: c.outbox,
+                claim: c.claim,
+                epoch: c.epoch,
+                models: Vec::new(),
             }
         }
     }
@@ -408,6 +476,7 @@ impl Checkpoint {
             1 => postcard::from_bytes::<v1::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
             2 => postcard::from_bytes::<v2::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
             3 => postcard::from_bytes::<v3::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
+            4 => postcard::from_bytes::<v4::Checkpoint>(&body[8..]).map(Into::into).map_err(damaged),
             CHECKPOINT_FORMAT => postcard::from_bytes(&body[8..]).map_err(damaged),
             _ => Err(CheckpointError::Format(format)),
         }
@@ -483,9 +552,41 @@ mod tests {
             outbox: Vec::new(),
             claim: 5,
             epoch: 2,
+            models: vec![ModelMemory {
+                fleet: "f".into(),
+                device: "d".into(),
+                windows: vec![fleetline_inference::Window {
+                    start_ms: 60_000,
+                    avg_speed_kmh: Some(42.0),
+                    ..Default::default()
+                }],
+                risk_high: true,
+            }],
         };
         let bytes = c.to_bytes();
         assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), c);
+        // The same checkpoint as format 4 wrote it: everything but the models' memory.
+        let old = v4::Checkpoint {
+            shard: c.shard,
+            shard_count: c.shard_count,
+            generation: c.generation,
+            committed_at_ms: c.committed_at_ms,
+            node: c.node.clone(),
+            devices: c.devices.clone(),
+            deadletter_seen: c.deadletter_seen.clone(),
+            publish: c.publish.clone(),
+            totals: c.totals,
+            clocks: c.clocks.clone(),
+            outbox: c.outbox.clone(),
+            claim: c.claim,
+            epoch: c.epoch,
+        };
+        let mut v4_bytes = MAGIC.to_vec();
+        v4_bytes.extend_from_slice(&4u16.to_le_bytes());
+        v4_bytes.extend_from_slice(&postcard::to_allocvec(&old).unwrap());
+        let crc = crc32c::crc32c(&v4_bytes);
+        v4_bytes.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(Checkpoint::from_bytes(&v4_bytes).unwrap(), Checkpoint { models: Vec::new(), ..c.clone() });
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x10;

@@ -41,6 +41,7 @@ use super::error::ShardError;
 use super::head::{Head, Writer, head_path};
 use super::state::{Acks, SegmentConfig, ShardState};
 use crate::analytics::Event;
+use crate::inference::ModelRegistry;
 use crate::lake::rows::WrittenBy;
 use crate::lake::store::{Store, SwapError, Version};
 use crate::telemetry::{CloudStats, events as ev};
@@ -131,6 +132,8 @@ pub struct Shard {
     /// The head as this writer last wrote or read it, and that version.
     head: Head,
     version: Version,
+    /// What scores the commit's closed windows (none: windows are not scored).
+    models: Option<Arc<ModelRegistry>>,
 }
 
 /// Reads shard `id`'s head with its version. Without one (a lake written before
@@ -217,7 +220,7 @@ impl Shard {
             from: head.owner.as_deref(),
             generation: claimed.generation,
         });
-        let mut shard = Self { state, store, stats, writer, head: claimed, version };
+        let mut shard = Self { state, store, stats, writer, head: claimed, version, models: None };
         shard.load().await?;
         // Newest first: the message names the files furthest beyond.
         let generation = shard.state.generation();
@@ -237,6 +240,11 @@ impl Shard {
     /// This shard's id.
     pub fn id(&self) -> u16 {
         self.state.id()
+    }
+
+    /// Scores each commit's closed windows with what `models` has deployed.
+    pub fn set_models(&mut self, models: Arc<ModelRegistry>) {
+        self.models = Some(models);
     }
 
     /// The head as this writer holds it.
@@ -350,7 +358,17 @@ impl Shard {
     /// [`recover`](Self::recover).
     pub async fn commit(&mut self) -> Result<Committed, ShardError> {
         let (acks, rows) = self.state.take_segment();
-        let Some(rows) = rows else { return Ok(Committed { acks, alerts: Vec::new() }) };
+        let requests = self.state.take_scoring();
+        let Some(mut rows) = rows else { return Ok(Committed { acks, alerts: Vec::new() }) };
+        if !requests.is_empty() {
+            // The deployment as of now: a swap while this runs applies from
+            // the next commit on.
+            let active = self.models.as_ref().map(|m| m.active()).unwrap_or_default();
+            let scored = tokio::task::spawn_blocking(move || crate::inference::stage::score(&active, &requests))
+                .await
+                .map_err(|e| ShardError::Inconsistent(format!("scoring task failed: {e}")))?;
+            self.state.apply_scores(scored, &mut rows);
+        }
         let id = self.state.id();
         let started = Instant::now();
         let generation = self.state.generation() + 1;

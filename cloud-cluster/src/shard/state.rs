@@ -1,7 +1,7 @@
 //! Pure: a shard's whole state and every decision about it — opening bundles and
 //! batches, dedupe by (device, epoch, seq), validation, latest values, silence
-//! bookkeeping, analytics, the open segment and the acks it holds, and what a
-//! commit writes. No I/O and no clock: `now` (for the segment's age) and `wall`
+//! bookkeeping, analytics, the models' feature rows and what their scores
+//! raise, the open segment and the acks it holds, and what a commit writes. No I/O and no clock: `now` (for the segment's age) and `wall`
 //! (for key validity) come in as arguments; the commit protocol in
 //! [`super::commit`] carries out what this state decides against the lake.
 
@@ -17,10 +17,11 @@ use fleetline_wire::signals;
 use fleetline_wire::{BatchHeader, DeviceId, FleetId, GatewayId, WireError, peek_header};
 use serde::Deserialize;
 
-use super::checkpoint::{Checkpoint, DEADLETTER_SEEN_MAX, DeviceState, GatewayClock, Publish, Totals};
+use super::checkpoint::{Checkpoint, DEADLETTER_SEEN_MAX, DeviceState, GatewayClock, ModelMemory, Publish, Totals};
 use super::quota::{DeadLetterQuota, Sender};
 use super::validate::{ValidationConfig, check_value};
-use crate::analytics::{AnalyticsConfig, Event, Output, Pt, Who};
+use crate::analytics::{AggregateRow, AnalyticsConfig, Event, EventKind, MINUTE_MS, Output, Pt, Who, event_id};
+use crate::inference::stage::{ScoreRequest, Scored};
 use crate::lake::reason;
 use crate::lake::rows::{BatchMeta, DeadLetter, Rows};
 use crate::registry::{Registry, Schema};
@@ -153,6 +154,10 @@ pub struct ShardState {
     quota: Arc<DeadLetterQuota>,
     /// The `now` of the bundle being taken in.
     now: Option<Instant>,
+    /// Per vehicle (`fleet/device`): its last closed windows and tire-risk state.
+    models: HashMap<String, ModelMemory>,
+    /// Feature rows of windows closed in the open segment, scored by its commit.
+    scoring: Vec<ScoreRequest>,
 }
 
 fn device_key(fleet: &str, device: &str) -> String {
@@ -188,6 +193,8 @@ impl ShardState {
             dirty: false,
             quota: Arc::default(),
             now: None,
+            models: HashMap::new(),
+            scoring: Vec::new(),
         }
     }
 
@@ -232,6 +239,7 @@ impl ShardState {
     /// shard that has committed nothing). Its outbox becomes the alerts to send again.
     pub fn restore(&mut self, ckpt: Option<Checkpoint>) {
         self.rows = Rows::default();
+        self.scoring.clear();
         self.dirty = false;
         self.open_batches = 0;
         self.open_bytes = 0;
@@ -250,6 +258,7 @@ impl ShardState {
                 self.devices = c.devices.into_iter().map(|d| (device_key(&d.fleet, &d.device), d)).collect();
                 self.deadletter_set = c.deadletter_seen.iter().copied().collect();
                 self.deadletter_seen = c.deadletter_seen.into();
+                self.models = c.models.into_iter().map(|m| (device_key(&m.fleet, &m.device), m)).collect();
             }
             None => {
                 self.generation = 0;
@@ -259,6 +268,7 @@ impl ShardState {
                 self.deadletter_seen.clear();
                 self.deadletter_set.clear();
                 self.resend.clear();
+                self.models.clear();
             }
         }
         for (k, d) in &self.devices {
@@ -506,11 +516,107 @@ impl ShardState {
             self.stats.emit(ev::AnalyticsAdvanced { aggregates, late_samples: 0, gaps_skipped: 0 });
         }
         for row in out.aggregates {
+            if row.window == "1m" {
+                self.remember_window(fleet, device, &row);
+            }
             self.rows.push_aggregate(fleet, device, row);
         }
         for e in out.events {
             self.stats.emit(ev::EventRaised { kind: e.kind.as_str(), fleet, device });
             self.rows.push_event(e);
+        }
+    }
+
+    /// A vehicle's one-minute window closed: it joins the vehicle's last
+    /// windows, and each model's feature row for it waits for the commit.
+    fn remember_window(&mut self, fleet: &Arc<str>, device: &Arc<str>, row: &AggregateRow) {
+        let w = fleetline_inference::Window {
+            start_ms: row.start,
+            distance_m: Some(row.distance_m),
+            avg_speed_kmh: row.avg_speed_kmh,
+            max_speed_kmh: row.max_speed_kmh,
+            tire_pressure_min_kpa: row.tire_pressure_min_kpa,
+            tire_pressure_mean_kpa: row.tire_pressure_mean_kpa,
+            tire_pressure_max_kpa: row.tire_pressure_max_kpa,
+            leak_rate_kpa_h: row.leak_rate_kpa_h,
+        };
+        let memory = self.models.entry(device_key(fleet, device)).or_insert_with(|| ModelMemory {
+            fleet: fleet.to_string(),
+            device: device.to_string(),
+            ..Default::default()
+        });
+        // Windows close in event-time order; one that does not follow (a
+        // replayed old window) is not a feature of what comes after.
+        if memory.windows.last().is_some_and(|last| last.start_ms >= w.start_ms) {
+            return;
+        }
+        memory.windows.push(w);
+        let keep = fleetline_inference::KINDS.iter().map(|k| k.history()).max().unwrap_or(1);
+        let excess = memory.windows.len().saturating_sub(keep);
+        memory.windows.drain(..excess);
+        let rows: Vec<_> = fleetline_inference::KINDS
+            .into_iter()
+            .filter_map(|k| fleetline_inference::features(k, &memory.windows, MINUTE_MS).map(|r| (k, r)))
+            .collect();
+        if !rows.is_empty() {
+            self.scoring.push(ScoreRequest {
+                fleet: fleet.clone(),
+                device: device.clone(),
+                window_start: row.start,
+                window_end: row.end,
+                rows,
+            });
+        }
+    }
+
+    /// The feature rows of the open segment's windows, for its commit to score.
+    pub fn take_scoring(&mut self) -> Vec<ScoreRequest> {
+        std::mem::take(&mut self.scoring)
+    }
+
+    /// What scoring the commit's rows gave: the predictions join `rows`, and a
+    /// live tire-risk score at or above its threshold for a vehicle that was
+    /// below it raises a `tire_risk` event (and so an alert). The shadow's
+    /// scores are stored and nothing more.
+    pub fn apply_scores(&mut self, scored: Scored, rows: &mut Rows) {
+        let mut counts: BTreeMap<(&'static str, Arc<str>), u64> = BTreeMap::new();
+        for s in scored.predictions {
+            *counts.entry((s.row.model, s.row.variant.clone())).or_default() += 1;
+            if let Some(threshold) = s.threshold
+                && let Some(memory) = self.models.get_mut(&device_key(&s.row.fleet, &s.row.device))
+            {
+                let high = f64::from(s.row.score) >= threshold;
+                if high && !memory.risk_high {
+                    let (fleet, device) = (&s.row.fleet, &s.row.device);
+                    let e = Event {
+                        id: event_id(fleet, device, EventKind::TireRisk, None, s.row.window_start),
+                        fleet: fleet.to_string(),
+                        device: device.to_string(),
+                        kind: EventKind::TireRisk,
+                        ts_ms: s.row.window_start,
+                        detected_ms: s.row.window_end,
+                        wheel: None,
+                        value: Some(f64::from(s.row.score)),
+                        detail: format!(
+                            "tire risk {:.3} at or above {threshold} ({} v{}, variant {})",
+                            s.row.score,
+                            s.kind.name(),
+                            s.row.version,
+                            s.row.variant
+                        ),
+                    };
+                    self.stats.emit(ev::EventRaised { kind: e.kind.as_str(), fleet, device });
+                    rows.push_event(e);
+                }
+                memory.risk_high = high;
+            }
+            rows.push_prediction(s.row);
+        }
+        for ((model, variant), n) in counts {
+            self.stats.emit(ev::Predicted { model, variant: &variant, n });
+        }
+        for (reason, kind, n) in scored.skipped {
+            self.stats.emit(ev::PredictionsSkipped { model: kind.name(), reason, n });
         }
     }
 
@@ -614,6 +720,7 @@ impl ShardState {
             // The commit protocol stamps its claim.
             claim: 0,
             epoch: 0,
+            models: self.models.values().cloned().collect(),
         }
     }
 

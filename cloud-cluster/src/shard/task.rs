@@ -63,6 +63,8 @@ pub struct ShardSetup {
     pub segment: SegmentConfig,
     /// The schema registry.
     pub registry: Arc<Registry>,
+    /// The model registry (what scores closed windows).
+    pub models: Option<Arc<crate::inference::ModelRegistry>>,
     /// Clock sanity limits.
     pub validation: ValidationConfig,
     /// Analytics settings.
@@ -101,6 +103,9 @@ impl ShardSetup {
             Err(ended) => return ended,
         };
         shard.state.set_registry(self.registry.clone());
+        if let Some(models) = &self.models {
+            shard.set_models(models.clone());
+        }
         shard.state.set_deadletter_quota(self.deadletter_quota.clone());
         shard.state.set_validation(self.validation.clone());
         shard.state.set_analytics(self.analytics.clone());

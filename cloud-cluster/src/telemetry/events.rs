@@ -573,6 +573,73 @@ impl InternalEvent for SessionEndedByKeys<'_> {
     }
 }
 
+/// A model's deployment could not be loaded on this node (it keeps what it
+/// ran before).
+pub struct ModelLoadFailed<'a> {
+    /// Model.
+    pub model: &'static str,
+    /// Why.
+    pub error: &'a str,
+}
+
+impl InternalEvent for ModelLoadFailed<'_> {
+    fn emit(self, _s: &CloudStats) {
+        metrics::counter!("fleetline_cloud_model_load_failures_total", "model" => self.model).increment(1);
+        tracing::error!(
+            model = self.model,
+            error = self.error,
+            "cannot load the deployed model; keeping what ran before"
+        );
+    }
+}
+
+/// This node now scores with a new deployment.
+pub struct ModelsDeployed<'a> {
+    /// What changed, in words.
+    pub models: &'a str,
+}
+
+impl InternalEvent for ModelsDeployed<'_> {
+    fn emit(self, _s: &CloudStats) {
+        metrics::counter!("fleetline_cloud_model_deployments_total").increment(1);
+        tracing::info!(models = self.models, "models deployed");
+    }
+}
+
+/// Predictions stored by a commit, per model and variant.
+pub struct Predicted<'a> {
+    /// Model.
+    pub model: &'static str,
+    /// Variant label or `shadow`.
+    pub variant: &'a str,
+    /// How many.
+    pub n: u64,
+}
+
+impl InternalEvent for Predicted<'_> {
+    fn emit(self, _s: &CloudStats) {
+        metrics::counter!("fleetline_cloud_predictions_total", "model" => self.model, "variant" => self.variant.to_string())
+            .increment(self.n);
+    }
+}
+
+/// Feature rows not scored, by reason (`not_deployed`, `model_error`).
+pub struct PredictionsSkipped {
+    /// Model.
+    pub model: &'static str,
+    /// Why.
+    pub reason: &'static str,
+    /// How many.
+    pub n: u64,
+}
+
+impl InternalEvent for PredictionsSkipped {
+    fn emit(self, _s: &CloudStats) {
+        metrics::counter!("fleetline_cloud_predictions_skipped_total", "model" => self.model, "reason" => self.reason)
+            .increment(self.n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

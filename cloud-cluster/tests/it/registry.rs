@@ -151,6 +151,8 @@ async fn http_auth(
 async fn the_rest_api_is_shaped_like_confluents() {
     let store = Store::memory();
     let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
+    let models =
+        Arc::new(fleetline_cloud::inference::ModelRegistry::open(store.clone(), Arc::default()).await.unwrap());
     let ops = fleetline_cloud::http::Ops {
         rollup: Arc::new(fleetline_cloud::jobs::rollup::RollupJob::new(store.clone(), &Default::default())),
         store,
@@ -171,6 +173,7 @@ async fn the_rest_api_is_shaped_like_confluents() {
         token: Some("tok".into()),
         read_token: Some("read-only".into()),
         registry,
+        models,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -213,12 +213,16 @@ const CLOUD_LAYERS: &[(&str, &[&str])] = &[
     ("telemetry", &[]),
     ("lake", &["analytics"]),
     ("registry", &["lake"]),
-    ("shard", &["analytics", "keys", "lake", "registry", "telemetry"]),
+    ("inference", &["lake", "telemetry"]),
+    ("shard", &["analytics", "inference", "keys", "lake", "registry", "telemetry"]),
     ("ingest", &["analytics", "keys", "lake", "shard", "telemetry"]),
-    ("jobs", &["analytics", "lake", "registry", "shard", "telemetry"]),
-    ("http", &["cluster", "jobs", "lake", "registry", "shard", "telemetry"]),
+    ("jobs", &["analytics", "inference", "lake", "registry", "shard", "telemetry"]),
+    ("http", &["cluster", "inference", "jobs", "lake", "registry", "shard", "telemetry"]),
     ("config", &["analytics", "cluster", "ingest", "jobs", "lake", "shard"]),
-    ("node", &["cluster", "config", "http", "ingest", "jobs", "keys", "lake", "registry", "shard", "telemetry"]),
+    (
+        "node",
+        &["cluster", "config", "http", "inference", "ingest", "jobs", "keys", "lake", "registry", "shard", "telemetry"],
+    ),
     ("cli", &["cluster", "config", "jobs", "keys", "lake", "node"]),
 ];
 

@@ -278,3 +278,129 @@ fn a_unit_its_gateway_stops_hearing_while_hearing_others_is_silent_once() {
     s.ingest(&at(140_000, &[batch(a, 1, 13), batch(b, 1, 2)], 21), &prov, Instant::now(), wall());
     assert_eq!(stats.events().get("silent"), Some(&1));
 }
+
+mod models {
+    use super::*;
+    use crate::analytics::AggregateRow;
+    use crate::inference::registry::{ActiveModel, ActiveSet, LiveVariant};
+    use crate::inference::{Variant, stage};
+    use fleetline_inference::{ModelKind, Plan};
+
+    fn window(start: i64, pmin: f64, leak: f64) -> AggregateRow {
+        AggregateRow {
+            window: "1m",
+            start,
+            end: start + MINUTE_MS,
+            samples: 40,
+            distance_m: 900.0,
+            speed_readings: 6,
+            avg_speed_kmh: Some(54.0),
+            max_speed_kmh: Some(70.0),
+            fuel_used_l: Some(0.3),
+            fuel_l_per_100km: Some(33.0),
+            tire_readings: 24,
+            tire_pressure_min_kpa: Some(pmin),
+            tire_pressure_mean_kpa: Some(if leak > 10.0 { 876.0 } else { pmin + 1.0 }),
+            tire_pressure_max_kpa: Some(if leak > 10.0 { 881.0 } else { pmin + 2.0 }),
+            leak_rate_kpa_h: Some(leak),
+        }
+    }
+
+    fn plan(kind: ModelKind) -> Arc<Plan> {
+        let path = format!("{}/../models/{}/model.onnx", env!("CARGO_MANIFEST_DIR"), kind.name());
+        Arc::new(Plan::load(kind, &std::fs::read(path).unwrap()).unwrap())
+    }
+
+    fn tire_only(shadow: bool) -> ActiveSet {
+        let live = |label: &str, version: u32| LiveVariant {
+            variant: Variant { label: label.into(), version, weight: 1 },
+            plan: plan(ModelKind::TireRisk),
+        };
+        ActiveSet {
+            models: vec![ActiveModel {
+                kind: ModelKind::TireRisk,
+                variants: vec![live("A", 1), live("B", 2)],
+                shadow: shadow.then(|| (3, plan(ModelKind::TireRisk))),
+                threshold: 0.5,
+                deployed_ms: 1,
+            }],
+        }
+    }
+
+    #[test]
+    fn closed_windows_become_feature_rows_as_their_history_allows() {
+        let (mut s, _) = state(SegmentConfig::default());
+        let (f, d): (Arc<str>, Arc<str>) = ("acme".into(), "veh-1".into());
+        let t0 = 1_796_180_040_000 / MINUTE_MS * MINUTE_MS;
+        for i in 0..3 {
+            s.take_output(&f, &d, Output { aggregates: vec![window(t0 + i * MINUTE_MS, 887.0, 0.3)], events: vec![] });
+        }
+        let kinds: Vec<Vec<ModelKind>> =
+            s.take_scoring().iter().map(|r| r.rows.iter().map(|(k, _)| *k).collect()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                vec![ModelKind::Fuel],
+                vec![ModelKind::TireRisk, ModelKind::Fuel],
+                vec![ModelKind::TireRisk, ModelKind::Fuel, ModelKind::SpeedNext],
+            ]
+        );
+        // A gap: the next window has no predecessor, only the one-window model scores it.
+        s.take_output(&f, &d, Output { aggregates: vec![window(t0 + 5 * MINUTE_MS, 887.0, 0.3)], events: vec![] });
+        let after_gap = s.take_scoring();
+        assert_eq!(after_gap.len(), 1);
+        assert_eq!(after_gap[0].rows.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![ModelKind::Fuel]);
+        // The history goes into the checkpoint and comes back from it.
+        let (_, rows) = s.take_segment();
+        let ckpt = s.checkpoint(1, 1, Vec::new(), &rows.unwrap());
+        assert_eq!(ckpt.models.len(), 1);
+        assert_eq!(ckpt.models[0].windows.len(), 3);
+        let (mut again, _) = state(SegmentConfig::default());
+        again.restore(Some(ckpt));
+        again.take_output(&f, &d, Output { aggregates: vec![window(t0 + 6 * MINUTE_MS, 887.0, 0.3)], events: vec![] });
+        assert_eq!(again.take_scoring()[0].rows.len(), 2, "tire risk has its window before after a restart");
+    }
+
+    #[test]
+    fn a_tire_risk_crossing_its_threshold_raises_one_event_and_the_shadow_none() {
+        let (mut s, stats) = state(SegmentConfig::default());
+        let t0 = 1_796_180_040_000 / MINUTE_MS * MINUTE_MS;
+        let (f, d): (Arc<str>, Arc<str>) = ("acme".into(), "veh-1".into());
+        // Steady, then a leak for three windows, steady again, a leak again.
+        let plan = [
+            (887.0, 0.3),
+            (887.0, 0.3),
+            (858.0, 84.0),
+            (857.0, 85.0),
+            (856.0, 86.0),
+            (887.0, 0.2),
+            (887.0, 0.3),
+            (858.0, 84.0),
+            (857.0, 84.0),
+        ];
+        let mut events = Vec::new();
+        let mut predictions = Vec::new();
+        for (i, (pmin, leak)) in plan.into_iter().enumerate() {
+            s.take_output(
+                &f,
+                &d,
+                Output { aggregates: vec![window(t0 + i as i64 * MINUTE_MS, pmin, leak)], events: vec![] },
+            );
+            let requests = s.take_scoring();
+            let (_, rows) = s.take_segment();
+            let mut rows = rows.unwrap();
+            s.apply_scores(stage::score(&tire_only(true), &requests), &mut rows);
+            events.extend(rows.events().cloned());
+            predictions.extend(rows.predictions().cloned());
+        }
+        let at: Vec<i64> = events.iter().map(|e| (e.ts_ms - t0) / MINUTE_MS).collect();
+        assert_eq!(at, vec![2, 7], "one event per crossing: {events:#?}");
+        assert!(events.iter().all(|e| e.kind == EventKind::TireRisk && e.value.unwrap() >= 0.5));
+        // Every window after the first scored by one live variant and the shadow.
+        let tire: Vec<_> = predictions.iter().filter(|p| p.model == "tire_risk").collect();
+        assert_eq!(tire.len(), 2 * (plan.len() - 1));
+        assert_eq!(tire.iter().filter(|p| &*p.variant == "shadow").count(), plan.len() - 1);
+        assert!(tire.iter().all(|p| (&*p.variant == "shadow") == (p.version == 3)));
+        assert_eq!(stats.events().get("tire_risk"), Some(&2));
+    }
+}

@@ -1,0 +1,226 @@
+//! The model registry: versions checked by loading them, deployments with
+//! variants and a shadow, rollbacks, nodes converging on one store, damaged
+//! files refused, and its REST API behind the bearer token.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use fleetline_cloud::inference::{Deployment, ModelRegistry, ModelRegistryError, Variant};
+use fleetline_cloud::lake::store::Store;
+use fleetline_inference::ModelKind;
+use serde_json::{Value, json};
+
+fn committed(kind: ModelKind) -> Vec<u8> {
+    let path = format!("{}/../models/{}/model.onnx", env!("CARGO_MANIFEST_DIR"), kind.name());
+    std::fs::read(path).unwrap()
+}
+
+/// The same model with an unknown protobuf field appended (field 100, one
+/// byte): other bytes, another version, the same scores.
+fn retagged(kind: ModelKind, tag: u8) -> Vec<u8> {
+    let mut b = committed(kind);
+    b.extend_from_slice(&[0xa2, 0x06, 0x01, tag]);
+    b
+}
+
+fn split(a: u32, b: u32, wa: u32, wb: u32, shadow: Option<u32>) -> Deployment {
+    Deployment {
+        variants: vec![
+            Variant { label: "A".into(), version: a, weight: wa },
+            Variant { label: "B".into(), version: b, weight: wb },
+        ],
+        shadow,
+        threshold: None,
+        at_ms: 0,
+    }
+}
+
+#[tokio::test]
+async fn versions_deployments_and_rollbacks_converge_across_nodes() {
+    let store = Store::memory();
+    let one = ModelRegistry::open(store.clone(), Arc::default()).await.unwrap();
+    // First start: the committed models, version 1 each, deployed alone.
+    for kind in fleetline_inference::KINDS {
+        let m = one.model(kind.name()).unwrap();
+        assert_eq!(m.versions.len(), 1, "{kind:?}");
+        assert_eq!(m.versions[0].source, "builtin");
+        assert_eq!(m.deployment.as_ref().unwrap().variants[0].version, 1);
+        assert!(one.active().get(kind).is_some());
+    }
+    assert_eq!(one.active().get(ModelKind::TireRisk).unwrap().threshold, 0.5, "the card's threshold");
+    // A second node on the same store registers nothing twice.
+    let two = ModelRegistry::open(store.clone(), Arc::default()).await.unwrap();
+    assert_eq!(two.model("fuel").unwrap().versions.len(), 1);
+
+    let v2 = one.register("tire_risk", retagged(ModelKind::TireRisk, 1).into(), json!({"note": "v2"}), "upload").await;
+    let v2 = v2.unwrap();
+    assert_eq!(v2.version, 2);
+    let again = one.register("tire_risk", retagged(ModelKind::TireRisk, 1).into(), json!({}), "upload").await.unwrap();
+    assert_eq!(again.version, 2, "the same bytes are the same version");
+    one.deploy("tire_risk", split(1, 2, 50, 50, Some(2))).await.unwrap();
+    let live = one.active();
+    let tire = live.get(ModelKind::TireRisk).unwrap();
+    assert_eq!(tire.variants.iter().map(|v| v.variant.version).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(tire.shadow.as_ref().map(|(v, _)| *v), Some(2));
+
+    // The other node sees it on its next read.
+    assert!(two.refresh().await.unwrap());
+    assert_eq!(two.active().get(ModelKind::TireRisk).unwrap().variants.len(), 2);
+    assert!(!two.refresh().await.unwrap(), "nothing new");
+    // A rollback on the other node, seen by the first.
+    let back = two.rollback("tire_risk").await.unwrap();
+    assert_eq!(back.variants.len(), 1);
+    assert!(one.refresh().await.unwrap());
+    assert_eq!(one.active().get(ModelKind::TireRisk).unwrap().variants.len(), 1);
+    assert!(one.active().get(ModelKind::TireRisk).unwrap().shadow.is_none());
+    // Snapshots taken before a swap keep what they had.
+    assert_eq!(live.get(ModelKind::TireRisk).unwrap().variants.len(), 2);
+    // Undeployed: the model stops scoring everywhere, its versions stay.
+    one.undeploy("fuel").await.unwrap();
+    assert!(one.active().get(ModelKind::Fuel).is_none());
+    two.refresh().await.unwrap();
+    assert!(two.active().get(ModelKind::Fuel).is_none());
+    assert_eq!(two.model("fuel").unwrap().versions.len(), 1);
+    two.rollback("fuel").await.unwrap();
+    assert!(two.active().get(ModelKind::Fuel).is_some());
+}
+
+#[tokio::test]
+async fn files_and_deployments_that_cannot_run_are_refused_with_the_reason() {
+    let store = Store::memory();
+    let r = ModelRegistry::open(store.clone(), Arc::default()).await.unwrap();
+    let invalid = |e: ModelRegistryError| match e {
+        ModelRegistryError::Invalid(m) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let m = invalid(r.register("tire_risk", committed(ModelKind::Fuel).into(), json!({}), "upload").await.unwrap_err());
+    assert!(m.contains("[n, 6]"), "{m}");
+    let m = invalid(r.register("fuel", b"not onnx at all".to_vec().into(), json!({}), "upload").await.unwrap_err());
+    assert!(m.contains("does not load"), "{m}");
+    let mut cut = committed(ModelKind::SpeedNext);
+    cut.truncate(cut.len() / 2);
+    invalid(r.register("speed_next", cut.into(), json!({}), "upload").await.unwrap_err());
+    let m = invalid(r.register("fuel", committed(ModelKind::Fuel).into(), json!([1, 2]), "upload").await.unwrap_err());
+    assert!(m.contains("card"), "{m}");
+    assert!(matches!(
+        r.register("brakes", committed(ModelKind::Fuel).into(), json!({}), "upload").await,
+        Err(ModelRegistryError::UnknownModel(..))
+    ));
+    let m = invalid(r.deploy("fuel", split(1, 7, 1, 1, None)).await.unwrap_err());
+    assert!(m.contains("version 7"), "{m}");
+    assert!(matches!(r.rollback("speed_next").await, Err(ModelRegistryError::Conflict(_))));
+    assert_eq!(r.model("fuel").unwrap().versions.len(), 1, "nothing registered by the refusals");
+
+    // A deployed file damaged in the store: a node starting afresh keeps the
+    // model out of scoring and says why; the others keep their loaded plan.
+    let v2 = r.register("tire_risk", retagged(ModelKind::TireRisk, 2).into(), json!({}), "upload").await.unwrap();
+    r.deploy("tire_risk", Deployment::only(v2.version)).await.unwrap();
+    let path = format!("_fleetline/models/tire_risk/{}.onnx", v2.sha256);
+    let mut bad = retagged(ModelKind::TireRisk, 2);
+    bad[40] ^= 0xff;
+    store.put(&path, bad.into()).await.unwrap();
+    let fresh = ModelRegistry::open(store.clone(), Arc::default()).await.unwrap();
+    assert!(fresh.active().get(ModelKind::TireRisk).is_none());
+    assert!(fresh.load_errors()["tire_risk"].contains("sha256"), "{:?}", fresh.load_errors());
+    assert!(fresh.active().get(ModelKind::Fuel).is_some(), "other models unaffected");
+    assert!(r.active().get(ModelKind::TireRisk).is_some());
+    // Deleted: the same.
+    store.delete(&path).await.unwrap();
+    let fresh = ModelRegistry::open(store.clone(), Arc::default()).await.unwrap();
+    assert!(fresh.load_errors()["tire_risk"].contains("missing"), "{:?}", fresh.load_errors());
+    // Rolled back to a file that is whole: every node runs again.
+    r.rollback("tire_risk").await.unwrap();
+    fresh.refresh().await.unwrap();
+    assert!(fresh.active().get(ModelKind::TireRisk).is_some());
+    assert!(fresh.load_errors().is_empty());
+}
+
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let body = body.map(|b| b.to_string());
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let r = fleetline_testkit::http::request_with_auth(addr, method, path, auth.as_deref(), body.as_deref()).await;
+    (r.status, r.body)
+}
+
+#[tokio::test]
+async fn the_rest_api_uploads_deploys_and_rolls_back_behind_the_token() {
+    let store = Store::memory();
+    let models = Arc::new(ModelRegistry::open(store.clone(), Arc::default()).await.unwrap());
+    let ops = fleetline_cloud::http::Ops {
+        rollup: Arc::new(fleetline_cloud::jobs::rollup::RollupJob::new(store.clone(), &Default::default())),
+        registry: Arc::new(fleetline_cloud::registry::Registry::open(store.clone()).await.unwrap()),
+        store,
+        node_id: "t".into(),
+        shard_count: 1,
+        stats: Arc::default(),
+        shards: fleetline_cloud::shard::ShardDirectory::new(0),
+        cluster: Arc::new(fleetline_cloud::cluster::ClusterState::new(
+            fleetline_cloud::cluster::Member {
+                id: "t".into(),
+                http: String::new(),
+                roles: fleetline_cloud::cluster::Role::ALL.into(),
+                version: "1".into(),
+            },
+            fleetline_cloud::cluster::Mode::Single,
+        )),
+        metrics: None,
+        token: Some("tok".into()),
+        read_token: Some("read-only".into()),
+        models: models.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(fleetline_cloud::http::serve(listener, ops));
+
+    let file = retagged(ModelKind::Fuel, 3);
+    let upload = json!({"onnx": base64::engine::general_purpose::STANDARD.encode(&file), "card": {"family": "LinearRegression"}});
+    assert_eq!(http(addr, "POST", "/models/fuel/versions", Some(upload.clone()), None).await.0, 401);
+    assert_eq!(http(addr, "POST", "/models/fuel/versions", Some(upload.clone()), Some("read-only")).await.0, 401);
+    let (status, body) = http(addr, "POST", "/models/fuel/versions", Some(upload), Some("tok")).await;
+    assert_eq!(status, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(created["version"], 2);
+    let bad = json!({"onnx": "!!!"});
+    assert_eq!(http(addr, "POST", "/models/fuel/versions", Some(bad), Some("tok")).await.0, 422);
+    let wrong = json!({"onnx": base64::engine::general_purpose::STANDARD.encode(committed(ModelKind::TireRisk))});
+    let (status, body) = http(addr, "POST", "/models/fuel/versions", Some(wrong), Some("tok")).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(http(addr, "POST", "/models/brakes/versions", Some(json!({"onnx": ""})), Some("tok")).await.0, 404);
+
+    let d = json!({"variants": [{"label": "A", "version": 1, "weight": 70}, {"label": "B", "version": 2, "weight": 30}], "shadow": 2});
+    assert_eq!(http(addr, "PUT", "/models/fuel/deployment", Some(d.clone()), None).await.0, 401);
+    let (status, body) = http(addr, "PUT", "/models/fuel/deployment", Some(d), Some("tok")).await;
+    assert_eq!(status, 200, "{body}");
+    let bad = json!({"variants": [{"label": "A", "version": 9, "weight": 1}]});
+    assert_eq!(http(addr, "PUT", "/models/fuel/deployment", Some(bad), Some("tok")).await.0, 422);
+    let (status, body) = http(addr, "GET", "/models", None, None).await;
+    assert_eq!(status, 200);
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(all["fuel"]["deployment"]["variants"][1]["weight"], 30);
+    assert_eq!(all["fuel"]["versions"][1]["card"]["family"], "LinearRegression");
+    assert_eq!(models.active().get(ModelKind::Fuel).unwrap().variants.len(), 2);
+
+    // The file itself needs a token, the read token will do.
+    assert_eq!(http(addr, "GET", "/models/fuel/versions/2/onnx", None, None).await.0, 401);
+    let r = fleetline_testkit::http::request_with_auth(
+        addr,
+        "GET",
+        "/models/fuel/versions/2/onnx",
+        Some("Bearer read-only"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    assert_eq!(http(addr, "POST", "/models/fuel/rollback", None, Some("tok")).await.0, 200);
+    assert_eq!(models.active().get(ModelKind::Fuel).unwrap().variants.len(), 1);
+    assert_eq!(http(addr, "DELETE", "/models/fuel/deployment", None, Some("tok")).await.0, 204);
+    assert!(models.active().get(ModelKind::Fuel).is_none());
+    server.abort();
+}
