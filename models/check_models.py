@@ -88,21 +88,21 @@ def compare(name, what, got, want, atol):
           f"(largest difference {diff.max():.3g}; relative {rel:.3g} where |onnxruntime| >= 0.01)")
 
 
-def check_tract(score, name, path, session, x):
+def check_tract(score, name, path, session, x, label):
     rng = np.random.default_rng(17)
     spread = x.std(axis=0) + 1e-3
     drawn = (x[rng.integers(0, len(x), len(x))] + rng.normal(0, 1, x.shape) * spread).astype(np.float32)
     rows = np.concatenate([x, drawn])
     if name == "tire_risk":
-        compare(name, "probabilities", tract_scores(score, name, path, rows), ort_scores(session, name, rows),
+        compare(label, "probabilities", tract_scores(score, name, path, rows), ort_scores(session, name, rows),
                 ATOL_PROBABILITY)
         with tempfile.TemporaryDirectory() as d:
             raw = os.path.join(d, "sum.onnx")
             open(raw, "wb").write(without_logistic(path))
             raw_session = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
-            compare(name, "tree sums", tract_scores(score, name, raw, rows), ort_scores(raw_session, name, rows), 0.0)
+            compare(label, "tree sums", tract_scores(score, name, raw, rows), ort_scores(raw_session, name, rows), 0.0)
     else:
-        compare(name, "values", tract_scores(score, name, path, rows), ort_scores(session, name, rows), 0.0)
+        compare(label, "values", tract_scores(score, name, path, rows), ort_scores(session, name, rows), 0.0)
 
 
 def main():
@@ -114,30 +114,33 @@ def main():
     names = sorted(d for d in os.listdir(HERE) if os.path.exists(os.path.join(HERE, d, "card.json")))
     if sorted(builders) != names:
         fail(f"models {names}, expected {sorted(builders)}")
-    for name in names:
-        card = json.load(open(os.path.join(HERE, name, "card.json")))
-        path = os.path.join(HERE, name, "model.onnx")
+    files = [(name, "model", "card") for name in names]
+    files += [(name, "alternative", "alternative") for name in names
+              if os.path.exists(os.path.join(HERE, name, "alternative.json"))]
+    for name, stem, card_stem in files:
+        card = json.load(open(os.path.join(HERE, name, f"{card_stem}.json")))
+        path = os.path.join(HERE, name, f"{stem}.onnx")
         data = open(path, "rb").read()
         if hashlib.sha256(data).hexdigest() != card["sha256"]:
-            fail(f"{name}: sha256 differs from its card")
+            fail(f"{name}/{stem}: sha256 differs from its card")
         model = onnx.load_from_string(data)
         onnx.checker.check_model(model)
         ops = {n.op_type for n in model.graph.node}
         if ops & TRACT_MISSING:
-            fail(f"{name}: uses {sorted(ops & TRACT_MISSING)}")
+            fail(f"{name}/{stem}: uses {sorted(ops & TRACT_MISSING)}")
         if sorted(ops) != card["onnx_ops"]:
-            fail(f"{name}: operators {sorted(ops)} are not the card's {card['onnx_ops']}")
+            fail(f"{name}/{stem}: operators {sorted(ops)} are not the card's {card['onnx_ops']}")
         (inp,) = model.graph.input
         dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
         if inp.name != "features" or inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            fail(f"{name}: input is {inp.name} of type {inp.type.tensor_type.elem_type}")
+            fail(f"{name}/{stem}: input is {inp.name} of type {inp.type.tensor_type.elem_type}")
         if dims[1:] != [len(card["features"])] or [f["name"] for f in card["features"]] != [
             f for f, _, _ in train.FEATURES[name]
         ]:
-            fail(f"{name}: input shape {dims} or feature list does not match the card")
+            fail(f"{name}/{stem}: input shape {dims} or feature list does not match the card")
         x, y = builders[name](heldout)
         if len(x) != card["heldout"]["rows"]:
-            fail(f"{name}: {len(x)} held-out rows, card says {card['heldout']['rows']}")
+            fail(f"{name}/{stem}: {len(x)} held-out rows, card says {card['heldout']['rows']}")
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         out = session.run(None, {"features": x})
         metrics = card["heldout"]["metrics"]
@@ -145,14 +148,14 @@ def main():
             probs = out[1][:, 1]
             got = round(float(roc_auc_score(y, probs)), 4)
             if abs(got - metrics["auc"]) > 2e-3:
-                fail(f"{name}: AUC {got} against the card's {metrics['auc']}")
+                fail(f"{name}/{stem}: AUC {got} against the card's {metrics['auc']}")
         else:
             got = round(float(mean_absolute_error(y, out[0].ravel())), 4)
             if abs(got - metrics["mae"]) > 1e-3 * max(1.0, metrics["mae"]):
-                fail(f"{name}: MAE {got} against the card's {metrics['mae']}")
-        print(f"{name}: {card['family']}, {len(x)} held-out rows, onnxruntime {got} as on the card")
+                fail(f"{name}/{stem}: MAE {got} against the card's {metrics['mae']}")
+        print(f"{name}/{stem}: {card['family']}, {len(x)} held-out rows, onnxruntime {got} as on the card")
         if args.tract:
-            check_tract(args.tract, name, path, session, x)
+            check_tract(args.tract, name, path, session, x, f"{name}/{stem}")
     # Trained again from the committed tables: the same bytes.
     subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--from-csv", "--check"], check=True)
 

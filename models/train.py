@@ -306,6 +306,15 @@ def train(train_rows, heldout_rows):
         }
         unit = "l" if name == "fuel" else "km/h"
         models[name] = (reg, False, len(x), None, len(hx), metrics, {"output": f"variable [n, 1], {unit}"})
+        # The other family too, as a second version to deploy beside the first
+        # (an A/B split in the cloud): `alternative.onnx` with its card.
+        alt_metrics = {
+            "mae": metrics[f"mae_of_{'gradient_boosted_trees' if other == 'trees' else 'linear_regression'}"],
+            "mae_of_the_training_mean": metrics["mae_of_the_training_mean"],
+            f"mae_of_{'gradient_boosted_trees' if family == 'trees' else 'linear_regression'}": metrics["mae"],
+        }
+        models[f"{name}:alternative"] = (alt, False, len(x), None, len(hx), alt_metrics,
+                                         {"output": f"variable [n, 1], {unit}"})
     return models
 
 
@@ -315,17 +324,19 @@ def sha256(path):
 
 def save(models, out_dir, check):
     mismatched = []
-    for name, (model, classifier, n_train, n_pos, n_held, metrics, extra) in models.items():
+    for key, (model, classifier, n_train, n_pos, n_held, metrics, extra) in models.items():
+        name, _, variant = key.partition(":")
+        stem = variant or "model"
         feats = FEATURES[name]
         onx = export(model, name, len(feats), classifier)
         d = os.path.join(out_dir, name)
         os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, "model.onnx")
+        path = os.path.join(d, f"{stem}.onnx")
         data = onx.SerializeToString()
         digest = hashlib.sha256(data).hexdigest()
         if check:
             if not os.path.exists(path) or sha256(path) != digest:
-                mismatched.append(name)
+                mismatched.append(key)
             continue
         open(path, "wb").write(data)
         card = {
@@ -339,9 +350,10 @@ def save(models, out_dir, check):
             "sha256": digest,
             **extra,
         }
-        json.dump(card, open(os.path.join(d, "card.json"), "w"), indent=2, sort_keys=True)
-        open(os.path.join(d, "card.json"), "a").write("\n")
-        print(f"{name}: {card['family']}, ops {card['onnx_ops']}, held-out {metrics}")
+        card_path = os.path.join(d, "card.json" if not variant else f"{stem}.json")
+        json.dump(card, open(card_path, "w"), indent=2, sort_keys=True)
+        open(card_path, "a").write("\n")
+        print(f"{key}: {card['family']}, ops {card['onnx_ops']}, held-out {metrics}")
     return mismatched
 
 
