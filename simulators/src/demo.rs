@@ -54,6 +54,23 @@ pub struct DemoOptions {
     pub shared_broker: bool,
     /// Grow and shrink the cluster by the autoscaling rule (starts `cloud_nodes`).
     pub autoscale: Option<AutoscaleOptions>,
+    /// Which model deployments the run makes.
+    pub models: ModelPlan,
+}
+
+/// The model deployments a demo makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ModelPlan {
+    /// The models committed with the code, version 1 each, alone.
+    #[default]
+    Committed,
+    /// A/B splits and a shadow, then a hot swap halfway: `fuel` and
+    /// `speed_next` 50/50 between their two families (the committed model,
+    /// version 1, and `alternative.onnx`, version 2); `tire_risk` version 1
+    /// live with version 2 (the same trees registered again) in its shadow.
+    /// Halfway, `speed_next` moves to 20/80 and `fuel` is rolled back to its
+    /// first deployment.
+    Ab,
 }
 
 /// `--autoscale`: the rule and how often it is applied.
@@ -122,6 +139,120 @@ pub fn provisioning(keys: KeySource, vehicles: usize) -> anyhow::Result<Provisio
     Ok(p)
 }
 
+/// Sends a request with a JSON body; the status and the body.
+async fn http_send(addr: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// Deploys a model through the cloud's REST API.
+async fn deploy(addr: &str, model: &str, variants: &[(&str, u32, u32)], shadow: Option<u32>) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "variants": variants.iter().map(|(l, v, w)| serde_json::json!({"label": l, "version": v, "weight": w})).collect::<Vec<_>>(),
+        "shadow": shadow,
+    });
+    let (status, text) = http_send(addr, "PUT", &format!("/models/{model}/deployment"), &body.to_string()).await?;
+    anyhow::ensure!(status == 200, "deploying {model}: HTTP {status}: {text}");
+    Ok(())
+}
+
+/// Registers `bytes` as a version of `model`; its number.
+async fn upload(addr: &str, model: &str, bytes: &[u8], card: serde_json::Value) -> anyhow::Result<u32> {
+    use base64::Engine;
+    let body = serde_json::json!({"onnx": base64::engine::general_purpose::STANDARD.encode(bytes), "card": card});
+    let (status, text) = http_send(addr, "POST", &format!("/models/{model}/versions"), &body.to_string()).await?;
+    anyhow::ensure!(status == 201, "uploading {model}: HTTP {status}: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    v["version"].as_u64().map(|v| v as u32).context("no version in the answer")
+}
+
+/// The committed models' files, as the demo uploads them.
+mod files {
+    pub(super) const FUEL_ALT: &[u8] = include_bytes!("../../models/fuel/alternative.onnx");
+    pub(super) const FUEL_ALT_CARD: &str = include_str!("../../models/fuel/alternative.json");
+    pub(super) const SPEED_ALT: &[u8] = include_bytes!("../../models/speed_next/alternative.onnx");
+    pub(super) const SPEED_ALT_CARD: &str = include_str!("../../models/speed_next/alternative.json");
+    pub(super) const TIRE: &[u8] = include_bytes!("../../models/tire_risk/model.onnx");
+}
+
+/// Makes the plan's first deployments; what they are, for the report.
+async fn deploy_models(addr: &str, plan: ModelPlan) -> anyhow::Result<Vec<crate::predictions::PlannedDeployment>> {
+    use crate::predictions::PlannedDeployment;
+    let committed = |model: &str| PlannedDeployment {
+        model: model.into(),
+        variants: vec![("A".into(), 1, 100)],
+        shadow: None,
+        from_ms: i64::MIN,
+        said: format!("{model}: A=v1 (committed)"),
+    };
+    let mut out: Vec<PlannedDeployment> = ["tire_risk", "fuel", "speed_next"].map(committed).into();
+    if plan == ModelPlan::Committed {
+        return Ok(out);
+    }
+    let card = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+    let fuel2 = upload(addr, "fuel", files::FUEL_ALT, card(files::FUEL_ALT_CARD)).await?;
+    let speed2 = upload(addr, "speed_next", files::SPEED_ALT, card(files::SPEED_ALT_CARD)).await?;
+    // The same trees registered again (an unknown protobuf field appended):
+    // another version whose scores must equal version 1's.
+    let mut tire = files::TIRE.to_vec();
+    tire.extend_from_slice(&[0xa2, 0x06, 0x01, 0x02]);
+    let tire2 = upload(addr, "tire_risk", &tire, serde_json::json!({"note": "version 1 registered again"})).await?;
+    deploy(addr, "fuel", &[("A", 1, 50), ("B", fuel2, 50)], None).await?;
+    deploy(addr, "speed_next", &[("A", 1, 50), ("B", speed2, 50)], None).await?;
+    deploy(addr, "tire_risk", &[("A", 1, 100)], Some(tire2)).await?;
+    let split = |model: &str, b: u32, wa: u32, wb: u32, shadow: Option<u32>, said: String| PlannedDeployment {
+        model: model.into(),
+        variants: if wb == 0 { vec![("A".into(), 1, wa)] } else { vec![("A".into(), 1, wa), ("B".into(), b, wb)] },
+        shadow,
+        from_ms: i64::MIN,
+        said,
+    };
+    out = vec![
+        split("fuel", fuel2, 50, 50, None, format!("fuel: A=v1 (linear) 50, B=v{fuel2} (trees) 50")),
+        split("speed_next", speed2, 50, 50, None, format!("speed_next: A=v1 (trees) 50, B=v{speed2} (linear) 50")),
+        split("tire_risk", tire2, 100, 0, Some(tire2), format!("tire_risk: A=v1 100, shadow v{tire2}")),
+    ];
+    Ok(out)
+}
+
+/// The plan's hot swap, halfway: `speed_next` to 20/80, `fuel` rolled back.
+async fn swap_models(
+    addr: &str,
+    deployed: &[crate::predictions::PlannedDeployment],
+    at_ms: i64,
+) -> anyhow::Result<Vec<crate::predictions::PlannedDeployment>> {
+    use crate::predictions::PlannedDeployment;
+    let speed2 = deployed.iter().find(|d| d.model == "speed_next").and_then(|d| d.variants.get(1)).map_or(2, |v| v.1);
+    deploy(addr, "speed_next", &[("A", 1, 20), ("B", speed2, 80)], None).await?;
+    let (status, text) = http_send(addr, "POST", "/models/fuel/rollback", "").await?;
+    anyhow::ensure!(status == 200, "rolling fuel back: HTTP {status}: {text}");
+    Ok(vec![
+        PlannedDeployment {
+            model: "speed_next".into(),
+            variants: vec![("A".into(), 1, 20), ("B".into(), speed2, 80)],
+            shadow: None,
+            from_ms: at_ms,
+            said: format!("speed_next: A=v1 20, B=v{speed2} 80 (hot swap)"),
+        },
+        PlannedDeployment {
+            model: "fuel".into(),
+            variants: vec![("A".into(), 1, 100)],
+            shadow: None,
+            from_ms: at_ms,
+            said: "fuel: rolled back to A=v1 (hot swap)".into(),
+        },
+    ])
+}
+
 async fn http_get(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
@@ -173,6 +304,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         Services::children(&dir, shard_count, opts.vehicles, silent_after, nodes).await?
     };
     let devices_port = services.devices_port;
+    let cloud_http = services.cloud_http().await.context("the cloud's HTTP address")?;
+    let mut deployments = deploy_models(&cloud_http, opts.models).await?;
     let chaos_log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
 
     // The fleet.
@@ -223,7 +356,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
             });
         }
     };
+    let mut swapped = opts.models != ModelPlan::Ab;
     while !drive.finished() {
+        if !swapped && started.elapsed() >= opts.duration / 2 {
+            swapped = true;
+            match swap_models(&cloud_http, &deployments, fleet_clock()).await {
+                Ok(d) => deployments.extend(d),
+                Err(e) => tracing::warn!(error = %e, "the models' hot swap failed"),
+            }
+        }
         bar.set_position(started.elapsed().as_secs().min(opts.duration.as_secs()));
         bar.set_message(progress("driving").await);
         sample(&mut ticks).await;
@@ -285,6 +426,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
     let detected = read_events(&lake.join("events"))?;
     let kinds = crate::model::IncidentKind::ALL.map(crate::model::IncidentKind::name);
     let events = score(&detected, &injected, &kinds);
+    let models = crate::predictions::judge(
+        &crate::predictions::read_predictions(&lake.join("predictions"))?,
+        &crate::predictions::read_minutes(&lake.join("aggregates"))?,
+        &injected,
+        &detected,
+        &deployments,
+        0.5,
+        // Commits in flight at a swap still score with the deployment before.
+        (5_000.0 * scale) as i64,
+    );
 
     let report = Report {
         vehicles: opts.vehicles,
@@ -311,6 +462,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Report> {
         data_dir: dir.display().to_string(),
         cluster,
         autoscale: autoscale.map(|a| a.report),
+        models: Some(models),
     };
 
     if let Some(path) = &opts.report_html {
@@ -1006,6 +1158,14 @@ impl Services {
             out
         });
         Some((stop_tx, task))
+    }
+
+    /// The HTTP address of a cloud node.
+    async fn cloud_http(&self) -> Option<String> {
+        match &self.inner {
+            Inner::InProcess { cloud, .. } => Some(cloud.listening.http.clone()),
+            Inner::Children { .. } => self.cloud_https().await.into_iter().next(),
+        }
     }
 
     /// The HTTP addresses of the cloud nodes running now.

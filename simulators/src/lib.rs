@@ -9,5 +9,6 @@ pub mod drive;
 pub mod fleet;
 pub mod html;
 pub mod model;
+pub mod predictions;
 pub mod report;
 pub mod rng;

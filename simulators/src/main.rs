@@ -75,6 +75,12 @@ enum Cmd {
         /// and done one drain at a time. Starts --cloud-nodes.
         #[arg(long)]
         autoscale: bool,
+        /// Model deployments: `committed` (the committed models alone) or `ab`
+        /// (A/B splits of fuel and speed_next between their two model families,
+        /// tire_risk with a shadow, and a hot swap halfway; the report checks each
+        /// split over vehicles and that no window went unscored).
+        #[arg(long, default_value = "committed", value_parser = ["committed", "ab"])]
+        models: String,
         /// Fewest cloud nodes with --autoscale.
         #[arg(long, default_value_t = 1)]
         min_nodes: usize,
@@ -257,6 +263,7 @@ fn main() -> ExitCode {
             cloud_nodes,
             shared_broker,
             autoscale,
+            models,
             min_nodes,
             max_nodes,
             target_rate,
@@ -281,6 +288,7 @@ fn main() -> ExitCode {
                 profile,
                 cloud_nodes,
                 shared_broker,
+                models: if models == "ab" { demo::ModelPlan::Ab } else { demo::ModelPlan::Committed },
                 autoscale: autoscale.then(|| demo::AutoscaleOptions {
                     rule: fleetline_sim::autoscale::Rule {
                         min: min_nodes.max(1),
@@ -327,6 +335,15 @@ fn main() -> ExitCode {
                     for v in &c.generation_violations {
                         eprintln!("fleetline-sim: generation check: {v}");
                     }
+                }
+                if let Some(m) = report.models.as_ref().filter(|m| !m.ok()) {
+                    eprintln!(
+                        "fleetline-sim: models: {} windows unscored, {} scored twice, {} predictions of a version no deployment ran, splits off by up to {:.1} points (see the report's allowance)",
+                        m.missing,
+                        m.duplicated,
+                        m.mislabelled,
+                        m.splits.iter().map(|s| s.worst_pp).fold(0.0, f64::max)
+                    );
                 }
                 ExitCode::from(3)
             }

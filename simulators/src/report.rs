@@ -80,7 +80,7 @@ pub struct Stored {
     pub latency_by_second: BTreeMap<i64, Vec<i64>>,
 }
 
-fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(crate) fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
@@ -144,6 +144,8 @@ pub struct Detected {
     pub kind: String,
     /// When the condition began (unit clock), Unix ms.
     pub ts_ms: i64,
+    /// Event time at which it was recognized, Unix ms.
+    pub detected_ms: i64,
     /// Wheel name (`row1.left` …) for tire events.
     pub wheel: Option<String>,
 }
@@ -163,11 +165,13 @@ pub fn read_events(events: &Path) -> anyhow::Result<Vec<Detected>> {
             let kind = col(c::KIND)?.as_string::<i32>().clone();
             let wheel = col(c::WHEEL)?.as_string::<i32>().clone();
             let ts = col(c::TS)?.as_primitive::<TimestampMillisecondType>().clone();
+            let detected = col(c::DETECTED_TS)?.as_primitive::<TimestampMillisecondType>().clone();
             for i in 0..b.num_rows() {
                 out.push(Detected {
                     device: dev.value(i).to_string(),
                     kind: kind.value(i).to_string(),
                     ts_ms: ts.value(i),
+                    detected_ms: detected.value(i),
                     wheel: (!wheel.is_null(i)).then(|| wheel.value(i).to_string()),
                 });
             }
@@ -307,6 +311,9 @@ pub struct Report {
     /// the signals read at every poll.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<crate::autoscale::AutoscaleReport>,
+    /// The models' predictions against the ground truth, per model and variant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<crate::predictions::ModelsReport>,
 }
 
 impl Report {
@@ -314,7 +321,8 @@ impl Report {
     /// every shard was owned again after every change, with one writer per
     /// generation).
     pub fn ok(&self) -> bool {
-        self.samples_lost == 0
+        self.models.as_ref().is_none_or(crate::predictions::ModelsReport::ok)
+            && self.samples_lost == 0
             && self.samples_still_queued == 0
             && self.samples_duplicated == 0
             && self.samples_acked > 0
@@ -459,7 +467,13 @@ mod tests {
     #[test]
     fn an_incident_too_late_to_mature_is_listed_but_not_scored_as_a_miss() {
         let injected = [incident("overspeed", "v-1", 0, true), incident("overspeed", "v-2", 0, false)];
-        let detected = [Detected { device: "v-1".into(), kind: "overspeed".into(), wheel: None, ts_ms: 10_000 }];
+        let detected = [Detected {
+            device: "v-1".into(),
+            kind: "overspeed".into(),
+            wheel: None,
+            ts_ms: 10_000,
+            detected_ms: 10_000,
+        }];
         let s = &score(&detected, &injected, &["overspeed"])["overspeed"];
         assert_eq!((s.expected, s.unmatured, s.detected), (1, 1, Some(1)));
         assert_eq!(s.recall, Some(1.0));
