@@ -9,6 +9,8 @@
 //! PUT    /models/{model}/deployment           {"variants": [{"label","version","weight"}], "shadow", "threshold"}
 //! POST   /models/{model}/rollback             the deployment before the current one
 //! DELETE /models/{model}/deployment           stop scoring the model
+//! POST   /models/{model}/rescore              {"versions": [1, 2], "from_ms", "to_ms", "threshold"}: the
+//!                                             versions over history (nodes with the `inference` role)
 //! ```
 
 use axum::Router;
@@ -20,6 +22,8 @@ use base64::Engine;
 use serde_json::json;
 
 use super::Ops;
+use crate::cluster::Role;
+use crate::jobs::rescore::{RescoreError, RescoreRequest};
 use crate::inference::registry::MAX_MODEL_BYTES;
 use crate::inference::{Deployment, ModelRegistryError};
 
@@ -36,6 +40,7 @@ pub(super) fn router() -> Router<Ops> {
         )
         .route("/models/{model}/deployment", put(deploy).delete(undeploy))
         .route("/models/{model}/rollback", post(rollback))
+        .route("/models/{model}/rescore", post(rescore))
 }
 
 fn error(e: ModelRegistryError) -> Response {
@@ -140,6 +145,26 @@ async fn rollback(State(ops): State<Ops>, Path(model): Path<String>) -> Response
     match ops.models.rollback(&model).await {
         Ok(d) => Json(d).into_response(),
         Err(e) => error(e),
+    }
+}
+
+async fn rescore(
+    State(ops): State<Ops>,
+    Path(model): Path<String>,
+    body: Result<Json<RescoreRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return unprocessable(format!("body: {e}")),
+    };
+    if !ops.cluster.me.has(Role::Inference) {
+        let msg = format!("{} does not have the inference role; ask a node that does", ops.node_id);
+        return (StatusCode::CONFLICT, Json(json!({"error": msg}))).into_response();
+    }
+    match crate::jobs::rescore::rescore(&ops.store, &ops.models, &model, &req).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e @ RescoreError::Invalid(_)) => unprocessable(e.to_string()),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))).into_response(),
     }
 }
 

@@ -220,7 +220,87 @@ async fn the_rest_api_uploads_deploys_and_rolls_back_behind_the_token() {
 
     assert_eq!(http(addr, "POST", "/models/fuel/rollback", None, Some("tok")).await.0, 200);
     assert_eq!(models.active().get(ModelKind::Fuel).unwrap().variants.len(), 1);
+    let rescore = json!({"versions": [1, 2]});
+    assert_eq!(http(addr, "POST", "/models/fuel/rescore", Some(rescore.clone()), None).await.0, 401);
+    let (status, body) = http(addr, "POST", "/models/fuel/rescore", Some(rescore), Some("tok")).await;
+    assert_eq!(status, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((r["windows"].as_u64(), r["versions"].as_array().map(Vec::len)), (Some(0), Some(2)), "an empty lake");
     assert_eq!(http(addr, "DELETE", "/models/fuel/deployment", None, Some("tok")).await.0, 204);
     assert!(models.active().get(ModelKind::Fuel).is_none());
     server.abort();
+}
+
+/// A lake with `vehicles` vehicles' one-minute windows over `minutes` minutes.
+async fn lake_with_minutes(store: &Store, vehicles: usize, minutes: i64) {
+    use fleetline_cloud::analytics::AggregateRow;
+    use fleetline_cloud::lake::rows::{Rows, WrittenBy};
+    let t0 = 1_796_180_000_000 / 3_600_000 * 3_600_000;
+    let mut rows = Rows::default();
+    for v in 0..vehicles {
+        let (fleet, device): (Arc<str>, Arc<str>) = ("acme".into(), format!("veh-{v}").into());
+        for m in 0..minutes {
+            let speed = 30.0 + ((v as i64 * 7 + m * 13) % 60) as f64;
+            let leaking = v % 5 == 0 && m > minutes / 2;
+            rows.push_aggregate(&fleet, &device, AggregateRow {
+                window: "1m",
+                start: t0 + m * 60_000,
+                end: t0 + (m + 1) * 60_000,
+                samples: 40,
+                distance_m: speed / 60.0 * 1000.0,
+                speed_readings: 6,
+                avg_speed_kmh: Some(speed),
+                max_speed_kmh: Some(speed + 9.0),
+                fuel_used_l: Some(0.1 + speed / 400.0),
+                fuel_l_per_100km: None,
+                tire_readings: 24,
+                tire_pressure_min_kpa: Some(if leaking { 858.0 - m as f64 * 0.1 } else { 887.0 }),
+                tire_pressure_mean_kpa: Some(if leaking { 876.0 } else { 888.0 }),
+                tire_pressure_max_kpa: Some(if leaking { 881.0 } else { 889.0 }),
+                leak_rate_kpa_h: Some(if leaking { 84.0 } else { 0.3 }),
+            });
+        }
+    }
+    let by = WrittenBy { node: "t".into(), shard: 0, generation: 1, claim: 1, epoch: 0 };
+    for f in rows.encode(t0, &by).unwrap() {
+        let path = format!("{}/{}/shard-000-000000000001.parquet", f.dataset, f.partition);
+        store.put(&path, f.bytes.into()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn rescoring_compares_versions_on_the_same_history() {
+    use fleetline_cloud::jobs::rescore::{RescoreRequest, rescore};
+    let store = Store::memory();
+    lake_with_minutes(&store, 20, 90).await;
+    let models = ModelRegistry::open(store.clone(), Arc::default()).await.unwrap();
+    let alt = std::fs::read(format!("{}/../models/speed_next/alternative.onnx", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let v2 = models.register("speed_next", alt.into(), json!({}), "upload").await.unwrap().version;
+    let req = RescoreRequest { versions: vec![1, v2], ..Default::default() };
+    let r = rescore(&store, &models, "speed_next", &req).await.unwrap();
+    assert_eq!(r.windows, 20 * 90);
+    assert_eq!(r.rows, 20 * 88, "three windows in a row per row");
+    assert_eq!(r.versions.len(), 2);
+    for v in &r.versions {
+        assert_eq!(v.compared, Some(20 * 87), "the last row of each vehicle has no next window");
+        assert!(v.mae.unwrap() > 0.0 && v.mae.unwrap() < 60.0, "{v:?}");
+    }
+    assert!(r.pairs[0].mean_abs_diff > 0.0, "two model families differ");
+
+    // The same trees under two versions agree everywhere.
+    let tire2 = models.register("tire_risk", retagged(ModelKind::TireRisk, 9).into(), json!({}), "upload").await.unwrap();
+    let req = RescoreRequest { versions: vec![1, tire2.version], ..Default::default() };
+    let r = rescore(&store, &models, "tire_risk", &req).await.unwrap();
+    assert_eq!((r.pairs[0].mean_abs_diff, r.pairs[0].alert_agreement), (0.0, Some(1.0)));
+    let above = r.versions[0].above_threshold.unwrap();
+    assert!(above > 0.05 && above < 0.2, "a fifth of the vehicles leak for half the time: {above}");
+
+    // A range: only its windows.
+    let t0 = 1_796_180_000_000 / 3_600_000 * 3_600_000;
+    let req = RescoreRequest { versions: vec![1], from_ms: Some(t0 + 10 * 60_000), to_ms: Some(t0 + 20 * 60_000), threshold: None };
+    assert_eq!(rescore(&store, &models, "fuel", &req).await.unwrap().windows, 20 * 10);
+    // Versions that are not registered, or none.
+    let bad = RescoreRequest { versions: vec![7], ..Default::default() };
+    assert!(rescore(&store, &models, "fuel", &bad).await.is_err());
+    assert!(rescore(&store, &models, "fuel", &RescoreRequest::default()).await.is_err());
 }
