@@ -23,9 +23,9 @@ use serde_json::json;
 
 use super::Ops;
 use crate::cluster::Role;
-use crate::jobs::rescore::{RescoreError, RescoreRequest};
 use crate::inference::registry::MAX_MODEL_BYTES;
 use crate::inference::{Deployment, ModelRegistryError};
+use crate::jobs::rescore::{RescoreError, RescoreRequest};
 
 /// The routes.
 pub(super) fn router() -> Router<Ops> {

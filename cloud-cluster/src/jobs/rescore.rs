@@ -129,7 +129,10 @@ async fn read_minutes(
             continue;
         };
         let Some(hour) = partition_start(dir) else { continue };
-        if from_ms.is_some_and(|f| hour + 3_600_000 <= f) || to_ms.is_some_and(|t| hour >= t) || !path.ends_with(".parquet") {
+        if from_ms.is_some_and(|f| hour + 3_600_000 <= f)
+            || to_ms.is_some_and(|t| hour >= t)
+            || !path.ends_with(".parquet")
+        {
             continue;
         }
         let Some(bytes) = store.get(&path).await.map_err(|e| lake(&e))? else { continue };
@@ -142,7 +145,8 @@ async fn read_minutes(
             let window = col(c::WINDOW)?.as_string::<i32>().clone();
             let start = col(c::WINDOW_START)?.as_primitive::<TimestampMillisecondType>().clone();
             let f = |name: &str| col(name).map(|a| a.as_primitive::<Float64Type>().clone());
-            let (dist, avg, max, fuel) = (f(c::DISTANCE_M)?, f(c::AVG_SPEED_KMH)?, f(c::MAX_SPEED_KMH)?, f(c::FUEL_USED_L)?);
+            let (dist, avg, max, fuel) =
+                (f(c::DISTANCE_M)?, f(c::AVG_SPEED_KMH)?, f(c::MAX_SPEED_KMH)?, f(c::FUEL_USED_L)?);
             let (pmin, pmean, pmax, leak) = (
                 f(c::TIRE_PRESSURE_MIN_KPA)?,
                 f(c::TIRE_PRESSURE_MEAN_KPA)?,
@@ -245,7 +249,8 @@ fn compare(
     let versions = scores
         .iter()
         .map(|(v, s)| {
-            let errs: Vec<f64> = s.iter().zip(&truth).filter_map(|(p, t)| t.map(|t| (f64::from(*p) - t).abs())).collect();
+            let errs: Vec<f64> =
+                s.iter().zip(&truth).filter_map(|(p, t)| t.map(|t| (f64::from(*p) - t).abs())).collect();
             VersionScore {
                 version: *v,
                 mean: s.iter().map(|x| f64::from(*x)).sum::<f64>() / n,
@@ -267,20 +272,14 @@ fn compare(
                 mean_abs_diff: diffs.iter().sum::<f64>() / n,
                 max_abs_diff: diffs.iter().copied().fold(0.0, f64::max),
                 alert_agreement: kind.is_classifier().then(|| {
-                    sa.iter().zip(sb).filter(|(x, y)| (f64::from(**x) >= threshold) == (f64::from(**y) >= threshold)).count()
-                        as f64
+                    sa.iter()
+                        .zip(sb)
+                        .filter(|(x, y)| (f64::from(**x) >= threshold) == (f64::from(**y) >= threshold))
+                        .count() as f64
                         / n
                 }),
             });
         }
     }
-    Ok(RescoreReport {
-        model: kind.name().into(),
-        from_ms,
-        to_ms,
-        windows,
-        rows: truth.len() as u64,
-        versions,
-        pairs,
-    })
+    Ok(RescoreReport { model: kind.name().into(), from_ms, to_ms, windows, rows: truth.len() as u64, versions, pairs })
 }

@@ -242,23 +242,27 @@ async fn lake_with_minutes(store: &Store, vehicles: usize, minutes: i64) {
         for m in 0..minutes {
             let speed = 30.0 + ((v as i64 * 7 + m * 13) % 60) as f64;
             let leaking = v % 5 == 0 && m > minutes / 2;
-            rows.push_aggregate(&fleet, &device, AggregateRow {
-                window: "1m",
-                start: t0 + m * 60_000,
-                end: t0 + (m + 1) * 60_000,
-                samples: 40,
-                distance_m: speed / 60.0 * 1000.0,
-                speed_readings: 6,
-                avg_speed_kmh: Some(speed),
-                max_speed_kmh: Some(speed + 9.0),
-                fuel_used_l: Some(0.1 + speed / 400.0),
-                fuel_l_per_100km: None,
-                tire_readings: 24,
-                tire_pressure_min_kpa: Some(if leaking { 858.0 - m as f64 * 0.1 } else { 887.0 }),
-                tire_pressure_mean_kpa: Some(if leaking { 876.0 } else { 888.0 }),
-                tire_pressure_max_kpa: Some(if leaking { 881.0 } else { 889.0 }),
-                leak_rate_kpa_h: Some(if leaking { 84.0 } else { 0.3 }),
-            });
+            rows.push_aggregate(
+                &fleet,
+                &device,
+                AggregateRow {
+                    window: "1m",
+                    start: t0 + m * 60_000,
+                    end: t0 + (m + 1) * 60_000,
+                    samples: 40,
+                    distance_m: speed / 60.0 * 1000.0,
+                    speed_readings: 6,
+                    avg_speed_kmh: Some(speed),
+                    max_speed_kmh: Some(speed + 9.0),
+                    fuel_used_l: Some(0.1 + speed / 400.0),
+                    fuel_l_per_100km: None,
+                    tire_readings: 24,
+                    tire_pressure_min_kpa: Some(if leaking { 858.0 - m as f64 * 0.1 } else { 887.0 }),
+                    tire_pressure_mean_kpa: Some(if leaking { 876.0 } else { 888.0 }),
+                    tire_pressure_max_kpa: Some(if leaking { 881.0 } else { 889.0 }),
+                    leak_rate_kpa_h: Some(if leaking { 84.0 } else { 0.3 }),
+                },
+            );
         }
     }
     let by = WrittenBy { node: "t".into(), shard: 0, generation: 1, claim: 1, epoch: 0 };
@@ -288,7 +292,8 @@ async fn rescoring_compares_versions_on_the_same_history() {
     assert!(r.pairs[0].mean_abs_diff > 0.0, "two model families differ");
 
     // The same trees under two versions agree everywhere.
-    let tire2 = models.register("tire_risk", retagged(ModelKind::TireRisk, 9).into(), json!({}), "upload").await.unwrap();
+    let tire2 =
+        models.register("tire_risk", retagged(ModelKind::TireRisk, 9).into(), json!({}), "upload").await.unwrap();
     let req = RescoreRequest { versions: vec![1, tire2.version], ..Default::default() };
     let r = rescore(&store, &models, "tire_risk", &req).await.unwrap();
     assert_eq!((r.pairs[0].mean_abs_diff, r.pairs[0].alert_agreement), (0.0, Some(1.0)));
@@ -297,7 +302,12 @@ async fn rescoring_compares_versions_on_the_same_history() {
 
     // A range: only its windows.
     let t0 = 1_796_180_000_000 / 3_600_000 * 3_600_000;
-    let req = RescoreRequest { versions: vec![1], from_ms: Some(t0 + 10 * 60_000), to_ms: Some(t0 + 20 * 60_000), threshold: None };
+    let req = RescoreRequest {
+        versions: vec![1],
+        from_ms: Some(t0 + 10 * 60_000),
+        to_ms: Some(t0 + 20 * 60_000),
+        threshold: None,
+    };
     assert_eq!(rescore(&store, &models, "fuel", &req).await.unwrap().windows, 20 * 10);
     // Versions that are not registered, or none.
     let bad = RescoreRequest { versions: vec![7], ..Default::default() };
