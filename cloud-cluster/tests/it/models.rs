@@ -1,6 +1,7 @@
 //! The model registry: versions checked by loading them, deployments with
 //! variants and a shadow, rollbacks, nodes converging on one store, damaged
 //! files refused, and its REST API behind the bearer token.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is the failure report.
 
 use std::sync::Arc;
 
