@@ -12,7 +12,7 @@
 //! dataset in the same commit, and a tire risk crossing the deployment's
 //! threshold (live variants only) is a `tire_risk` event and an alert.
 //!
-//! - [`deploy`] [pure]: deployments and the split by vehicle hash;
+//! - [`deploy`] (pure): deployments and the split by vehicle hash;
 //! - [`registry`]: versions and deployments in the store, plans, the active set;
 //! - [`stage`]: scoring a commit's requests.
 
