@@ -52,6 +52,7 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 cargo fmt --all --manifest-path device-sdk/no-std-check/Cargo.toml -- --check
+cargo fmt --all --manifest-path firmware-examples/Cargo.toml -- --check
 
 step "clippy (all targets, std) and the no_std library build"
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
@@ -77,5 +78,16 @@ python3 models/check_models.py --tract "${CARGO_TARGET_DIR:-target}/debug/exampl
 
 step "no_std proof"
 scripts/no-std-check.sh
+
+step "firmware: the unit built for Cortex-M4, its self-test in QEMU, flash and RAM against the budget"
+set +e
+scripts/firmware-check.sh
+firmware=$?
+set -e
+if [ "$firmware" = 3 ]; then
+    echo "firmware: NOT CHECKED — the Debian packages it builds with could not be had (see above)" >&2
+elif [ "$firmware" != 0 ]; then
+    exit "$firmware"
+fi
 
 step "all checks passed"

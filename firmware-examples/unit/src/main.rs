@@ -1,0 +1,123 @@
+//! A vehicle unit's firmware, first step: the device SDK on a Cortex-M4 under
+//! QEMU (`mps2-an386`), running its self-test and reporting over semihosting.
+//!
+//! The self-test records readings, seals them into a batch, opens the batch
+//! with the unit's key (as the gateway would), takes the gateway's sealed ack
+//! and refuses its replay, then "reboots": a new `Device` with the next boot epoch must seal batches
+//! the old acks do not cover. Exit code 0 only when all of it holds.
+
+#![no_std]
+#![no_main]
+
+use core::panic::PanicInfo;
+
+use cortex_m_rt::entry;
+use cortex_m_semihosting::{debug, hprintln};
+use fleetline_device::wire::control::{self, AckRange};
+use fleetline_device::wire::signals::kind;
+use fleetline_device::wire::{DeviceId, DeviceKey, FleetId, open_batch};
+use fleetline_device::{BootState, Config, ControlError, Device, FlushPolicy, OutboxFull, Reading};
+
+/// Samples per batch and sealed-batch bytes: the sizes the budget is set for.
+const SAMPLES: usize = 60;
+const BATCH_BYTES: usize = 1024;
+const OUTBOX: usize = 8;
+
+type Unit = Device<SAMPLES, BATCH_BYTES, OUTBOX>;
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    hprintln!("panic: {}", info);
+    debug::exit(debug::EXIT_FAILURE);
+    loop {}
+}
+
+fn config(key: &DeviceKey) -> Result<Config, &'static str> {
+    Ok(Config {
+        fleet: FleetId::new("demo").map_err(|_| "fleet id")?,
+        device: DeviceId::new("v-00001").map_err(|_| "device id")?,
+        key: key.clone(),
+        flush: FlushPolicy { max_samples: SAMPLES as u16, max_bytes: BATCH_BYTES as u16, max_age_ms: 2_000 },
+        resend_after_ms: 5_000,
+        when_full: OutboxFull::DropOldest,
+    })
+}
+
+/// Seals one batch of `n` readings and returns (its bytes, seq).
+fn seal(unit: &mut Unit, t0: u64, n: u64, out: &mut [u8; BATCH_BYTES]) -> Result<(usize, u32), &'static str> {
+    for i in 0..n {
+        let r = Reading { kind: kind::SPEED, time_ms: 1_790_000_000_000 + t0 + i * 1000, value: 40.0 + i as f64 };
+        unit.record(t0 + i * 1000, r).map_err(|_| "record")?;
+    }
+    let tx = unit.poll_transmit(t0 + n * 1000 + 2_000).ok_or("nothing to send")?;
+    out[..tx.payload.len()].copy_from_slice(tx.payload);
+    Ok((tx.payload.len(), tx.seq))
+}
+
+fn self_test() -> Result<(), &'static str> {
+    let key = DeviceKey::from_bytes([7; 32]);
+    // The device lives in a static (counted in the build's RAM), not on the stack.
+    let slot = cortex_m::singleton!(: Option<Unit> = None).ok_or("device slot taken")?;
+    let unit =
+        slot.insert(Device::new(config(&key)?, BootState { epoch: 4, last_command_counter: 0 }).map_err(|_| "new")?);
+    hprintln!("self-test: device state {} bytes", core::mem::size_of::<Unit>());
+    let mut buf = [0u8; BATCH_BYTES];
+    let (len, seq) = seal(unit, 0, 20, &mut buf)?;
+    let opened = open_batch(&mut buf[..len], &key).map_err(|_| "open")?;
+    let mut samples = 0;
+    for series in opened.series() {
+        for s in series.map_err(|_| "series")?.samples().ok_or("samples")? {
+            s.map_err(|_| "sample")?;
+            samples += 1;
+        }
+    }
+    if samples != 20 {
+        return Err("batch does not hold the 20 readings");
+    }
+    hprintln!("self-test: sealed batch (4, {}) of {} bytes, opened: {} readings", seq, len, samples);
+    let mut ack = [0u8; 128];
+    let mut nonce = [0u8; 12];
+    nonce[0] = 0x02;
+    nonce[11] = 1;
+    let n = control::seal_ack(&mut ack, &key, "gw-1", 1, nonce, &[AckRange { epoch: 4, first: seq, count: 1 }])
+        .map_err(|_| "seal ack")?;
+    let mut replay = ack;
+    let outcome = unit.handle_ack(&mut ack[..n]).map_err(|_| "ack")?;
+    if outcome.samples != 20 || !unit.is_idle() {
+        return Err("the ack did not release the batch");
+    }
+    // The same ack again (a replay): refused by its counter, and counted.
+    match unit.handle_ack(&mut replay[..n]) {
+        Err(ControlError::Replayed) => {}
+        _ => return Err("a replayed ack was not refused as a replay"),
+    }
+    if unit.stats().acks_replayed != 1 {
+        return Err("the replayed ack was not counted");
+    }
+    hprintln!("self-test: ack released {} readings; its replay refused and counted", outcome.samples);
+    // Reboot: the next epoch starts at seq 0 and its batches are new ones.
+    let rebooted =
+        slot.insert(Device::new(config(&key)?, BootState { epoch: 5, last_command_counter: 0 }).map_err(|_| "reboot")?);
+    let (len, seq) = seal(rebooted, 60_000, 5, &mut buf)?;
+    let header = fleetline_device::wire::peek_header(&buf[..len]).map_err(|_| "header")?;
+    if header.epoch != 5 || seq != 0 {
+        return Err("after a reboot batches must come from the new epoch");
+    }
+    hprintln!("self-test: rebooted into epoch {}, first batch seq {}", header.epoch, seq);
+    Ok(())
+}
+
+#[entry]
+fn main() -> ! {
+    match self_test() {
+        Ok(()) => {
+            hprintln!("self-test: passed");
+            debug::exit(debug::EXIT_SUCCESS);
+        }
+        Err(e) => {
+            hprintln!("self-test: FAILED: {}", e);
+            debug::exit(debug::EXIT_FAILURE);
+        }
+    }
+    loop {}
+}
