@@ -1,7 +1,9 @@
 //! A vehicle unit's firmware, first step: the device SDK on a Cortex-M4 under
 //! QEMU (`mps2-an386`), running its self-test and reporting over semihosting.
 //!
-//! The self-test records readings, seals them into a batch, opens the batch
+//! The self-test first runs the sensor drivers on canned input (NMEA
+//! sentences from a receiver, one garbled; a fuel sender's raw values through
+//! the tank's calibration) and records what they give; then it records readings, seals them into a batch, opens the batch
 //! with the unit's key (as the gateway would), takes the gateway's sealed ack
 //! and refuses its replay, then "reboots": a new `Device` with the next boot epoch must seal batches
 //! the old acks do not cover. Exit code 0 only when all of it holds.
@@ -54,6 +56,48 @@ fn seal(unit: &mut Unit, t0: u64, n: u64, out: &mut [u8; BATCH_BYTES]) -> Result
     Ok((tx.payload.len(), tx.seq))
 }
 
+/// What a receiver sends in one epoch, and a line garbled on the wire.
+const NMEA: &[u8] = b"$GPGGA,092750.000,5321.6802,N,00630.3372,W,1,8,1.03,61.7,M,55.2,M,,*76\r\n\
+$GPRMC,092750.000,A,5321.6802,N,00630.3372,W,20.5,54.7,280511,,,A*72\r\n\
+$GPRMC,092751.000,A,5321.6802,N,00630.3372,W,2#.5,54.7,280511,,,A*4E\r\n";
+
+/// The drivers on canned input, their readings recorded by `unit`.
+fn sensors(unit: &mut Unit) -> Result<(), &'static str> {
+    use fleetline_unit_drivers::fuel::Calibration;
+    use fleetline_unit_drivers::gps::NmeaParser;
+    let mut gps = NmeaParser::default();
+    let mut fix = None;
+    gps.feed(NMEA, |f| fix = Some(f));
+    let fix = fix.ok_or("no fix from the receiver's sentences")?;
+    let stats = gps.stats();
+    if stats.fixes != 1 || stats.checksum_errors != 1 {
+        return Err("the garbled sentence was not counted");
+    }
+    let t = 1_790_000_000_000;
+    for (k, v) in
+        [(kind::LATITUDE, fix.lat), (kind::LONGITUDE, fix.lon), (kind::SPEED, f64::from(fix.speed_kmh.unwrap_or(0.0)))]
+    {
+        unit.record(0, Reading { kind: k, time_ms: t, value: v }).map_err(|_| "record fix")?;
+    }
+    let tank = Calibration::new(&[(400, 0.0), (1_600, 100.0), (3_600, 400.0)]).map_err(|_| "calibration")?;
+    let (litres, within) = tank.litres(2_600);
+    if !within || !(249.9..=250.1).contains(&litres) {
+        return Err("fuel calibration");
+    }
+    unit.record(0, Reading { kind: kind::FUEL_ABSOLUTE_LEVEL, time_ms: t, value: f64::from(litres) })
+        .map_err(|_| "record fuel")?;
+    // Integers: formatting floats would pull core's float printing into flash.
+    hprintln!(
+        "self-test: GPS fix lat {} lon {} (µ°), speed {} (0.1 km/h), {} sentence garbled; tank {} (0.1 l)",
+        (fix.lat * 1e6) as i64,
+        (fix.lon * 1e6) as i64,
+        (fix.speed_kmh.unwrap_or(0.0) * 10.0) as i32,
+        stats.checksum_errors,
+        (litres * 10.0) as i32
+    );
+    Ok(())
+}
+
 fn self_test() -> Result<(), &'static str> {
     let key = DeviceKey::from_bytes([7; 32]);
     // The device lives in a static (counted in the build's RAM), not on the stack.
@@ -61,6 +105,7 @@ fn self_test() -> Result<(), &'static str> {
     let unit =
         slot.insert(Device::new(config(&key)?, BootState { epoch: 4, last_command_counter: 0 }).map_err(|_| "new")?);
     hprintln!("self-test: device state {} bytes", core::mem::size_of::<Unit>());
+    sensors(unit)?;
     let mut buf = [0u8; BATCH_BYTES];
     let (len, seq) = seal(unit, 0, 20, &mut buf)?;
     let opened = open_batch(&mut buf[..len], &key).map_err(|_| "open")?;
@@ -71,8 +116,8 @@ fn self_test() -> Result<(), &'static str> {
             samples += 1;
         }
     }
-    if samples != 20 {
-        return Err("batch does not hold the 20 readings");
+    if samples != 24 {
+        return Err("batch does not hold the 24 readings");
     }
     hprintln!("self-test: sealed batch (4, {}) of {} bytes, opened: {} readings", seq, len, samples);
     let mut ack = [0u8; 128];
@@ -83,7 +128,7 @@ fn self_test() -> Result<(), &'static str> {
         .map_err(|_| "seal ack")?;
     let mut replay = ack;
     let outcome = unit.handle_ack(&mut ack[..n]).map_err(|_| "ack")?;
-    if outcome.samples != 20 || !unit.is_idle() {
+    if outcome.samples != 24 || !unit.is_idle() {
         return Err("the ack did not release the batch");
     }
     // The same ack again (a replay): refused by its counter, and counted.
