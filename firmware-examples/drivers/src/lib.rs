@@ -5,7 +5,9 @@
 //!   bytes, checksums verified, `GGA` and `RMC` parsed into a [`gps::Fix`];
 //! - [`tpms`]: a tire-pressure receiver on I2C: pressure and temperature per
 //!   wheel from its registers;
-//! - [`fuel`]: the tank level from an ADC channel through a calibration table.
+//! - [`fuel`]: the tank level from an ADC channel through a calibration table;
+//! - [`persist`]: the boot epoch and command counter in NOR flash, safe
+//!   against power loss at any write or erase.
 //!
 //! Bad input — a bus error, a garbled sentence, a register value no sensor
 //! sends, a reading outside the calibration — is an error the caller sees and a
@@ -15,4 +17,5 @@
 
 pub mod fuel;
 pub mod gps;
+pub mod persist;
 pub mod tpms;
