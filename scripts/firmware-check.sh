@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the unit firmware (firmware-examples/) for a Cortex-M4 and runs its
-# self-test in QEMU (Arm MPS2 AN386), then prints one JSON line: flash and static
-# RAM of the release build, the SDK's device state, the self-test's result.
+# self-test in QEMU (Arm MPS2 AN386) twice — two power-ups sharing the unit's
+# flash image — then prints one JSON line: flash and static RAM of the release
+# build, the SDK's device state, the self-test's result, the boot epochs of the
+# two power-ups (the second must be larger).
 #
 # rustup here has no thumb targets and cannot fetch them. Debian's rustc-web
 # packages can: they are downloaded by name (apt-get download) and unpacked into
@@ -91,19 +93,27 @@ read -r flash ram < <(size -A "$elf" | awk '
     $1 == ".data" || $1 == ".bss" || $1 == ".uninit" { ram += $2 }
     END { print flash + 0, ram + 0 }')
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-set +e
-timeout 60 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic \
-    -semihosting-config enable=on,target=native -kernel "$elf" >"$log" 2>&1
-qemu=$?
-set -e
-cat "$log" >&2
-state=$(sed -n 's/^self-test: device state \([0-9]*\) bytes$/\1/p' "$log")
-result=failed
-if [ "$qemu" = 0 ] && grep -q '^self-test: passed$' "$log"; then result=passed; fi
+# Two power-ups: QEMU runs in a scratch directory where the unit keeps its flash
+# image (semihosting); the second run must boot with a larger epoch.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+result=passed
+epochs=""
+for run in 1 2; do
+    set +e
+    (cd "$scratch" && timeout 60 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic \
+        -semihosting-config enable=on,target=native -kernel "$elf") >"$scratch/log" 2>&1
+    qemu=$?
+    set -e
+    cat "$scratch/log" >&2
+    if [ "$qemu" != 0 ] || ! grep -q '^self-test: passed$' "$scratch/log"; then result=failed; fi
+    epochs="$epochs $(sed -n 's/^self-test: power-up .*: boot epoch \([0-9]*\)$/\1/p' "$scratch/log")"
+    state=$(sed -n 's/^self-test: device state \([0-9]*\) bytes$/\1/p' "$scratch/log")
+done
+read -r first second <<<"$epochs"
+if [ -z "${first:-}" ] || [ -z "${second:-}" ] || [ "$second" -le "$first" ]; then result=failed; fi
 within=true
 if [ "$flash" -gt "$FLASH_BUDGET" ] || [ "$ram" -gt "$RAM_BUDGET" ]; then within=false; fi
-printf '{"firmware":"thumbv7em-none-eabihf","machine":"mps2-an386","flash_bytes":%s,"flash_budget":%s,"static_ram_bytes":%s,"ram_budget":%s,"device_state_bytes":%s,"self_test":"%s","within_budget":%s,"packages":"%s"}\n' \
-    "$flash" "$FLASH_BUDGET" "$ram" "$RAM_BUDGET" "${state:-null}" "$result" "$within" "$(xargs < "$root/PACKAGES")"
+printf '{"firmware":"thumbv7em-none-eabihf","machine":"mps2-an386","flash_bytes":%s,"flash_budget":%s,"static_ram_bytes":%s,"ram_budget":%s,"device_state_bytes":%s,"self_test":"%s","boot_epochs":[%s],"within_budget":%s,"packages":"%s"}\n' \
+    "$flash" "$FLASH_BUDGET" "$ram" "$RAM_BUDGET" "${state:-null}" "$result" "${first:-null},${second:-null}" "$within" "$(xargs < "$root/PACKAGES")"
 [ "$result" = passed ] && [ "$within" = true ]

@@ -27,6 +27,87 @@ const OUTBOX: usize = 8;
 
 type Unit = Device<SAMPLES, BATCH_BYTES, OUTBOX>;
 
+/// The unit's flash as the boot store sees it. QEMU's MPS2 board has no
+/// programmable flash, so it is RAM with NOR semantics (writes only clear bits,
+/// erases set a sector), and its image is loaded from and saved to a file on
+/// the host over semihosting: a second QEMU run is the unit's next power-up.
+struct RamFlash(&'static mut [u8; FLASH_BYTES]);
+
+const FLASH_BYTES: usize = 2048;
+const FLASH_IMAGE: &[u8] = b"fleetline-unit-flash.bin\0";
+
+#[derive(Debug)]
+struct OutOfRange;
+
+impl embedded_storage::nor_flash::NorFlashError for OutOfRange {
+    fn kind(&self) -> embedded_storage::nor_flash::NorFlashErrorKind {
+        embedded_storage::nor_flash::NorFlashErrorKind::OutOfBounds
+    }
+}
+
+impl embedded_storage::nor_flash::ErrorType for RamFlash {
+    type Error = OutOfRange;
+}
+
+impl embedded_storage::nor_flash::ReadNorFlash for RamFlash {
+    const READ_SIZE: usize = 1;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), OutOfRange> {
+        let o = offset as usize;
+        bytes.copy_from_slice(self.0.get(o..o + bytes.len()).ok_or(OutOfRange)?);
+        Ok(())
+    }
+    fn capacity(&self) -> usize {
+        FLASH_BYTES
+    }
+}
+
+impl embedded_storage::nor_flash::NorFlash for RamFlash {
+    const WRITE_SIZE: usize = 4;
+    const ERASE_SIZE: usize = 512;
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), OutOfRange> {
+        self.0.get_mut(from as usize..to as usize).ok_or(OutOfRange)?.fill(0xff);
+        Ok(())
+    }
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), OutOfRange> {
+        let o = offset as usize;
+        for (d, s) in self.0.get_mut(o..o + bytes.len()).ok_or(OutOfRange)?.iter_mut().zip(bytes) {
+            *d &= s;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the flash image the host kept (none on the first power-up).
+fn load_flash(image: &mut [u8; FLASH_BYTES]) -> bool {
+    use cortex_m_semihosting::{nr, syscall};
+    // SAFETY: semihosting calls with a NUL-terminated path and a buffer of the
+    // length given; QEMU's semihosting implements them.
+    unsafe {
+        let h = syscall!(OPEN, FLASH_IMAGE.as_ptr(), nr::open::R_BINARY, FLASH_IMAGE.len() - 1) as isize;
+        if h < 0 {
+            return false;
+        }
+        let not_read = syscall!(READ, h, image.as_mut_ptr(), FLASH_BYTES);
+        syscall!(CLOSE, h);
+        not_read == 0
+    }
+}
+
+/// Keeps the flash image on the host for the next power-up.
+fn save_flash(image: &[u8; FLASH_BYTES]) -> bool {
+    use cortex_m_semihosting::{nr, syscall};
+    // SAFETY: as in `load_flash`.
+    unsafe {
+        let h = syscall!(OPEN, FLASH_IMAGE.as_ptr(), nr::open::W_TRUNC_BINARY, FLASH_IMAGE.len() - 1) as isize;
+        if h < 0 {
+            return false;
+        }
+        let not_written = syscall!(WRITE, h, image.as_ptr(), FLASH_BYTES);
+        syscall!(CLOSE, h);
+        not_written == 0
+    }
+}
+
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
     hprintln!("panic: {}", info);
@@ -99,11 +180,24 @@ fn sensors(unit: &mut Unit) -> Result<(), &'static str> {
 }
 
 fn self_test() -> Result<(), &'static str> {
+    use fleetline_unit_drivers::persist::BootStore;
     let key = DeviceKey::from_bytes([7; 32]);
+    // Power-up: the boot epoch from flash, one more than any before, written first.
+    let image = cortex_m::singleton!(: [u8; FLASH_BYTES] = [0xff; FLASH_BYTES]).ok_or("flash taken")?;
+    let restored = load_flash(image);
+    let mut store = BootStore::new(RamFlash(image), 0).map_err(|_| "boot store")?;
+    let boot = store.next_boot().map_err(|_| "next boot")?;
+    hprintln!(
+        "self-test: power-up {} flash image: boot epoch {}",
+        if restored { "with the saved" } else { "with a blank" },
+        boot.epoch
+    );
     // The device lives in a static (counted in the build's RAM), not on the stack.
     let slot = cortex_m::singleton!(: Option<Unit> = None).ok_or("device slot taken")?;
-    let unit =
-        slot.insert(Device::new(config(&key)?, BootState { epoch: 4, last_command_counter: 0 }).map_err(|_| "new")?);
+    let unit = slot.insert(
+        Device::new(config(&key)?, BootState { epoch: boot.epoch, last_command_counter: boot.command_counter })
+            .map_err(|_| "new")?,
+    );
     hprintln!("self-test: device state {} bytes", core::mem::size_of::<Unit>());
     sensors(unit)?;
     let mut buf = [0u8; BATCH_BYTES];
@@ -119,13 +213,14 @@ fn self_test() -> Result<(), &'static str> {
     if samples != 24 {
         return Err("batch does not hold the 24 readings");
     }
-    hprintln!("self-test: sealed batch (4, {}) of {} bytes, opened: {} readings", seq, len, samples);
+    hprintln!("self-test: sealed batch ({}, {}) of {} bytes, opened: {} readings", boot.epoch, seq, len, samples);
     let mut ack = [0u8; 128];
     let mut nonce = [0u8; 12];
     nonce[0] = 0x02;
     nonce[11] = 1;
-    let n = control::seal_ack(&mut ack, &key, "gw-1", 1, nonce, &[AckRange { epoch: 4, first: seq, count: 1 }])
-        .map_err(|_| "seal ack")?;
+    let n =
+        control::seal_ack(&mut ack, &key, "gw-1", 1, nonce, &[AckRange { epoch: boot.epoch, first: seq, count: 1 }])
+            .map_err(|_| "seal ack")?;
     let mut replay = ack;
     let outcome = unit.handle_ack(&mut ack[..n]).map_err(|_| "ack")?;
     if outcome.samples != 24 || !unit.is_idle() {
@@ -140,15 +235,25 @@ fn self_test() -> Result<(), &'static str> {
         return Err("the replayed ack was not counted");
     }
     hprintln!("self-test: ack released {} readings; its replay refused and counted", outcome.samples);
-    // Reboot: the next epoch starts at seq 0 and its batches are new ones.
-    let rebooted =
-        slot.insert(Device::new(config(&key)?, BootState { epoch: 5, last_command_counter: 0 }).map_err(|_| "reboot")?);
+    // Reboot: the store hands out the next epoch; it starts at seq 0 and its
+    // batches are new ones.
+    let second = store.next_boot().map_err(|_| "reboot")?;
+    if second.epoch <= boot.epoch {
+        return Err("the epoch did not grow across a reboot");
+    }
+    let state = BootState { epoch: second.epoch, last_command_counter: second.command_counter };
+    let rebooted = slot.insert(Device::new(config(&key)?, state).map_err(|_| "reboot")?);
     let (len, seq) = seal(rebooted, 60_000, 5, &mut buf)?;
     let header = fleetline_device::wire::peek_header(&buf[..len]).map_err(|_| "header")?;
-    if header.epoch != 5 || seq != 0 {
+    if header.epoch != second.epoch || seq != 0 {
         return Err("after a reboot batches must come from the new epoch");
     }
     hprintln!("self-test: rebooted into epoch {}, first batch seq {}", header.epoch, seq);
+    let image = store.release().0;
+    if !save_flash(image) {
+        return Err("could not keep the flash image");
+    }
+    hprintln!("self-test: flash image kept; last epoch {}", second.epoch);
     Ok(())
 }
 
