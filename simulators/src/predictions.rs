@@ -8,9 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use arrow_array::Array;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use fleetline_cloud::jobs::rescore::MinuteRow;
 use fleetline_cloud::lake::schema::col as c;
 use fleetline_inference::{KINDS, ModelKind, Window};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -35,17 +35,6 @@ pub struct PredRow {
     pub variant: String,
     /// Score.
     pub score: f64,
-}
-
-/// A closed one-minute window of `aggregates`, as the models see it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AggRow {
-    /// Device.
-    pub device: String,
-    /// The window's features.
-    pub window: Window,
-    /// Fuel used, l.
-    pub fuel_used_l: Option<f64>,
 }
 
 fn batches(dir: &Path) -> anyhow::Result<Vec<arrow_array::RecordBatch>> {
@@ -91,43 +80,10 @@ pub fn read_predictions(dir: &Path) -> anyhow::Result<Vec<PredRow>> {
 }
 
 /// Every one-minute window of an `aggregates` dataset directory.
-pub fn read_minutes(dir: &Path) -> anyhow::Result<Vec<AggRow>> {
+pub fn read_minutes(dir: &Path) -> anyhow::Result<Vec<MinuteRow>> {
     let mut out = Vec::new();
     for b in batches(dir)? {
-        let dev = column(&b, c::DEVICE_ID)?.as_string::<i32>().clone();
-        let window = column(&b, c::WINDOW)?.as_string::<i32>().clone();
-        let start = column(&b, c::WINDOW_START)?.as_primitive::<TimestampMillisecondType>().clone();
-        let f = |n: &str| -> anyhow::Result<arrow_array::Float64Array> {
-            Ok(column(&b, n)?.as_primitive::<Float64Type>().clone())
-        };
-        let (dist, avg, max, fuel) =
-            (f(c::DISTANCE_M)?, f(c::AVG_SPEED_KMH)?, f(c::MAX_SPEED_KMH)?, f(c::FUEL_USED_L)?);
-        let (pmin, pmean, pmax, leak) = (
-            f(c::TIRE_PRESSURE_MIN_KPA)?,
-            f(c::TIRE_PRESSURE_MEAN_KPA)?,
-            f(c::TIRE_PRESSURE_MAX_KPA)?,
-            f(c::LEAK_RATE_KPA_H)?,
-        );
-        let opt = |a: &arrow_array::Float64Array, i: usize| (!a.is_null(i)).then(|| a.value(i));
-        for i in 0..b.num_rows() {
-            if window.value(i) != "1m" {
-                continue;
-            }
-            out.push(AggRow {
-                device: dev.value(i).to_string(),
-                window: Window {
-                    start_ms: start.value(i),
-                    distance_m: opt(&dist, i),
-                    avg_speed_kmh: opt(&avg, i),
-                    max_speed_kmh: opt(&max, i),
-                    tire_pressure_min_kpa: opt(&pmin, i),
-                    tire_pressure_mean_kpa: opt(&pmean, i),
-                    tire_pressure_max_kpa: opt(&pmax, i),
-                    leak_rate_kpa_h: opt(&leak, i),
-                },
-                fuel_used_l: opt(&fuel, i),
-            });
-        }
+        out.extend(fleetline_cloud::jobs::rescore::minute_rows(&b).map_err(anyhow::Error::msg)?);
     }
     Ok(out)
 }
@@ -294,7 +250,7 @@ pub struct PlannedDeployment {
 /// deployment before (commits in flight), left out of the split check.
 pub fn judge(
     predictions: &[PredRow],
-    minutes: &[AggRow],
+    minutes: &[MinuteRow],
     injected: &[Injected],
     detected: &[Detected],
     deployments: &[PlannedDeployment],
@@ -304,7 +260,7 @@ pub fn judge(
     let mut r =
         ModelsReport { deployments: deployments.iter().map(|d| d.said.clone()).collect(), ..Default::default() };
     // Expected: windows whose features the shard could compute.
-    let mut by_device: HashMap<&str, Vec<&AggRow>> = HashMap::new();
+    let mut by_device: HashMap<&str, Vec<&MinuteRow>> = HashMap::new();
     for m in minutes {
         by_device.entry(&m.device).or_default().push(m);
     }
@@ -353,7 +309,7 @@ pub fn judge(
     let active = |dev: &str, kinds: &[&str], start: i64, end: i64| {
         injected.iter().any(|i| i.device == dev && kinds.contains(&i.kind) && i.start_ms < end && start < i.end_ms)
     };
-    let minute: HashMap<(&str, i64), &AggRow> =
+    let minute: HashMap<(&str, i64), &MinuteRow> =
         minutes.iter().map(|m| ((m.device.as_str(), m.window.start_ms), m)).collect();
 
     let mut groups: BTreeMap<(String, String), Vec<&PredRow>> = BTreeMap::new();
@@ -503,8 +459,9 @@ mod tests {
         assert_eq!(auc(&[(0.5, true)]), None);
     }
 
-    fn minute(dev: &str, start: i64) -> AggRow {
-        AggRow {
+    fn minute(dev: &str, start: i64) -> MinuteRow {
+        MinuteRow {
+            fleet: "demo".into(),
             device: dev.into(),
             window: Window {
                 start_ms: start,
@@ -534,7 +491,7 @@ mod tests {
 
     #[test]
     fn a_window_left_unscored_or_scored_twice_or_by_an_unknown_version_is_counted() {
-        let minutes: Vec<AggRow> = (0..3).map(|i| minute("v-1", i * 60_000)).collect();
+        let minutes: Vec<MinuteRow> = (0..3).map(|i| minute("v-1", i * 60_000)).collect();
         let deployments = vec![PlannedDeployment {
             model: "fuel".into(),
             variants: vec![("A".into(), 1, 1)],

@@ -110,9 +110,54 @@ pub enum RescoreError {
     Lake(String),
 }
 
-struct Minute {
-    window: Window,
-    fuel_used_l: Option<f64>,
+/// A vehicle's closed one-minute window as the models see it (a row of
+/// `aggregates` with `window = '1m'`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MinuteRow {
+    /// Fleet.
+    pub fleet: String,
+    /// Device.
+    pub device: String,
+    /// The window's features.
+    pub window: Window,
+    /// Fuel used in the window, l.
+    pub fuel_used_l: Option<f64>,
+}
+
+/// The one-minute windows of one batch of `aggregates` (other windows skipped).
+pub fn minute_rows(b: &arrow_array::RecordBatch) -> Result<Vec<MinuteRow>, String> {
+    let col = |name: &str| b.column_by_name(name).ok_or_else(|| format!("no column {name}"));
+    let dev = col(c::DEVICE_ID)?.as_string::<i32>().clone();
+    let fleet = col(c::FLEET)?.as_string::<i32>().clone();
+    let window = col(c::WINDOW)?.as_string::<i32>().clone();
+    let start = col(c::WINDOW_START)?.as_primitive::<TimestampMillisecondType>().clone();
+    let f = |name: &str| col(name).map(|a| a.as_primitive::<Float64Type>().clone());
+    let (dist, avg, max, fuel) = (f(c::DISTANCE_M)?, f(c::AVG_SPEED_KMH)?, f(c::MAX_SPEED_KMH)?, f(c::FUEL_USED_L)?);
+    let (pmin, pmean, pmax, leak) = (
+        f(c::TIRE_PRESSURE_MIN_KPA)?,
+        f(c::TIRE_PRESSURE_MEAN_KPA)?,
+        f(c::TIRE_PRESSURE_MAX_KPA)?,
+        f(c::LEAK_RATE_KPA_H)?,
+    );
+    let opt = |a: &arrow_array::Float64Array, i: usize| (!a.is_null(i)).then(|| a.value(i));
+    Ok((0..b.num_rows())
+        .filter(|i| window.value(*i) == "1m")
+        .map(|i| MinuteRow {
+            fleet: fleet.value(i).to_string(),
+            device: dev.value(i).to_string(),
+            window: Window {
+                start_ms: start.value(i),
+                distance_m: opt(&dist, i),
+                avg_speed_kmh: opt(&avg, i),
+                max_speed_kmh: opt(&max, i),
+                tire_pressure_min_kpa: opt(&pmin, i),
+                tire_pressure_mean_kpa: opt(&pmean, i),
+                tire_pressure_max_kpa: opt(&pmax, i),
+                leak_rate_kpa_h: opt(&leak, i),
+            },
+            fuel_used_l: opt(&fuel, i),
+        })
+        .collect())
 }
 
 /// Reads the one-minute windows of `aggregates` whose partitions meet the range.
@@ -120,9 +165,9 @@ async fn read_minutes(
     store: &Store,
     from_ms: Option<i64>,
     to_ms: Option<i64>,
-) -> Result<BTreeMap<String, Vec<Minute>>, RescoreError> {
+) -> Result<BTreeMap<String, Vec<MinuteRow>>, RescoreError> {
     let lake = |e: &dyn std::fmt::Display| RescoreError::Lake(format!("reading aggregates: {e}"));
-    let mut out: BTreeMap<String, Vec<Minute>> = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<MinuteRow>> = BTreeMap::new();
     let mut n = 0usize;
     for path in store.list("aggregates").await.map_err(|e| lake(&e))? {
         let Some(dir) = path.strip_prefix("aggregates/").and_then(|p| p.rsplit_once('/')).map(|(d, _)| d) else {
@@ -139,24 +184,9 @@ async fn read_minutes(
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build()).map_err(|e| lake(&e))?;
         for b in reader {
             let b = b.map_err(|e| lake(&e))?;
-            let col = |name: &str| b.column_by_name(name).ok_or_else(|| lake(&format!("{path} has no column {name}")));
-            let dev = col(c::DEVICE_ID)?.as_string::<i32>().clone();
-            let fleet = col(c::FLEET)?.as_string::<i32>().clone();
-            let window = col(c::WINDOW)?.as_string::<i32>().clone();
-            let start = col(c::WINDOW_START)?.as_primitive::<TimestampMillisecondType>().clone();
-            let f = |name: &str| col(name).map(|a| a.as_primitive::<Float64Type>().clone());
-            let (dist, avg, max, fuel) =
-                (f(c::DISTANCE_M)?, f(c::AVG_SPEED_KMH)?, f(c::MAX_SPEED_KMH)?, f(c::FUEL_USED_L)?);
-            let (pmin, pmean, pmax, leak) = (
-                f(c::TIRE_PRESSURE_MIN_KPA)?,
-                f(c::TIRE_PRESSURE_MEAN_KPA)?,
-                f(c::TIRE_PRESSURE_MAX_KPA)?,
-                f(c::LEAK_RATE_KPA_H)?,
-            );
-            let opt = |a: &arrow_array::Float64Array, i: usize| (!a.is_null(i)).then(|| a.value(i));
-            for i in 0..b.num_rows() {
-                let s = start.value(i);
-                if window.value(i) != "1m" || from_ms.is_some_and(|f| s < f) || to_ms.is_some_and(|t| s >= t) {
+            for m in minute_rows(&b).map_err(|e| lake(&format!("{path}: {e}")))? {
+                let s = m.window.start_ms;
+                if from_ms.is_some_and(|f| s < f) || to_ms.is_some_and(|t| s >= t) {
                     continue;
                 }
                 n += 1;
@@ -165,19 +195,7 @@ async fn read_minutes(
                         "more than {MAX_WINDOWS} windows in the range; narrow it with from_ms and to_ms"
                     )));
                 }
-                out.entry(format!("{}/{}", fleet.value(i), dev.value(i))).or_default().push(Minute {
-                    window: Window {
-                        start_ms: s,
-                        distance_m: opt(&dist, i),
-                        avg_speed_kmh: opt(&avg, i),
-                        max_speed_kmh: opt(&max, i),
-                        tire_pressure_min_kpa: opt(&pmin, i),
-                        tire_pressure_mean_kpa: opt(&pmean, i),
-                        tire_pressure_max_kpa: opt(&pmax, i),
-                        leak_rate_kpa_h: opt(&leak, i),
-                    },
-                    fuel_used_l: opt(&fuel, i),
-                });
+                out.entry(format!("{}/{}", m.fleet, m.device)).or_default().push(m);
             }
         }
     }
@@ -209,7 +227,7 @@ pub async fn rescore(
 
 fn compare(
     kind: ModelKind,
-    mut minutes: BTreeMap<String, Vec<Minute>>,
+    mut minutes: BTreeMap<String, Vec<MinuteRow>>,
     plans: &[(u32, Arc<Plan>)],
     threshold: f64,
     from_ms: Option<i64>,
@@ -224,7 +242,9 @@ fn compare(
         windows += ws.len() as u64;
         for i in 0..ws.len() {
             let history: Vec<Window> = ws[i.saturating_sub(kind.history() - 1)..=i].iter().map(|m| m.window).collect();
-            let Some(row) = fleetline_inference::features(kind, &history, MINUTE_MS) else { continue };
+            let Some(row) = fleetline_inference::features(kind, &history, MINUTE_MS) else {
+                continue;
+            };
             rows.extend(row);
             truth.push(match kind {
                 ModelKind::TireRisk => None,

@@ -153,28 +153,7 @@ async fn http(
 async fn the_rest_api_uploads_deploys_and_rolls_back_behind_the_token() {
     let store = Store::memory();
     let models = Arc::new(ModelRegistry::open(store.clone(), Arc::default()).await.unwrap());
-    let ops = fleetline_cloud::http::Ops {
-        rollup: Arc::new(fleetline_cloud::jobs::rollup::RollupJob::new(store.clone(), &Default::default())),
-        registry: Arc::new(fleetline_cloud::registry::Registry::open(store.clone()).await.unwrap()),
-        store,
-        node_id: "t".into(),
-        shard_count: 1,
-        stats: Arc::default(),
-        shards: fleetline_cloud::shard::ShardDirectory::new(0),
-        cluster: Arc::new(fleetline_cloud::cluster::ClusterState::new(
-            fleetline_cloud::cluster::Member {
-                id: "t".into(),
-                http: String::new(),
-                roles: fleetline_cloud::cluster::Role::ALL.into(),
-                version: "1".into(),
-            },
-            fleetline_cloud::cluster::Mode::Single,
-        )),
-        metrics: None,
-        token: Some("tok".into()),
-        read_token: Some("read-only".into()),
-        models: models.clone(),
-    };
+    let ops = crate::test_ops(store, models.clone()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(fleetline_cloud::http::serve(listener, ops));

@@ -150,31 +150,9 @@ async fn http_auth(
 #[tokio::test]
 async fn the_rest_api_is_shaped_like_confluents() {
     let store = Store::memory();
-    let registry = Arc::new(Registry::open(store.clone()).await.unwrap());
     let models =
         Arc::new(fleetline_cloud::inference::ModelRegistry::open(store.clone(), Arc::default()).await.unwrap());
-    let ops = fleetline_cloud::http::Ops {
-        rollup: Arc::new(fleetline_cloud::jobs::rollup::RollupJob::new(store.clone(), &Default::default())),
-        store,
-        node_id: "t".into(),
-        shard_count: 1,
-        stats: Arc::default(),
-        shards: fleetline_cloud::shard::ShardDirectory::new(0),
-        cluster: Arc::new(fleetline_cloud::cluster::ClusterState::new(
-            fleetline_cloud::cluster::Member {
-                id: "t".into(),
-                http: String::new(),
-                roles: fleetline_cloud::cluster::Role::ALL.into(),
-                version: "1".into(),
-            },
-            fleetline_cloud::cluster::Mode::Single,
-        )),
-        metrics: None,
-        token: Some("tok".into()),
-        read_token: Some("read-only".into()),
-        registry,
-        models,
-    };
+    let ops = crate::test_ops(store, models).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(fleetline_cloud::http::serve(listener, ops));
