@@ -27,6 +27,27 @@ pub struct Fix {
     pub altitude_m: Option<f32>,
     /// Satellites used (from the latest `GGA`).
     pub satellites: Option<u32>,
+    /// The fix's UTC time from the `RMC`'s date and time, Unix milliseconds:
+    /// the unit's clock, since a receiver with a fix knows the time to a
+    /// microsecond. `None` when the sentence has no date or time.
+    pub time_ms: Option<u64>,
+}
+
+/// Unix milliseconds of a UTC date and time of day.
+fn unix_ms(date: chrono::NaiveDate, time: chrono::NaiveTime) -> Option<u64> {
+    use chrono::{Datelike, Timelike};
+    // Days from the civil date (proleptic Gregorian), without tables.
+    let (y, m, d) = (i64::from(date.year()), i64::from(date.month()), i64::from(date.day()));
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + i64::from(time.num_seconds_from_midnight());
+    let ms = secs.checked_mul(1000)? + i64::from(time.nanosecond() / 1_000_000);
+    u64::try_from(ms).ok()
 }
 
 /// What the driver dropped and why.
@@ -186,6 +207,7 @@ impl NmeaParser {
                     course_deg: r.true_course,
                     altitude_m,
                     satellites,
+                    time_ms: r.fix_date.zip(r.fix_time).and_then(|(d, t)| unix_ms(d, t)),
                 })
             }
             _ => {
@@ -228,5 +250,20 @@ impl<R: embedded_io::Read> Gps<R> {
     /// What was dropped and why.
     pub fn stats(&self) -> GpsStats {
         self.parser.stats()
+    }
+}
+
+impl<R: embedded_io::Read + embedded_io::ReadReady> Gps<R> {
+    /// Like [`Gps::poll`], without waiting: `Ok(None)` when the UART holds
+    /// nothing yet. For a main loop that must not block on the receiver.
+    pub fn poll_ready(&mut self) -> Result<Option<Fix>, R::Error> {
+        match self.uart.read_ready() {
+            Ok(true) => self.poll(),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                self.parser.stats.read_errors += 1;
+                Err(e)
+            }
+        }
     }
 }

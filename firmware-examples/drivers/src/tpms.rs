@@ -77,11 +77,19 @@ pub struct Tpms<I> {
 
 impl<I: I2c> Tpms<I> {
     /// Checks `WHO_AM_I` at `address`.
-    pub fn new(mut i2c: I, address: u8) -> Result<Self, Error<I::Error>> {
+    pub fn new(i2c: I, address: u8) -> Result<Self, Error<I::Error>> {
+        Self::probe(i2c, address).map_err(|(_, e)| e)
+    }
+
+    /// Like [`Tpms::new`], giving the bus back when nothing answers: a unit
+    /// whose receiver is powered later probes again.
+    pub fn probe(mut i2c: I, address: u8) -> Result<Self, (I, Error<I::Error>)> {
         let mut id = [0u8];
-        i2c.write_read(address, &[REG_WHO_AM_I], &mut id).map_err(Error::Bus)?;
+        if let Err(e) = i2c.write_read(address, &[REG_WHO_AM_I], &mut id) {
+            return Err((i2c, Error::Bus(e)));
+        }
         if id[0] != WHO_AM_I {
-            return Err(Error::NotTpms(id[0]));
+            return Err((i2c, Error::NotTpms(id[0])));
         }
         Ok(Self { i2c, address, stats: TpmsStats::default() })
     }
