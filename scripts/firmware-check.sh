@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Builds the unit firmware (firmware-examples/) for a Cortex-M4 and runs its
-# self-test in QEMU (Arm MPS2 AN386) twice — two power-ups sharing the unit's
-# flash image — then prints one JSON line: flash and static RAM of the release
-# build, the SDK's device state, the self-test's result, the boot epochs of the
-# two power-ups (the second must be larger).
+# Builds the unit firmware (firmware-examples/) for a Cortex-M4 and runs it in
+# QEMU (Arm MPS2 AN386): the self-test twice — two power-ups sharing the unit's
+# flash image — then the unit's firmware against the real gateway (UART0 a
+# socket to the gateway's device port) until three batches are acked. Prints
+# one JSON line: flash, static RAM and peak stack of the unit's release build
+# against the budget, the device state, the self-test's result, the boot epochs
+# of the two power-ups (the second must be larger), the gateway run's result.
+#
+# The gateway binary comes from the host build (`cargo build -p
+# fleetline-gateway`, which scripts/test.sh does first; FLEETLINE_GATEWAY_BIN
+# names another); without one the gateway run is skipped and says so.
 #
 # rustup here has no thumb targets and cannot fetch them. Debian's rustc-web
 # packages can: they are downloaded by name (apt-get download) and unpacked into
@@ -22,8 +28,8 @@ cd "$(dirname "$0")/.."
 RUSTC_VERSION="1.96.0+dfsg1-1~deb12u2"
 LLVM_VERSION="1:22.1.8-1~deb12u1"
 PACKAGES=(rustc-web rust-web-src libstd-rust-web-1.96 libstd-rust-web-dev)
-# Budget: flash and static RAM of the release build (the device state lives on
-# the stack and is reported apart).
+# Budget: flash, and static RAM plus the peak stack the firmware measured, of
+# the unit's release build.
 FLASH_BUDGET=$((128 * 1024))
 RAM_BUDGET=$((32 * 1024))
 
@@ -79,41 +85,117 @@ export RUSTC_BOOTSTRAP=1
 # rustup's toolchain ships rust-lld, the linker thumb targets name.
 host_bin="$(rustup run "$(rustup show active-toolchain | cut -d' ' -f1)" rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin"
 export PATH="$PATH:$host_bin"
+# The host build's target directory (the gateway binary), before it is replaced.
+host_target="${CARGO_TARGET_DIR:-$PWD/target}"
 export CARGO_TARGET_DIR="${FIRMWARE_TARGET_DIR:-$HOME/.cache/fleetline/firmware-target}"
 "$RUSTC" --version >&2
 
 # From its directory: its .cargo/config.toml sets the target and the linker script.
 (cd firmware-examples && cargo build --locked --release -Zbuild-std=core)
 elf="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release/fleetline-unit"
+selftest_elf="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release/self-test"
 
 # Flash: what is loaded from it (vectors, code, constants, .data's initial values).
-# RAM: .data, .bss and .uninit (the stack and the device state on it come on top).
-read -r flash ram < <(size -A "$elf" | awk '
-    $1 == ".vector_table" || $1 == ".text" || $1 == ".rodata" || $1 == ".data" { flash += $2 }
-    $1 == ".data" || $1 == ".bss" || $1 == ".uninit" { ram += $2 }
-    END { print flash + 0, ram + 0 }')
+# RAM: .data, .bss and .uninit; the stack comes on top, measured by the firmware.
+sizes() {
+    size -A "$1" | awk '
+        $1 == ".vector_table" || $1 == ".text" || $1 == ".rodata" || $1 == ".data" { flash += $2 }
+        $1 == ".data" || $1 == ".bss" || $1 == ".uninit" { ram += $2 }
+        END { print flash + 0, ram + 0 }'
+}
+read -r flash ram < <(sizes "$elf")
+read -r selftest_flash selftest_ram < <(sizes "$selftest_elf")
 
-# Two power-ups: QEMU runs in a scratch directory where the unit keeps its flash
-# image (semihosting); the second run must boot with a larger epoch.
+qemu() {
+    # qemu ELF [extra QEMU arguments...]: runs in $scratch, output in $scratch/log.
+    local image="$1"
+    shift
+    set +e
+    (cd "$scratch" && timeout 120 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic -monitor none \
+        -semihosting-config enable=on,target=native "$@" -kernel "$image") >"$scratch/log" 2>&1
+    local rc=$?
+    set -e
+    cat "$scratch/log" >&2
+    return $rc
+}
+
+# Two power-ups of the self-test: QEMU runs in a scratch directory where the
+# unit keeps its flash image (semihosting); the second must boot with a larger epoch.
 scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+gateway_pid=""
+cleanup() {
+    if [ -n "$gateway_pid" ]; then kill "$gateway_pid" 2>/dev/null || true; fi
+    rm -rf "$scratch"
+}
+trap cleanup EXIT
 result=passed
 epochs=""
 for run in 1 2; do
-    set +e
-    (cd "$scratch" && timeout 60 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic \
-        -semihosting-config enable=on,target=native -kernel "$elf") >"$scratch/log" 2>&1
-    qemu=$?
-    set -e
-    cat "$scratch/log" >&2
-    if [ "$qemu" != 0 ] || ! grep -q '^self-test: passed$' "$scratch/log"; then result=failed; fi
+    qemu "$selftest_elf" || result=failed
+    grep -q '^self-test: passed$' "$scratch/log" || result=failed
     epochs="$epochs $(sed -n 's/^self-test: power-up .*: boot epoch \([0-9]*\)$/\1/p' "$scratch/log")"
     state=$(sed -n 's/^self-test: device state \([0-9]*\) bytes$/\1/p' "$scratch/log")
 done
 read -r first second <<<"$epochs"
 if [ -z "${first:-}" ] || [ -z "${second:-}" ] || [ "$second" -le "$first" ]; then result=failed; fi
+
+# The unit's firmware against the real gateway: UART0 is a socket character
+# device to the gateway's device port (the modem's data connection). It must
+# see three batches acked (durable at the gateway) within its time bound.
+gateway_bin="${FLEETLINE_GATEWAY_BIN:-$host_target/debug/fleetline-gateway}"
+gateway_run=skipped
+acked=null
+stack=null
+unit_state=null
+if [ -x "$gateway_bin" ]; then
+    gateway_run=failed
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    {
+        echo 'format = 1'
+        echo '[[gateways]]'
+        echo 'id = "gw-fw"'
+        echo "key = \"$(printf '11%.0s' $(seq 32))\""
+        echo '[[devices]]'
+        echo 'fleet = "demo"'
+        echo 'id = "v-00001"'
+        echo "key = \"$(printf '07%.0s' $(seq 32))\""
+    } >"$scratch/provisioning.toml"
+    {
+        echo 'id = "gw-fw"'
+        echo "data_dir = \"$scratch/gateway-data\""
+        echo "provisioning = \"$scratch/provisioning.toml\""
+        echo '[devices]'
+        echo "listen = \"127.0.0.1:$port\""
+        echo '[uplink]'
+        echo 'host = "127.0.0.1"'
+        echo 'port = 9'
+        echo '[http]'
+        echo 'listen = "127.0.0.1:0"'
+    } >"$scratch/gateway.toml"
+    "$gateway_bin" --config "$scratch/gateway.toml" >"$scratch/gateway.out" 2>"$scratch/gateway.log" &
+    gateway_pid=$!
+    for _ in $(seq 100); do grep -q listening "$scratch/gateway.out" 2>/dev/null && break; sleep 0.1; done
+    echo "acks=3 seconds=60" >"$scratch/fleetline-unit-run.cfg"
+    if qemu "$elf" -chardev "socket,id=gw,host=127.0.0.1,port=$port,reconnect=1" -serial chardev:gw \
+        && grep -q '^unit: passed$' "$scratch/log"; then
+        gateway_run=passed
+    else
+        result=failed
+    fi
+    acked=$(sed -n 's/^unit: \([0-9]*\) batches (\([0-9]*\) readings) acked.*/\2/p' "$scratch/log")
+    stack=$(sed -n 's/^unit: .* stack \([0-9]*\) bytes$/\1/p' "$scratch/log")
+    unit_state=$(sed -n 's/^unit: booted, epoch [0-9]*, unit state \([0-9]*\) bytes.*/\1/p' "$scratch/log")
+    kill "$gateway_pid" 2>/dev/null || true
+    wait "$gateway_pid" 2>/dev/null || true
+    gateway_pid=""
+else
+    echo "firmware check: no gateway binary at $gateway_bin; the unit's run against it is skipped" >&2
+fi
+
 within=true
 if [ "$flash" -gt "$FLASH_BUDGET" ] || [ "$ram" -gt "$RAM_BUDGET" ]; then within=false; fi
-printf '{"firmware":"thumbv7em-none-eabihf","machine":"mps2-an386","flash_bytes":%s,"flash_budget":%s,"static_ram_bytes":%s,"ram_budget":%s,"device_state_bytes":%s,"self_test":"%s","boot_epochs":[%s],"within_budget":%s,"packages":"%s"}\n' \
-    "$flash" "$FLASH_BUDGET" "$ram" "$RAM_BUDGET" "${state:-null}" "$result" "${first:-null},${second:-null}" "$within" "$(xargs < "$root/PACKAGES")"
+if [ -n "$stack" ] && [ "$stack" != null ] && [ $((ram + stack)) -gt "$RAM_BUDGET" ]; then within=false; fi
+printf '{"firmware":"thumbv7em-none-eabihf","machine":"mps2-an386","flash_bytes":%s,"flash_budget":%s,"static_ram_bytes":%s,"stack_peak_bytes":%s,"ram_budget":%s,"unit_state_bytes":%s,"device_state_bytes":%s,"self_test":"%s","self_test_flash_bytes":%s,"self_test_static_ram_bytes":%s,"boot_epochs":[%s],"gateway_run":"%s","readings_acked_by_gateway":%s,"within_budget":%s,"packages":"%s"}\n' \
+    "$flash" "$FLASH_BUDGET" "$ram" "${stack:-null}" "$RAM_BUDGET" "${unit_state:-null}" "${state:-null}" "$result" \
+    "$selftest_flash" "$selftest_ram" "${first:-null},${second:-null}" "$gateway_run" "${acked:-null}" "$within" "$(xargs < "$root/PACKAGES")"
 [ "$result" = passed ] && [ "$within" = true ]

@@ -208,6 +208,9 @@ pub struct Unit<U, I, A, F, W, L, const S: usize, const B: usize, const O: usize
     backoff_ms: u32,
     next_id: u16,
     inflight: u8,
+    /// When the oldest publish still without a PUBACK was sent (or the last
+    /// PUBACK came, while more are owed).
+    owed_since: Option<u64>,
     last_sent_ms: u64,
     ping_since: Option<u64>,
     time: Option<TimeBase>,
@@ -232,10 +235,19 @@ where
     W: Watchdog,
     L: Link,
 {
-    /// Powers up: the next boot epoch from flash (written before it is used),
-    /// the SDK's state for this boot, the drivers on their buses. The tire
-    /// receiver is probed now and again at each read until it answers.
-    pub fn start(parts: Parts<U, I, A, F, W, L>, settings: Settings, now_ms: u64) -> Result<Self, StartError> {
+    /// Powers up into `slot`: the next boot epoch from flash (written before
+    /// it is used), the SDK's state for this boot, the drivers on their buses.
+    /// The tire receiver is probed now and again at each read until it answers.
+    ///
+    /// Built in place: a unit is kilobytes (the outbox), and a microcontroller
+    /// whose stack had to hold it twice over at power-up would need RAM for
+    /// nothing else. `slot` is typically a static.
+    pub fn start_in(
+        slot: &mut Option<Self>,
+        parts: Parts<U, I, A, F, W, L>,
+        settings: Settings,
+        now_ms: u64,
+    ) -> Result<&mut Self, StartError> {
         let mut store = BootStore::new(parts.flash, 0).map_err(StartError::Persist)?;
         let boot = store.next_boot().map_err(StartError::Persist)?;
         let device = Device::new(
@@ -243,7 +255,7 @@ where
             BootState { epoch: boot.epoch, last_command_counter: boot.command_counter },
         )
         .map_err(StartError::Config)?;
-        let mut unit = Self {
+        let unit = slot.insert(Self {
             device,
             gps: Gps::new(parts.gps_uart),
             tpms: TpmsSlot::Missing(Some(parts.tpms_i2c)),
@@ -256,6 +268,7 @@ where
             backoff_ms: settings.backoff_initial_ms.max(1),
             next_id: 1,
             inflight: 0,
+            owed_since: None,
             last_sent_ms: now_ms,
             ping_since: None,
             time: None,
@@ -263,7 +276,7 @@ where
             next_fuel_ms: now_ms,
             stats: UnitStats::default(),
             settings,
-        };
+        });
         unit.probe_tpms();
         Ok(unit)
     }
@@ -467,6 +480,11 @@ where
                 self.receive(now_ms, on_event)?;
                 self.transmit(now_ms)?;
                 let keep_alive = u64::from(self.settings.keep_alive_s) * 1000;
+                // A link that swallows bytes (a modem whose connection dropped
+                // without a word) shows as PUBACKs that stop coming.
+                if self.owed_since.is_some_and(|t| now_ms.saturating_sub(t) > keep_alive.max(timeout)) {
+                    return Err(Drop::Timeout);
+                }
                 if let Some(since) = self.ping_since {
                     if now_ms.saturating_sub(since) > keep_alive.max(timeout) {
                         return Err(Drop::Timeout);
@@ -493,6 +511,9 @@ where
             self.link.write_all(tx.payload).map_err(|_| Drop::Io)?;
             self.link.flush().map_err(|_| Drop::Io)?;
             self.last_sent_ms = now_ms;
+            if self.inflight == 0 {
+                self.owed_since = Some(now_ms);
+            }
             self.inflight += 1;
         }
         Ok(())
@@ -549,6 +570,7 @@ where
                 self.stats.sessions += 1;
                 self.backoff_ms = self.settings.backoff_initial_ms.max(1);
                 self.inflight = 0;
+                self.owed_since = None;
                 self.ping_since = None;
                 // A new session: everything held is due again.
                 self.device.on_connected(now_ms);
@@ -556,6 +578,7 @@ where
             }
             Packet::PubAck { .. } => {
                 self.inflight = self.inflight.saturating_sub(1);
+                self.owed_since = (self.inflight > 0).then_some(now_ms);
                 self.stats.pubacks += 1;
             }
             Packet::PingResp => self.ping_since = None,
@@ -603,6 +626,7 @@ where
         self.link.hang_up();
         self.rx.reset();
         self.inflight = 0;
+        self.owed_since = None;
         self.ping_since = None;
         self.stats.drops += 1;
         match why {

@@ -31,7 +31,24 @@ fn gga_then_rmc_gives_a_fix_in_km_h() {
     assert!((f.lat - 53.361_336).abs() < 1e-5 && (f.lon + 6.505_62).abs() < 1e-5, "{f:?}");
     assert!((f.speed_kmh.unwrap() - 37.966).abs() < 1e-3);
     assert_eq!((f.satellites, f.altitude_m), (Some(8), Some(61.7)));
+    // 2011-05-28 09:27:50 UTC: the unit's clock comes from the fix.
+    assert_eq!(f.time_ms, Some(1_306_574_870_000));
     assert_eq!(p.stats().sentences, 2);
+}
+
+#[test]
+fn the_fix_time_counts_leap_days_and_milliseconds() {
+    let mut p = NmeaParser::default();
+    let mut times = Vec::new();
+    for body in [
+        "GPRMC,235959.250,A,5321.6802,N,00630.3372,W,0.0,0.0,290224,,,A",
+        "GPRMC,000000.000,A,5321.6802,N,00630.3372,W,0.0,0.0,010300,,,A",
+        // No date: a fix, but no time.
+        "GPRMC,000000.000,A,5321.6802,N,00630.3372,W,0.0,0.0,,,,A",
+    ] {
+        p.feed(with_checksum(body).as_bytes(), |f| times.push(f.time_ms));
+    }
+    assert_eq!(times, [Some(1_709_251_199_250), Some(951_868_800_000), None]);
 }
 
 #[test]
@@ -109,6 +126,32 @@ impl embedded_io::Read for Uart {
     }
 }
 
+impl embedded_io::ReadReady for Uart {
+    fn read_ready(&mut self) -> Result<bool, UartError> {
+        match self.chunks.first() {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(())) => {
+                self.chunks.remove(0);
+                Err(UartError)
+            }
+        }
+    }
+}
+
+#[test]
+fn poll_ready_never_waits_and_counts_a_failing_uart() {
+    let rmc = rmc().into_bytes();
+    let mut gps = Gps::new(Uart { chunks: vec![Err(()), Ok(rmc)] });
+    assert!(gps.poll_ready().is_err());
+    // A read takes at most 64 bytes: the sentence completes on the second.
+    assert_eq!(gps.poll_ready().unwrap(), None);
+    assert!(gps.poll_ready().unwrap().is_some());
+    // Nothing more on the line: no wait, no fix.
+    assert_eq!(gps.poll_ready().unwrap(), None);
+    assert_eq!((gps.stats().read_errors, gps.stats().fixes), (1, 1));
+}
+
 #[test]
 fn a_uart_split_mid_sentence_and_a_failed_read() {
     let rmc = rmc().into_bytes();
@@ -154,6 +197,14 @@ fn tpms_bus_errors_and_garbage_are_errors_and_counted() {
     let mut bus = I2cMock::new(&[Transaction::write_read(tpms::ADDRESS, vec![0x00], vec![0x68])]);
     assert!(matches!(Tpms::new(bus.clone(), tpms::ADDRESS), Err(Error::NotTpms(0x68))));
     bus.done();
+    // Nothing answers yet: the bus comes back for the next probe, which finds the receiver.
+    let bus = I2cMock::new(&[
+        Transaction::write_read(tpms::ADDRESS, vec![0x00], vec![0]).with_error(embedded_hal::i2c::ErrorKind::Bus),
+        Transaction::write_read(tpms::ADDRESS, vec![0x00], vec![tpms::WHO_AM_I]),
+    ]);
+    let Err((bus, Error::Bus(_))) = Tpms::probe(bus, tpms::ADDRESS) else { panic!("a bus error") };
+    let found = Tpms::probe(bus, tpms::ADDRESS).map_err(|(_, e)| e).expect("found on the second probe");
+    found.release().done();
     let expectations = [
         Transaction::write_read(tpms::ADDRESS, vec![0x00], vec![tpms::WHO_AM_I]),
         // A bus error, then more wheels than a receiver pairs, then a pressure

@@ -143,11 +143,13 @@ fn run(args: Args) -> Result<(), String> {
         link: board::TcpLink::new(args.gateway, Duration::from_secs(2), Duration::from_secs(2)),
     };
     let mut clock = board::MonoClock(Instant::now());
-    let mut unit = Unit::<_, _, _, _, _, _, SAMPLES, BATCH_BYTES, OUTBOX>::start(parts, settings, clock.now_ms())
-        .map_err(|e| format!("start: {e:?}"))?;
+    let mut slot = Box::new(None);
+    let unit =
+        Unit::<_, _, _, _, _, _, SAMPLES, BATCH_BYTES, OUTBOX>::start_in(&mut slot, parts, settings, clock.now_ms())
+            .map_err(|e| format!("start: {e:?}"))?;
     emit(json!({"event": "booted", "epoch": unit.device().epoch(),
         "last_command_counter": unit.device().last_command_counter(),
-        "state_bytes": std::mem::size_of_val(&unit)}));
+        "state_bytes": std::mem::size_of_val(unit)}));
     let hang_after = std::env::var("FLEETLINE_UNIT_FAULT")
         .ok()
         .and_then(|f| f.strip_prefix("hang-after-ms=").and_then(|n| n.parse::<u64>().ok()));
