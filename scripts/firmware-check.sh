@@ -140,10 +140,13 @@ read -r first second <<<"$epochs"
 if [ -z "${first:-}" ] || [ -z "${second:-}" ] || [ "$second" -le "$first" ]; then result=failed; fi
 
 # The unit's firmware against the real gateway: UART0 is a socket character
-# device to the gateway's device port (the modem's data connection). It must
-# see three batches acked (durable at the gateway) within its time bound.
+# device to the gateway's device port (the modem's data connection). Three
+# seconds in, its loop stops turning (once); the board's watchdog must reset
+# it, the next boot must take a larger epoch from flash, and that boot must see
+# three batches acked (durable at the gateway) within the time bound.
 gateway_bin="${FLEETLINE_GATEWAY_BIN:-$host_target/debug/fleetline-gateway}"
 gateway_run=skipped
+watchdog=skipped
 acked=null
 stack=null
 unit_state=null
@@ -175,11 +178,19 @@ if [ -x "$gateway_bin" ]; then
     "$gateway_bin" --config "$scratch/gateway.toml" >"$scratch/gateway.out" 2>"$scratch/gateway.log" &
     gateway_pid=$!
     for _ in $(seq 100); do grep -q listening "$scratch/gateway.out" 2>/dev/null && break; sleep 0.1; done
-    echo "acks=3 seconds=60" >"$scratch/fleetline-unit-run.cfg"
+    echo "acks=3 seconds=60 hang-after-ms=3000" >"$scratch/fleetline-unit-run.cfg"
     if qemu "$elf" -chardev "socket,id=gw,host=127.0.0.1,port=$port,reconnect=1" -serial chardev:gw \
         && grep -q '^unit: passed$' "$scratch/log"; then
         gateway_run=passed
     else
+        result=failed
+    fi
+    boots=$(sed -n 's/^unit: booted, epoch \([0-9]*\),.*/\1/p' "$scratch/log" | xargs)
+    read -r boot1 boot2 _ <<<"$boots"
+    if grep -q '^unit: hanging' "$scratch/log" && [ -n "${boot2:-}" ] && [ "$boot2" -gt "$boot1" ]; then
+        watchdog="reset: epoch $boot1 then $boot2"
+    else
+        watchdog=failed
         result=failed
     fi
     acked=$(sed -n 's/^unit: \([0-9]*\) batches (\([0-9]*\) readings) acked.*/\2/p' "$scratch/log")
@@ -195,7 +206,7 @@ fi
 within=true
 if [ "$flash" -gt "$FLASH_BUDGET" ] || [ "$ram" -gt "$RAM_BUDGET" ]; then within=false; fi
 if [ -n "$stack" ] && [ "$stack" != null ] && [ $((ram + stack)) -gt "$RAM_BUDGET" ]; then within=false; fi
-printf '{"firmware":"thumbv7em-none-eabihf","machine":"mps2-an386","flash_bytes":%s,"flash_budget":%s,"static_ram_bytes":%s,"stack_peak_bytes":%s,"ram_budget":%s,"unit_state_bytes":%s,"device_state_bytes":%s,"self_test":"%s","self_test_flash_bytes":%s,"self_test_static_ram_bytes":%s,"boot_epochs":[%s],"gateway_run":"%s","readings_acked_by_gateway":%s,"within_budget":%s,"packages":"%s"}\n' \
+printf '{"firmware":"thumbv7em-none-eabihf","machine":"mps2-an386","flash_bytes":%s,"flash_budget":%s,"static_ram_bytes":%s,"stack_peak_bytes":%s,"ram_budget":%s,"unit_state_bytes":%s,"device_state_bytes":%s,"self_test":"%s","self_test_flash_bytes":%s,"self_test_static_ram_bytes":%s,"boot_epochs":[%s],"gateway_run":"%s","watchdog":"%s","readings_acked_by_gateway":%s,"within_budget":%s,"packages":"%s"}\n' \
     "$flash" "$FLASH_BUDGET" "$ram" "${stack:-null}" "$RAM_BUDGET" "${unit_state:-null}" "${state:-null}" "$result" \
-    "$selftest_flash" "$selftest_ram" "${first:-null},${second:-null}" "$gateway_run" "${acked:-null}" "$within" "$(xargs < "$root/PACKAGES")"
+    "$selftest_flash" "$selftest_ram" "${first:-null},${second:-null}" "$gateway_run" "$watchdog" "${acked:-null}" "$within" "$(xargs < "$root/PACKAGES")"
 [ "$result" = passed ] && [ "$within" = true ]

@@ -31,3 +31,7 @@ echo "==> event scores on a seed the thresholds were not tuned on (300 vehicles,
 cargo run --locked --release -p fleetline-sim -- demo --vehicles 300 --time-scale 10 --duration 120s --seed 2027 \
     --report-json target/demo-events.json > /dev/null
 python3 -c "import json; r = json.load(open('target/demo-events.json')); print({k: r[k] for k in ('samples_stored', 'samples_lost', 'samples_duplicated')}); print('events', json.dumps(r['events']))"
+echo "==> the unit firmware on a host: four gateway kills and four power cuts, readings stored once"
+cargo test --locked -p fleetline-unit-host --test unit the_units -- --nocapture 2>&1 | grep -E 'unit through|test result' || true
+echo "==> the unit firmware on a Cortex-M4 (QEMU): flash, RAM, stack, the gateway run and the watchdog reset"
+scripts/firmware-check.sh 2>/dev/null | tail -1

@@ -217,30 +217,36 @@ print(json.dumps({"rows": rows, "dups": int(dups), "signals": sig}))
 
 #[test]
 fn the_units_readings_are_stored_once_across_a_gateway_kill_and_a_power_cut() {
+    // CI: one gateway kill and one power cut; scripts/soak.sh: four of each.
+    let rounds = if std::env::var("FLEETLINE_SIZE").is_ok_and(|s| s == "full") { 4 } else { 1 };
     let env = Env::new();
     let cloud = env.cloud();
     let mut gw = env.gateway();
     let mut unit = env.unit(&[], &[]);
-    let first = unit.wait_line(Duration::from_secs(10), "boot", |v| v["event"] == "booted");
-    Env::wait_acks(&mut unit, 3);
-
-    // The gateway dies under the unit; the unit keeps sealing and redials.
-    gw.kill9();
-    std::thread::sleep(Duration::from_millis(1500));
-    let gw = env.gateway();
-    let before = unit.lines().iter().filter(|v| v["event"] == "acked").count();
-    Env::wait_acks(&mut unit, before + 3);
-    let lines = unit.lines();
-    assert!(lines.iter().any(|v| v["event"] == "disconnected"), "the unit saw the gateway go");
-    assert!(lines.iter().filter(|v| v["event"] == "connected").count() >= 2, "and reconnected");
-
-    // Power cut: the unit's RAM (open batch, outbox) is gone; its flash is not.
+    let booted = unit.wait_line(Duration::from_secs(10), "boot", |v| v["event"] == "booted");
+    let mut epochs = vec![booted["epoch"].as_u64().unwrap() as u32];
     let mut acked = BTreeMap::new();
-    unit.kill9();
-    Env::acked(&unit, &mut acked);
-    let mut unit = env.unit(&[], &[]);
-    let second = unit.wait_line(Duration::from_secs(10), "boot", |v| v["event"] == "booted");
-    assert!(second["epoch"].as_u64() > first["epoch"].as_u64(), "a larger epoch after the power cut");
+    for _ in 0..rounds {
+        Env::wait_acks(&mut unit, 3);
+        // The gateway dies under the unit; the unit keeps sealing and redials.
+        gw.kill9();
+        std::thread::sleep(Duration::from_millis(1500));
+        gw = env.gateway();
+        let before = unit.lines().iter().filter(|v| v["event"] == "acked").count();
+        Env::wait_acks(&mut unit, before + 3);
+        let lines = unit.lines();
+        assert!(lines.iter().any(|v| v["event"] == "disconnected"), "the unit saw the gateway go");
+        assert!(lines.iter().filter(|v| v["event"] == "connected").count() >= 2, "and reconnected");
+
+        // Power cut: the unit's RAM (open batch, outbox) is gone; its flash is not.
+        unit.kill9();
+        Env::acked(&unit, &mut acked);
+        unit = env.unit(&[], &[]);
+        let booted = unit.wait_line(Duration::from_secs(10), "boot", |v| v["event"] == "booted");
+        let epoch = booted["epoch"].as_u64().unwrap() as u32;
+        assert!(epoch > *epochs.last().unwrap(), "a larger epoch after the power cut: {epochs:?} then {epoch}");
+        epochs.push(epoch);
+    }
     Env::wait_acks(&mut unit, 3);
     unit.kill9();
     Env::acked(&unit, &mut acked);
@@ -253,7 +259,6 @@ fn the_units_readings_are_stored_once_across_a_gateway_kill_and_a_power_cut() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut stored = Value::Null;
-    let epochs = [first["epoch"].as_u64().unwrap() as u32, second["epoch"].as_u64().unwrap() as u32];
     while Instant::now() < deadline {
         stored = query(&env.lake);
         let keys: Vec<(u32, u32)> = stored["rows"]
@@ -277,14 +282,15 @@ fn the_units_readings_are_stored_once_across_a_gateway_kill_and_a_power_cut() {
         assert_eq!(rows.get(key), Some(samples), "acked batch {key:?}: its readings, once");
     }
     assert_eq!(stored["dups"].as_u64(), Some(0), "no reading twice");
-    for e in epochs {
-        assert!(acked.keys().any(|k| k.0 == e), "batches of epoch {e} acked");
+    for e in &epochs {
+        assert!(acked.keys().any(|k| k.0 == *e), "batches of epoch {e} acked");
     }
     // Batches stored but never acked to the unit: durable at the gateway when
-    // the gateway or the unit died before the ack arrived. Never more than the
-    // outbox and the open batch held at either moment.
+    // the unit lost power before the ack arrived (a batch the gateway took
+    // before it died is sent again and acked after the redial). Never more
+    // than the outbox held at a power cut.
     let unacked: Vec<_> = rows.keys().filter(|k| !acked.contains_key(k)).collect();
-    assert!(unacked.len() <= 2 * 8, "{} stored batches the unit never saw acked", unacked.len());
+    assert!(unacked.len() <= (rounds + 1) * 8, "{} stored batches the unit never saw acked", unacked.len());
     // What the sensors gave, through their drivers: positions near the depot,
     // four tires at 835..865 kPa, the tank within its calibration.
     let signals: BTreeMap<String, (u64, f64, f64)> = stored["signals"]

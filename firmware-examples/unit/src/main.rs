@@ -11,6 +11,8 @@
 //! Under test, the host file `fleetline-unit-run.cfg` (read over semihosting)
 //! holds `acks=N seconds=S`: the firmware then exits 0 once N batches are
 //! acked by the gateway, 1 if S seconds pass first, reporting its stack use.
+//! With `hang-after-ms=T` too, the loop stops turning after T ms (once: the
+//! request is taken off the file), and the watchdog must reset the board.
 
 #![no_std]
 #![no_main]
@@ -40,20 +42,62 @@ fn panic(info: &PanicInfo<'_>) -> ! {
     loop {}
 }
 
-/// The run's bounds from the host, if it gave any: (acks, seconds).
-fn run_bounds() -> Option<(u32, u64)> {
-    let mut buf = [0u8; 64];
-    let n = board::host_read(b"fleetline-unit-run.cfg\0", &mut buf)?;
+const RUN_CFG: &[u8] = b"fleetline-unit-run.cfg\0";
+
+/// What the host asked of this run.
+#[derive(Clone, Copy)]
+struct Bounds {
+    /// Exit 0 after this many batches are acked.
+    acks: u32,
+    /// Exit 1 after this many seconds.
+    seconds: u64,
+    /// Stop turning the loop after this many ms, once (the watchdog's test).
+    hang_after_ms: Option<u64>,
+}
+
+/// The run's bounds from the host, if it gave any.
+fn run_bounds() -> Option<Bounds> {
+    let mut buf = [0u8; 96];
+    let n = board::host_read(RUN_CFG, &mut buf)?;
     let text = core::str::from_utf8(&buf[..n]).ok()?;
-    let (mut acks, mut seconds) = (None, None);
+    let (mut acks, mut seconds, mut hang_after_ms) = (None, None, None);
     for word in text.split_whitespace() {
         match word.split_once('=') {
             Some(("acks", v)) => acks = v.parse().ok(),
             Some(("seconds", v)) => seconds = v.parse().ok(),
+            Some(("hang-after-ms", v)) => hang_after_ms = v.parse().ok(),
             _ => {}
         }
     }
-    Some((acks?, seconds?))
+    Some(Bounds { acks: acks?, seconds: seconds?, hang_after_ms })
+}
+
+/// A loop stuck in a driver: the watchdog is not fed and resets the board.
+/// The host's request is taken off first, so the next boot runs normally.
+fn hang(b: Bounds) -> ! {
+    let mut text = [0u8; 64];
+    let mut w = Cursor { buf: &mut text, len: 0 };
+    let _ = core::fmt::write(&mut w, format_args!("acks={} seconds={}\n", b.acks, b.seconds));
+    let len = w.len;
+    board::host_write(RUN_CFG, &text[..len]);
+    hprintln!("unit: hanging at {} ms", board::millis());
+    loop {
+        cortex_m::asm::wfi();
+    }
+}
+
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl core::fmt::Write for Cursor<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len + s.len();
+        self.buf.get_mut(self.len..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 fn settings() -> Result<Settings, &'static str> {
@@ -116,8 +160,11 @@ fn run() -> Result<(), &'static str> {
             Event::Refused(code) => hprintln!("unit: refused ({:?})", code),
             Event::Command(counter) => hprintln!("unit: command {} applied", counter),
         });
-        if let Some((want, seconds)) = bounds {
-            if acked >= want {
+        if let Some(b) = bounds {
+            if b.hang_after_ms.is_some_and(|h| now >= h) {
+                hang(b);
+            }
+            if acked >= b.acks {
                 let s = unit.stats();
                 hprintln!(
                     "unit: {} batches ({} readings) acked; {} polls, {} sessions, {} drops; GPS fixes {}; stack {} bytes",
@@ -131,7 +178,7 @@ fn run() -> Result<(), &'static str> {
                 );
                 return Ok(());
             }
-            if now > seconds * 1000 {
+            if now > b.seconds * 1000 {
                 return Err("the gateway did not ack in time");
             }
         }
