@@ -132,7 +132,7 @@ impl embedded_io::ReadReady for Uart {
             None => Ok(false),
             Some(Ok(_)) => Ok(true),
             Some(Err(())) => {
-                self.chunks.remove(0);
+                let _ = self.chunks.remove(0);
                 Err(UartError)
             }
         }
