@@ -123,8 +123,10 @@ qemu() {
 # unit keeps its flash image (semihosting); the second must boot with a larger epoch.
 scratch=$(mktemp -d)
 gateway_pid=""
+modem_pid=""
 cleanup() {
     if [ -n "$gateway_pid" ]; then kill "$gateway_pid" 2>/dev/null || true; fi
+    if [ -n "$modem_pid" ]; then kill "$modem_pid" 2>/dev/null || true; fi
     rm -rf "$scratch"
 }
 trap cleanup EXIT
@@ -140,7 +142,8 @@ read -r first second <<<"$epochs"
 if [ -z "${first:-}" ] || [ -z "${second:-}" ] || [ "$second" -le "$first" ]; then result=failed; fi
 
 # The unit's firmware against the real gateway: UART0 is a socket character
-# device to the gateway's device port (the modem's data connection). Three
+# device to scripts/at-modem.py, a cellular modem's AT socket interface that
+# opens the TCP connection to the gateway's device port for the unit. Three
 # seconds in, its loop stops turning (once); the board's watchdog must reset
 # it, the next boot must take a larger epoch from flash, and that boot must see
 # three batches acked (durable at the gateway) within the time bound.
@@ -178,8 +181,12 @@ if [ -x "$gateway_bin" ]; then
     "$gateway_bin" --config "$scratch/gateway.toml" >"$scratch/gateway.out" 2>"$scratch/gateway.log" &
     gateway_pid=$!
     for _ in $(seq 100); do grep -q listening "$scratch/gateway.out" 2>/dev/null && break; sleep 0.1; done
-    echo "acks=3 seconds=60 hang-after-ms=3000" >"$scratch/fleetline-unit-run.cfg"
-    if qemu "$elf" -chardev "socket,id=gw,host=127.0.0.1,port=$port,reconnect=1" -serial chardev:gw \
+    modem_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 scripts/at-modem.py --listen "$modem_port" --log "$scratch/modem.log" >"$scratch/modem.out" 2>&1 &
+    modem_pid=$!
+    for _ in $(seq 100); do grep -q listening "$scratch/modem.out" 2>/dev/null && break; sleep 0.1; done
+    echo "acks=3 seconds=60 hang-after-ms=3000 gateway=127.0.0.1:$port" >"$scratch/fleetline-unit-run.cfg"
+    if qemu "$elf" -chardev "socket,id=modem,host=127.0.0.1,port=$modem_port,reconnect=1" -serial chardev:modem \
         && grep -q '^unit: passed$' "$scratch/log"; then
         gateway_run=passed
     else
@@ -195,10 +202,11 @@ if [ -x "$gateway_bin" ]; then
     fi
     acked=$(sed -n 's/^unit: \([0-9]*\) batches (\([0-9]*\) readings) acked.*/\2/p' "$scratch/log")
     stack=$(sed -n 's/^unit: .* stack \([0-9]*\) bytes$/\1/p' "$scratch/log")
-    unit_state=$(sed -n 's/^unit: booted, epoch [0-9]*, unit state \([0-9]*\) bytes.*/\1/p' "$scratch/log")
-    kill "$gateway_pid" 2>/dev/null || true
-    wait "$gateway_pid" 2>/dev/null || true
+    unit_state=$(sed -n 's/^unit: booted, epoch [0-9]*, unit state \([0-9]*\) bytes.*/\1/p' "$scratch/log" | head -1)
+    kill "$gateway_pid" "$modem_pid" 2>/dev/null || true
+    wait "$gateway_pid" "$modem_pid" 2>/dev/null || true
     gateway_pid=""
+    modem_pid=""
 else
     echo "firmware check: no gateway binary at $gateway_bin; the unit's run against it is skipped" >&2
 fi

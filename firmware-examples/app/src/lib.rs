@@ -1,8 +1,10 @@
 //! A vehicle unit's firmware logic, the same on a microcontroller and on a
-//! host: [`mqtt`], a sans-IO MQTT 3.1.1 client of the packets a unit needs,
-//! and [`unit`], the main loop that reads the sensors through their drivers,
-//! batches and seals through the device SDK, publishes over a [`unit::Link`],
-//! keeps its boot epoch and command counter in flash and feeds a watchdog.
+//! host: [`mqtt`], a sans-IO MQTT 3.1.1 client of the packets a unit needs;
+//! [`unit`](mod@unit), the main loop that reads the sensors through their
+//! drivers, batches and seals through the device SDK, publishes over a
+//! [`unit::Link`], keeps its boot epoch and command counter in flash and feeds
+//! a watchdog; and [`modem`], a [`unit::Link`] over a cellular modem's AT
+//! socket interface behind a UART.
 //!
 //! Why a client of its own: the maintained `no_std` MQTT clients speak MQTT 5
 //! only, the gateway's embedded broker speaks 3.1.1, and what a unit needs of
@@ -14,5 +16,6 @@
 
 #![no_std]
 
+pub mod modem;
 pub mod mqtt;
 pub mod unit;

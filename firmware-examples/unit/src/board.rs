@@ -166,6 +166,7 @@ pub fn millis() -> u64 {
 }
 
 /// [`millis`] as the loop's clock.
+#[derive(Clone, Copy)]
 pub struct SysTickClock;
 
 impl fleetline_unit_app::unit::Clock for SysTickClock {
@@ -259,49 +260,6 @@ impl embedded_io::Write for Uart {
     fn flush(&mut self) -> Result<(), Stalled> {
         Ok(())
     }
-}
-
-/// The UART as the unit's link: a cellular modem in data mode behind it,
-/// the gateway's TCP connection already up (QEMU: a socket character device
-/// that reconnects on its own). Dialling and hanging up are the modem's, so
-/// here they do nothing; a dead connection shows as a CONNACK, SUBACK or
-/// PINGRESP that does not come.
-pub struct ModemLink(pub Uart);
-
-impl embedded_io::ErrorType for ModemLink {
-    type Error = Stalled;
-}
-
-impl embedded_io::ReadReady for ModemLink {
-    fn read_ready(&mut self) -> Result<bool, Stalled> {
-        self.0.read_ready()
-    }
-}
-
-impl embedded_io::Read for ModemLink {
-    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Stalled> {
-        self.0.read(buf)
-    }
-}
-
-impl embedded_io::Write for ModemLink {
-    fn write(&mut self, buf: &[u8]) -> Result<usize, Stalled> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> Result<(), Stalled> {
-        self.0.flush()
-    }
-}
-
-impl fleetline_unit_app::unit::Link for ModemLink {
-    fn dial(&mut self) -> Result<(), Stalled> {
-        // Bytes of the previous session still arriving are dropped.
-        while self.0.state() & STATE_RX_FULL != 0 {
-            let _ = read(self.0.base + UART_DATA);
-        }
-        Ok(())
-    }
-    fn hang_up(&mut self) {}
 }
 
 // --- CMSDK APB watchdog.

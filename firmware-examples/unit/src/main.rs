@@ -2,14 +2,14 @@
 //! `fleetline_unit_app` on Arm's MPS2 AN386 as QEMU models it.
 //!
 //! Power-up: the next boot epoch from flash (written before it is used), the
-//! watchdog started, SysTick as the loop's clock, UART0 as the link (a modem
-//! in data mode; in QEMU a socket character device to the gateway), the GNSS
-//! receiver, tire receiver and fuel sender simulated on the board. Then the
-//! loop turns forever, sleeping between SysTick interrupts, feeding the
-//! watchdog.
+//! watchdog started, SysTick as the loop's clock, a cellular modem's AT socket
+//! interface on UART0 as the link (in QEMU a socket character device to
+//! `scripts/at-modem.py`, which opens the TCP connections), the GNSS receiver,
+//! tire receiver and fuel sender simulated on the board. Then the loop turns
+//! forever, sleeping between SysTick interrupts, feeding the watchdog.
 //!
 //! Under test, the host file `fleetline-unit-run.cfg` (read over semihosting)
-//! holds `acks=N seconds=S`: the firmware then exits 0 once N batches are
+//! holds `acks=N seconds=S gateway=HOST:PORT`: the firmware then exits 0 once N batches are
 //! acked by the gateway, 1 if S seconds pass first, reporting its stack use.
 //! With `hang-after-ms=T` too, the loop stops turning after T ms (once: the
 //! request is taken off the file), and the watchdog must reset the board.
@@ -23,8 +23,9 @@ use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
 use fleetline_device::wire::{DeviceId, DeviceKey, FleetId};
 use fleetline_device::{Config, FlushPolicy, OutboxFull};
-use fleetline_unit::board::{self, CmsdkWatchdog, ModemLink, RamFlash, SysTickClock, Uart};
+use fleetline_unit::board::{self, CmsdkWatchdog, RamFlash, SysTickClock, Uart};
 use fleetline_unit::sim::{FuelAdc, GpsUart, TpmsBus};
+use fleetline_unit_app::modem::{AtModem, Timeouts};
 use fleetline_unit_app::unit::{Clock, Event, Parts, Settings, Unit};
 use fleetline_unit_drivers::fuel::Calibration;
 
@@ -33,7 +34,14 @@ const SAMPLES: usize = 60;
 const BATCH_BYTES: usize = 1024;
 const OUTBOX: usize = 8;
 
-type Firmware = Unit<GpsUart, TpmsBus, FuelAdc, RamFlash, CmsdkWatchdog, ModemLink, SAMPLES, BATCH_BYTES, OUTBOX>;
+type Modem = AtModem<Uart, SysTickClock>;
+type Firmware = Unit<GpsUart, TpmsBus, FuelAdc, RamFlash, CmsdkWatchdog, Modem, SAMPLES, BATCH_BYTES, OUTBOX>;
+
+/// The gateway the modem dials unless the host names another.
+const GATEWAY: (&str, u16) = ("gateway.fleetline.internal", 1883);
+
+/// The watchdog's period: above the longest wait of the modem (a dial).
+const WATCHDOG_MS: u32 = 4_000;
 
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
@@ -47,6 +55,8 @@ const RUN_CFG: &[u8] = b"fleetline-unit-run.cfg\0";
 /// What the host asked of this run.
 #[derive(Clone, Copy)]
 struct Bounds {
+    /// The gateway to dial, when not the default.
+    gateway: Option<(&'static str, u16)>,
     /// Exit 0 after this many batches are acked.
     acks: u32,
     /// Exit 1 after this many seconds.
@@ -57,27 +67,31 @@ struct Bounds {
 
 /// The run's bounds from the host, if it gave any.
 fn run_bounds() -> Option<Bounds> {
-    let mut buf = [0u8; 96];
-    let n = board::host_read(RUN_CFG, &mut buf)?;
-    let text = core::str::from_utf8(&buf[..n]).ok()?;
-    let (mut acks, mut seconds, mut hang_after_ms) = (None, None, None);
+    let buf = cortex_m::singleton!(: [u8; 160] = [0; 160])?;
+    let n = board::host_read(RUN_CFG, buf)?;
+    let text: &'static str = core::str::from_utf8(&buf[..n]).ok()?;
+    let (mut acks, mut seconds, mut hang_after_ms, mut gateway) = (None, None, None, None);
     for word in text.split_whitespace() {
         match word.split_once('=') {
             Some(("acks", v)) => acks = v.parse().ok(),
             Some(("seconds", v)) => seconds = v.parse().ok(),
             Some(("hang-after-ms", v)) => hang_after_ms = v.parse().ok(),
+            Some(("gateway", v)) => {
+                gateway = v.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse().ok()?)));
+            }
             _ => {}
         }
     }
-    Some(Bounds { acks: acks?, seconds: seconds?, hang_after_ms })
+    Some(Bounds { gateway, acks: acks?, seconds: seconds?, hang_after_ms })
 }
 
 /// A loop stuck in a driver: the watchdog is not fed and resets the board.
 /// The host's request is taken off first, so the next boot runs normally.
 fn hang(b: Bounds) -> ! {
-    let mut text = [0u8; 64];
+    let mut text = [0u8; 160];
     let mut w = Cursor { buf: &mut text, len: 0 };
-    let _ = core::fmt::write(&mut w, format_args!("acks={} seconds={}\n", b.acks, b.seconds));
+    let (host, port) = b.gateway.unwrap_or(GATEWAY);
+    let _ = core::fmt::write(&mut w, format_args!("acks={} seconds={} gateway={host}:{port}\n", b.acks, b.seconds));
     let len = w.len;
     board::host_write(RUN_CFG, &text[..len]);
     hprintln!("unit: hanging at {} ms", board::millis());
@@ -127,13 +141,14 @@ fn run() -> Result<(), &'static str> {
     let bounds = run_bounds();
     let image = cortex_m::singleton!(: [u8; board::FLASH_BYTES] = [0xff; board::FLASH_BYTES]).ok_or("flash taken")?;
     let (flash, _) = RamFlash::load(image);
+    let (host, port) = bounds.and_then(|b| b.gateway).unwrap_or(GATEWAY);
     let parts = Parts {
         gps_uart: GpsUart::new(board::host_unix_s()),
         tpms_i2c: TpmsBus,
         fuel_adc: FuelAdc,
         flash,
-        watchdog: CmsdkWatchdog::start(2_000),
-        link: ModemLink(Uart::new(board::UART0, 115_200)),
+        watchdog: CmsdkWatchdog::start(WATCHDOG_MS),
+        link: AtModem::new(Uart::new(board::UART0, 115_200), SysTickClock, host, port, Timeouts::default()),
     };
     let mut clock = SysTickClock;
     // The unit lives in a static (counted in the build's RAM), not on the stack.
