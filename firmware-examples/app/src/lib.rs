@@ -3,8 +3,9 @@
 //! [`unit`](mod@unit), the main loop that reads the sensors through their
 //! drivers, batches and seals through the device SDK, publishes over a
 //! [`unit::Link`], keeps its boot epoch and command counter in flash and feeds
-//! a watchdog; and [`modem`], a [`unit::Link`] over a cellular modem's AT
-//! socket interface behind a UART.
+//! a watchdog; [`modem`], a [`unit::Link`] over a cellular modem's AT
+//! socket interface behind a UART; and [`sim`], a vehicle's peripherals for
+//! boards that lack them.
 //!
 //! Why a client of its own: the maintained `no_std` MQTT clients speak MQTT 5
 //! only, the gateway's embedded broker speaks 3.1.1, and what a unit needs of
@@ -18,4 +19,5 @@
 
 pub mod modem;
 pub mod mqtt;
+pub mod sim;
 pub mod unit;

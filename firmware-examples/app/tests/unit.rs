@@ -244,25 +244,12 @@ fn frame(first: u8, body: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A QoS 1 PUBLISH from the broker: the same bytes as the unit's own.
 fn publish(topic: &str, id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic.as_bytes());
-    body.extend_from_slice(&id.to_be_bytes());
-    body.extend_from_slice(payload);
-    let mut v = vec![0x32];
-    let mut x = body.len();
-    loop {
-        let mut b = (x % 128) as u8;
-        x /= 128;
-        if x > 0 {
-            b |= 0x80;
-        }
-        v.push(b);
-        if x == 0 {
-            break;
-        }
-    }
-    v.extend(body);
+    let mut v = vec![0u8; 64];
+    let n = fleetline_unit_app::mqtt::publish_header(&mut v, topic, id, false, payload.len()).unwrap();
+    v.truncate(n);
+    v.extend_from_slice(payload);
     v
 }
 

@@ -1,5 +1,5 @@
-//! The rest of the host "board": flash in a file, a watchdog thread, a TCP
-//! link to the gateway, the loop's clock.
+//! The host "board": flash in a file, a watchdog thread, a TCP link to the
+//! gateway, the loop's clock and the peripherals' (`fleetline_unit_app::sim`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read as _, Seek, SeekFrom, Write as _};
@@ -134,6 +134,11 @@ impl Watchdog for ThreadWatchdog {
     fn feed(&mut self) {
         self.fed_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
+}
+
+/// The host's clock, Unix seconds: the simulated peripherals' time.
+pub(crate) fn unix_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Milliseconds since the process started.

@@ -20,7 +20,6 @@
 //! feeding the watchdog, to show the reset.
 
 mod board;
-mod sim;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use fleetline_device::wire::{DeviceId, DeviceKey, FleetId};
 use fleetline_device::{Config, FlushPolicy, OutboxFull};
+use fleetline_unit_app::sim;
 use fleetline_unit_app::unit::{Clock, Event, Parts, Settings, Unit};
 use fleetline_unit_drivers::fuel::Calibration;
 use serde_json::json;
@@ -134,10 +134,11 @@ fn run(args: Args) -> Result<(), String> {
     };
     let flash = board::FileFlash::open(&args.flash).map_err(|e| format!("{}: {e}", args.flash.display()))?;
     let watchdog_period = Duration::from_millis(args.watchdog_ms);
+    let seed = args.seed as u32;
     let parts = Parts {
-        gps_uart: sim::GpsUart::new(args.seed, args.garble_every),
-        tpms_i2c: sim::TpmsBus::new(args.seed),
-        fuel_adc: sim::FuelAdc::new(args.seed),
+        gps_uart: sim::GpsUart::new(board::unix_s, seed, args.garble_every as u32),
+        tpms_i2c: sim::TpmsBus::new(board::unix_s, seed),
+        fuel_adc: sim::FuelAdc::new(board::unix_s, seed),
         flash,
         watchdog: board::ThreadWatchdog::start(watchdog_period),
         link: board::TcpLink::new(args.gateway, Duration::from_secs(2), Duration::from_secs(2)),

@@ -165,6 +165,19 @@ pub fn millis() -> u64 {
     critical_section::with(|cs| MILLIS.borrow(cs).get())
 }
 
+static UNIX_ORIGIN_S: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Takes the host's UTC (the simulated peripherals' time) at power-up.
+pub fn take_host_time() {
+    let origin = host_unix_s().saturating_sub(millis() / 1000);
+    UNIX_ORIGIN_S.store(origin as u32, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Unix seconds now, from the host's UTC at power-up and the loop's clock.
+pub fn unix_s() -> u64 {
+    u64::from(UNIX_ORIGIN_S.load(core::sync::atomic::Ordering::Relaxed)) + millis() / 1000
+}
+
 /// [`millis`] as the loop's clock.
 #[derive(Clone, Copy)]
 pub struct SysTickClock;

@@ -24,8 +24,8 @@ use cortex_m_semihosting::{debug, hprintln};
 use fleetline_device::wire::{DeviceId, DeviceKey, FleetId};
 use fleetline_device::{Config, FlushPolicy, OutboxFull};
 use fleetline_unit::board::{self, CmsdkWatchdog, RamFlash, SysTickClock, Uart};
-use fleetline_unit::sim::{FuelAdc, GpsUart, TpmsBus};
 use fleetline_unit_app::modem::{AtModem, Timeouts};
+use fleetline_unit_app::sim::{FuelAdc, GpsUart, TpmsBus};
 use fleetline_unit_app::unit::{Clock, Event, Parts, Settings, Unit};
 use fleetline_unit_drivers::fuel::Calibration;
 
@@ -35,7 +35,9 @@ const BATCH_BYTES: usize = 1024;
 const OUTBOX: usize = 8;
 
 type Modem = AtModem<Uart, SysTickClock>;
-type Firmware = Unit<GpsUart, TpmsBus, FuelAdc, RamFlash, CmsdkWatchdog, Modem, SAMPLES, BATCH_BYTES, OUTBOX>;
+type Now = fn() -> u64;
+type Firmware =
+    Unit<GpsUart<Now>, TpmsBus<Now>, FuelAdc<Now>, RamFlash, CmsdkWatchdog, Modem, SAMPLES, BATCH_BYTES, OUTBOX>;
 
 /// The gateway the modem dials unless the host names another.
 const GATEWAY: (&str, u16) = ("gateway.fleetline.internal", 1883);
@@ -138,14 +140,15 @@ fn run() -> Result<(), &'static str> {
     board::paint_stack();
     let core = cortex_m::Peripherals::take().ok_or("core peripherals taken")?;
     board::start_clock(core.SYST);
+    board::take_host_time();
     let bounds = run_bounds();
     let image = cortex_m::singleton!(: [u8; board::FLASH_BYTES] = [0xff; board::FLASH_BYTES]).ok_or("flash taken")?;
     let (flash, _) = RamFlash::load(image);
     let (host, port) = bounds.and_then(|b| b.gateway).unwrap_or(GATEWAY);
     let parts = Parts {
-        gps_uart: GpsUart::new(board::host_unix_s()),
-        tpms_i2c: TpmsBus,
-        fuel_adc: FuelAdc,
+        gps_uart: GpsUart::new(board::unix_s as Now, 1, 0),
+        tpms_i2c: TpmsBus::new(board::unix_s as Now, 1),
+        fuel_adc: FuelAdc::new(board::unix_s as Now, 1),
         flash,
         watchdog: CmsdkWatchdog::start(WATCHDOG_MS),
         link: AtModem::new(Uart::new(board::UART0, 115_200), SysTickClock, host, port, Timeouts::default()),
