@@ -13,7 +13,9 @@
 //!    another node claimed the shard: this one is fenced out, drops what it holds
 //!    and acks nothing;
 //! 4. move each staged file to its place in the dataset (local: an atomic rename;
-//!    S3: a server-side copy, then a delete);
+//!    S3: a server-side copy, then a delete); a node that claimed the shard after
+//!    step 3 finishes these same moves when it opens, and whichever moves a file
+//!    first, it lands once and the commit stands;
 //! 5. ack every bundle the segment holds.
 //!
 //! Opening a shard claims its head first, then loads the checkpoint the head
@@ -45,6 +47,21 @@ use crate::inference::ModelRegistry;
 use crate::lake::rows::WrittenBy;
 use crate::lake::store::{Store, SwapError, Version};
 use crate::telemetry::{CloudStats, events as ev};
+
+/// Moves a committed file from staging to its place in the dataset. A move
+/// another writer finished first (the node that claimed the shard, completing
+/// the checkpoint its head names) counts as done: `false` then.
+async fn move_to_place(store: &Store, p: &Publish) -> Result<bool, ShardError> {
+    match store.rename_new(&p.staged, &p.published).await {
+        Ok(()) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::NotFound { .. })
+            if store.exists(&p.published).await? =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// What a commit released: acks for gateways and alerts for the events it stored.
 #[derive(Debug, Default)]
@@ -317,14 +334,9 @@ impl Shard {
                     None => {}
                 }
             } else if self.store.exists(&p.staged).await? {
-                match self.store.rename_new(&p.staged, &p.published).await {
-                    Ok(()) => {
-                        tracing::info!(shard = id, file = p.published, "published a committed file after restart")
-                    }
-                    // Another writer (the one fenced out) finished this same move just now.
-                    Err(object_store::Error::AlreadyExists { .. } | object_store::Error::NotFound { .. })
-                        if self.store.exists(&p.published).await? => {}
-                    Err(e) => return Err(e.into()),
+                // Another writer (the one fenced out) may finish this same move just now.
+                if move_to_place(&self.store, p).await? {
+                    tracing::info!(shard = id, file = p.published, "published a committed file after restart");
                 }
             } else {
                 return Err(ShardError::Inconsistent(format!(
@@ -422,8 +434,11 @@ impl Shard {
         }
         let previous = std::mem::replace(&mut self.head, next).checkpoint;
         fault_point(CommitStep::Checkpointed);
+        // A node that claims the shard from here on finds this checkpoint under
+        // the head and finishes these moves itself; whichever is first, each
+        // file lands once, and this commit stands.
         for p in &ckpt.publish {
-            self.store.rename_new(&p.staged, &p.published).await?;
+            move_to_place(&self.store, p).await?;
         }
         fault_point(CommitStep::Published);
         // Committed. The previous checkpoint is superseded; failing to delete it is harmless.
