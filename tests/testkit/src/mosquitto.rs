@@ -9,8 +9,34 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a process to bind later.
+///
+/// Chosen below the kernel's ephemeral range: the ports it hands to outgoing
+/// connections never land there, so a port picked at a test's start is still
+/// free when a node added (or restarted) minutes later binds it. Ports handed
+/// out in this process are not handed out again.
 pub fn free_port() -> u16 {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32_768);
+    const LOW: u16 = 10_000;
+    if ephemeral_low > LOW + 1_000 {
+        let random = RandomState::new();
+        for attempt in 0u32..500 {
+            let port = LOW + (random.hash_one(attempt) % u64::from(ephemeral_low - LOW)) as u16;
+            let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+            let given = given.get_or_insert_with(HashSet::new);
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
