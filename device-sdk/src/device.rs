@@ -267,13 +267,29 @@ pub struct Device<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: 
 impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device<SAMPLES, BATCH_BYTES, OUTBOX> {
     /// Creates the device state for one boot.
     pub fn new(cfg: Config, boot: BootState) -> Result<Self, ConfigError> {
+        validate(&cfg.flush, cfg.resend_after_ms, SAMPLES, BATCH_BYTES)?;
+        Ok(Self::build(cfg, boot))
+    }
+
+    /// Like [`Device::new`], building the state in `slot` (a static on a
+    /// microcontroller) rather than returning it: the outbox is kilobytes, and
+    /// a value returned through a `Result` and moved into place is copied
+    /// through the stack on the way, once per move. `slot` is left as it was
+    /// when the configuration is refused.
+    pub fn new_in(slot: &mut Option<Self>, cfg: Config, boot: BootState) -> Result<&mut Self, ConfigError> {
+        validate(&cfg.flush, cfg.resend_after_ms, SAMPLES, BATCH_BYTES)?;
+        Ok(slot.insert(Self::build(cfg, boot)))
+    }
+
+    /// The state of a checked configuration.
+    #[inline(always)]
+    fn build(cfg: Config, boot: BootState) -> Self {
         const {
             assert!(SAMPLES > 0 && OUTBOX > 0, "capacities must be positive");
             assert!(BATCH_BYTES <= u16::MAX as usize, "a batch is at most 65535 bytes");
         }
-        validate(&cfg.flush, cfg.resend_after_ms, SAMPLES, BATCH_BYTES)?;
         let up_topic = topics::device_topic(&cfg.fleet, &cfg.device, Channel::Up);
-        Ok(Self {
+        Self {
             epoch: boot.epoch,
             next_seq: 0,
             header_memo: core::cell::Cell::new((0, 0, 0, 0)),
@@ -285,7 +301,7 @@ impl<const SAMPLES: usize, const BATCH_BYTES: usize, const OUTBOX: usize> Device
             up_topic,
             stats: Stats::default(),
             cfg,
-        })
+        }
     }
 
     /// The configuration in force (commands may have changed it).

@@ -419,3 +419,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn new_in_builds_in_the_slot_and_leaves_it_alone_on_a_refused_config() {
+    let mut slot: Option<Small> = None;
+    let mut bad = config(OutboxFull::Block);
+    bad.flush.max_samples = 0;
+    assert_eq!(Small::new_in(&mut slot, bad, BootState::default()).err(), Some(ConfigError::MaxSamples));
+    assert!(slot.is_none());
+    let dev = Small::new_in(&mut slot, config(OutboxFull::Block), BootState { epoch: 7, last_command_counter: 3 })
+        .expect("a good config");
+    assert_eq!((dev.epoch(), dev.last_command_counter()), (7, 3));
+    dev.record(0, speed(0)).unwrap();
+    assert_eq!(slot.as_ref().map(Small::open_samples), Some(1), "the device is the slot's");
+}

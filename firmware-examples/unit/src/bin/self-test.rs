@@ -115,10 +115,12 @@ fn self_test() -> Result<(), &'static str> {
     );
     // The device lives in a static (counted in the build's RAM), not on the stack.
     let slot = cortex_m::singleton!(: Option<Unit> = None).ok_or("device slot taken")?;
-    let unit = slot.insert(
-        Device::new(config(&key)?, BootState { epoch: boot.epoch, last_command_counter: boot.command_counter })
-            .map_err(|_| "new")?,
-    );
+    let unit = Device::new_in(
+        slot,
+        config(&key)?,
+        BootState { epoch: boot.epoch, last_command_counter: boot.command_counter },
+    )
+    .map_err(|_| "new")?;
     hprintln!("self-test: device state {} bytes", core::mem::size_of::<Unit>());
     sensors(unit)?;
     let mut buf = [0u8; BATCH_BYTES];
@@ -163,7 +165,7 @@ fn self_test() -> Result<(), &'static str> {
         return Err("the epoch did not grow across a reboot");
     }
     let state = BootState { epoch: second.epoch, last_command_counter: second.command_counter };
-    let rebooted = slot.insert(Device::new(config(&key)?, state).map_err(|_| "reboot")?);
+    let rebooted = Device::new_in(slot, config(&key)?, state).map_err(|_| "reboot")?;
     let (len, seq) = seal(rebooted, 60_000, 5, &mut buf)?;
     let header = fleetline_device::wire::peek_header(&buf[..len]).map_err(|_| "header")?;
     if header.epoch != second.epoch || seq != 0 {
