@@ -142,6 +142,16 @@ pub struct FaultPlan {
     writes: AtomicU64,
     fail_at: AtomicU64,
     sticky: std::sync::atomic::AtomicBool,
+    held_rename: std::sync::Mutex<Option<Arc<Hold>>>,
+}
+
+/// A rename held at its start (tests: another writer acting in the gap).
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Notified when the held rename is reached.
+    pub reached: tokio::sync::Notify,
+    /// Notify once to let it go on.
+    pub release: tokio::sync::Notify,
 }
 
 impl FaultPlan {
@@ -160,6 +170,21 @@ impl FaultPlan {
     /// Stops failing.
     pub fn clear(&self) {
         self.fail_at.store(0, Ordering::SeqCst);
+    }
+
+    /// Holds the next rename (only that one) at its start until released.
+    pub fn hold_next_rename(&self) -> Arc<Hold> {
+        let hold = Arc::new(Hold::default());
+        *self.held_rename.lock().unwrap_or_else(|e| e.into_inner()) = Some(hold.clone());
+        hold
+    }
+
+    async fn wait_if_held(&self) {
+        let hold = self.held_rename.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hold) = hold {
+            hold.reached.notify_one();
+            hold.release.notified().await;
+        }
     }
 
     fn check(&self, what: &str, path: &Path) -> object_store::Result<()> {
@@ -263,6 +288,7 @@ impl Store {
     /// Moves an object to a name that must not exist yet (`AlreadyExists` instead).
     pub async fn rename_new(&self, from: &str, to: &str) -> object_store::Result<()> {
         let (from, to) = (self.full(from), self.full(to));
+        self.faults.wait_if_held().await;
         self.faults.check("rename", &to)?;
         if self.create_only_moves {
             return self.inner.rename_if_not_exists(&from, &to).await;

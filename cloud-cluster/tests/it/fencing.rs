@@ -201,6 +201,36 @@ async fn racing_owners_on_disk_never_both_commit() {
     assert_sound(&store, 0..i64::from(ROUNDS)).await;
 }
 
+/// The claim lands between a commit's commit point and its moves: the new
+/// owner finds the checkpoint under the head and publishes its files itself;
+/// the old owner's moves then find them in place, and its commit stands and
+/// acks. Every file lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_moves_the_new_owner_finished_still_stands() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in [Store::memory(), local(dir.path())] {
+        let mut t = Traffic::new();
+        let mut a = open(&store, "a").await.unwrap();
+        let bundle = t.bundle(0);
+        ingest(&mut a, &t, &bundle);
+        let hold = store.faults.hold_next_rename();
+        let commit = tokio::spawn(async move { a.commit().await });
+        hold.reached.notified().await;
+        // `a` is past its commit point, its first move held: `b` claims.
+        let b = open(&store, "b").await.unwrap();
+        hold.release.notify_one();
+        let committed = commit.await.unwrap().expect("the commit stands");
+        assert_eq!(committed.acks.values().map(Vec::len).sum::<usize>(), 1, "its bundle is acked");
+        let rows = readings(&store).await;
+        assert_eq!(rows.len(), t.devices.len(), "{rows:?}");
+        assert!(rows.values().all(|n| *n == SAMPLES), "each reading once: {rows:?}");
+        assert!(store.list("_fleetline/staging").await.unwrap().is_empty(), "nothing left staged");
+        drop(b);
+        let report = fleetline_cloud::jobs::generations::check(&store, SHARDS).await.unwrap();
+        assert!(report.ok(), "{report:#?}");
+    }
+}
+
 /// A commit racing a claim: `a` commits in a loop while `b` claims the shard on
 /// another thread. Whatever the interleaving, every bundle `a` had acked is
 /// stored once and `b` starts from a generation that includes it.
