@@ -106,6 +106,25 @@ sizes() {
 read -r flash ram < <(sizes "$elf")
 read -r selftest_flash selftest_ram < <(sizes "$selftest_elf")
 
+pick_port() {
+    # Below the kernel's ephemeral range: still free when the gateway binds it again.
+    python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(500):
+    p = random.randrange(10000, low)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(p)
+    break
+PY
+}
+
 qemu() {
     # qemu ELF [extra QEMU arguments...]: runs in $scratch, output in $scratch/log.
     local image="$1"
@@ -145,8 +164,10 @@ if [ -z "${first:-}" ] || [ -z "${second:-}" ] || [ "$second" -le "$first" ]; th
 # device to scripts/at-modem.py, a cellular modem's AT socket interface that
 # opens the TCP connection to the gateway's device port for the unit. Three
 # seconds in, its loop stops turning (once); the board's watchdog must reset
-# it, the next boot must take a larger epoch from flash, and that boot must see
-# three batches acked (durable at the gateway) within the time bound.
+# it, and the next boot must take a larger epoch from flash. Once that boot
+# has an ack, the gateway is killed (-9) and restarted two seconds later: the
+# unit must see the socket close, redial through the modem, and reach six
+# batches acked (durable at the gateway) within the time bound.
 gateway_bin="${FLEETLINE_GATEWAY_BIN:-$host_target/debug/fleetline-gateway}"
 gateway_run=skipped
 watchdog=skipped
@@ -155,7 +176,7 @@ stack=null
 unit_state=null
 if [ -x "$gateway_bin" ]; then
     gateway_run=failed
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(pick_port)
     {
         echo 'format = 1'
         echo '[[gateways]]'
@@ -178,17 +199,44 @@ if [ -x "$gateway_bin" ]; then
         echo '[http]'
         echo 'listen = "127.0.0.1:0"'
     } >"$scratch/gateway.toml"
-    "$gateway_bin" --config "$scratch/gateway.toml" >"$scratch/gateway.out" 2>"$scratch/gateway.log" &
-    gateway_pid=$!
-    for _ in $(seq 100); do grep -q listening "$scratch/gateway.out" 2>/dev/null && break; sleep 0.1; done
-    modem_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    start_gateway() {
+        "$gateway_bin" --config "$scratch/gateway.toml" >"$scratch/gateway.out" 2>>"$scratch/gateway.log" &
+        gateway_pid=$!
+        for _ in $(seq 100); do grep -q listening "$scratch/gateway.out" 2>/dev/null && break; sleep 0.1; done
+    }
+    start_gateway
+    modem_port=$(pick_port)
     python3 scripts/at-modem.py --listen "$modem_port" --log "$scratch/modem.log" >"$scratch/modem.out" 2>&1 &
     modem_pid=$!
     for _ in $(seq 100); do grep -q listening "$scratch/modem.out" 2>/dev/null && break; sleep 0.1; done
-    echo "acks=3 seconds=60 hang-after-ms=3000 gateway=127.0.0.1:$port" >"$scratch/fleetline-unit-run.cfg"
-    if qemu "$elf" -chardev "socket,id=modem,host=127.0.0.1,port=$modem_port,reconnect=1" -serial chardev:modem \
-        && grep -q '^unit: passed$' "$scratch/log"; then
-        gateway_run=passed
+    # Six acks in the boot after the reset, across a gateway kill.
+    echo "acks=6 seconds=90 hang-after-ms=3000 gateway=127.0.0.1:$port" >"$scratch/fleetline-unit-run.cfg"
+    (cd "$scratch" && timeout 150 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic -monitor none \
+        -semihosting-config enable=on,target=native \
+        -chardev "socket,id=modem,host=127.0.0.1,port=$modem_port,reconnect=1" -serial chardev:modem \
+        -kernel "$elf") >"$scratch/log" 2>&1 &
+    qemu_pid=$!
+    # Once the rebooted unit has an ack, the gateway is killed and restarted.
+    gateway_killed=no
+    for _ in $(seq 900); do
+        if [ "$(grep -c '^unit: booted' "$scratch/log")" -ge 2 ] \
+            && sed -n '/^unit: hanging/,$p' "$scratch/log" | grep -q '^unit: batch'; then
+            kill -9 "$gateway_pid"
+            wait "$gateway_pid" 2>/dev/null || true
+            sleep 2
+            start_gateway
+            gateway_killed=yes
+            break
+        fi
+        kill -0 "$qemu_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    qemu_rc=0
+    wait "$qemu_pid" || qemu_rc=$?
+    cat "$scratch/log" >&2
+    if [ "$qemu_rc" = 0 ] && grep -q '^unit: passed$' "$scratch/log" && [ "$gateway_killed" = yes ] \
+        && sed -n '/^unit: hanging/,$p' "$scratch/log" | grep -q '^unit: disconnected (Closed)$'; then
+        gateway_run="passed: across a gateway kill"
     else
         result=failed
     fi
