@@ -79,7 +79,7 @@ python3 models/check_models.py --tract "${CARGO_TARGET_DIR:-target}/debug/exampl
 step "no_std proof"
 scripts/no-std-check.sh
 
-step "firmware: the unit built for Cortex-M4 (flash, RAM and stack against the budget), its self-test in QEMU, a run against the gateway through an AT modem with a watchdog reset"
+step "firmware: the unit built for Cortex-M4 (flash, RAM and stack against the budget), its self-test in QEMU, a run against the gateway through an AT modem across a watchdog reset and a gateway kill"
 set +e
 scripts/firmware-check.sh
 firmware=$?
