@@ -26,7 +26,8 @@ use fleetline_inference::{KINDS, ModelKind, Plan};
 use serde::{Deserialize, Serialize};
 
 use super::deploy::{Deployment, Variant};
-use crate::lake::store::{Store, SwapError, Version as ObjectVersion};
+use crate::lake::shared::{Document, Edit, Shared, SharedError};
+use crate::lake::store::Store;
 use crate::telemetry::CloudStats;
 use crate::telemetry::events::{self as ev, InternalEvent};
 
@@ -88,6 +89,26 @@ pub struct ModelEntry {
 struct State {
     format: u32,
     models: BTreeMap<String, ModelEntry>,
+}
+
+impl Document for State {
+    const NAME: &'static str = "model registry state";
+    fn fresh() -> Self {
+        State { format: STATE_FORMAT, ..Default::default() }
+    }
+    fn check(&self) -> Result<(), String> {
+        if self.format == STATE_FORMAT { Ok(()) } else { Err(format!("format {} is not {STATE_FORMAT}", self.format)) }
+    }
+}
+
+impl From<SharedError> for ModelRegistryError {
+    fn from(e: SharedError) -> Self {
+        match e {
+            SharedError::Store(e) => ModelRegistryError::Store(e),
+            SharedError::Invalid(e) => ModelRegistryError::Invalid(e),
+            SharedError::Contended => ModelRegistryError::Contended,
+        }
+    }
 }
 
 /// Why a registry change failed.
@@ -152,14 +173,12 @@ impl ActiveSet {
 pub struct ModelRegistry {
     store: Store,
     stats: Arc<CloudStats>,
-    state: RwLock<State>,
-    version: RwLock<Option<ObjectVersion>>,
+    state: Shared<State>,
     /// Loaded plans by sha256.
     plans: Mutex<HashMap<String, Arc<Plan>>>,
     active: RwLock<Arc<ActiveSet>>,
     /// Per model, why its deployment could not be loaded here (cleared when it loads).
     load_errors: Mutex<BTreeMap<String, String>>,
-    write: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ModelRegistry {
@@ -197,16 +216,14 @@ impl ModelRegistry {
     /// Loads the registry, registers and deploys the committed models of
     /// kinds that have no version yet, and loads what is deployed.
     pub async fn open(store: Store, stats: Arc<CloudStats>) -> Result<Self, ModelRegistryError> {
-        let (state, version) = Self::load(&store).await?;
+        let state = Shared::open(store.clone(), STATE_PATH).await?;
         let r = Self {
             store,
             stats,
-            state: RwLock::new(state),
-            version: RwLock::new(version),
+            state,
             plans: Mutex::default(),
             active: RwLock::default(),
             load_errors: Mutex::default(),
-            write: Default::default(),
         };
         for (kind, onnx, card) in BUILTIN {
             let has = r.read().models.get(kind.name()).is_some_and(|m| !m.versions.is_empty());
@@ -220,25 +237,8 @@ impl ModelRegistry {
         Ok(r)
     }
 
-    async fn load(store: &Store) -> Result<(State, Option<ObjectVersion>), ModelRegistryError> {
-        Ok(match store.get_versioned(STATE_PATH).await? {
-            Some((b, version)) => {
-                let s: State = serde_json::from_slice(&b)
-                    .map_err(|e| ModelRegistryError::Invalid(format!("model registry state: {e}")))?;
-                if s.format != STATE_FORMAT {
-                    return Err(ModelRegistryError::Invalid(format!(
-                        "model registry state format {} is not {STATE_FORMAT}",
-                        s.format
-                    )));
-                }
-                (s, Some(version))
-            }
-            None => (State { format: STATE_FORMAT, ..Default::default() }, None),
-        })
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.read()
     }
 
     /// What scores now.
@@ -504,18 +504,11 @@ impl ModelRegistry {
     /// Reads the stored state again if another node changed it, and loads
     /// what it deploys; true if it had changed.
     pub async fn refresh(&self) -> Result<bool, ModelRegistryError> {
-        let (state, version) = Self::load(&self.store).await?;
-        if *self.version.read().unwrap_or_else(std::sync::PoisonError::into_inner) == version {
-            return Ok(false);
+        let changed = self.state.refresh(|_| Ok::<_, ModelRegistryError>(())).await?;
+        if changed {
+            self.reload_active().await;
         }
-        if let Ok(mut s) = self.state.write() {
-            *s = state;
-        }
-        if let Ok(mut v) = self.version.write() {
-            *v = version;
-        }
-        self.reload_active().await;
-        Ok(true)
+        Ok(changed)
     }
 
     /// Reads the state again every `every` until dropped: every node runs
@@ -534,46 +527,8 @@ impl ModelRegistry {
     /// result by compare-and-swap, redoing it on another node's change.
     async fn change<R>(
         &self,
-        mut edit: impl FnMut(&mut State) -> Result<Edit<R>, ModelRegistryError>,
+        edit: impl FnMut(&mut State) -> Result<Edit<R>, ModelRegistryError>,
     ) -> Result<R, ModelRegistryError> {
-        let _w = self.write.lock().await;
-        let mut backoff =
-            fleetline_service::Backoff::new(std::time::Duration::from_millis(5), std::time::Duration::from_millis(200));
-        for _ in 0..16 {
-            let mut next = self.read().clone();
-            let r = match edit(&mut next)? {
-                Edit::Unchanged(r) => return Ok(r),
-                Edit::Changed(r) => r,
-            };
-            let bytes = serde_json::to_vec_pretty(&next).unwrap_or_default();
-            let expected = self.version.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-            match self.store.swap(STATE_PATH, expected.as_ref(), Bytes::from(bytes)).await {
-                Ok(version) => {
-                    if let Ok(mut s) = self.state.write() {
-                        *s = next;
-                    }
-                    if let Ok(mut v) = self.version.write() {
-                        *v = Some(version);
-                    }
-                    return Ok(r);
-                }
-                Err(SwapError::Lost { .. }) => {}
-                Err(SwapError::Store(e)) => return Err(e.into()),
-            }
-            backoff.wait().await;
-            let (state, version) = Self::load(&self.store).await?;
-            if let Ok(mut s) = self.state.write() {
-                *s = state;
-            }
-            if let Ok(mut v) = self.version.write() {
-                *v = version;
-            }
-        }
-        Err(ModelRegistryError::Contended)
+        self.state.change(edit, |_| Ok(())).await
     }
-}
-
-enum Edit<R> {
-    Unchanged(R),
-    Changed(R),
 }

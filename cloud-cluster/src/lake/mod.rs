@@ -8,6 +8,7 @@ pub mod partition;
 pub mod reason;
 pub mod rows;
 pub mod schema;
+pub mod shared;
 pub mod store;
 
 pub use store::Store;

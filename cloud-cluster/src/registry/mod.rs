@@ -28,10 +28,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::lake::store::{Store, SwapError, Version as ObjectVersion};
+use crate::lake::shared::{Document, Edit, Shared, SharedError};
+use crate::lake::store::Store;
 
 pub mod model;
 
@@ -54,6 +54,26 @@ struct State {
     subjects: BTreeMap<String, Vec<u32>>,
     compatibility: Compatibility,
     subject_compatibility: BTreeMap<String, Compatibility>,
+}
+
+impl Document for State {
+    const NAME: &'static str = "registry state";
+    fn fresh() -> Self {
+        State { format: STATE_FORMAT, next_id: 1, ..Default::default() }
+    }
+    fn check(&self) -> Result<(), String> {
+        if self.format == STATE_FORMAT { Ok(()) } else { Err(format!("format {} is not {STATE_FORMAT}", self.format)) }
+    }
+}
+
+impl From<SharedError> for RegistryError {
+    fn from(e: SharedError) -> Self {
+        match e {
+            SharedError::Store(e) => RegistryError::Store(e),
+            SharedError::Invalid(e) => RegistryError::Invalid(e),
+            SharedError::Contended => RegistryError::Contended,
+        }
+    }
 }
 
 /// Why a registration failed.
@@ -89,48 +109,21 @@ pub struct Version {
 /// The registry: state in memory, every change written to the store first.
 #[derive(Debug)]
 pub struct Registry {
-    store: Store,
-    state: RwLock<State>,
-    /// The stored state's version as last read or written (`None`: not stored yet).
-    version: RwLock<Option<ObjectVersion>>,
+    state: Shared<State>,
     parsed: RwLock<BTreeMap<u32, Arc<Schema>>>,
-    write: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
     /// Loads the registry; on first start registers the signal table as
     /// `fleetline.readings` (id 1).
     pub async fn open(store: Store) -> Result<Self, RegistryError> {
-        let (state, version) = Self::load(&store).await?;
-        let parsed = Self::parse_all(&state)?;
-        let r = Self {
-            store,
-            state: RwLock::new(state),
-            version: RwLock::new(version),
-            parsed: RwLock::new(parsed),
-            write: Default::default(),
-        };
+        let state = Shared::open(store, STATE_PATH).await?;
+        let parsed = Self::parse_all(&state.read())?;
+        let r = Self { state, parsed: RwLock::new(parsed) };
         if r.versions(READINGS_SUBJECT).is_none() {
             r.register(READINGS_SUBJECT, &Schema::signal_table().canonical()).await?;
         }
         Ok(r)
-    }
-
-    async fn load(store: &Store) -> Result<(State, Option<ObjectVersion>), RegistryError> {
-        Ok(match store.get_versioned(STATE_PATH).await? {
-            Some((b, version)) => {
-                let s: State =
-                    serde_json::from_slice(&b).map_err(|e| RegistryError::Invalid(format!("registry state: {e}")))?;
-                if s.format != STATE_FORMAT {
-                    return Err(RegistryError::Invalid(format!(
-                        "registry state format {} is not {STATE_FORMAT}",
-                        s.format
-                    )));
-                }
-                (s, Some(version))
-            }
-            None => (State { format: STATE_FORMAT, next_id: 1, ..Default::default() }, None),
-        })
     }
 
     fn parse_all(state: &State) -> Result<BTreeMap<u32, Arc<Schema>>, RegistryError> {
@@ -143,21 +136,17 @@ impl Registry {
 
     /// Reads the stored state again if another node changed it; true if it had.
     pub async fn refresh(&self) -> Result<bool, RegistryError> {
-        let (state, version) = Self::load(&self.store).await?;
-        if *self.version.read().unwrap_or_else(std::sync::PoisonError::into_inner) == version {
-            return Ok(false);
-        }
-        let parsed = Self::parse_all(&state)?;
+        self.state.refresh(|state| self.adopt(state)).await
+    }
+
+    /// Parses the schemas of a state read from the store before it becomes this
+    /// node's: a schema that does not parse keeps the state this node has.
+    fn adopt(&self, state: &State) -> Result<(), RegistryError> {
+        let parsed = Self::parse_all(state)?;
         if let Ok(mut p) = self.parsed.write() {
             *p = parsed;
         }
-        if let Ok(mut s) = self.state.write() {
-            *s = state;
-        }
-        if let Ok(mut v) = self.version.write() {
-            *v = version;
-        }
-        Ok(true)
+        Ok(())
     }
 
     /// Reads the state again every `every` until dropped (a cluster's nodes see
@@ -174,7 +163,7 @@ impl Registry {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.read()
     }
 
     /// A schema by id.
@@ -277,62 +266,12 @@ impl Registry {
     }
 
     /// Applies `edit` to the state as this node knows it and stores the result
-    /// by compare-and-swap; when another node changed the state first, reads
+    /// by compare-and-swap; when another node changed the state first, adopts
     /// theirs (after a jittered wait) and edits again.
     async fn change<R>(
         &self,
-        mut edit: impl FnMut(&mut State) -> Result<Edit<R>, RegistryError>,
+        edit: impl FnMut(&mut State) -> Result<Edit<R>, RegistryError>,
     ) -> Result<R, RegistryError> {
-        let _w = self.write.lock().await;
-        let mut backoff = contention_backoff();
-        for _ in 0..SWAP_ATTEMPTS {
-            let mut next = self.read().clone();
-            let r = match edit(&mut next)? {
-                Edit::Unchanged(r) => return Ok(r),
-                Edit::Changed(r) => r,
-            };
-            if self.persist(next).await? {
-                return Ok(r);
-            }
-            backoff.wait().await;
-            self.refresh().await?;
-        }
-        Err(RegistryError::Contended)
+        self.state.change(edit, |state| self.adopt(state)).await
     }
-
-    /// Stores `next` if the stored state is still the one this node last read;
-    /// false if another node changed it since.
-    async fn persist(&self, next: State) -> Result<bool, RegistryError> {
-        let bytes = serde_json::to_vec_pretty(&next).unwrap_or_default();
-        let expected = self.version.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        match self.store.swap(STATE_PATH, expected.as_ref(), Bytes::from(bytes)).await {
-            Ok(version) => {
-                if let Ok(mut s) = self.state.write() {
-                    *s = next;
-                }
-                if let Ok(mut v) = self.version.write() {
-                    *v = Some(version);
-                }
-                Ok(true)
-            }
-            Err(SwapError::Lost { .. }) => Ok(false),
-            Err(SwapError::Store(e)) => Err(e.into()),
-        }
-    }
-}
-
-/// What an edit of the state came to.
-enum Edit<R> {
-    /// Nothing to store (the answer stands as it is).
-    Unchanged(R),
-    /// Store the edited state, then answer.
-    Changed(R),
-}
-
-/// How many times a change is redone when other nodes keep changing the registry.
-const SWAP_ATTEMPTS: u32 = 16;
-
-/// Jittered waits between attempts, so racing nodes stop meeting.
-fn contention_backoff() -> fleetline_service::Backoff {
-    fleetline_service::Backoff::new(std::time::Duration::from_millis(5), std::time::Duration::from_millis(200))
 }
